@@ -1,0 +1,171 @@
+//! The admin command line: argument parsing and the commands that talk to
+//! a site's API. Exit codes: 0 success, 1 the operation failed, 2 usage.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(name = "tidemark", version, about = "Disaster recovery for block storage")]
+pub struct Cli {
+    /// Deployment directory (reads DIR/endpoints.json).
+    #[arg(long, global = true)]
+    pub dir: Option<PathBuf>,
+    /// API URL of a site (instead of --dir).
+    #[arg(long, global = true, conflicts_with = "dir")]
+    pub api: Option<String>,
+    /// Site to talk to (default: the primary, `a`).
+    #[arg(long, global = true)]
+    pub site: Option<String>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run a whole deployment on this machine.
+    Up {
+        #[arg(long)]
+        port_base: Option<u16>,
+        #[arg(long)]
+        dr_sites: Option<u32>,
+        /// NAME=SIZE, repeatable (default vol0=1GiB).
+        #[arg(long = "volume", value_parser = parse_volume_arg)]
+        volumes: Vec<(String, u64)>,
+        #[arg(long, value_parser = ["async", "sync", "periodic"])]
+        mode: Option<String>,
+    },
+    /// Run one site from its config file.
+    Site {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Sites, roles, epochs, groups, volumes and replication state.
+    Status,
+    /// Volume management.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    List,
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::util::parse_size(s)
+}
+
+fn parse_volume_arg(s: &str) -> Result<(String, u64), String> {
+    let (n, sz) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=SIZE"))?;
+    crate::util::check_name("volume", n)?;
+    Ok((n.to_string(), crate::util::parse_size(sz)?))
+}
+
+/// API base URL for the chosen site.
+pub fn api_url(cli: &Cli) -> Result<String> {
+    if let Some(a) = &cli.api {
+        return Ok(a.trim_end_matches('/').to_string());
+    }
+    let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("./tidemark-data"));
+    let path = dir.join("endpoints.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {} (is `tidemark up` running with --dir {}?)", path.display(), dir.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let site = cli.site.clone().unwrap_or_else(|| "a".into());
+    v["sites"][&site]["api"].as_str().map(str::to_string).with_context(|| format!("{} has no site {site}", path.display()))
+}
+
+fn human_size(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut f = n as f64;
+    let mut i = 0;
+    while f >= 1024.0 && i < U.len() - 1 && (f / 1024.0).fract() == 0.0 {
+        f /= 1024.0;
+        i += 1;
+    }
+    format!("{f}{}", U[i])
+}
+
+pub fn run_admin(cli: &Cli) -> Result<()> {
+    let api = api_url(cli)?;
+    let out: Value = match &cli.cmd {
+        Cmd::Status => {
+            let s = crate::client::call(&api, "GET", "/status", None)?;
+            if !cli.json {
+                println!("site {} role {} epoch {}", s["site"].as_str().unwrap_or("?"), s["role"].as_str().unwrap_or("?"), s["epoch"]);
+                for g in s["groups"].as_array().into_iter().flatten() {
+                    println!("  group {} mode {} last_seq {}", g["name"].as_str().unwrap_or("?"), g["mode"].as_str().unwrap_or("?"), g["last_seq"]);
+                    for v in g["volumes"].as_array().into_iter().flatten() {
+                        println!("    volume {} {}", v["name"].as_str().unwrap_or("?"), human_size(v["size"].as_u64().unwrap_or(0)));
+                    }
+                    for r in g["replicas"].as_array().into_iter().flatten() {
+                        println!("    replica {} {} applied_seq {} lag {}s", r["site"], r["state"], r["applied_seq"], r["lag_seconds"]);
+                    }
+                }
+                return Ok(());
+            }
+            s
+        }
+        Cmd::Volume(VolumeCmd::Create { name, size, group }) => {
+            let mut body = json!({"name": name, "size": size});
+            if let Some(g) = group {
+                body["group"] = json!(g);
+            }
+            let v = crate::client::call(&api, "POST", "/volumes", Some(&body))?;
+            if !cli.json {
+                println!("created volume {name} ({})", human_size(*size));
+                return Ok(());
+            }
+            v
+        }
+        Cmd::Volume(VolumeCmd::List) => {
+            let v = crate::client::call(&api, "GET", "/volumes", None)?;
+            if !cli.json {
+                for x in v.as_array().into_iter().flatten() {
+                    println!("{}\t{}\t{}", x["name"].as_str().unwrap_or("?"), human_size(x["size"].as_u64().unwrap_or(0)), x["group"].as_str().unwrap_or("?"));
+                }
+                return Ok(());
+            }
+            v
+        }
+        Cmd::Volume(VolumeCmd::Resize { name, size }) => {
+            let v = crate::client::call(&api, "POST", &format!("/volumes/{name}/resize"), Some(&json!({"size": size})))?;
+            if !cli.json {
+                println!("resized volume {name} to {}", human_size(*size));
+                return Ok(());
+            }
+            v
+        }
+        Cmd::Volume(VolumeCmd::Delete { name }) => {
+            let v = crate::client::call(&api, "DELETE", &format!("/volumes/{name}"), None)?;
+            if !cli.json {
+                println!("deleted volume {name}");
+                return Ok(());
+            }
+            v
+        }
+        Cmd::Up { .. } | Cmd::Site { .. } => unreachable!("handled by main"),
+    };
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! A minimal blocking HTTP/1.1 client for the admin CLI (one request per
+//! connection, `Connection: close`), so the CLI needs no HTTP stack.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Sends `method path` to `base` (`http://host:port`) with an optional JSON body.
+pub fn request(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response> {
+    let hostport = base.strip_prefix("http://").with_context(|| format!("API URL {base:?} must start with http://"))?;
+    let hostport = hostport.trim_end_matches('/');
+    let mut s = TcpStream::connect(hostport).with_context(|| format!("failed to connect to the API at {base}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: application/json\r\n");
+    if body.is_some() {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", payload.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(&payload);
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.take(64 * 1024 * 1024).read_to_end(&mut raw).with_context(|| format!("failed to read the API response from {base}"))?;
+    parse(&raw).with_context(|| format!("bad HTTP response from {base}"))
+}
+
+fn parse(raw: &[u8]) -> Result<Response> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
+    let head = std::str::from_utf8(&raw[..end]).context("headers are not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut chunked = false;
+    for l in lines {
+        let l = l.to_ascii_lowercase();
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            chunked = true;
+        }
+    }
+    let mut body = raw[end + 4..].to_vec();
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").context("bad chunk header")?;
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl])?.trim(), 16).context("bad chunk size")?;
+            rest = &rest[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            if rest.len() < size + 2 {
+                bail!("truncated chunk");
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    Ok(Response { status, body })
+}
+
+/// Sends a request and returns the JSON body, turning an API error into an
+/// error carrying the API's own message.
+pub fn call(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
+    let r = request(base, method, path, body)?;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&r.body).into_owned()));
+    if r.status >= 400 {
+        let msg = v.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());
+        bail!("{msg}");
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_plain_and_chunked() {
+        let r = super::parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"{}"[..]));
+        let r = super::parse(b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        assert_eq!((r.status, &r.body[..]), (404, &b"abcde"[..]));
+        assert!(super::parse(b"garbage").is_err());
+    }
+}

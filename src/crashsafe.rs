@@ -1,0 +1,34 @@
+//! Crash-safe file writes: write a temp file, fsync it, rename it over the
+//! target, fsync the directory. A reader sees the old file or the new one,
+//! never a mix.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Atomically replaces `path` with `data`.
+pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("path has no parent directory")?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("failed to create {}", tmp.display()))?;
+        f.write_all(data).with_context(|| format!("failed to write {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("failed to fsync {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("failed to rename {} to {}", tmp.display(), path.display()))?;
+    fsync_dir(dir)
+}
+
+/// Fsyncs a directory so that entries created, renamed or removed in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("failed to fsync directory {}", dir.display()))
+}

@@ -1,0 +1,215 @@
+//! Garbage collection: free segments nobody needs, rewrite the live blocks
+//! of sparse segments at the tail so their space can be freed too.
+//!
+//! Rules that keep it crash-safe:
+//! - Only segments wholly before the last durable checkpoint's replay
+//!   position are touched, so replay never needs a segment GC removed.
+//! - A relocated block is appended as a `Write` record flagged RELOCATED
+//!   (same epoch, seq and timestamp as the original), under the group lock
+//!   and only if the map still points at the old copy. The log order is the
+//!   order in which the map changed, so replay yields the same map.
+//! - A segment is unlinked only after the log is durable up to the tail
+//!   (relocations and the overwrites that made its blocks dead are on disk).
+//!
+//! Pinning (later issues): snapshots, recovery points and DR cursors add
+//! their own references to segments; a segment is freed only when its live
+//! count from *every* map is zero and no pin covers it. See ARCHITECTURE.md.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::Group;
+use crate::limits::{BLOCK_BYTES, GC_BATCH_BYTES, GC_LIVE_RATIO_MAX, GC_SPACE_RATIO, LOG_RESERVE_BYTES, SEGMENT_BYTES};
+use crate::log::record::{self, Header, Kind, FLAG_RELOCATED};
+use crate::log::segment::{self, pos_seg, Segment};
+use crate::volume::map::Entry;
+
+impl Group {
+    /// One round of GC: free empty segments, then clean sparse ones while
+    /// the log holds more than `GC_SPACE_RATIO` x live + reserve.
+    pub(super) fn collect_garbage(&self) -> Result<()> {
+        self.free_empty_segments()?;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let victim = {
+                let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                if inner.failed.is_some() {
+                    return Ok(());
+                }
+                let total = inner.log_bytes();
+                let live = inner.live_bytes();
+                if (total as f64) <= live as f64 * GC_SPACE_RATIO + LOG_RESERVE_BYTES as f64 {
+                    return Ok(());
+                }
+                let limit = pos_seg(inner.checkpoint_pos);
+                let best = inner
+                    .segments
+                    .values()
+                    .filter(|s| s.id < limit && s.id != inner.tail.id)
+                    .map(|s| (inner.live.get(&s.id).copied().unwrap_or(0) * BLOCK_BYTES, s.clone()))
+                    .min_by_key(|(l, _)| *l);
+                match best {
+                    Some((l, s)) if (l as f64) <= s.len() as f64 * GC_LIVE_RATIO_MAX => Some(s),
+                    _ => None,
+                }
+            };
+            let Some(victim) = victim else {
+                // Nothing cleanable before the checkpoint: take one early if
+                // the log has moved on by a segment since, so the next round can.
+                let moved = {
+                    let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                    inner.log_bytes_written - inner.log_bytes_at_checkpoint >= SEGMENT_BYTES
+                };
+                if moved {
+                    self.checkpoint()?;
+                    continue;
+                }
+                return Ok(());
+            };
+            self.relocate(&victim)?;
+            self.free_empty_segments()?;
+        }
+    }
+
+    /// Unlinks segments before the checkpoint that hold no live block.
+    fn free_empty_segments(&self) -> Result<()> {
+        let empty: Vec<u32> = {
+            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let limit = pos_seg(inner.checkpoint_pos);
+            inner
+                .segments
+                .values()
+                .filter(|s| s.id < limit && s.id != inner.tail.id && inner.live.get(&s.id).copied().unwrap_or(0) == 0)
+                .map(|s| s.id)
+                .collect()
+        };
+        if empty.is_empty() {
+            return Ok(());
+        }
+        // The records that made these blocks dead must be durable first.
+        self.sync_to(self.flush_target())?;
+        let removed: Vec<Arc<Segment>> = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut v = Vec::new();
+            for id in empty {
+                if inner.live.get(&id).copied().unwrap_or(0) == 0 {
+                    if let Some(s) = inner.segments.remove(&id) {
+                        inner.live.remove(&id);
+                        v.push(s);
+                    }
+                }
+            }
+            v
+        };
+        for s in &removed {
+            std::fs::remove_file(&s.path).map_err(|e| anyhow::anyhow!("failed to remove log segment {}: {e}", s.path.display()))?;
+            tracing::debug!("group {}: freed log segment {}", self.name, s.path.display());
+        }
+        crate::crashsafe::fsync_dir(&self.dir)?;
+        self.stats.gc_segments_freed.fetch_add(removed.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Rewrites the live blocks of `seg` at the tail.
+    fn relocate(&self, seg: &Arc<Segment>) -> Result<()> {
+        // First pass (no lock): list the write records of the segment.
+        let mut records: Vec<(u32, Header, Vec<u8>)> = Vec::new();
+        let stop = segment::scan(seg, 0, false, |r, _| {
+            if r.header.kind == Kind::Write {
+                records.push((r.off, r.header, r.checked.clone()));
+            }
+            Ok(())
+        })?;
+        if let Some(s) = stop {
+            // A sealed segment before the checkpoint must scan cleanly.
+            anyhow::bail!("log segment {} is corrupt at offset {}: {}; not cleaning it", seg.path.display(), s.off, s.reason);
+        }
+        let batch_blocks = (GC_BATCH_BYTES / BLOCK_BYTES) as u32;
+        for (off, h, crcs) in records {
+            let first_block = h.offset / BLOCK_BYTES;
+            let mut i = 0u32;
+            while i < h.blocks() {
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let n = (h.blocks() - i).min(batch_blocks);
+                let expect = |j: u32| Entry {
+                    seg: seg.id,
+                    off: (off as u64 + h.block_payload_offset(j)) as u32,
+                    crc: record::crc_at(&crcs, j as usize),
+                };
+                // Which of these blocks are still live? (cheap check first)
+                let any_live = {
+                    let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                    match inner.volumes.get(&h.volume) {
+                        Some(v) => (i..i + n).any(|j| {
+                            let b = first_block + j as u64;
+                            b < v.map.blocks() && v.map.get(b) == expect(j)
+                        }),
+                        None => false,
+                    }
+                };
+                if !any_live {
+                    i += n;
+                    continue;
+                }
+                let mut data = vec![0u8; (n as u64 * BLOCK_BYTES) as usize];
+                seg.read_at(&mut data, off as u64 + h.block_payload_offset(i))?;
+                for j in 0..n {
+                    let blk = &data[(j as u64 * BLOCK_BYTES) as usize..((j + 1) as u64 * BLOCK_BYTES) as usize];
+                    if crc32c::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) {
+                        anyhow::bail!(
+                            "checksum mismatch in log segment {} at offset {}; not cleaning it",
+                            seg.path.display(),
+                            off as u64 + h.block_payload_offset(i + j)
+                        );
+                    }
+                }
+                // Under the lock: re-check and append runs still live.
+                let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let mut j = 0u32;
+                while j < n {
+                    let live_at = |inner: &super::Inner, j: u32| {
+                        inner.volumes.get(&h.volume).is_some_and(|v| {
+                            let b = first_block + (i + j) as u64;
+                            b < v.map.blocks() && v.map.get(b) == expect(i + j)
+                        })
+                    };
+                    if !live_at(&inner, j) {
+                        j += 1;
+                        continue;
+                    }
+                    let mut k = j + 1;
+                    while k < n && live_at(&inner, k) {
+                        k += 1;
+                    }
+                    let payload = &data[(j as u64 * BLOCK_BYTES) as usize..(k as u64 * BLOCK_BYTES) as usize];
+                    let run_crcs = &crcs[((i + j) * 4) as usize..((i + k) * 4) as usize];
+                    let mut rh = Header {
+                        kind: Kind::Write,
+                        flags: FLAG_RELOCATED,
+                        epoch: h.epoch,
+                        seq: h.seq,
+                        timestamp_ns: h.timestamp_ns,
+                        volume: h.volume,
+                        length: payload.len() as u32,
+                        offset: (first_block + (i + j) as u64) * BLOCK_BYTES,
+                        body_len: (run_crcs.len() + payload.len()) as u32,
+                        crc: 0,
+                    };
+                    let at = inner.append(self, &mut rh, run_crcs, payload).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    inner.apply(&rh, at, run_crcs, None);
+                    self.stats.gc_relocated_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    j = k;
+                }
+                drop(inner);
+                i += n;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,769 @@
+//! A consistency group: volumes whose writes share one log and one sequence.
+//!
+//! All state that changes with a write (the log tail, the block maps, live
+//! block counts per segment) sits behind one mutex, `Inner`. A write takes it
+//! once: it is assigned the next sequence number, appended at the tail and
+//! applied to the map, so the log order, the sequence order and the order in
+//! which the map changed are one and the same. Reads take it only to look up
+//! locations and then read the segment files outside it.
+//!
+//! Lock order: `sync_lock` before `inner`. Never hold `inner` across fsync.
+
+pub mod checkpoint;
+pub mod gc;
+mod open;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::limits::{BLOCK_BYTES, SEGMENT_BYTES};
+use crate::log::record::{self, Header, Kind, FLAG_RELOCATED, HEADER_BYTES};
+use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment};
+use crate::volume::map::{Entry, SEG_HOLE, SEG_ZERO};
+use crate::volume::Volume;
+
+/// Data-path errors, mapped to NBD error codes by the server.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("range {offset}+{len} is past the end of volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("volume {0} no longer exists")]
+    VolumeGone(u32),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Persistent identity of a group (`group.json` in its directory).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupMeta {
+    pub name: String,
+    pub id: u64,
+    pub epoch: u64,
+}
+
+pub(crate) struct Inner {
+    pub epoch: u64,
+    pub next_seq: u64,
+    pub next_volume_id: u32,
+    pub volumes: BTreeMap<u32, Volume>,
+    pub segments: BTreeMap<u32, Arc<Segment>>,
+    pub tail: Arc<Segment>,
+    pub tail_off: u64,
+    /// Live (mapped) blocks per segment.
+    pub live: HashMap<u32, u64>,
+    /// Segments written since the last group commit.
+    pub unsynced: Vec<Arc<Segment>>,
+    /// A segment file was created or removed since the last directory fsync.
+    pub dir_dirty: bool,
+    pub log_bytes_at_checkpoint: u64,
+    pub log_bytes_written: u64,
+    /// Replay start of the last durable checkpoint: segments below it may be cleaned.
+    pub checkpoint_pos: LogPos,
+    pub failed: Option<String>,
+}
+
+pub struct Group {
+    pub name: String,
+    pub id: u64,
+    pub dir: PathBuf,
+    pub(crate) inner: Mutex<Inner>,
+    sync_lock: Mutex<()>,
+    sync_req: Mutex<(LogPos, bool)>,
+    sync_cv: Condvar,
+    /// (durable position, failed)
+    durable_tx: watch::Sender<(LogPos, bool)>,
+    /// Tail position after the last completed append (for FLUSH).
+    tail_pos: AtomicU64,
+    stop: AtomicBool,
+    pub stats: GroupStats,
+}
+
+#[derive(Default)]
+pub struct GroupStats {
+    pub gc_relocated_bytes: AtomicU64,
+    pub gc_segments_freed: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub syncs: AtomicU64,
+    /// Longest time a writer waited for the group lock, in microseconds (reset by metrics scrape? no: monotonic max).
+    pub write_lock_wait_max_us: AtomicU64,
+}
+
+/// What a caller needs to know about a volume.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeInfo {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    pub mapped_bytes: u64,
+}
+
+impl Inner {
+    pub fn tail_pos(&self) -> LogPos {
+        pos(self.tail.id, self.tail_off as u32)
+    }
+
+    pub fn volume_id(&self, name: &str) -> Option<u32> {
+        self.volumes.values().find(|v| v.name == name).map(|v| v.id)
+    }
+
+    fn check_failed(&self) -> Result<(), IoError> {
+        match &self.failed {
+            Some(e) => Err(IoError::Failed(format!("group is failed after an I/O error: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn set_entry(&mut self, vol: u32, block: u64, e: Entry) {
+        let Some(v) = self.volumes.get_mut(&vol) else { return };
+        if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
+            return;
+        }
+        let old = v.map.set(block, e);
+        Self::drop_entry(&mut self.live, old);
+        if e.is_data() {
+            *self.live.entry(e.seg).or_insert(0) += 1;
+        }
+    }
+
+    fn drop_entry(live: &mut HashMap<u32, u64>, e: Entry) {
+        if e.is_data() {
+            if let Some(n) = live.get_mut(&e.seg) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Applies a record found at `at` to the in-memory state. Used for live
+    /// writes, replay after a crash, and (later) by DR sites.
+    pub fn apply(&mut self, h: &Header, at: LogPos, checked: &[u8], body: Option<&[u8]>) {
+        if h.flags & FLAG_RELOCATED == 0 {
+            self.next_seq = self.next_seq.max(h.seq + 1);
+        }
+        self.epoch = self.epoch.max(h.epoch);
+        let first = h.offset / BLOCK_BYTES;
+        match h.kind {
+            Kind::Write => {
+                for i in 0..h.blocks() {
+                    let off = pos_off(at) as u64 + h.block_payload_offset(i);
+                    let e = Entry { seg: pos_seg(at), off: off as u32, crc: record::crc_at(checked, i as usize) };
+                    self.set_entry(h.volume, first + i as u64, e);
+                }
+            }
+            Kind::Zero | Kind::Trim => {
+                let e = if h.kind == Kind::Zero { Entry::ZERO } else { Entry::HOLE };
+                for b in first..first + h.length as u64 / BLOCK_BYTES {
+                    self.set_entry(h.volume, b, e);
+                }
+            }
+            Kind::VolumeCreate => {
+                let name = String::from_utf8_lossy(body.unwrap_or_default()).into_owned();
+                self.volumes.insert(h.volume, Volume::new(h.volume, name, h.offset));
+                self.next_volume_id = self.next_volume_id.max(h.volume + 1);
+            }
+            Kind::VolumeResize => {
+                let live = &mut self.live;
+                if let Some(v) = self.volumes.get_mut(&h.volume) {
+                    v.map.resize_with(h.offset.div_ceil(BLOCK_BYTES), |e| Self::drop_entry(live, e));
+                    v.size = h.offset;
+                }
+            }
+            Kind::VolumeDelete => {
+                if let Some(v) = self.volumes.remove(&h.volume) {
+                    let live = &mut self.live;
+                    v.map.for_each_mapped(|_, e| Self::drop_entry(live, e));
+                }
+            }
+        }
+    }
+
+    /// Appends one record at the tail (rolling to a new segment if needed).
+    /// Returns its position. On an I/O error the group is marked failed: a
+    /// log that may have a hole cannot take further writes.
+    pub fn append(&mut self, group: &Group, h: &mut Header, checked: &[u8], payload: &[u8]) -> Result<LogPos, IoError> {
+        self.check_failed()?;
+        let total = HEADER_BYTES as u64 + checked.len() as u64 + payload.len() as u64;
+        debug_assert_eq!(h.body_len as u64 + HEADER_BYTES as u64, total);
+        if self.tail_off + total > SEGMENT_BYTES {
+            let id = self.tail.id + 1;
+            let seg = match Segment::create(&group.dir, id, group.id) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    self.failed = Some(msg.clone());
+                    return Err(IoError::Failed(msg));
+                }
+            };
+            self.segments.insert(id, seg.clone());
+            self.unsynced.push(seg.clone());
+            self.dir_dirty = true;
+            self.tail = seg;
+            self.tail_off = segment::SEGMENT_HEADER_BYTES;
+        }
+        let mut raw = [0u8; HEADER_BYTES];
+        h.encode(checked, &mut raw);
+        let at = pos(self.tail.id, self.tail_off as u32);
+        if let Err(e) = crate::log::pwritev_all(&self.tail.file, &[&raw, checked, payload], self.tail_off) {
+            let msg = format!("failed to append {total} bytes at offset {} of log segment {}: {e}", self.tail_off, self.tail.path.display());
+            tracing::error!("{msg}");
+            self.failed = Some(msg.clone());
+            return Err(IoError::Failed(msg));
+        }
+        self.tail_off += total;
+        self.log_bytes_written += total;
+        self.tail.len.store(self.tail_off, Ordering::Release);
+        if !self.tail.unsynced.swap(true, Ordering::AcqRel) {
+            self.unsynced.push(self.tail.clone());
+        }
+        group.tail_pos.store(self.tail_pos(), Ordering::Release);
+        Ok(at)
+    }
+
+    fn new_header(&mut self, kind: Kind, volume: u32, offset: u64, length: u32, body_len: u32) -> Header {
+        let h = Header {
+            kind,
+            flags: 0,
+            epoch: self.epoch,
+            seq: self.next_seq,
+            timestamp_ns: crate::util::now_ns(),
+            volume,
+            length,
+            offset,
+            body_len,
+            crc: 0,
+        };
+        self.next_seq += 1;
+        h
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.len()).sum()
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.live.values().sum::<u64>() * BLOCK_BYTES
+    }
+}
+
+impl Group {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        let t = std::time::Instant::now();
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let us = t.elapsed().as_micros() as u64;
+        self.stats.write_lock_wait_max_us.fetch_max(us, Ordering::Relaxed);
+        g
+    }
+
+    /// Opens (or creates) the group stored in `dir`.
+    pub fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
+        open::open(dir, name)
+    }
+
+    pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner) -> Arc<Group> {
+        let tail = inner.tail_pos();
+        let (durable_tx, _) = watch::channel((tail, false));
+        let g = Arc::new(Group {
+            name: meta.name.clone(),
+            id: meta.id,
+            dir,
+            inner: Mutex::new(inner),
+            sync_lock: Mutex::new(()),
+            sync_req: Mutex::new((0, false)),
+            sync_cv: Condvar::new(),
+            durable_tx,
+            tail_pos: AtomicU64::new(tail),
+            stop: AtomicBool::new(false),
+            stats: GroupStats::default(),
+        });
+        let g2 = g.clone();
+        std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
+        let g3 = g.clone();
+        std::thread::Builder::new()
+            .name(format!("maint-{}", meta.name))
+            .spawn(move || g3.maintenance_thread())
+            .expect("spawn maintenance thread");
+        g
+    }
+
+    // ---- volumes -------------------------------------------------------
+
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let inner = self.lock();
+        inner
+            .volumes
+            .values()
+            .map(|v| VolumeInfo { id: v.id, name: v.name.clone(), size: v.size, mapped_bytes: v.map.mapped() * BLOCK_BYTES })
+            .collect()
+    }
+
+    pub fn volume(&self, name: &str) -> Option<VolumeInfo> {
+        self.volumes().into_iter().find(|v| v.name == name)
+    }
+
+    pub fn volume_size(&self, id: u32) -> Option<u64> {
+        self.lock().volumes.get(&id).map(|v| v.size)
+    }
+
+    fn check_size(size: u64) -> Result<()> {
+        if size == 0 || size % BLOCK_BYTES != 0 {
+            bail!("size {size} must be a positive multiple of {BLOCK_BYTES} bytes");
+        }
+        if size > crate::limits::VOLUME_BYTES_MAX {
+            bail!("size {size} exceeds the largest volume size {}", crate::limits::VOLUME_BYTES_MAX);
+        }
+        Ok(())
+    }
+
+    /// Creates a volume; the operation is a record in the group's log and is
+    /// durable when this returns.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<u32> {
+        crate::util::check_name("volume", name).map_err(|e| anyhow!(e))?;
+        Self::check_size(size)?;
+        let at = {
+            let mut inner = self.lock();
+            if inner.volume_id(name).is_some() {
+                bail!("volume {name} already exists");
+            }
+            let id = inner.next_volume_id;
+            let mut h = inner.new_header(Kind::VolumeCreate, id, size, 0, name.len() as u32);
+            let at = inner.append(self, &mut h, name.as_bytes(), &[])?;
+            inner.apply(&h, at, name.as_bytes(), Some(name.as_bytes()));
+            at
+        };
+        self.sync_to(at + 1)?;
+        Ok(self.lock().volume_id(name).unwrap_or(0))
+    }
+
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
+        Self::check_size(size)?;
+        let at = {
+            let mut inner = self.lock();
+            let id = inner.volume_id(name).with_context(|| format!("volume {name} does not exist"))?;
+            let mut h = inner.new_header(Kind::VolumeResize, id, size, 0, 0);
+            let at = inner.append(self, &mut h, &[], &[])?;
+            inner.apply(&h, at, &[], Some(&[]));
+            at
+        };
+        self.sync_to(at + 1)
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let at = {
+            let mut inner = self.lock();
+            let id = inner.volume_id(name).with_context(|| format!("volume {name} does not exist"))?;
+            let mut h = inner.new_header(Kind::VolumeDelete, id, 0, 0, 0);
+            let at = inner.append(self, &mut h, &[], &[])?;
+            inner.apply(&h, at, &[], Some(&[]));
+            at
+        };
+        self.sync_to(at + 1)
+    }
+
+    // ---- data path -----------------------------------------------------
+
+    fn check_range(inner: &Inner, vol: u32, offset: u64, len: u64) -> Result<u64, IoError> {
+        let v = inner.volumes.get(&vol).ok_or(IoError::VolumeGone(vol))?;
+        match offset.checked_add(len) {
+            Some(end) if end <= v.size => Ok(v.size),
+            _ => Err(IoError::OutOfRange { offset, len, size: v.size }),
+        }
+    }
+
+    /// Writes `data` at `offset`. Returns the log position after the record:
+    /// once that position is durable, the write is.
+    pub fn write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<LogPos, IoError> {
+        if data.is_empty() {
+            let inner = self.lock();
+            Self::check_range(&inner, vol, offset, 0)?;
+            return Ok(inner.tail_pos());
+        }
+        let len = data.len() as u64;
+        let aligned = offset % BLOCK_BYTES == 0 && len % BLOCK_BYTES == 0;
+        if aligned {
+            // Checksums outside the lock: the common case holds the lock only
+            // for the append itself.
+            let crcs = record::block_crcs(data);
+            let mut inner = self.lock();
+            Self::check_range(&inner, vol, offset, len)?;
+            let mut h = inner.new_header(Kind::Write, vol, offset, len as u32, (crcs.len() + data.len()) as u32);
+            let at = inner.append(self, &mut h, &crcs, data)?;
+            inner.apply(&h, at, &crcs, None);
+            return Ok(inner.tail_pos());
+        }
+        // Unaligned: widen to whole blocks by reading the edge blocks, under
+        // the lock so that a concurrent write to the same block cannot interleave.
+        let start = offset / BLOCK_BYTES * BLOCK_BYTES;
+        let end = (offset + len).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        let mut buf = vec![0u8; (end - start) as usize];
+        let mut inner = self.lock();
+        let size = Self::check_range(&inner, vol, offset, len)?;
+        if end > size {
+            // A volume size is always block aligned, so this cannot happen.
+            return Err(IoError::OutOfRange { offset, len, size });
+        }
+        if offset != start {
+            self.read_locked(&inner, vol, start, &mut buf[..BLOCK_BYTES as usize])?;
+        }
+        if offset + len != end && (end - BLOCK_BYTES > start || offset == start) {
+            let n = buf.len();
+            self.read_locked(&inner, vol, end - BLOCK_BYTES, &mut buf[n - BLOCK_BYTES as usize..])?;
+        }
+        buf[(offset - start) as usize..(offset - start + len) as usize].copy_from_slice(data);
+        let crcs = record::block_crcs(&buf);
+        let mut h = inner.new_header(Kind::Write, vol, start, buf.len() as u32, (crcs.len() + buf.len()) as u32);
+        let at = inner.append(self, &mut h, &crcs, &buf)?;
+        inner.apply(&h, at, &crcs, None);
+        Ok(inner.tail_pos())
+    }
+
+    /// Zeroes a range. With `keep_allocated` (NBD NO_HOLE) the blocks read as
+    /// zeros and stay allocated; otherwise they become holes. Partial blocks
+    /// at the edges are written as zeros.
+    pub fn zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<LogPos, IoError> {
+        {
+            let inner = self.lock();
+            Self::check_range(&inner, vol, offset, len)?;
+        }
+        let end = offset + len;
+        let first_full = offset.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        let last_full = end / BLOCK_BYTES * BLOCK_BYTES;
+        let mut at = self.tail_pos.load(Ordering::Acquire);
+        if first_full >= last_full {
+            // No whole block inside: write zeros.
+            return self.write(vol, offset, &vec![0u8; len as usize]);
+        }
+        if offset < first_full {
+            at = self.write(vol, offset, &vec![0u8; (first_full - offset) as usize])?;
+        }
+        // Whole blocks: one record per 2 GiB (the length field is 32 bits).
+        let mut o = first_full;
+        while o < last_full {
+            let n = (last_full - o).min(1 << 31);
+            let mut inner = self.lock();
+            Self::check_range(&inner, vol, o, n)?;
+            let kind = if keep_allocated { Kind::Zero } else { Kind::Trim };
+            let mut h = inner.new_header(kind, vol, o, n as u32, 0);
+            let p = inner.append(self, &mut h, &[], &[])?;
+            inner.apply(&h, p, &[], Some(&[]));
+            at = inner.tail_pos();
+            o += n;
+        }
+        if end > last_full {
+            at = self.write(vol, last_full, &vec![0u8; (end - last_full) as usize])?;
+        }
+        Ok(at)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Every block read is checked
+    /// against the CRC in the map; a mismatch names the file and offset.
+    pub fn read(&self, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let (entries, segs) = {
+            let inner = self.lock_read();
+            Self::check_range(&inner, vol, offset, buf.len() as u64)?;
+            Self::lookup(&inner, vol, offset, buf.len() as u64)
+        };
+        self.read_entries(vol, offset, buf, &entries, &segs)
+    }
+
+    fn lock_read(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_locked(&self, inner: &Inner, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let (entries, segs) = Self::lookup(inner, vol, offset, buf.len() as u64);
+        self.read_entries(vol, offset, buf, &entries, &segs)
+    }
+
+    fn lookup(inner: &Inner, vol: u32, offset: u64, len: u64) -> (Vec<Entry>, HashMap<u32, Arc<Segment>>) {
+        let v = &inner.volumes[&vol];
+        let first = offset / BLOCK_BYTES;
+        let last = (offset + len).div_ceil(BLOCK_BYTES);
+        let mut entries = Vec::with_capacity((last - first) as usize);
+        let mut segs = HashMap::new();
+        for b in first..last {
+            let e = v.map.get(b);
+            if e.is_data() && !segs.contains_key(&e.seg) {
+                if let Some(s) = inner.segments.get(&e.seg) {
+                    segs.insert(e.seg, s.clone());
+                }
+            }
+            entries.push(e);
+        }
+        (entries, segs)
+    }
+
+    fn read_entries(&self, vol: u32, offset: u64, buf: &mut [u8], entries: &[Entry], segs: &HashMap<u32, Arc<Segment>>) -> Result<(), IoError> {
+        let first = offset / BLOCK_BYTES;
+        let bb = BLOCK_BYTES as usize;
+        let mut block = vec![0u8; 0];
+        let mut i = 0;
+        while i < entries.len() {
+            let e = entries[i];
+            // Byte range of this block that the caller wants.
+            let bstart = (first + i as u64) * BLOCK_BYTES;
+            if !e.is_data() {
+                let (lo, hi) = clip(bstart, offset, buf.len());
+                buf[lo..hi].fill(0);
+                i += 1;
+                continue;
+            }
+            // Extend a run of blocks stored contiguously in one segment.
+            let mut n = 1;
+            while i + n < entries.len() {
+                let f = entries[i + n];
+                if f.seg == e.seg && f.off as u64 == e.off as u64 + n as u64 * BLOCK_BYTES {
+                    n += 1;
+                } else {
+                    break;
+                }
+            }
+            let seg = segs.get(&e.seg).ok_or_else(|| {
+                let msg = format!("volume {vol} block {} points to missing log segment {}", first + i as u64, e.seg);
+                tracing::error!("{msg}");
+                IoError::Failed(msg)
+            })?;
+            block.resize(n * bb, 0);
+            seg.read_at(&mut block, e.off as u64).map_err(|err| IoError::Failed(format!("{err:#}")))?;
+            for j in 0..n {
+                let data = &block[j * bb..(j + 1) * bb];
+                let want = entries[i + j].crc;
+                let got = crc32c::crc32c(data);
+                if got != want {
+                    let msg = format!(
+                        "checksum mismatch in log segment {} at offset {} (volume {vol}, block {}): stored {want:#010x}, computed {got:#010x}",
+                        seg.path.display(),
+                        e.off as u64 + (j * bb) as u64,
+                        first + (i + j) as u64
+                    );
+                    tracing::error!("{msg}");
+                    return Err(IoError::Failed(msg));
+                }
+                let bs = (first + (i + j) as u64) * BLOCK_BYTES;
+                let (lo, hi) = clip(bs, offset, buf.len());
+                let src = (offset + lo as u64 - bs) as usize;
+                buf[lo..hi].copy_from_slice(&data[src..src + (hi - lo)]);
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// Allocation status of `[offset, offset+len)` as runs of (length, hole, zero).
+    pub fn block_status(&self, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
+        let inner = self.lock_read();
+        let size = Self::check_range(&inner, vol, offset, len)?;
+        let v = &inner.volumes[&vol];
+        let mut out: Vec<(u64, bool, bool)> = Vec::new();
+        let mut b = offset / BLOCK_BYTES;
+        let end = offset + len;
+        let mut cur = offset;
+        while cur < end && out.len() <= max_extents {
+            let state = if v.map.chunk_is_empty(b) {
+                (true, true)
+            } else {
+                let e = v.map.get(b);
+                (e.is_hole(), e.seg == SEG_HOLE || e.seg == SEG_ZERO)
+            };
+            let step = if v.map.chunk_is_empty(b) {
+                let chunk_end = (b / crate::volume::map::CHUNK_BLOCKS as u64 + 1) * crate::volume::map::CHUNK_BLOCKS as u64;
+                (chunk_end * BLOCK_BYTES).min(size) - cur
+            } else {
+                ((b + 1) * BLOCK_BYTES).min(size) - cur
+            };
+            let step = step.min(end - cur);
+            match out.last_mut() {
+                Some(last) if (last.1, last.2) == state => last.0 += step,
+                _ => {
+                    if out.len() == max_extents {
+                        break;
+                    }
+                    out.push((step, state.0, state.1))
+                }
+            }
+            cur += step;
+            b = cur / BLOCK_BYTES;
+        }
+        Ok(out)
+    }
+
+    /// Position up to which a FLUSH must make the log durable.
+    pub fn flush_target(&self) -> LogPos {
+        self.tail_pos.load(Ordering::Acquire)
+    }
+
+    // ---- group commit --------------------------------------------------
+
+    /// Waits until everything before `target` is on stable storage. Many
+    /// waiters share one fdatasync (group commit).
+    pub async fn wait_durable(&self, target: LogPos) -> Result<(), IoError> {
+        let mut rx = self.durable_tx.subscribe();
+        {
+            let (d, failed) = *rx.borrow();
+            if failed {
+                return Err(IoError::Failed("log sync failed earlier; group is failed".into()));
+            }
+            if d >= target {
+                return Ok(());
+            }
+        }
+        {
+            let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
+            if req.0 < target {
+                req.0 = target;
+                self.sync_cv.notify_one();
+            }
+        }
+        let r = rx.wait_for(|(d, failed)| *failed || *d >= target).await;
+        match r {
+            Ok(v) if !v.1 => Ok(()),
+            _ => Err(IoError::Failed("log sync failed; group is failed".into())),
+        }
+    }
+
+    pub fn durable_pos(&self) -> LogPos {
+        self.durable_tx.borrow().0
+    }
+
+    /// Makes everything before `target` durable, from a blocking thread.
+    pub fn sync_to(&self, target: LogPos) -> Result<()> {
+        let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (d, failed) = *self.durable_tx.borrow();
+        if failed {
+            bail!("log sync failed earlier; group {} is failed", self.name);
+        }
+        if d >= target {
+            return Ok(());
+        }
+        let (pos_now, files, dir) = {
+            let mut inner = self.lock_read();
+            let files = std::mem::take(&mut inner.unsynced);
+            for f in &files {
+                f.unsynced.store(false, Ordering::Release);
+            }
+            let dir = std::mem::replace(&mut inner.dir_dirty, false);
+            (inner.tail_pos(), files, dir)
+        };
+        let res = (|| -> Result<()> {
+            for f in &files {
+                f.file.sync_data().with_context(|| format!("failed to fdatasync log segment {}", f.path.display()))?;
+            }
+            if dir {
+                crate::crashsafe::fsync_dir(&self.dir)?;
+            }
+            Ok(())
+        })();
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        match res {
+            Ok(()) => {
+                self.durable_tx.send_modify(|v| v.0 = v.0.max(pos_now));
+                Ok(())
+            }
+            Err(e) => {
+                // After a failed fsync the page cache may have dropped the
+                // data: never retry and pretend. Fail the group loudly.
+                tracing::error!("group {}: {e:#}; refusing further writes", self.name);
+                self.lock_read().failed = Some(format!("{e:#}"));
+                self.durable_tx.send_modify(|v| v.1 = true);
+                Err(e)
+            }
+        }
+    }
+
+    fn sync_thread(self: Arc<Self>) {
+        loop {
+            let target = {
+                let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if req.1 {
+                        return;
+                    }
+                    if req.0 > self.durable_pos() {
+                        break req.0;
+                    }
+                    req = self.sync_cv.wait(req).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let _ = self.sync_to(target);
+            if self.durable_tx.borrow().1 {
+                return;
+            }
+        }
+    }
+
+    /// Stops background threads after a final sync and checkpoint.
+    pub fn close(&self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        {
+            let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
+            req.1 = true;
+            self.sync_cv.notify_all();
+        }
+        self.sync_to(self.flush_target())?;
+        self.checkpoint()
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.lock_read().log_bytes()
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.lock_read().live_bytes()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.lock_read().next_seq.saturating_sub(1)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.lock_read().epoch
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.lock_read().segments.len()
+    }
+
+    pub fn failed(&self) -> Option<String> {
+        self.lock_read().failed.clone()
+    }
+
+    fn maintenance_thread(self: Arc<Self>) {
+        let interval = std::time::Duration::from_millis(crate::limits::MAINTENANCE_INTERVAL_MS);
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(interval);
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if let Err(e) = self.maintain() {
+                tracing::error!("group {}: maintenance failed: {e:#}", self.name);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn maintain(&self) -> Result<()> {
+        let due = {
+            let inner = self.lock_read();
+            inner.failed.is_none() && inner.log_bytes_written - inner.log_bytes_at_checkpoint >= crate::limits::CHECKPOINT_INTERVAL_BYTES
+        };
+        if due {
+            self.checkpoint()?;
+        }
+        self.collect_garbage()
+    }
+}
+
+/// Part of the block starting at volume byte `bstart` that falls in the
+/// caller's buffer `[offset, offset+len)`, as buffer indices.
+fn clip(bstart: u64, offset: u64, len: usize) -> (usize, usize) {
+    let lo = bstart.max(offset);
+    let hi = (bstart + BLOCK_BYTES).min(offset + len as u64);
+    ((lo - offset) as usize, (hi - offset) as usize)
+}
+
+#[cfg(test)]
+mod tests;

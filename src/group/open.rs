@@ -1,0 +1,180 @@
+//! Opening a group: load the last checkpoint, replay the log after it,
+//! cut off a torn tail.
+//!
+//! The log is valid up to the first record that fails its checks. Records
+//! are made durable strictly in log order (one fdatasync covers every segment
+//! written since the last), so everything acknowledged as durable lies before
+//! that point; what follows was never promised to anyone and is cut off (the
+//! rest of the segment truncated, later segments moved to `discarded/` so an
+//! operator can still inspect them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use super::{checkpoint, Group, GroupMeta, Inner};
+use crate::log::segment::{self, pos, pos_off, pos_seg, Segment, SEGMENT_HEADER_BYTES};
+
+const META_FILE: &str = "group.json";
+
+fn load_or_create_meta(dir: &Path, name: &str) -> Result<GroupMeta> {
+    let path = dir.join(META_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let m: GroupMeta = serde_json::from_slice(&b).with_context(|| format!("{} is not valid group metadata", path.display()))?;
+            if m.name != name {
+                bail!("{} belongs to group {:?}, not {name:?}", path.display(), m.name);
+            }
+            Ok(m)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+            let id = crate::util::now_ns() ^ ((std::process::id() as u64) << 40) | 1;
+            let m = GroupMeta { name: name.to_string(), id, epoch: 1 };
+            crate::crashsafe::write_file(&path, &serde_json::to_vec_pretty(&m)?)?;
+            Ok(m)
+        }
+        Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+    }
+}
+
+pub(super) fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
+    let meta = load_or_create_meta(dir, name)?;
+    let started = std::time::Instant::now();
+    let ckpt = checkpoint::load(dir, meta.id)?;
+
+    let mut ids: Vec<u32> = Vec::new();
+    for ent in std::fs::read_dir(dir).with_context(|| format!("failed to list {}", dir.display()))? {
+        let ent = ent?;
+        if let Some(id) = ent.file_name().to_str().and_then(segment::parse_segment_file_name) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+
+    let mut segments: BTreeMap<u32, Arc<Segment>> = BTreeMap::new();
+    for (i, &id) in ids.iter().enumerate() {
+        match Segment::open(dir, id, meta.id) {
+            Ok(s) => {
+                segments.insert(id, Arc::new(s));
+            }
+            Err(e) if i + 1 == ids.len() && std::fs::metadata(dir.join(segment::segment_file_name(id)))?.len() < SEGMENT_HEADER_BYTES => {
+                // Crash while creating the newest segment: its header never
+                // became durable, so nothing in it was either.
+                tracing::warn!("removing incomplete newest log segment: {e:#}");
+                std::fs::remove_file(dir.join(segment::segment_file_name(id)))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    let (replay_from, mut inner_volumes, next_seq, epoch, next_volume_id) = match ckpt {
+        Some(c) => (c.replay_pos, c.volumes, c.next_seq, c.epoch, c.next_volume_id),
+        None => (0, Vec::new(), 1, meta.epoch, 1),
+    };
+
+    // A placeholder tail; replaced below once segments are known.
+    let first_tail = match segments.values().next_back() {
+        Some(s) => s.clone(),
+        None => {
+            let s = Arc::new(Segment::create(dir, 1, meta.id)?);
+            crate::crashsafe::fsync_dir(dir)?;
+            s.file.sync_all()?;
+            segments.insert(1, s.clone());
+            s
+        }
+    };
+    let mut inner = Inner {
+        epoch: epoch.max(meta.epoch),
+        next_seq,
+        next_volume_id,
+        volumes: inner_volumes.drain(..).map(|v| (v.id, v)).collect(),
+        segments: BTreeMap::new(),
+        tail: first_tail.clone(),
+        tail_off: first_tail.len(),
+        live: HashMap::new(),
+        unsynced: Vec::new(),
+        dir_dirty: false,
+        log_bytes_at_checkpoint: 0,
+        log_bytes_written: 0,
+        checkpoint_pos: replay_from,
+        failed: None,
+    };
+
+    // Replay.
+    let mut replayed = 0u64;
+    let mut cut: Option<(u32, u64, String)> = None;
+    for (&id, seg) in &segments {
+        if id < pos_seg(replay_from) {
+            continue;
+        }
+        let start = if id == pos_seg(replay_from) { pos_off(replay_from) as u64 } else { SEGMENT_HEADER_BYTES };
+        let stop = segment::scan(seg, start, true, |r, body| {
+            let at = pos(id, r.off);
+            inner.apply(&r.header, at, &r.checked, body);
+            replayed += 1;
+            Ok(())
+        })
+        .with_context(|| format!("failed to replay log segment {}", seg.path.display()))?;
+        if let Some(s) = stop {
+            cut = Some((id, s.off, s.reason));
+            break;
+        }
+    }
+    if let Some((id, off, reason)) = cut {
+        let seg = &segments[&id];
+        tracing::warn!("log of group {name}: cutting torn tail of {} at offset {off}: {reason}", seg.path.display());
+        seg.file.set_len(off).with_context(|| format!("failed to truncate {}", seg.path.display()))?;
+        seg.file.sync_all()?;
+        seg.len.store(off, std::sync::atomic::Ordering::Release);
+        let later: Vec<u32> = segments.range(id + 1..).map(|(k, _)| *k).collect();
+        if !later.is_empty() {
+            let dd = dir.join("discarded");
+            std::fs::create_dir_all(&dd)?;
+            for k in later {
+                let s = segments.remove(&k).unwrap();
+                tracing::warn!("log of group {name}: moving {} (after the torn tail) to {}", s.path.display(), dd.display());
+                std::fs::rename(&s.path, dd.join(segment::segment_file_name(k)))?;
+            }
+        }
+        crate::crashsafe::fsync_dir(dir)?;
+    }
+
+    inner.live.clear();
+    // Live counts and a consistency check: every block must point into a
+    // segment that exists and inside its length.
+    for v in inner.volumes.values() {
+        let mut bad: Option<String> = None;
+        v.map.for_each_mapped(|b, e| {
+            if !e.is_data() {
+                return;
+            }
+            match segments.get(&e.seg) {
+                Some(s) if (e.off as u64) + crate::limits::BLOCK_BYTES <= s.len() => {
+                    *inner.live.entry(e.seg).or_insert(0) += 1;
+                }
+                _ => {
+                    if bad.is_none() {
+                        bad = Some(format!("volume {} block {b} points to segment {} offset {}, which does not exist", v.name, e.seg, e.off));
+                    }
+                }
+            }
+        });
+        if let Some(b) = bad {
+            bail!("group {name} in {} is inconsistent: {b}", dir.display());
+        }
+    }
+    let tail = segments.values().next_back().cloned().unwrap_or(first_tail);
+    inner.tail_off = tail.len();
+    inner.tail = tail;
+    inner.segments = segments;
+    tracing::info!(
+        "group {name}: opened in {:?} ({replayed} records replayed, {} segments, last seq {})",
+        started.elapsed(),
+        inner.segments.len(),
+        inner.next_seq - 1
+    );
+    Ok(Group::from_parts(&meta, dir.to_path_buf(), inner))
+}

@@ -1,0 +1,67 @@
+//! Every bound in tidemark, in one place. Names carry their units.
+//!
+//! A limit that is not here is a bug: queues, buffers, batches and retry loops
+//! all take their bound from this file so that reviewing resource use means
+//! reading one page.
+
+/// Size of one block of the block map. Writes that do not cover whole blocks
+/// are widened by read-modify-write, so the map never holds partial blocks.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Largest NBD request payload (read or write) the server accepts.
+pub const NBD_REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
+/// Largest option payload accepted during the NBD handshake.
+pub const NBD_OPTION_BYTES_MAX: u32 = 64 * 1024;
+/// Option bytes the server is willing to read and discard before giving up on
+/// a client that announced a too-large option.
+pub const NBD_OPTION_DISCARD_BYTES_MAX: u32 = 1024 * 1024;
+/// Number of options a client may send before transmission (guards against a
+/// client that loops forever in the handshake).
+pub const NBD_OPTIONS_PER_CONNECTION_MAX: u32 = 1024;
+/// Requests one connection may have in flight; further requests wait to be read.
+pub const NBD_INFLIGHT_PER_CONNECTION_MAX: usize = 128;
+/// Bytes of write payload one connection may have in flight.
+pub const NBD_INFLIGHT_BYTES_PER_CONNECTION_MAX: usize = 128 * 1024 * 1024;
+/// Concurrent NBD connections per site.
+pub const NBD_CONNECTIONS_MAX: usize = 256;
+/// Descriptors in one BLOCK_STATUS reply.
+pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
+/// Longest export name (the protocol's own limit on strings).
+pub const NBD_NAME_BYTES_MAX: usize = 4096;
+
+/// Size of one log segment file (records never span segments).
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Log bytes written between metadata checkpoints; bounds replay after a crash.
+pub const CHECKPOINT_INTERVAL_BYTES: u64 = 128 * 1024 * 1024;
+/// Fixed reserve of log space on top of live data that GC does not try to
+/// reclaim: the open segment plus everything after the last checkpoint.
+pub const LOG_RESERVE_BYTES: u64 = SEGMENT_BYTES + CHECKPOINT_INTERVAL_BYTES + SEGMENT_BYTES;
+/// GC keeps total log bytes at or below live bytes times this ratio (plus the reserve).
+pub const GC_SPACE_RATIO: f64 = 1.25;
+/// A sealed segment is worth cleaning only if at most this share of it is live.
+pub const GC_LIVE_RATIO_MAX: f64 = 0.85;
+/// Bytes GC relocates under one hold of the group lock (bounds write stalls).
+pub const GC_BATCH_BYTES: u64 = 256 * 1024;
+/// How often the maintenance thread looks at checkpoint and GC needs.
+pub const MAINTENANCE_INTERVAL_MS: u64 = 50;
+/// Largest checkpoint file accepted when opening a group (guards against a
+/// corrupted length field driving an enormous allocation).
+pub const CHECKPOINT_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
+/// Largest volume size.
+pub const VOLUME_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024 * 1024;
+/// Longest volume or group name.
+pub const NAME_BYTES_MAX: usize = 128;
+
+/// HTTP API request body limit.
+pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
+/// How long `up` waits for a site to start serving before giving up.
+pub const SITE_START_TIMEOUT_MS: u64 = 60_000;
+/// How long `up` waits for sites to stop after SIGTERM before SIGKILL.
+pub const SITE_STOP_TIMEOUT_MS: u64 = 30_000;
+/// Restarts of a crashed site by `up` within one minute before it gives up.
+pub const SITE_RESTARTS_PER_MINUTE_MAX: u32 = 5;
+
+const _: () = assert!(BLOCK_BYTES.is_power_of_two());
+const _: () = assert!(NBD_REQUEST_BYTES_MAX as u64 % BLOCK_BYTES == 0);
+// A maximal write record (header + one CRC per block + payload) fits a segment.
+const _: () = assert!(64 + (NBD_REQUEST_BYTES_MAX as u64) * 1025 / 1024 + 64 <= SEGMENT_BYTES);
+const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);

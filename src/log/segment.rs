@@ -1,0 +1,209 @@
+//! Segment files: the log of a consistency group is a series of append-only
+//! files `seg-NNNNNNNN.tml`, each starting with a 64-byte header and holding
+//! whole records (a record never spans two segments).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+use super::record::{DecodeError, Header, Kind, HEADER_BYTES};
+
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TMSEG\0\0\x01";
+pub const SEGMENT_HEADER_BYTES: u64 = 64;
+
+/// A position in the log: segment id in the high 32 bits, byte offset in the
+/// low 32. Positions grow in write order across segments.
+pub type LogPos = u64;
+
+pub fn pos(seg: u32, off: u32) -> LogPos {
+    ((seg as u64) << 32) | off as u64
+}
+pub fn pos_seg(p: LogPos) -> u32 {
+    (p >> 32) as u32
+}
+pub fn pos_off(p: LogPos) -> u32 {
+    p as u32
+}
+
+pub fn segment_file_name(id: u32) -> String {
+    format!("seg-{id:08}.tml")
+}
+
+/// Parses `seg-NNNNNNNN.tml` back into an id.
+pub fn parse_segment_file_name(name: &str) -> Option<u32> {
+    name.strip_prefix("seg-")?.strip_suffix(".tml")?.parse().ok()
+}
+
+/// One open segment file. Shared by `Arc`: a reader that looked up a block
+/// location keeps the file open, so GC may unlink the file under it safely.
+#[derive(Debug)]
+pub struct Segment {
+    pub id: u32,
+    pub path: PathBuf,
+    pub file: File,
+    /// Bytes in the file (header + whole records).
+    pub len: AtomicU64,
+    /// Set while written since the last group commit.
+    pub unsynced: AtomicBool,
+}
+
+fn header_bytes(id: u32, group_id: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&id.to_le_bytes());
+    h[16..24].copy_from_slice(&group_id.to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl Segment {
+    /// Creates a new, empty segment. The caller must fsync the directory
+    /// before relying on the file existing after a crash (group commit does).
+    pub fn create(dir: &Path, id: u32, group_id: u64) -> Result<Segment> {
+        let path = dir.join(segment_file_name(id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("failed to create log segment {}", path.display()))?;
+        file.write_all_at(&header_bytes(id, group_id), 0)
+            .with_context(|| format!("failed to write header of log segment {}", path.display()))?;
+        Ok(Segment { id, path, file, len: AtomicU64::new(SEGMENT_HEADER_BYTES), unsynced: AtomicBool::new(true) })
+    }
+
+    /// Opens an existing segment and checks its header.
+    pub fn open(dir: &Path, id: u32, group_id: u64) -> Result<Segment> {
+        let path = dir.join(segment_file_name(id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("failed to open log segment {}", path.display()))?;
+        let len = file.metadata()?.len();
+        let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
+        if len < SEGMENT_HEADER_BYTES {
+            bail!("log segment {} is shorter than its header ({len} bytes)", path.display());
+        }
+        file.read_exact_at(&mut h, 0)
+            .with_context(|| format!("failed to read header of log segment {}", path.display()))?;
+        if h[0..8] != SEGMENT_MAGIC {
+            bail!("log segment {}: bad magic at offset 0", path.display());
+        }
+        let crc = u32::from_le_bytes(h[60..64].try_into().unwrap());
+        if crc != crc32c::crc32c(&h[0..60]) {
+            bail!("log segment {}: header checksum mismatch at offset 0", path.display());
+        }
+        let sid = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        let gid = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        if sid != id {
+            bail!("log segment {}: header names segment {sid}, expected {id}", path.display());
+        }
+        if gid != group_id {
+            bail!("log segment {}: belongs to group {gid:#x}, not {group_id:#x}", path.display());
+        }
+        Ok(Segment { id, path, file, len: AtomicU64::new(len), unsynced: AtomicBool::new(false) })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `off`, naming the file on error.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, off)
+            .with_context(|| format!("failed to read {} bytes at offset {off} of log segment {}", buf.len(), self.path.display()))
+    }
+}
+
+/// A record as found when scanning a segment.
+pub struct Scanned {
+    pub off: u32,
+    pub header: Header,
+    /// The checked body (block CRCs of a write, the whole body otherwise).
+    pub checked: Vec<u8>,
+}
+
+/// Why a scan stopped before the end of the file.
+#[derive(Debug)]
+pub struct ScanStop {
+    pub off: u64,
+    pub reason: String,
+}
+
+/// Scans records of a segment from `start`, calling `f` for each valid one.
+/// With `verify_payload` the block CRCs of writes are checked against their
+/// data as well (replay does this so that a torn payload is found). Returns
+/// `Ok(None)` at a clean end of file, `Ok(Some(stop))` at the first invalid
+/// record (a torn tail or corruption), `Err` on an I/O error.
+pub fn scan<F>(seg: &Segment, start: u64, verify_payload: bool, mut f: F) -> Result<Option<ScanStop>>
+where
+    F: FnMut(&Scanned, Option<&[u8]>) -> Result<()>,
+{
+    let file_len = seg.file.metadata()?.len();
+    let mut off = start.max(SEGMENT_HEADER_BYTES);
+    // Read in large chunks; records are parsed out of the buffer.
+    const CHUNK: usize = 8 * 1024 * 1024;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut buf_off = off; // file offset of buf[0]
+    loop {
+        if off == file_len {
+            return Ok(None);
+        }
+        if off + HEADER_BYTES as u64 > file_len {
+            return Ok(Some(ScanStop { off, reason: format!("{} trailing bytes are shorter than a record header", file_len - off) }));
+        }
+        // Make sure the header is in the buffer.
+        let ensure = |buf: &mut Vec<u8>, buf_off: &mut u64, off: u64, need: u64| -> Result<()> {
+            let have_end = *buf_off + buf.len() as u64;
+            if off >= *buf_off && off + need <= have_end {
+                return Ok(());
+            }
+            let want = (need as usize).max(CHUNK).min((file_len - off) as usize);
+            buf.resize(want, 0);
+            seg.read_at(buf, off)?;
+            *buf_off = off;
+            Ok(())
+        };
+        ensure(&mut buf, &mut buf_off, off, HEADER_BYTES as u64)?;
+        let rel = (off - buf_off) as usize;
+        let raw: [u8; HEADER_BYTES] = buf[rel..rel + HEADER_BYTES].try_into().unwrap();
+        let header = match Header::decode(&raw) {
+            Ok(h) => h,
+            Err(e) => return Ok(Some(ScanStop { off, reason: e.to_string() })),
+        };
+        let total = header.total_len();
+        if off + total > file_len {
+            return Ok(Some(ScanStop { off, reason: format!("record of {total} bytes runs past the end of the file") }));
+        }
+        let checked_len = header.checked_body_len();
+        let need = if verify_payload || header.kind != Kind::Write { total } else { HEADER_BYTES as u64 + checked_len as u64 };
+        ensure(&mut buf, &mut buf_off, off, need)?;
+        let rel = (off - buf_off) as usize;
+        let checked = buf[rel + HEADER_BYTES..rel + HEADER_BYTES + checked_len].to_vec();
+        if let Err(e) = header.verify(&raw, &checked) {
+            return Ok(Some(ScanStop { off, reason: e.to_string() }));
+        }
+        let mut data: Option<&[u8]> = None;
+        if header.kind == Kind::Write && verify_payload {
+            let p = &buf[rel + HEADER_BYTES + checked_len..rel + total as usize];
+            for (i, block) in p.chunks(crate::limits::BLOCK_BYTES as usize).enumerate() {
+                if crc32c::crc32c(block) != super::record::crc_at(&checked, i) {
+                    let e = DecodeError::BlockChecksum { index: i as u32 };
+                    return Ok(Some(ScanStop { off, reason: e.to_string() }));
+                }
+            }
+            data = Some(p);
+        } else if header.kind != Kind::Write {
+            data = Some(&buf[rel + HEADER_BYTES..rel + total as usize]);
+        }
+        let s = Scanned { off: off as u32, header, checked };
+        f(&s, data)?;
+        off += total;
+    }
+}

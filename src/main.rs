@@ -1,0 +1,40 @@
+//! The `tidemark` binary: `up`, `site` and the admin commands.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tidemark::cli::{Cli, Cmd};
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Up { port_base, dr_sites, volumes, mode } => {
+            init_logging();
+            tidemark::up::run(tidemark::up::UpArgs {
+                dir: cli.dir.clone().unwrap_or_else(|| "./tidemark-data".into()),
+                port_base: *port_base,
+                dr_sites: *dr_sites,
+                volumes: volumes.clone(),
+                mode: mode.clone(),
+                json: cli.json,
+            })
+        }
+        Cmd::Site { config } => {
+            init_logging();
+            tidemark::site::config::SiteConfig::load(config).and_then(tidemark::site::run)
+        }
+        _ => tidemark::cli::run_admin(&cli),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The NBD server's I/O layer: accepts connections, runs the handshake
+//! (`proto::handle_option`), then pipelines requests: a reader task parses
+//! requests and spawns one task per request; a writer task sends replies as
+//! they complete, so replies go out of order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::proto::{self, Command, ExportLookup, Handshake, Next};
+use crate::group::{Group, IoError};
+use crate::limits;
+use crate::site::metrics::{Metrics, OpCounters};
+
+/// A volume (or later a snapshot) as served over NBD.
+#[derive(Clone)]
+pub struct Export {
+    pub name: String,
+    pub group: Arc<Group>,
+    pub volume: u32,
+    pub read_only: bool,
+}
+
+/// Where the server finds exports (implemented by the site).
+pub trait Exports: Send + Sync + 'static {
+    fn export(&self, name: &str) -> Option<Export>;
+    fn export_names(&self) -> Vec<String>;
+}
+
+struct Lookup<'a>(&'a dyn Exports);
+
+impl ExportLookup for Lookup<'_> {
+    fn lookup(&self, name: &str) -> Option<proto::ExportInfo> {
+        let e = self.0.export(name)?;
+        let size = e.group.volume_size(e.volume)?;
+        Some(proto::ExportInfo { name: e.name, size, read_only: e.read_only })
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.export_names()
+    }
+}
+
+pub async fn serve(listener: TcpListener, exports: Arc<dyn Exports>, metrics: Arc<Metrics>) -> Result<()> {
+    let conns = Arc::new(Semaphore::new(limits::NBD_CONNECTIONS_MAX));
+    loop {
+        let (sock, peer) = listener.accept().await?;
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::warn!("nbd: refusing connection from {peer}: {} connections already open", limits::NBD_CONNECTIONS_MAX);
+            continue;
+        };
+        let exports = exports.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = sock.set_nodelay(true);
+            match connection(sock, exports, metrics).await {
+                Ok(()) => tracing::debug!("nbd: {peer} disconnected"),
+                Err(e) => tracing::info!("nbd: closed connection from {peer}: {e:#}"),
+            }
+        });
+    }
+}
+
+async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Metrics>) -> Result<()> {
+    let (rd, wr) = sock.into_split();
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+
+    // Greeting.
+    let mut g = Vec::with_capacity(18);
+    g.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    wr.write_all(&g).await?;
+    wr.flush().await?;
+    let mut hs = Handshake::default();
+    let flags = rd.read_u32().await?;
+    proto::check_client_flags(&mut hs, flags).map_err(anyhow::Error::msg)?;
+
+    // Option haggling.
+    let chosen = loop {
+        if hs.options_seen >= limits::NBD_OPTIONS_PER_CONNECTION_MAX {
+            anyhow::bail!("client sent more than {} options", limits::NBD_OPTIONS_PER_CONNECTION_MAX);
+        }
+        let magic = rd.read_u64().await?;
+        if magic != proto::IHAVEOPT {
+            anyhow::bail!("bad option magic {magic:#018x}");
+        }
+        let option = rd.read_u32().await?;
+        let len = rd.read_u32().await?;
+        if len > limits::NBD_OPTION_BYTES_MAX {
+            if len > limits::NBD_OPTION_DISCARD_BYTES_MAX {
+                anyhow::bail!("option {option} announces {len} bytes of data, above the {} byte limit", limits::NBD_OPTION_DISCARD_BYTES_MAX);
+            }
+            tokio::io::copy(&mut (&mut rd).take(len as u64), &mut tokio::io::sink()).await?;
+            hs.options_seen += 1;
+            let mut out = Vec::new();
+            proto::OptReply { option, kind: proto::REP_ERR_TOO_BIG, data: b"option data too large".to_vec() }.encode(&mut out);
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        let (replies, next) = proto::handle_option(&mut hs, &Lookup(&*exports), option, &data);
+        let mut out = Vec::new();
+        for r in &replies {
+            r.encode(&mut out);
+        }
+        if let Next::Transmit(t) = &next {
+            if let Some(raw) = &t.export_name_reply {
+                out.extend_from_slice(raw);
+            }
+        }
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+        match next {
+            Next::Continue => {}
+            Next::Close(reason) => {
+                tracing::info!("nbd: handshake ended: {reason}");
+                return Ok(());
+            }
+            Next::Transmit(t) => break t,
+        }
+    };
+    let export = exports.export(&chosen.name).ok_or_else(|| anyhow::anyhow!("export {} vanished", chosen.name))?;
+    tracing::debug!("nbd: serving {} (structured={}, block_status={})", chosen.name, chosen.structured, chosen.block_status);
+    transmission(rd, wr, export, chosen.structured, chosen.block_status, metrics).await
+}
+
+async fn transmission(
+    mut rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    mut wr: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    export: Export,
+    structured: bool,
+    block_status: bool,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits::NBD_INFLIGHT_PER_CONNECTION_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some(buf) = rx.recv().await {
+            wr.write_all(&buf).await?;
+            // Batch: flush only when no further reply is ready.
+            while let Ok(buf) = rx.try_recv() {
+                wr.write_all(&buf).await?;
+            }
+            wr.flush().await?;
+        }
+        wr.flush().await?;
+        anyhow::Ok(())
+    });
+    let inflight = Arc::new(Semaphore::new(limits::NBD_INFLIGHT_PER_CONNECTION_MAX));
+    let inflight_bytes = Arc::new(Semaphore::new(limits::NBD_INFLIGHT_BYTES_PER_CONNECTION_MAX));
+    let counters = metrics.export_counters(&export.name);
+    let export = Arc::new(export);
+    let result: Result<()> = async {
+        loop {
+            let mut hdr = [0u8; 28];
+            match rd.read_exact(&mut hdr).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    anyhow::bail!("client closed the connection without NBD_CMD_DISC")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let req = proto::parse_request(&hdr).map_err(anyhow::Error::msg)?;
+            let started = Instant::now();
+            let size = export.group.volume_size(export.volume).unwrap_or(0);
+            let checked = proto::validate(&req, size, export.read_only, block_status);
+            // A WRITE's payload is on the wire whatever we think of it.
+            let mut payload = Vec::new();
+            if req.kind == proto::CMD_WRITE {
+                if req.length > limits::NBD_REQUEST_BYTES_MAX {
+                    anyhow::bail!("write of {} bytes exceeds the {} byte request limit", req.length, limits::NBD_REQUEST_BYTES_MAX);
+                }
+                payload = vec![0u8; req.length as usize];
+                rd.read_exact(&mut payload).await?;
+            }
+            let cmd = match checked {
+                Ok(c) => c,
+                Err((errno, reason)) => {
+                    tracing::debug!("nbd {}: request {:#x} refused: {reason}", export.name, req.handle);
+                    tx.send(proto::error_reply(structured, errno, req.handle, &reason)).await?;
+                    continue;
+                }
+            };
+            if cmd == Command::Disconnect {
+                return Ok(());
+            }
+            let permit = inflight.clone().acquire_owned().await?;
+            let bytes = (payload.len().max(match cmd {
+                Command::Read { len, .. } => len as usize,
+                _ => 0,
+            }))
+            .clamp(1, limits::NBD_INFLIGHT_BYTES_PER_CONNECTION_MAX);
+            let bytes_permit = inflight_bytes.clone().acquire_many_owned(bytes as u32).await?;
+            let tx = tx.clone();
+            let export = export.clone();
+            let counters = counters.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let reply = execute(&export, cmd, req.handle, payload, structured).await;
+                counters.record(cmd);
+                metrics.observe_request(started.elapsed());
+                let _ = tx.send(reply).await;
+                drop(permit);
+                drop(bytes_permit);
+            });
+        }
+    }
+    .await;
+    // Let in-flight requests finish and their replies go out.
+    let _ = inflight.acquire_many(limits::NBD_INFLIGHT_PER_CONNECTION_MAX as u32).await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+fn io_errno(e: &IoError) -> u32 {
+    match e {
+        IoError::OutOfRange { .. } => proto::EINVAL,
+        IoError::VolumeGone(_) => proto::ESHUTDOWN,
+        IoError::Failed(_) => proto::EIO,
+    }
+}
+
+async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, structured: bool) -> Vec<u8> {
+    let g = &export.group;
+    let v = export.volume;
+    let res: Result<Vec<u8>, IoError> = async {
+        match cmd {
+            Command::Read { offset, len } => {
+                let mut out;
+                let data_at;
+                if structured {
+                    if len == 0 {
+                        out = Vec::with_capacity(20);
+                        proto::chunk_header(&mut out, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, handle, 0);
+                        return Ok(out);
+                    }
+                    out = Vec::with_capacity(28 + len as usize);
+                    proto::chunk_header(&mut out, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, handle, 8 + len);
+                    out.extend_from_slice(&offset.to_be_bytes());
+                    data_at = 28;
+                } else {
+                    out = Vec::with_capacity(16 + len as usize);
+                    proto::simple_reply(&mut out, 0, handle);
+                    data_at = 16;
+                }
+                out.resize(data_at + len as usize, 0);
+                g.read(v, offset, &mut out[data_at..])?;
+                Ok(out)
+            }
+            Command::Write { offset, fua, .. } => {
+                let at = g.write(v, offset, &payload)?;
+                if fua {
+                    g.wait_durable(at).await?;
+                }
+                Ok(ok_reply(handle))
+            }
+            Command::Flush => {
+                g.wait_durable(g.flush_target()).await?;
+                Ok(ok_reply(handle))
+            }
+            Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua, no_hole: false } => {
+                let at = g.zero(v, offset, len as u64, false)?;
+                if fua {
+                    g.wait_durable(at).await?;
+                }
+                Ok(ok_reply(handle))
+            }
+            Command::WriteZeroes { offset, len, fua, no_hole: true } => {
+                let at = g.zero(v, offset, len as u64, true)?;
+                if fua {
+                    g.wait_durable(at).await?;
+                }
+                Ok(ok_reply(handle))
+            }
+            Command::BlockStatus { offset, len, req_one } => {
+                let max = if req_one { 1 } else { limits::NBD_BLOCK_STATUS_EXTENTS_MAX };
+                let ext = g.block_status(v, offset, len as u64, max)?;
+                let mut out = Vec::with_capacity(24 + ext.len() * 8);
+                proto::chunk_header(&mut out, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS, handle, 4 + 8 * ext.len() as u32);
+                out.extend_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
+                for (l, hole, zero) in ext {
+                    out.extend_from_slice(&(l as u32).to_be_bytes());
+                    let f = if hole { proto::STATE_HOLE } else { 0 } | if zero { proto::STATE_ZERO } else { 0 };
+                    out.extend_from_slice(&f.to_be_bytes());
+                }
+                Ok(out)
+            }
+            Command::Cache => Ok(ok_reply(handle)),
+            Command::Disconnect => Ok(Vec::new()),
+        }
+    }
+    .await;
+    match res {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("nbd {}: {cmd:?} failed: {e}", export.name);
+            proto::error_reply(structured, io_errno(&e), handle, &e.to_string())
+        }
+    }
+}
+
+fn ok_reply(handle: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    proto::simple_reply(&mut out, 0, handle);
+    out
+}
+
+impl OpCounters {
+    fn record(&self, cmd: Command) {
+        let i = match cmd {
+            Command::Read { .. } => 0,
+            Command::Write { .. } => 1,
+            Command::Flush => 2,
+            Command::Trim { .. } => 3,
+            Command::WriteZeroes { .. } => 4,
+            Command::BlockStatus { .. } => 5,
+            Command::Cache => 6,
+            Command::Disconnect => return,
+        };
+        self.ops[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}

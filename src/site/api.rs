@@ -1,0 +1,177 @@
+//! The admin HTTP API of a site (JSON), plus `/metrics`.
+//!
+//! GET /status · GET /metrics · GET /volumes · POST /volumes {name,size,group}
+//! POST /volumes/{name}/resize {size} · DELETE /volumes/{name}
+//! Errors: `{"error": "..."}` with 400 (bad request), 404, 409 or 500.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::Site;
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn failed(e: anyhow::Error) -> ApiError {
+    let msg = format!("{e:#}");
+    let code = if msg.contains("does not exist") {
+        StatusCode::NOT_FOUND
+    } else if msg.contains("already exists") {
+        StatusCode::CONFLICT
+    } else if msg.contains("must be") || msg.contains("exceeds") || msg.contains("name") {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    ApiError(code, msg)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/volumes", get(list_volumes).post(create_volume))
+        .route("/volumes/{name}/resize", post(resize_volume))
+        .route("/volumes/{name}", axum::routing::delete(delete_volume))
+        .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
+        .with_state(site);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+pub fn status_json(site: &Site) -> Value {
+    let groups: Vec<Value> = site
+        .group_list()
+        .iter()
+        .map(|g| {
+            let vols: Vec<Value> = g.volumes().iter().map(|v| json!({"name": v.name, "size": v.size, "mapped_bytes": v.mapped_bytes})).collect();
+            json!({
+                "name": g.name,
+                "mode": site.cfg.mode,
+                "volumes": vols,
+                "last_seq": g.last_seq(),
+                "applied_seq": g.last_seq(),
+                "replicas": [],
+                "log_bytes": g.log_bytes(),
+                "live_bytes": g.live_bytes(),
+                "failed": g.failed(),
+            })
+        })
+        .collect();
+    let role = match site.cfg.role {
+        super::config::Role::Primary => "primary",
+        super::config::Role::Secondary => "secondary",
+    };
+    let epoch = site.group_list().iter().map(|g| g.epoch()).max().unwrap_or(1);
+    json!({"site": site.cfg.name, "role": role, "epoch": epoch, "groups": groups})
+}
+
+async fn status(State(site): State<Arc<Site>>) -> Json<Value> {
+    let s = site.clone();
+    Json(tokio::task::spawn_blocking(move || status_json(&s)).await.unwrap_or(Value::Null))
+}
+
+async fn metrics(State(site): State<Arc<Site>>) -> impl IntoResponse {
+    let body = site.metrics.render(&site.cfg.name, &site.group_list());
+    ([("content-type", "text/plain; version=0.0.4")], body)
+}
+
+async fn list_volumes(State(site): State<Arc<Site>>) -> Json<Value> {
+    let mut out = Vec::new();
+    for g in site.group_list() {
+        for v in g.volumes() {
+            out.push(json!({"name": v.name, "size": v.size, "group": g.name, "mapped_bytes": v.mapped_bytes}));
+        }
+    }
+    Json(Value::Array(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolume {
+    name: String,
+    size: Value,
+    group: Option<String>,
+}
+
+fn size_of(v: &Value) -> Result<u64, ApiError> {
+    match v {
+        Value::Number(n) => n.as_u64().ok_or_else(|| bad(format!("size {n} is not a whole number of bytes"))),
+        Value::String(s) => crate::util::parse_size(s).map_err(bad),
+        other => Err(bad(format!("size must be a number or a string like \"1GiB\", not {other}"))),
+    }
+}
+
+fn primary_only(site: &Site) -> Result<(), ApiError> {
+    if site.read_only() {
+        return Err(ApiError(StatusCode::CONFLICT, format!("site {} is not the primary; run this on the primary", site.cfg.name)));
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| failed(anyhow::anyhow!("task failed: {e}")))?.map_err(failed)
+}
+
+async fn create_volume(State(site): State<Arc<Site>>, body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let size = size_of(&req.size)?;
+    let group = req.group.unwrap_or_else(|| "cg0".into());
+    if site.find_volume(&req.name).is_some() {
+        return Err(ApiError(StatusCode::CONFLICT, format!("volume {} already exists", req.name)));
+    }
+    let name = req.name.clone();
+    let s = site.clone();
+    blocking(move || {
+        let g = s.group_or_create(&group)?;
+        g.create_volume(&name, size)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({"name": req.name, "size": size})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    size: Value,
+}
+
+async fn resize_volume(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    body: Result<Json<Resize>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let size = size_of(&req.size)?;
+    let (g, _) = site.find_volume(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name} does not exist")))?;
+    let n = name.clone();
+    blocking(move || g.resize_volume(&n, size)).await?;
+    Ok(Json(json!({"name": name, "size": size})))
+}
+
+async fn delete_volume(State(site): State<Arc<Site>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    primary_only(&site)?;
+    let (g, _) = site.find_volume(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name} does not exist")))?;
+    let n = name.clone();
+    blocking(move || g.delete_volume(&n)).await?;
+    Ok(Json(json!({"deleted": name})))
+}

@@ -1,0 +1,118 @@
+//! `site.toml`: everything one site process needs.
+//!
+//! ```toml
+//! name = "a"
+//! role = "primary"                # or "secondary"
+//! data_dir = "."                  # relative to this file
+//! nbd_listen = "127.0.0.1:10809"
+//! api_listen = "127.0.0.1:10819"
+//! repl_listen = "127.0.0.1:10829"
+//! mode = "async"                  # default replication mode of new groups
+//! [[volume]]                      # created on the first start only
+//! name = "vol0"
+//! size = "1GiB"
+//! group = "cg0"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub size: String,
+    #[serde(default = "default_group")]
+    pub group: String,
+}
+
+fn default_group() -> String {
+    "cg0".into()
+}
+fn default_mode() -> String {
+    "async".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".")
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub name: String,
+    pub role: Role,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    pub nbd_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    #[serde(default)]
+    pub repl_listen: Option<SocketAddr>,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+impl SiteConfig {
+    /// Reads and checks a config file; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<SiteConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("failed to read site config {}", path.display()))?;
+        let mut cfg: SiteConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("site config {}: {e}", path.display()))?;
+        cfg.validate().with_context(|| format!("site config {}", path.display()))?;
+        if cfg.data_dir.is_relative() {
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        crate::util::check_name("site", &self.name).map_err(anyhow::Error::msg)?;
+        if !["async", "sync", "periodic"].contains(&self.mode.as_str()) {
+            bail!("mode {:?} is not one of async, sync, periodic", self.mode);
+        }
+        for v in &self.volumes {
+            crate::util::check_name("volume", &v.name).map_err(anyhow::Error::msg)?;
+            crate::util::check_name("group", &v.group).map_err(anyhow::Error::msg)?;
+            crate::util::parse_size(&v.size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_field_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("site.toml");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"nonsense\"\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("site.toml") && e.contains("api_listen") || e.contains("line 4"), "{e}");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nbogus = 1\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("bogus"), "{e}");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n[[volume]]\nname=\"v\"\nsize=\"1Q\"\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("volume v") && e.contains("unknown unit"), "{e}");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n").unwrap();
+        let c = SiteConfig::load(&p).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("."));
+    }
+}

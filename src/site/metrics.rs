@@ -1,0 +1,92 @@
+//! Metrics in Prometheus text format, kept in atomics (no locks on the data
+//! path beyond one lookup per connection).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::group::Group;
+
+pub const OP_NAMES: [&str; 7] = ["read", "write", "flush", "trim", "write_zeroes", "block_status", "cache"];
+/// Upper bounds of the request latency histogram, in seconds.
+pub const LATENCY_BUCKETS_S: [f64; 14] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Default)]
+pub struct OpCounters {
+    pub ops: [AtomicU64; 7],
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    exports: Mutex<BTreeMap<String, Arc<OpCounters>>>,
+    buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Metrics {
+    pub fn export_counters(&self, name: &str) -> Arc<OpCounters> {
+        self.exports.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn observe_request(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS_S.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, site: &str, groups: &[Arc<Group>]) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "# HELP tidemark_nbd_requests_total NBD requests completed, by export and operation.");
+        let _ = writeln!(o, "# TYPE tidemark_nbd_requests_total counter");
+        for (name, c) in self.exports.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            for (i, op) in OP_NAMES.iter().enumerate() {
+                let _ = writeln!(o, "tidemark_nbd_requests_total{{export=\"{name}\",op=\"{op}\"}} {}", c.ops[i].load(Ordering::Relaxed));
+            }
+        }
+        let _ = writeln!(o, "# HELP tidemark_nbd_request_seconds Time from reading an NBD request to queueing its reply.");
+        let _ = writeln!(o, "# TYPE tidemark_nbd_request_seconds histogram");
+        let mut cum = 0;
+        for (i, b) in LATENCY_BUCKETS_S.iter().enumerate() {
+            cum += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(o, "tidemark_nbd_request_seconds_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(o, "tidemark_nbd_request_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(o, "tidemark_nbd_request_seconds_sum {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
+        let _ = writeln!(o, "tidemark_nbd_request_seconds_count {count}");
+        let gauges: [(&str, &str, &str, fn(&Group) -> u64); 8] = [
+            ("tidemark_log_bytes", "gauge", "Bytes held by the group's log on this site.", |g| g.log_bytes()),
+            ("tidemark_log_live_bytes", "gauge", "Bytes of the log still referenced by a block map.", |g| g.live_bytes()),
+            ("tidemark_log_segments", "gauge", "Segment files in the group's log.", |g| g.segment_count() as u64),
+            ("tidemark_log_last_seq", "gauge", "Sequence number of the newest record.", |g| g.last_seq()),
+            ("tidemark_log_syncs_total", "counter", "fdatasync rounds of group commit.", |g| g.stats.syncs.load(Ordering::Relaxed)),
+            ("tidemark_log_checkpoints_total", "counter", "Metadata checkpoints written.", |g| g.stats.checkpoints.load(Ordering::Relaxed)),
+            ("tidemark_gc_relocated_bytes_total", "counter", "Live bytes rewritten by garbage collection.", |g| g.stats.gc_relocated_bytes.load(Ordering::Relaxed)),
+            ("tidemark_gc_segments_freed_total", "counter", "Log segments freed by garbage collection.", |g| g.stats.gc_segments_freed.load(Ordering::Relaxed)),
+        ];
+        for (name, kind, help, f) in gauges {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for g in groups {
+                let _ = writeln!(o, "{name}{{group=\"{}\"}} {}", g.name, f(g));
+            }
+        }
+        let _ = writeln!(o, "# HELP tidemark_group_lock_wait_max_seconds Longest wait of a writer for its group's lock since start.");
+        let _ = writeln!(o, "# TYPE tidemark_group_lock_wait_max_seconds gauge");
+        for g in groups {
+            let us = g.stats.write_lock_wait_max_us.load(Ordering::Relaxed);
+            let _ = writeln!(o, "tidemark_group_lock_wait_max_seconds{{group=\"{}\"}} {}", g.name, us as f64 / 1e6);
+        }
+        let _ = writeln!(o, "# HELP tidemark_site_info Site identity.");
+        let _ = writeln!(o, "# TYPE tidemark_site_info gauge");
+        let _ = writeln!(o, "tidemark_site_info{{site=\"{site}\"}} 1");
+        o
+    }
+}

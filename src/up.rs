@@ -1,0 +1,330 @@
+//! `tidemark up`: a whole deployment on one machine. Writes each site's
+//! config under `DIR/<site>/`, starts the sites as child processes,
+//! waits until each serves NBD and its API, writes `DIR/endpoints.json`,
+//! prints the `ready` event, restarts a site that dies, and on
+//! SIGINT/SIGTERM stops them all cleanly.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::limits;
+use crate::site::config::{Role, SiteConfig, VolumeSpec};
+
+pub struct UpArgs {
+    pub dir: PathBuf,
+    pub port_base: Option<u16>,
+    pub dr_sites: Option<u32>,
+    pub volumes: Vec<(String, u64)>,
+    pub mode: Option<String>,
+    pub json: bool,
+}
+
+/// What `up` records about a deployment, so that a second `up` resumes it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Deployment {
+    id: String,
+    port_base: u16,
+    dr_sites: u32,
+    mode: String,
+}
+
+const DEPLOYMENT_FILE: &str = "deployment.json";
+
+pub fn site_name(i: u32) -> String {
+    ((b'a' + i as u8) as char).to_string()
+}
+
+fn emit(json_mode: bool, v: serde_json::Value, human: &str) {
+    if json_mode {
+        println!("{v}");
+    } else {
+        println!("{human}");
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn check_dir(dir: &Path) -> Result<Option<Deployment>> {
+    if dir.exists() {
+        if !dir.is_dir() {
+            bail!("{} exists and is not a directory", dir.display());
+        }
+        let dep = dir.join(DEPLOYMENT_FILE);
+        if dep.exists() {
+            let d: Deployment = serde_json::from_slice(&std::fs::read(&dep)?)
+                .with_context(|| format!("{} is not a tidemark deployment file", dep.display()))?;
+            return Ok(Some(d));
+        }
+        let non_empty = std::fs::read_dir(dir)?.next().is_some();
+        if non_empty {
+            bail!("{} holds files but no {DEPLOYMENT_FILE}: it is not a tidemark deployment (use an empty or new directory)", dir.display());
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("{} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(None)
+}
+
+fn port_free(addr: SocketAddr) -> bool {
+    TcpListener::bind(addr).is_ok()
+}
+
+struct SiteProc {
+    name: String,
+    config: PathBuf,
+    log: PathBuf,
+    nbd: SocketAddr,
+    api: SocketAddr,
+    child: Option<Child>,
+    restarts: Vec<Instant>,
+}
+
+fn spawn_site(p: &mut SiteProc) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the tidemark executable")?;
+    let log = File::options().create(true).append(true).open(&p.log).with_context(|| format!("cannot open {}", p.log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("site").arg("--config").arg(&p.config).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: prctl is async-signal-safe; the child dies with `up`.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("failed to start site {}", p.name))?;
+    p.child = Some(child);
+    Ok(())
+}
+
+fn serving(p: &SiteProc) -> bool {
+    TcpStream::connect_timeout(&p.nbd, Duration::from_millis(200)).is_ok()
+        && crate::client::call(&format!("http://{}", p.api), "GET", "/status", None).is_ok()
+}
+
+fn wait_serving(p: &mut SiteProc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(limits::SITE_START_TIMEOUT_MS);
+    loop {
+        if serving(p) {
+            return Ok(());
+        }
+        if let Some(c) = p.child.as_mut() {
+            if let Some(st) = c.try_wait()? {
+                let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                bail!("site {} exited during start ({st}): {last} (log: {})", p.name, p.log.display());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("site {} did not start serving within {} ms (log: {})", p.name, limits::SITE_START_TIMEOUT_MS, p.log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop_all(procs: &mut [SiteProc]) {
+    for p in procs.iter_mut() {
+        if let Some(c) = &p.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(limits::SITE_STOP_TIMEOUT_MS);
+    for p in procs.iter_mut() {
+        if let Some(mut c) = p.child.take() {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn run(a: UpArgs) -> Result<()> {
+    let dir = if a.dir.is_absolute() { a.dir.clone() } else { std::env::current_dir()?.join(&a.dir) };
+    let existing = check_dir(&dir)?;
+    let lock_path = dir.join("up.lock");
+    let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!("{} is in use by another running `tidemark up`", dir.display());
+    }
+    let dep = match existing {
+        Some(d) => {
+            if let Some(p) = a.port_base {
+                if p != d.port_base {
+                    bail!("{} holds a deployment on port base {}, not {p}", dir.display(), d.port_base);
+                }
+            }
+            if let Some(n) = a.dr_sites {
+                if n != d.dr_sites {
+                    bail!("{} holds a deployment with {} DR sites, not {n}", dir.display(), d.dr_sites);
+                }
+            }
+            d
+        }
+        None => {
+            let d = Deployment {
+                id: format!("{:016x}", crate::util::now_ns() ^ ((std::process::id() as u64) << 32)),
+                port_base: a.port_base.unwrap_or(10809),
+                // Replication is not built yet: DR sites are not started.
+                dr_sites: a.dr_sites.unwrap_or(1),
+                mode: a.mode.clone().unwrap_or_else(|| "async".into()),
+            };
+            crate::crashsafe::write_file(&dir.join(DEPLOYMENT_FILE), &serde_json::to_vec_pretty(&d)?)?;
+            d
+        }
+    };
+    if dep.port_base as u32 + 30 > u16::MAX as u32 {
+        bail!("port base {} leaves no room for the site ports (needs P..P+30)", dep.port_base);
+    }
+    let volumes: Vec<VolumeSpec> = if a.volumes.is_empty() {
+        vec![VolumeSpec { name: "vol0".into(), size: "1GiB".into(), group: "cg0".into() }]
+    } else {
+        a.volumes.iter().map(|(n, s)| VolumeSpec { name: n.clone(), size: s.to_string(), group: "cg0".into() }).collect()
+    };
+    // Site `a` only until the replication issue adds DR sites.
+    let nsites = 1u32;
+    let mut procs = Vec::new();
+    for i in 0..nsites {
+        let name = site_name(i);
+        let sdir = dir.join(&name);
+        std::fs::create_dir_all(&sdir)?;
+        let nbd: SocketAddr = format!("127.0.0.1:{}", dep.port_base as u32 + i).parse()?;
+        let api: SocketAddr = format!("127.0.0.1:{}", dep.port_base as u32 + 10 + i).parse()?;
+        let repl: SocketAddr = format!("127.0.0.1:{}", dep.port_base as u32 + 20 + i).parse()?;
+        for (what, addr) in [("NBD", nbd), ("API", api)] {
+            if !port_free(addr) {
+                bail!("port {} ({what} of site {name}) is in use", addr.port());
+            }
+        }
+        let config = sdir.join("site.toml");
+        if !config.exists() {
+            let cfg = SiteConfig {
+                name: name.clone(),
+                role: if i == 0 { Role::Primary } else { Role::Secondary },
+                data_dir: PathBuf::from("."),
+                nbd_listen: nbd,
+                api_listen: api,
+                repl_listen: Some(repl),
+                mode: dep.mode.clone(),
+                volumes: volumes.clone(),
+            };
+            cfg.validate()?;
+            crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
+        }
+        procs.push(SiteProc { name, config, log: sdir.join("site.log"), nbd, api, child: None, restarts: Vec::new() });
+    }
+
+    let signals = Signals::install()?;
+    for p in procs.iter_mut() {
+        spawn_site(p)?;
+    }
+    for i in 0..procs.len() {
+        if let Err(e) = wait_serving(&mut procs[i]) {
+            stop_all(&mut procs);
+            return Err(e);
+        }
+    }
+    let mut sites = BTreeMap::new();
+    for p in &procs {
+        sites.insert(
+            p.name.clone(),
+            json!({"nbd": format!("nbd://{}", p.nbd), "api": format!("http://{}", p.api), "pid": p.child.as_ref().map(|c| c.id())}),
+        );
+    }
+    let endpoints = json!({"deployment": dep.id, "sites": sites});
+    crate::crashsafe::write_file(&dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?.as_bytes())?;
+    emit(
+        a.json,
+        json!({"event": "ready", "sites": sites}),
+        &format!("ready: site a serves nbd://{}/vol0 (API http://{}); data in {}", procs[0].nbd, procs[0].api, dir.display()),
+    );
+
+    // Supervise.
+    loop {
+        if let Some(sig) = signals.pending() {
+            emit(a.json, json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
+            stop_all(&mut procs);
+            emit(a.json, json!({"event": "stopped"}), "stopped");
+            return Ok(());
+        }
+        for p in procs.iter_mut() {
+            let exited = match p.child.as_mut() {
+                Some(c) => c.try_wait()?,
+                None => None,
+            };
+            if let Some(st) = exited {
+                p.child = None;
+                let now = Instant::now();
+                p.restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+                emit(a.json, json!({"event": "site-exited", "site": p.name, "status": st.to_string()}), &format!("site {} exited ({st})", p.name));
+                if p.restarts.len() as u32 >= limits::SITE_RESTARTS_PER_MINUTE_MAX {
+                    emit(
+                        a.json,
+                        json!({"event": "error", "site": p.name, "error": "restarted too often; giving up on it"}),
+                        &format!("site {} restarted too often; not restarting it (log: {})", p.name, p.log.display()),
+                    );
+                    continue;
+                }
+                p.restarts.push(now);
+                spawn_site(p)?;
+                match wait_serving(p) {
+                    Ok(()) => emit(
+                        a.json,
+                        json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}),
+                        &format!("site {} restarted", p.name),
+                    ),
+                    Err(e) => emit(a.json, json!({"event": "error", "site": p.name, "error": format!("{e:#}")}), &format!("site {}: {e:#}", p.name)),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGINT/SIGTERM noted by a handler thread, polled by the supervisor.
+struct Signals {
+    rx: std::sync::mpsc::Receiver<&'static str>,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
+                loop {
+                    let s = tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                    };
+                    if tx.send(s).is_err() {
+                        break;
+                    }
+                }
+            })
+        });
+        Ok(Signals { rx })
+    }
+    fn pending(&self) -> Option<&'static str> {
+        self.rx.try_recv().ok()
+    }
+}

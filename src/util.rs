@@ -1,0 +1,77 @@
+//! Small helpers shared by the CLI, config and API: size parsing, names, time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Parses a size such as `1GiB`, `512M`, `4096`, `10k` (K M G T and KiB MiB
+/// GiB TiB, all powers of 1024; a plain number is bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty size".into());
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("size {s:?} does not start with a number"));
+    }
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: number too large"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" | "b" => 1,
+        "K" | "k" | "KiB" | "KB" | "kiB" | "kB" => 1 << 10,
+        "M" | "m" | "MiB" | "MB" => 1 << 20,
+        "G" | "g" | "GiB" | "GB" => 1 << 30,
+        "T" | "t" | "TiB" | "TB" => 1 << 40,
+        other => return Err(format!("size {s:?}: unknown unit {other:?} (use K, M, G, T or KiB, MiB, GiB, TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Checks a volume or group name: 1..=128 bytes of `[A-Za-z0-9_.-]`, not
+/// starting with `.` or `-`, and without `@` (reserved for snapshot exports).
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > crate::limits::NAME_BYTES_MAX {
+        return Err(format!("{kind} name {name:?} must be 1 to {} bytes", crate::limits::NAME_BYTES_MAX));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!("{kind} name {name:?} must not start with '.' or '-'"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || *c == '.')) {
+        return Err(format!("{kind} name {name:?} contains {c:?}; use letters, digits, '_', '-' and '.'"));
+    }
+    Ok(())
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2TiB").unwrap(), 2 << 40);
+        assert_eq!(parse_size("8k").unwrap(), 8192);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("volume", "vol0").is_ok());
+        assert!(check_name("volume", "").is_err());
+        assert!(check_name("volume", "a@b").is_err());
+        assert!(check_name("volume", "a/b").is_err());
+        assert!(check_name("volume", "-x").is_err());
+        assert!(check_name("volume", &"x".repeat(200)).is_err());
+    }
+}
