@@ -1,0 +1,212 @@
+//! Test support: run the real `tidemark` binary as a site process on free
+//! loopback ports, kill it, restart it; run external tools; a small NBD
+//! client for tests that must know exactly which writes were acknowledged.
+#![allow(dead_code)]
+
+pub mod nbd_client;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tidemark"))
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A loopback port that is free now (ports are handed out from a per-process
+/// range so parallel tests do not race for the same one).
+pub fn free_port() -> u16 {
+    if NEXT_PORT.load(Ordering::Relaxed) == 0 {
+        let base = 20000 + (std::process::id() % 400) as u16 * 100;
+        let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    loop {
+        let p = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+pub struct Site {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub nbd_port: u16,
+    pub api_port: u16,
+    pub child: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Site {
+    /// Starts a primary site with the given volumes (name, size) in group cg0.
+    pub fn start(volumes: &[(&str, &str)]) -> Site {
+        let tmp = tempfile::Builder::new().prefix("tidemark-test").tempdir_in(test_root()).unwrap();
+        let mut s = Site::configure(tmp.path(), volumes);
+        s._tmp = Some(tmp);
+        s.spawn();
+        s
+    }
+
+    pub fn configure(dir: &Path, volumes: &[(&str, &str)]) -> Site {
+        let nbd_port = free_port();
+        let api_port = free_port();
+        let mut cfg = format!(
+            "name = \"a\"\nrole = \"primary\"\ndata_dir = \".\"\nnbd_listen = \"127.0.0.1:{nbd_port}\"\napi_listen = \"127.0.0.1:{api_port}\"\n"
+        );
+        for (n, sz) in volumes {
+            cfg.push_str(&format!("[[volume]]\nname = \"{n}\"\nsize = \"{sz}\"\ngroup = \"cg0\"\n"));
+        }
+        let config = dir.join("site.toml");
+        std::fs::write(&config, cfg).unwrap();
+        Site { dir: dir.to_path_buf(), config, nbd_port, api_port, child: None, _tmp: None }
+    }
+
+    /// Starts the process and waits until NBD accepts connections.
+    /// Returns how long that took.
+    pub fn spawn(&mut self) -> Duration {
+        let t = Instant::now();
+        let log = std::fs::File::options().create(true).append(true).open(self.dir.join("site.log")).unwrap();
+        let child = Command::new(bin())
+            .arg("site")
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok() {
+                return t.elapsed();
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("site exited during start ({st}); log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "site did not start; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("site.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "site exited with {st} on SIGTERM; log:\n{}", self.log());
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.nbd_port)
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.nbd_port)
+    }
+
+    pub fn metrics(&self) -> String {
+        let out = cmd_ok("curl", &["-sf", &format!("{}/metrics", self.api())]);
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Value of a metric line that starts with `prefix` (name and labels).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let m = self.metrics();
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {prefix} not found in:\n{m}"))
+    }
+
+    /// Resident set size of the site process, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Where tests put their data: on the same disk as the repo (not tmpfs), so
+/// fsync and space behave as in production.
+pub fn test_root() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+pub fn cmd(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+/// Runs a command and asserts it succeeded, showing its output if not.
+pub fn cmd_ok(prog: &str, args: &[&str]) -> Output {
+    let o = cmd(prog, args);
+    assert!(
+        o.status.success(),
+        "{prog} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Runs the tidemark CLI.
+pub fn tidemark(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+/// Disk bytes used by a directory tree (allocated blocks, like `du`).
+pub fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut n = 0;
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            n += disk_usage(&e.path());
+        } else {
+            n += m.blocks() * 512;
+        }
+    }
+    n
+}
