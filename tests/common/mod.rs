@@ -32,6 +32,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A base port P with P..P+40 free and reserved for this test (for `up`,
+/// which uses P+i, P+10+i, P+20+i and P+30).
+pub fn free_port_block() -> u16 {
+    free_port();
+    loop {
+        let p = NEXT_PORT.fetch_add(40, Ordering::Relaxed);
+        if (p..p + 40).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
+            return p;
+        }
+    }
+}
+
 pub struct Site {
     pub dir: PathBuf,
     pub config: PathBuf,

@@ -1,0 +1,216 @@
+//! `tidemark up` and the admin CLI, driven from outside as a user would:
+//! ready event, endpoints.json, status JSON, volume commands, clean stop on
+//! SIGTERM, resume on the same directory, and one-line errors for bad input.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, cmd, cmd_ok, free_port, free_port_block, tidemark};
+
+struct Up {
+    child: Child,
+    ready: serde_json::Value,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tidemark up --json` and waits for its ready event.
+fn up(dir: &Path, port: u16, extra: &[&str]) -> Up {
+    let mut c = Command::new(bin())
+        .args(["up", "--dir", dir.to_str().unwrap(), "--port-base", &port.to_string(), "--json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = c.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("up printed no ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+    assert_eq!(ready["event"], "ready", "{line}");
+    Up { child: c, ready, lines: rx }
+}
+
+fn sigterm_and_wait(u: &mut Up) {
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = u.child.try_wait().unwrap() {
+            assert!(st.success(), "up exited with {st} after SIGTERM");
+            return;
+        }
+        assert!(Instant::now() < deadline, "up did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn up_serves_admin_commands_and_resumes() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let mut u = up(&dir, port, &["--volume", "vol0=256MiB"]);
+    let a = &u.ready["sites"]["a"];
+    assert_eq!(a["nbd"], format!("nbd://127.0.0.1:{port}"));
+    assert_eq!(a["api"], format!("http://127.0.0.1:{}", port + 10));
+    let site_pid = a["pid"].as_u64().unwrap();
+    assert!(dir.join("endpoints.json").exists());
+    assert!(dir.join("a/site.toml").exists());
+    let uri = format!("nbd://127.0.0.1:{port}/vol0");
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5c 0 1M", "-c", "flush", &uri]);
+
+    let d = dir.to_str().unwrap();
+    let o = tidemark(&["--dir", d, "--json", "status"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["site"], "a");
+    assert_eq!(s["role"], "primary");
+    assert!(s["epoch"].as_u64().unwrap() >= 1);
+    assert_eq!(s["groups"][0]["name"], "cg0");
+    assert_eq!(s["groups"][0]["mode"], "async");
+    assert_eq!(s["groups"][0]["volumes"][0]["name"], "vol0");
+    assert_eq!(s["groups"][0]["volumes"][0]["size"], 256u64 << 20);
+    assert!(s["groups"][0]["last_seq"].as_u64().unwrap() >= 2);
+    assert!(s["groups"][0]["replicas"].is_array());
+
+    // Volume commands.
+    let o = tidemark(&["--dir", d, "volume", "create", "v1", "--size", "64M", "--group", "cg1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tidemark(&["--dir", d, "--json", "volume", "list"]);
+    let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(l.as_array().unwrap().iter().any(|v| v["name"] == "v1" && v["size"] == 64u64 << 20 && v["group"] == "cg1"), "{l}");
+    let o = tidemark(&["--dir", d, "volume", "resize", "v1", "--size", "128MiB"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info = cmd_ok("nbdinfo", &["--size", &format!("nbd://127.0.0.1:{port}/v1")]);
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), (128u64 << 20).to_string());
+    // Failures: exit 1 with one line naming the problem; usage errors exit 2.
+    let o = tidemark(&["--dir", d, "volume", "create", "v1", "--size", "64M"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("v1") && err.contains("exists") && err.trim().lines().count() == 1, "{err}");
+    let o = tidemark(&["--dir", d, "volume", "delete", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nosuch"));
+    let o = tidemark(&["--dir", d, "volume", "create", "v2", "--size", "12X"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = tidemark(&["--dir", d, "volume", "create", "v2", "--size", "1000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 4096"));
+    let o = tidemark(&["--dir", d, "bogus-command"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = tidemark(&["--dir", d, "volume", "delete", "v1"]);
+    assert!(o.status.success());
+
+    // Metrics.
+    let m = String::from_utf8(cmd_ok("curl", &["-sf", &format!("http://127.0.0.1:{}/metrics", port + 10)]).stdout).unwrap();
+    assert!(m.contains("tidemark_nbd_requests_total{export=\"vol0\",op=\"write\"}"), "{m}");
+    assert!(m.contains("tidemark_log_bytes{group=\"cg0\"}"));
+    assert!(m.contains("tidemark_nbd_request_seconds_bucket"));
+
+    // A second `up` on the same directory is refused while the first runs.
+    let o = tidemark(&["up", "--dir", d, "--port-base", &port.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+
+    // SIGTERM stops everything cleanly.
+    sigterm_and_wait(&mut u);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(site_pid) {
+        assert!(Instant::now() < deadline, "site {site_pid} still running after up stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rest: Vec<String> = u.lines.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("\"stopped\"")), "{rest:?}");
+
+    // Resume with the data.
+    let _u2 = up(&dir, port, &[]);
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x5c 0 1M", &uri]);
+    let o = cmd("qemu-io", &["-f", "raw", "-c", "read -P 0x5c 0 1M", &uri]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+}
+
+#[test]
+fn up_restarts_a_killed_site_without_losing_flushed_writes() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let u = up(&dir, port, &["--volume", "vol0=64MiB"]);
+    let pid = u.ready["sites"]["a"]["pid"].as_u64().unwrap();
+    let uri = format!("nbd://127.0.0.1:{port}/vol0");
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 4096 64k", "-c", "flush", &uri]);
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !events.iter().any(|l: &String| l.contains("site-restarted")) {
+        assert!(Instant::now() < deadline, "no restart event: {events:?}");
+        if let Ok(l) = u.lines.recv_timeout(Duration::from_millis(200)) {
+            events.push(l);
+        }
+    }
+    let o = cmd_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x77 4096 64k", &uri]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let t = tmp.path();
+    // Unknown flag and bad size: usage errors.
+    let o = tidemark(&["up", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = tidemark(&["up", "--dir", t.join("x").to_str().unwrap(), "--volume", "vol0=1X"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1X"));
+    // A directory holding something else.
+    let other = t.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("important.txt"), "x").unwrap();
+    let o = tidemark(&["up", "--dir", other.to_str().unwrap(), "--port-base", &free_port_block().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("not a tidemark deployment") && e.trim().lines().count() == 1, "{e}");
+    // DIR not usable (a path below a regular file).
+    let o = tidemark(&["up", "--dir", other.join("important.txt/sub").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("important.txt"));
+    // Port in use.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = busy.local_addr().unwrap().port();
+    let o = tidemark(&["up", "--dir", t.join("p").to_str().unwrap(), "--port-base", &p.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains(&p.to_string()) && e.contains("in use"), "{e}");
+    // A site config with a typo names the file and the field.
+    let cfg = t.join("site.toml");
+    std::fs::write(&cfg, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nmdoe = \"sync\"\n").unwrap();
+    let o = tidemark(&["site", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("site.toml") && e.contains("mdoe"), "{e}");
+    // Admin command without a deployment.
+    let o = tidemark(&["--dir", t.join("none").to_str().unwrap(), "status"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("endpoints.json"));
+}
