@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, cmd, cmd_ok, free_port, free_port_block, tidemark};
+use common::{bin, cmd, cmd_ok, free_port_block, tidemark};
 
 struct Up {
     child: Child,
