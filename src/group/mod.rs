@@ -650,10 +650,15 @@ impl Group {
         };
         let res = (|| -> Result<()> {
             for f in &files {
+                let len = f.len();
                 f.file.sync_data().with_context(|| format!("failed to fdatasync log segment {}", f.path.display()))?;
+                f.synced_len.fetch_max(len, Ordering::AcqRel);
             }
             if dir {
                 crate::crashsafe::fsync_dir(&self.dir)?;
+                for f in &files {
+                    f.dir_synced.store(true, Ordering::Release);
+                }
             }
             Ok(())
         })();

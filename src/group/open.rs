@@ -82,6 +82,9 @@ pub(super) fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
             let s = Arc::new(Segment::create(dir, 1, meta.id)?);
             crate::crashsafe::fsync_dir(dir)?;
             s.file.sync_all()?;
+            s.synced_len.store(SEGMENT_HEADER_BYTES, std::sync::atomic::Ordering::Release);
+            s.dir_synced.store(true, std::sync::atomic::Ordering::Release);
+            s.unsynced.store(false, std::sync::atomic::Ordering::Release);
             segments.insert(1, s.clone());
             s
         }

@@ -48,6 +48,11 @@ pub struct Segment {
     pub len: AtomicU64,
     /// Set while written since the last group commit.
     pub unsynced: AtomicBool,
+    /// Bytes known durable: the length when the last fdatasync started.
+    pub synced_len: AtomicU64,
+    /// The directory entry is durable (false for a new segment until the
+    /// directory fsync that follows its creation).
+    pub dir_synced: AtomicBool,
 }
 
 fn header_bytes(id: u32, group_id: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
@@ -73,7 +78,15 @@ impl Segment {
             .with_context(|| format!("failed to create log segment {}", path.display()))?;
         file.write_all_at(&header_bytes(id, group_id), 0)
             .with_context(|| format!("failed to write header of log segment {}", path.display()))?;
-        Ok(Segment { id, path, file, len: AtomicU64::new(SEGMENT_HEADER_BYTES), unsynced: AtomicBool::new(true) })
+        Ok(Segment {
+            id,
+            path,
+            file,
+            len: AtomicU64::new(SEGMENT_HEADER_BYTES),
+            unsynced: AtomicBool::new(true),
+            synced_len: AtomicU64::new(0),
+            dir_synced: AtomicBool::new(false),
+        })
     }
 
     /// Opens an existing segment and checks its header.
@@ -106,7 +119,15 @@ impl Segment {
         if gid != group_id {
             bail!("log segment {}: belongs to group {gid:#x}, not {group_id:#x}", path.display());
         }
-        Ok(Segment { id, path, file, len: AtomicU64::new(len), unsynced: AtomicBool::new(false) })
+        Ok(Segment {
+            id,
+            path,
+            file,
+            len: AtomicU64::new(len),
+            unsynced: AtomicBool::new(false),
+            synced_len: AtomicU64::new(len),
+            dir_synced: AtomicBool::new(true),
+        })
     }
 
     pub fn len(&self) -> u64 {
