@@ -180,9 +180,12 @@ fn bad_input_gets_one_line_errors() {
     // Unknown flag and bad size: usage errors.
     let o = tidemark(&["up", "--bogus"]);
     assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--bogus") && e.trim().lines().count() == 1, "{e}");
     let o = tidemark(&["up", "--dir", t.join("x").to_str().unwrap(), "--volume", "vol0=1X"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("1X"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("1X") && e.trim().lines().count() == 1, "{e}");
     // A directory holding something else.
     let other = t.join("other");
     std::fs::create_dir_all(&other).unwrap();

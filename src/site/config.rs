@@ -71,7 +71,8 @@ impl SiteConfig {
         cfg.validate().with_context(|| format!("site config {}", path.display()))?;
         if cfg.data_dir.is_relative() {
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            cfg.data_dir = base.join(&cfg.data_dir);
+            // Normalised (no `.` components) so that paths in messages are clean.
+            cfg.data_dir = base.join(&cfg.data_dir).components().filter(|c| *c != std::path::Component::CurDir).collect();
         }
         Ok(cfg)
     }
@@ -113,6 +114,6 @@ mod tests {
         assert!(e.contains("volume v") && e.contains("unknown unit"), "{e}");
         std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n").unwrap();
         let c = SiteConfig::load(&p).unwrap();
-        assert_eq!(c.data_dir, dir.path().join("."));
+        assert_eq!(c.data_dir, dir.path());
     }
 }

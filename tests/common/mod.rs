@@ -56,8 +56,17 @@ pub struct Site {
 impl Site {
     /// Starts a primary site with the given volumes (name, size) in group cg0.
     pub fn start(volumes: &[(&str, &str)]) -> Site {
+        Site::start_with_role(volumes, "primary")
+    }
+
+    /// Starts a site with the given role ("primary" or "secondary").
+    pub fn start_with_role(volumes: &[(&str, &str)], role: &str) -> Site {
         let tmp = tempfile::Builder::new().prefix("tidemark-test").tempdir_in(test_root()).unwrap();
         let mut s = Site::configure(tmp.path(), volumes);
+        if role != "primary" {
+            let cfg = std::fs::read_to_string(&s.config).unwrap().replace("role = \"primary\"", &format!("role = \"{role}\""));
+            std::fs::write(&s.config, cfg).unwrap();
+        }
         s._tmp = Some(tmp);
         s.spawn();
         s
