@@ -1,11 +1,13 @@
 //! The block map: for each 4 KiB block of a volume, where its current data
 //! lives in the log (segment, offset, CRC) or that it is a hole / zeros.
 //!
-//! Two-level and sparse: the volume is cut into chunks of 64 blocks; a chunk
-//! is absent (all holes), sparse (a short sorted list of 16-byte entries) or
-//! dense (64 entries of 12 bytes). Memory is at most ~16 bytes per mapped
-//! block plus 32 bytes per 256 KiB of volume size (the chunk slots), far
-//! below the 32 bytes per mapped block budget for any realistic fill.
+//! Sparse at every level: the volume is cut into chunks of 64 blocks, grouped
+//! 512 to a top-level slot (128 MiB of volume). A slot is allocated on the
+//! first write into its range; a chunk is empty (all holes), sparse (a short
+//! sorted list of 16-byte entries) or dense (64 entries of 12 bytes). Memory
+//! is ~12-16 bytes per mapped block plus 12 KiB per 128 MiB range written
+//! at all: under the 32 bytes per mapped block budget for any realistic
+//! fill, and a thin 64 TiB volume costs 4 MiB.
 
 use crate::limits::BLOCK_BYTES;
 
@@ -50,9 +52,15 @@ enum Chunk {
     Dense(Box<[Entry; CHUNK_BLOCKS]>),
 }
 
+/// Chunks per top-level group (512 x 64 blocks = 128 MiB of volume). Groups
+/// are allocated on first write, so an empty or thin volume costs 8 bytes per
+/// 128 MiB of size.
+const GROUP_CHUNKS: usize = 512;
+
 #[derive(Clone, Debug, Default)]
 pub struct BlockMap {
-    chunks: Vec<Chunk>,
+    groups: Vec<Option<Box<[Chunk; GROUP_CHUNKS]>>>,
+    chunks: usize,
     mapped: u64,
 }
 
@@ -63,9 +71,9 @@ impl BlockMap {
         m
     }
 
-    /// Number of blocks the map covers.
+    /// Number of blocks the map covers (whole chunks).
     pub fn blocks(&self) -> u64 {
-        self.chunks.len() as u64 * CHUNK_BLOCKS as u64
+        self.chunks as u64 * CHUNK_BLOCKS as u64
     }
 
     /// Blocks that are not holes.
@@ -73,21 +81,46 @@ impl BlockMap {
         self.mapped
     }
 
+    fn chunk(&self, c: usize) -> Option<&Chunk> {
+        if c >= self.chunks {
+            return None;
+        }
+        self.groups.get(c / GROUP_CHUNKS)?.as_ref().map(|g| &g[c % GROUP_CHUNKS])
+    }
+
+    fn chunk_mut(&mut self, c: usize, allocate: bool) -> Option<&mut Chunk> {
+        if c >= self.chunks {
+            return None;
+        }
+        let slot = self.groups.get_mut(c / GROUP_CHUNKS)?;
+        if slot.is_none() {
+            if !allocate {
+                return None;
+            }
+            *slot = Some(vec![Chunk::Empty; GROUP_CHUNKS].into_boxed_slice().try_into().expect("group size"));
+        }
+        slot.as_mut().map(|g| &mut g[c % GROUP_CHUNKS])
+    }
+
     /// Grows or shrinks the map to cover `blocks` blocks. Entries past the new
-    /// end are dropped; `on_drop` sees each so live counts stay exact.
+    /// end are dropped; `on_drop` sees each so live counts stay exact. Cost is
+    /// proportional to the mapped entries dropped, not to the size change.
     pub fn resize_with(&mut self, blocks: u64, mut on_drop: impl FnMut(Entry)) {
         let old_blocks = self.blocks();
         if blocks < old_blocks {
-            for b in blocks..old_blocks {
+            let mut doomed = Vec::new();
+            self.for_each_mapped_from(blocks, |b, _| doomed.push(b));
+            for b in doomed {
                 let old = self.set(b, Entry::HOLE);
                 if !old.is_hole() {
                     on_drop(old);
                 }
             }
         }
-        let chunks = blocks.div_ceil(CHUNK_BLOCKS as u64) as usize;
-        self.chunks.resize(chunks, Chunk::Empty);
-        self.chunks.shrink_to_fit();
+        self.chunks = blocks.div_ceil(CHUNK_BLOCKS as u64) as usize;
+        let groups = self.chunks.div_ceil(GROUP_CHUNKS);
+        self.groups.resize(groups, None);
+        self.groups.shrink_to_fit();
     }
 
     pub fn resize(&mut self, blocks: u64) {
@@ -96,7 +129,7 @@ impl BlockMap {
 
     pub fn get(&self, block: u64) -> Entry {
         let (c, i) = ((block / CHUNK_BLOCKS as u64) as usize, (block % CHUNK_BLOCKS as u64) as u32);
-        match self.chunks.get(c) {
+        match self.chunk(c) {
             None | Some(Chunk::Empty) => Entry::HOLE,
             Some(Chunk::Dense(d)) => d[i as usize],
             Some(Chunk::Sparse(v)) => match v.binary_search_by_key(&i, |s| s.idx) {
@@ -110,9 +143,12 @@ impl BlockMap {
     /// a caller bug (volumes check bounds first) and are ignored.
     pub fn set(&mut self, block: u64, e: Entry) -> Entry {
         let (c, i) = ((block / CHUNK_BLOCKS as u64) as usize, (block % CHUNK_BLOCKS as u64) as u32);
-        let Some(chunk) = self.chunks.get_mut(c) else {
+        if c >= self.chunks {
             debug_assert!(false, "block {block} outside map");
             return Entry::HOLE;
+        }
+        let Some(chunk) = self.chunk_mut(c, !e.is_hole()) else {
+            return Entry::HOLE; // setting a hole where nothing is allocated
         };
         let old = match chunk {
             Chunk::Empty => {
@@ -168,21 +204,36 @@ impl BlockMap {
     }
 
     /// Calls `f(block, entry)` for every non-hole block, in block order.
-    pub fn for_each_mapped(&self, mut f: impl FnMut(u64, Entry)) {
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            let base = c as u64 * CHUNK_BLOCKS as u64;
-            match chunk {
-                Chunk::Empty => {}
-                Chunk::Dense(d) => {
-                    for (i, e) in d.iter().enumerate() {
-                        if !e.is_hole() {
-                            f(base + i as u64, *e);
+    pub fn for_each_mapped(&self, f: impl FnMut(u64, Entry)) {
+        self.for_each_mapped_from(0, f)
+    }
+
+    /// Calls `f(block, entry)` for every non-hole block at or after `from`.
+    pub fn for_each_mapped_from(&self, from: u64, mut f: impl FnMut(u64, Entry)) {
+        let first_chunk = (from / CHUNK_BLOCKS as u64) as usize;
+        for (gi, g) in self.groups.iter().enumerate().skip(first_chunk / GROUP_CHUNKS) {
+            let Some(g) = g else { continue };
+            for (ci, chunk) in g.iter().enumerate() {
+                let c = gi * GROUP_CHUNKS + ci;
+                if c < first_chunk || c >= self.chunks {
+                    continue;
+                }
+                let base = c as u64 * CHUNK_BLOCKS as u64;
+                match chunk {
+                    Chunk::Empty => {}
+                    Chunk::Dense(d) => {
+                        for (i, e) in d.iter().enumerate() {
+                            if !e.is_hole() && base + i as u64 >= from {
+                                f(base + i as u64, *e);
+                            }
                         }
                     }
-                }
-                Chunk::Sparse(v) => {
-                    for s in v {
-                        f(base + s.idx as u64, s.e);
+                    Chunk::Sparse(v) => {
+                        for s in v {
+                            if base + s.idx as u64 >= from {
+                                f(base + s.idx as u64, s.e);
+                            }
+                        }
                     }
                 }
             }
@@ -191,20 +242,23 @@ impl BlockMap {
 
     /// Heap and inline bytes used by the map (for the memory budget).
     pub fn memory_bytes(&self) -> usize {
-        let mut n = std::mem::size_of::<BlockMap>() + self.chunks.capacity() * std::mem::size_of::<Chunk>();
-        for chunk in &self.chunks {
-            n += match chunk {
-                Chunk::Empty => 0,
-                Chunk::Dense(_) => std::mem::size_of::<[Entry; CHUNK_BLOCKS]>(),
-                Chunk::Sparse(v) => v.capacity() * std::mem::size_of::<SparseEntry>(),
-            };
+        let mut n = std::mem::size_of::<BlockMap>() + self.groups.capacity() * std::mem::size_of::<Option<Box<[Chunk; GROUP_CHUNKS]>>>();
+        for g in self.groups.iter().flatten() {
+            n += GROUP_CHUNKS * std::mem::size_of::<Chunk>();
+            for chunk in g.iter() {
+                n += match chunk {
+                    Chunk::Empty => 0,
+                    Chunk::Dense(_) => std::mem::size_of::<[Entry; CHUNK_BLOCKS]>(),
+                    Chunk::Sparse(v) => v.capacity() * std::mem::size_of::<SparseEntry>(),
+                };
+            }
         }
         n
     }
 
     /// Fast check: is the whole chunk containing `block` unmapped?
     pub fn chunk_is_empty(&self, block: u64) -> bool {
-        matches!(self.chunks.get((block / CHUNK_BLOCKS as u64) as usize), None | Some(Chunk::Empty))
+        matches!(self.chunk((block / CHUNK_BLOCKS as u64) as usize), None | Some(Chunk::Empty))
     }
 }
 
@@ -275,5 +329,9 @@ mod tests {
         }
         let per = sparse.memory_bytes() as f64 / sparse.mapped() as f64;
         assert!(per <= 32.0, "10% written volume: {per} bytes per mapped block");
+
+        // A thin huge volume costs almost nothing until written.
+        let huge = BlockMap::new((64u64 << 40) / BLOCK_BYTES);
+        assert!(huge.memory_bytes() < 8 << 20, "empty 64 TiB map: {} bytes", huge.memory_bytes());
     }
 }
