@@ -40,6 +40,17 @@ pub enum Cmd {
         #[arg(long, value_parser = ["async", "sync", "periodic"])]
         mode: Option<String>,
     },
+    /// Create a deployment's CA, site certificates and site configs.
+    Init {
+        dir: PathBuf,
+        /// Site names, the primary first (e.g. a,b,c).
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<String>,
+        #[arg(long)]
+        port_base: Option<u16>,
+        #[arg(long, value_parser = ["async", "sync", "periodic"])]
+        mode: Option<String>,
+    },
     /// Run one site from its config file.
     Site {
         #[arg(long)]
@@ -50,6 +61,19 @@ pub enum Cmd {
     /// Volume management.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Consistency group settings.
+    #[command(subcommand)]
+    Group(GroupCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCmd {
+    /// Change a group's settings online (e.g. `--mode sync`).
+    Set {
+        name: String,
+        #[arg(long, value_parser = ["async", "sync", "periodic"])]
+        mode: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,7 +188,15 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             }
             v
         }
-        Cmd::Up { .. } | Cmd::Site { .. } => unreachable!("handled by main"),
+        Cmd::Group(GroupCmd::Set { name, mode }) => {
+            let v = crate::client::call(&api, "POST", &format!("/groups/{name}"), Some(&json!({"mode": mode})))?;
+            if !cli.json {
+                println!("group {name}: mode {}", v["mode"].as_str().unwrap_or("?"));
+                return Ok(());
+            }
+            v
+        }
+        Cmd::Up { .. } | Cmd::Site { .. } | Cmd::Init { .. } => unreachable!("handled by main"),
     };
     println!("{out}");
     Ok(())

@@ -14,5 +14,6 @@ pub mod volume;
 pub mod cli;
 pub mod client;
 pub mod nbd;
+pub mod replicate;
 pub mod site;
 pub mod up;

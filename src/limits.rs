@@ -51,6 +51,19 @@ pub const VOLUME_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024 * 1024;
 /// Longest volume or group name.
 pub const NAME_BYTES_MAX: usize = 128;
 
+/// Replication: bytes of records in one RECORDS frame.
+pub const REPL_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+/// Replication: bytes sent to a DR site and not yet acknowledged.
+pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+/// Replication: acknowledgements queued at a DR site before reading pauses.
+pub const REPL_ACK_QUEUE_MAX: usize = 64;
+/// Replication: longest wait between reconnection attempts.
+pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+/// Default interval of heartbeats in the replication stream.
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Default shipping interval of periodic mode.
+pub const PERIODIC_INTERVAL_S_DEFAULT: u64 = 10;
+
 /// HTTP API request body limit.
 pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
 /// How long `up` waits for a site to start serving before giving up.
@@ -65,3 +78,6 @@ const _: () = assert!(NBD_REQUEST_BYTES_MAX as u64 % BLOCK_BYTES == 0);
 // A maximal write record (header + one CRC per block + payload) fits a segment.
 const _: () = assert!(64 + (NBD_REQUEST_BYTES_MAX as u64) * 1025 / 1024 + 64 <= SEGMENT_BYTES);
 const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);
+// A batch, or one maximal record (which may exceed a batch alone), fits a frame.
+const _: () = assert!(REPL_BATCH_BYTES <= 40 * 1024 * 1024);
+const _: () = assert!(64 + NBD_REQUEST_BYTES_MAX as u64 * 1025 / 1024 <= 40 * 1024 * 1024);

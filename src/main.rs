@@ -38,6 +38,7 @@ fn main() -> ExitCode {
                 json: cli.json,
             })
         }
+        Cmd::Init { dir, sites, port_base, mode } => tidemark::up::init(dir, sites, *port_base, mode.clone()),
         Cmd::Site { config } => {
             init_logging();
             tidemark::site::config::SiteConfig::load(config).and_then(tidemark::site::run)

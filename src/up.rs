@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::limits;
-use crate::site::config::{Role, SiteConfig, VolumeSpec};
+use crate::site::config::{PeerSpec, Role, SiteConfig, VolumeSpec};
 
 pub struct UpArgs {
     pub dir: PathBuf,
@@ -156,6 +156,94 @@ fn stop_all(procs: &mut [SiteProc]) {
     }
 }
 
+/// Writes the PKI and each site's config (first time only) and returns
+/// the sites to run. Site i gets NBD P+i, API P+10+i, replication P+20+i.
+fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[VolumeSpec], check_ports: bool) -> Result<Vec<SiteProc>> {
+    if names.len() > 10 {
+        bail!("at most 10 sites per deployment (ports P..P+9 are for NBD)");
+    }
+    if dep.port_base as u32 + 30 > u16::MAX as u32 {
+        bail!("port base {} leaves no room for the site ports (needs P..P+30)", dep.port_base);
+    }
+    crate::replicate::tls::create_deployment_pki(dir, &dep.id, names)?;
+    let addr = |off: u32, i: usize| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], (dep.port_base as u32 + off + i as u32) as u16)) };
+    let mut procs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        crate::util::check_name("site", name).map_err(anyhow::Error::msg)?;
+        let sdir = dir.join(name);
+        std::fs::create_dir_all(&sdir)?;
+        let (nbd, api, repl) = (addr(0, i), addr(10, i), addr(20, i));
+        if check_ports {
+            let mut ports = vec![("NBD", nbd), ("API", api)];
+            if i > 0 {
+                ports.push(("replication", repl));
+            }
+            for (what, a) in ports {
+                if !port_free(a) {
+                    bail!("port {} ({what} of site {name}) is in use", a.port());
+                }
+            }
+        }
+        let config = sdir.join("site.toml");
+        if !config.exists() {
+            // The primary replicates to every DR site; a DR site accepts the primary.
+            let peers: Vec<PeerSpec> = if i == 0 {
+                names.iter().enumerate().skip(1).map(|(j, n)| PeerSpec { name: n.clone(), repl: addr(20, j), lz4: false }).collect()
+            } else {
+                vec![PeerSpec { name: names[0].clone(), repl: addr(20, 0), lz4: false }]
+            };
+            let cfg = SiteConfig {
+                name: name.clone(),
+                role: if i == 0 { Role::Primary } else { Role::Secondary },
+                data_dir: PathBuf::from("."),
+                nbd_listen: nbd,
+                api_listen: api,
+                repl_listen: Some(repl),
+                mode: dep.mode.clone(),
+                // DR sites get their volumes through the replication stream.
+                volumes: if i == 0 { volumes.to_vec() } else { Vec::new() },
+                peers,
+                tls: Default::default(),
+                sync_loss: "async".into(),
+                heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
+                periodic_interval_s: crate::limits::PERIODIC_INTERVAL_S_DEFAULT,
+            };
+            cfg.validate()?;
+            crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
+        }
+        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, restarts: Vec::new() });
+    }
+    Ok(procs)
+}
+
+/// `tidemark init DIR --sites a,b[,c]`: a deployment's CA, certificates and
+/// site configs, to run each site with `tidemark site --config`.
+pub fn init(dir: &Path, sites: &[String], port_base: Option<u16>, mode: Option<String>) -> Result<()> {
+    if sites.is_empty() {
+        bail!("--sites needs at least one site name");
+    }
+    let existing = check_dir(dir)?;
+    let dep = match existing {
+        Some(d) => d,
+        None => {
+            let d = Deployment {
+                id: format!("{:016x}", crate::util::now_ns() ^ ((std::process::id() as u64) << 32)),
+                port_base: port_base.unwrap_or(10809),
+                dr_sites: sites.len() as u32 - 1,
+                mode: mode.unwrap_or_else(|| "async".into()),
+            };
+            crate::crashsafe::write_file(&dir.join(DEPLOYMENT_FILE), &serde_json::to_vec_pretty(&d)?)?;
+            d
+        }
+    };
+    let vols = vec![VolumeSpec { name: "vol0".into(), size: "1GiB".into(), group: "cg0".into() }];
+    let procs = prepare_sites(dir, &dep, sites, &vols, false)?;
+    for p in procs {
+        println!("site {}: tidemark site --config {}", p.name, p.config.display());
+    }
+    Ok(())
+}
+
 pub fn run(a: UpArgs) -> Result<()> {
     let dir = if a.dir.is_absolute() { a.dir.clone() } else { std::env::current_dir()?.join(&a.dir) };
     let existing = check_dir(&dir)?;
@@ -182,7 +270,6 @@ pub fn run(a: UpArgs) -> Result<()> {
             let d = Deployment {
                 id: format!("{:016x}", crate::util::now_ns() ^ ((std::process::id() as u64) << 32)),
                 port_base: a.port_base.unwrap_or(10809),
-                // Replication is not built yet: DR sites are not started.
                 dr_sites: a.dr_sites.unwrap_or(1),
                 mode: a.mode.clone().unwrap_or_else(|| "async".into()),
             };
@@ -190,46 +277,13 @@ pub fn run(a: UpArgs) -> Result<()> {
             d
         }
     };
-    if dep.port_base as u32 + 30 > u16::MAX as u32 {
-        bail!("port base {} leaves no room for the site ports (needs P..P+30)", dep.port_base);
-    }
     let volumes: Vec<VolumeSpec> = if a.volumes.is_empty() {
         vec![VolumeSpec { name: "vol0".into(), size: "1GiB".into(), group: "cg0".into() }]
     } else {
         a.volumes.iter().map(|(n, s)| VolumeSpec { name: n.clone(), size: s.to_string(), group: "cg0".into() }).collect()
     };
-    // Site `a` only until the replication issue adds DR sites.
-    let nsites = 1u32;
-    let mut procs = Vec::new();
-    for i in 0..nsites {
-        let name = site_name(i);
-        let sdir = dir.join(&name);
-        std::fs::create_dir_all(&sdir)?;
-        let nbd: SocketAddr = format!("127.0.0.1:{}", dep.port_base as u32 + i).parse()?;
-        let api: SocketAddr = format!("127.0.0.1:{}", dep.port_base as u32 + 10 + i).parse()?;
-        let repl: SocketAddr = format!("127.0.0.1:{}", dep.port_base as u32 + 20 + i).parse()?;
-        for (what, addr) in [("NBD", nbd), ("API", api)] {
-            if !port_free(addr) {
-                bail!("port {} ({what} of site {name}) is in use", addr.port());
-            }
-        }
-        let config = sdir.join("site.toml");
-        if !config.exists() {
-            let cfg = SiteConfig {
-                name: name.clone(),
-                role: if i == 0 { Role::Primary } else { Role::Secondary },
-                data_dir: PathBuf::from("."),
-                nbd_listen: nbd,
-                api_listen: api,
-                repl_listen: Some(repl),
-                mode: dep.mode.clone(),
-                volumes: volumes.clone(),
-            };
-            cfg.validate()?;
-            crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
-        }
-        procs.push(SiteProc { name, config, log: sdir.join("site.log"), nbd, api, child: None, restarts: Vec::new() });
-    }
+    let names: Vec<String> = (0..=dep.dr_sites).map(site_name).collect();
+    let mut procs = prepare_sites(&dir, &dep, &names, &volumes, true)?;
 
     let signals = Signals::install()?;
     for p in procs.iter_mut() {

@@ -47,7 +47,11 @@ fn corrupted_byte_in_segment_is_reported_with_file_and_offset() {
 
 #[test]
 fn secondary_exports_are_read_only() {
-    let site = Site::start_with_role(&[("vol0", "16MiB")], "secondary");
+    // A DR site's volumes arrive through replication and are read-only.
+    let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
+    d.start_all();
+    let site = &d.sites[1];
+    common::wait_until(20, "vol0 at the DR site", || common::nbd_client::Client::connect(&site.addr(), "vol0").is_ok());
     let uri = site.uri("vol0");
     let info = String::from_utf8(cmd_ok("nbdinfo", &["--json", &uri]).stdout).unwrap();
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();

@@ -8,6 +8,7 @@
 //! body: u64 replay_pos | u64 next_seq | u64 epoch | u32 next_volume_id | u64 group_id | u32 volumes
 //!   per volume: u32 id | u64 size | u16 name_len | name | u64 runs
 //!     per run: u64 first_block | u32 count | count x (u32 seg | u32 off | u32 crc)
+//!   u32 segments | per segment: u32 id | u64 first seq | u64 last seq
 //! ```
 
 use std::path::Path;
@@ -29,6 +30,7 @@ pub struct Checkpoint {
     pub epoch: u64,
     pub next_volume_id: u32,
     pub volumes: Vec<Volume>,
+    pub seg_seqs: std::collections::BTreeMap<u32, (u64, u64)>,
 }
 
 /// Serialises the state of `inner` (called with the group lock held; cost is
@@ -74,6 +76,12 @@ pub(crate) fn encode(inner: &Inner, group_id: u64) -> (LogPos, Vec<u8>) {
             body[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
         }
         body[runs_at..runs_at + 8].copy_from_slice(&runs.to_le_bytes());
+    }
+    body.extend_from_slice(&(inner.seg_seqs.len() as u32).to_le_bytes());
+    for (seg, (lo, hi)) in &inner.seg_seqs {
+        body.extend_from_slice(&seg.to_le_bytes());
+        body.extend_from_slice(&lo.to_le_bytes());
+        body.extend_from_slice(&hi.to_le_bytes());
     }
     let mut out = Vec::with_capacity(body.len() + 24);
     out.extend_from_slice(MAGIC);
@@ -163,10 +171,18 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         }
         volumes.push(v);
     }
+    let nseg = c.u32("segment count")?;
+    let mut seg_seqs = std::collections::BTreeMap::new();
+    for _ in 0..nseg {
+        let seg = c.u32("segment id")?;
+        let lo = c.u64("segment first seq")?;
+        let hi = c.u64("segment last seq")?;
+        seg_seqs.insert(seg, (lo, hi));
+    }
     if c.at != body.len() {
         bail!("{} trailing bytes", body.len() - c.at);
     }
-    Ok(Checkpoint { replay_pos, next_seq, epoch, next_volume_id, volumes })
+    Ok(Checkpoint { replay_pos, next_seq, epoch, next_volume_id, volumes, seg_seqs })
 }
 
 pub fn load(dir: &Path, group_id: u64) -> Result<Option<Checkpoint>> {

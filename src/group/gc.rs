@@ -49,7 +49,7 @@ impl Group {
                 let best = inner
                     .segments
                     .values()
-                    .filter(|s| s.id < limit && s.id != inner.tail.id)
+                    .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id))
                     .map(|s| (inner.live.get(&s.id).copied().unwrap_or(0) * BLOCK_BYTES, s.clone()))
                     .min_by_key(|(l, _)| *l);
                 match best {
@@ -83,7 +83,7 @@ impl Group {
             inner
                 .segments
                 .values()
-                .filter(|s| s.id < limit && s.id != inner.tail.id && inner.live.get(&s.id).copied().unwrap_or(0) == 0)
+                .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && inner.live.get(&s.id).copied().unwrap_or(0) == 0)
                 .map(|s| s.id)
                 .collect()
         };
@@ -96,9 +96,10 @@ impl Group {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let mut v = Vec::new();
             for id in empty {
-                if inner.live.get(&id).copied().unwrap_or(0) == 0 {
+                if inner.live.get(&id).copied().unwrap_or(0) == 0 && !inner.pinned(id) {
                     if let Some(s) = inner.segments.remove(&id) {
                         inner.live.remove(&id);
+                        inner.seg_seqs.remove(&id);
                         v.push(s);
                     }
                 }

@@ -11,7 +11,7 @@
 
 pub mod checkpoint;
 pub mod gc;
-mod open;
+pub mod open;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,6 +45,13 @@ pub struct GroupMeta {
     pub name: String,
     pub id: u64,
     pub epoch: u64,
+    /// Replication mode: `async`, `sync` or `periodic`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+fn default_mode() -> String {
+    "async".into()
 }
 
 pub(crate) struct Inner {
@@ -66,6 +73,12 @@ pub(crate) struct Inner {
     /// Replay start of the last durable checkpoint: segments below it may be cleaned.
     pub checkpoint_pos: LogPos,
     pub failed: Option<String>,
+    /// (lowest, highest) sequence number of the original (not relocated)
+    /// records in each segment: lets replication find a sequence number in
+    /// the log, and GC keep what a DR site still needs.
+    pub seg_seqs: BTreeMap<u32, (u64, u64)>,
+    /// Lowest sequence number some DR site still needs, per peer (pins).
+    pub pins: BTreeMap<String, u64>,
 }
 
 pub struct Group {
@@ -82,6 +95,10 @@ pub struct Group {
     tail_pos: AtomicU64,
     stop: AtomicBool,
     pub stats: GroupStats,
+    /// Woken after every append (replication senders wait on it).
+    pub appended: tokio::sync::Notify,
+    /// Replication mode and, on the primary, the state of each DR replica.
+    pub replication: crate::replicate::GroupReplication,
 }
 
 #[derive(Default)]
@@ -92,6 +109,15 @@ pub struct GroupStats {
     pub syncs: AtomicU64,
     /// Longest time a writer waited for the group lock, in microseconds (reset by metrics scrape? no: monotonic max).
     pub write_lock_wait_max_us: AtomicU64,
+}
+
+/// Where a write ended up: the log position after it (durable once the log
+/// is durable up to there) and its sequence number (replicated once every
+/// DR site acknowledged it).
+#[derive(Clone, Copy, Debug)]
+pub struct Appended {
+    pub end: LogPos,
+    pub seq: u64,
 }
 
 /// What a caller needs to know about a volume.
@@ -144,6 +170,9 @@ impl Inner {
     pub fn apply(&mut self, h: &Header, at: LogPos, checked: &[u8], body: Option<&[u8]>) {
         if h.flags & FLAG_RELOCATED == 0 {
             self.next_seq = self.next_seq.max(h.seq + 1);
+            let r = self.seg_seqs.entry(pos_seg(at)).or_insert((h.seq, h.seq));
+            r.0 = r.0.min(h.seq);
+            r.1 = r.1.max(h.seq);
         }
         self.epoch = self.epoch.max(h.epoch);
         let first = h.offset / BLOCK_BYTES;
@@ -186,9 +215,17 @@ impl Inner {
     /// Returns its position. On an I/O error the group is marked failed: a
     /// log that may have a hole cannot take further writes.
     pub fn append(&mut self, group: &Group, h: &mut Header, checked: &[u8], payload: &[u8]) -> Result<LogPos, IoError> {
+        let mut raw = [0u8; HEADER_BYTES];
+        h.encode(checked, &mut raw);
+        self.append_bytes(group, h, &[&raw, checked, payload])
+    }
+
+    /// Appends the bytes of an already encoded record (`parts` concatenated
+    /// are exactly the record, as shipped by replication).
+    pub fn append_bytes(&mut self, group: &Group, h: &Header, parts: &[&[u8]]) -> Result<LogPos, IoError> {
         self.check_failed()?;
-        let total = HEADER_BYTES as u64 + checked.len() as u64 + payload.len() as u64;
-        debug_assert_eq!(h.body_len as u64 + HEADER_BYTES as u64, total);
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        debug_assert_eq!(h.total_len(), total);
         if self.tail_off + total > SEGMENT_BYTES {
             let id = self.tail.id + 1;
             let seg = match Segment::create(&group.dir, id, group.id) {
@@ -205,10 +242,8 @@ impl Inner {
             self.tail = seg;
             self.tail_off = segment::SEGMENT_HEADER_BYTES;
         }
-        let mut raw = [0u8; HEADER_BYTES];
-        h.encode(checked, &mut raw);
         let at = pos(self.tail.id, self.tail_off as u32);
-        if let Err(e) = crate::log::pwritev_all(&self.tail.file, &[&raw, checked, payload], self.tail_off) {
+        if let Err(e) = crate::log::pwritev_all(&self.tail.file, parts, self.tail_off) {
             let msg = format!("failed to append {total} bytes at offset {} of log segment {}: {e}", self.tail_off, self.tail.path.display());
             tracing::error!("{msg}");
             self.failed = Some(msg.clone());
@@ -221,6 +256,7 @@ impl Inner {
             self.unsynced.push(self.tail.clone());
         }
         group.tail_pos.store(self.tail_pos(), Ordering::Release);
+        group.appended.notify_waiters();
         Ok(at)
     }
 
@@ -245,6 +281,12 @@ impl Inner {
         self.segments.values().map(|s| s.len()).sum()
     }
 
+    /// Does some DR site still need a record in segment `seg`?
+    pub fn pinned(&self, seg: u32) -> bool {
+        let Some(min_pin) = self.pins.values().min() else { return false };
+        self.seg_seqs.get(&seg).is_some_and(|(_, hi)| hi >= min_pin)
+    }
+
     pub fn live_bytes(&self) -> u64 {
         self.live.values().sum::<u64>() * BLOCK_BYTES
     }
@@ -259,9 +301,14 @@ impl Group {
         g
     }
 
-    /// Opens (or creates) the group stored in `dir`.
+    /// Opens (or creates, with a new id and async mode) the group stored in `dir`.
     pub fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
-        open::open(dir, name)
+        open::open(dir, name, &open::Create { id: None, mode: "async".into() })
+    }
+
+    /// Opens the group in `dir`, creating it as described if it does not exist.
+    pub fn open_or_create(dir: &Path, name: &str, create: &open::Create) -> Result<Arc<Group>> {
+        open::open(dir, name, create)
     }
 
     pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner) -> Arc<Group> {
@@ -279,6 +326,8 @@ impl Group {
             tail_pos: AtomicU64::new(tail),
             stop: AtomicBool::new(false),
             stats: GroupStats::default(),
+            appended: tokio::sync::Notify::new(),
+            replication: crate::replicate::GroupReplication::new(&meta.mode),
         });
         let g2 = g.clone();
         std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
@@ -364,6 +413,106 @@ impl Group {
         self.sync_to(at + 1)
     }
 
+    // ---- replication support -------------------------------------------
+
+    /// Keeps records with seq >= `seq` in the log for `peer` (a DR site).
+    pub fn set_pin(&self, peer: &str, seq: u64) {
+        self.lock_read().pins.insert(peer.to_string(), seq);
+    }
+
+    pub fn remove_pin(&self, peer: &str) {
+        self.lock_read().pins.remove(peer);
+    }
+
+    pub fn segment(&self, id: u32) -> Option<Arc<Segment>> {
+        self.lock_read().segments.get(&id).cloned()
+    }
+
+    /// The first segment with an id above `id`.
+    pub fn next_segment(&self, id: u32) -> Option<Arc<Segment>> {
+        self.lock_read().segments.range(id + 1..).next().map(|(_, s)| s.clone())
+    }
+
+    /// Where to start reading to find record `seq`: the start of the segment
+    /// holding it, the tail if it is not written yet, or `None` if the log no
+    /// longer holds it (a DR site that far behind needs a resync).
+    pub fn locate_seq(&self, seq: u64) -> Option<LogPos> {
+        let inner = self.lock_read();
+        if seq >= inner.next_seq {
+            return Some(inner.tail_pos());
+        }
+        let first = inner.seg_seqs.values().map(|r| r.0).min()?;
+        if seq < first {
+            return None;
+        }
+        inner
+            .seg_seqs
+            .iter()
+            .find(|(_, (lo, hi))| *lo <= seq && seq <= *hi)
+            .or_else(|| inner.seg_seqs.iter().find(|(_, (lo, _))| *lo > seq))
+            .map(|(id, _)| pos(*id, segment::SEGMENT_HEADER_BYTES as u32))
+    }
+
+    /// Log bytes from `at` to the tail (what a sender still has to read).
+    pub fn bytes_after(&self, at: LogPos) -> u64 {
+        let inner = self.lock_read();
+        let mut n = 0;
+        for (id, s) in inner.segments.range(pos_seg(at)..) {
+            let len = if *id == inner.tail.id { inner.tail_off } else { s.len() };
+            n += if *id == pos_seg(at) { len.saturating_sub(pos_off(at) as u64) } else { len };
+        }
+        n
+    }
+
+    /// Persists a new replication mode in `group.json` and applies it.
+    pub fn set_mode(&self, mode: crate::replicate::Mode) -> Result<()> {
+        let path = self.dir.join("group.json");
+        let mut meta: GroupMeta = serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{} is not valid group metadata", path.display()))?;
+        meta.mode = mode.as_str().to_string();
+        crate::crashsafe::write_file(&path, &serde_json::to_vec_pretty(&meta)?)?;
+        self.replication.set_mode(mode);
+        Ok(())
+    }
+
+    /// Lowest sequence number the log still holds.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.lock_read().seg_seqs.values().map(|r| r.0).min()
+    }
+
+    /// Appends a record received from the primary, byte for byte, after
+    /// checking every checksum and that it is the next in sequence.
+    pub fn append_replicated(&self, raw: &[u8]) -> Result<(LogPos, Header), String> {
+        let hdr: [u8; HEADER_BYTES] = raw.get(..HEADER_BYTES).and_then(|b| b.try_into().ok()).ok_or("record shorter than a header")?;
+        let h = Header::decode(&hdr).map_err(|e| format!("bad record: {e}"))?;
+        if h.total_len() != raw.len() as u64 {
+            return Err(format!("record seq {} length {} does not match its header ({})", h.seq, raw.len(), h.total_len()));
+        }
+        let checked = &raw[HEADER_BYTES..HEADER_BYTES + h.checked_body_len()];
+        h.verify(&hdr, checked).map_err(|e| format!("record seq {}: {e}", h.seq))?;
+        if h.flags & FLAG_RELOCATED != 0 {
+            return Err(format!("record seq {} is a GC relocation; those are never replicated", h.seq));
+        }
+        let body = &raw[HEADER_BYTES..];
+        if h.kind == Kind::Write {
+            let payload = &raw[HEADER_BYTES + checked.len()..];
+            for (i, b) in payload.chunks(BLOCK_BYTES as usize).enumerate() {
+                if crc32c::crc32c(b) != record::crc_at(checked, i) {
+                    return Err(format!("record seq {}: block {i} checksum mismatch", h.seq));
+                }
+            }
+        }
+        let mut inner = self.lock();
+        if h.seq != inner.next_seq {
+            return Err(format!("record out of order: expected seq {}, got {}", inner.next_seq, h.seq));
+        }
+        if h.epoch < inner.epoch {
+            return Err(format!("record seq {} has epoch {} older than this site's {}", h.seq, h.epoch, inner.epoch));
+        }
+        let at = inner.append_bytes(self, &h, &[raw]).map_err(|e| e.to_string())?;
+        inner.apply(&h, at, checked, Some(body));
+        Ok((inner.tail_pos(), h))
+    }
+
     // ---- data path -----------------------------------------------------
 
     fn check_range(inner: &Inner, vol: u32, offset: u64, len: u64) -> Result<u64, IoError> {
@@ -376,11 +525,11 @@ impl Group {
 
     /// Writes `data` at `offset`. Returns the log position after the record:
     /// once that position is durable, the write is.
-    pub fn write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<LogPos, IoError> {
+    pub fn write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
         if data.is_empty() {
             let inner = self.lock();
             Self::check_range(&inner, vol, offset, 0)?;
-            return Ok(inner.tail_pos());
+            return Ok(Appended { end: inner.tail_pos(), seq: inner.next_seq - 1 });
         }
         let len = data.len() as u64;
         let aligned = offset % BLOCK_BYTES == 0 && len % BLOCK_BYTES == 0;
@@ -393,7 +542,7 @@ impl Group {
             let mut h = inner.new_header(Kind::Write, vol, offset, len as u32, (crcs.len() + data.len()) as u32);
             let at = inner.append(self, &mut h, &crcs, data)?;
             inner.apply(&h, at, &crcs, None);
-            return Ok(inner.tail_pos());
+            return Ok(Appended { end: inner.tail_pos(), seq: h.seq });
         }
         // Unaligned: widen to whole blocks by reading the edge blocks, under
         // the lock so that a concurrent write to the same block cannot interleave.
@@ -418,13 +567,13 @@ impl Group {
         let mut h = inner.new_header(Kind::Write, vol, start, buf.len() as u32, (crcs.len() + buf.len()) as u32);
         let at = inner.append(self, &mut h, &crcs, &buf)?;
         inner.apply(&h, at, &crcs, None);
-        Ok(inner.tail_pos())
+        Ok(Appended { end: inner.tail_pos(), seq: h.seq })
     }
 
     /// Zeroes a range. With `keep_allocated` (NBD NO_HOLE) the blocks read as
     /// zeros and stay allocated; otherwise they become holes. Partial blocks
     /// at the edges are written as zeros.
-    pub fn zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<LogPos, IoError> {
+    pub fn zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         {
             let inner = self.lock();
             Self::check_range(&inner, vol, offset, len)?;
@@ -432,7 +581,7 @@ impl Group {
         let end = offset + len;
         let first_full = offset.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
         let last_full = end / BLOCK_BYTES * BLOCK_BYTES;
-        let mut at = self.tail_pos.load(Ordering::Acquire);
+        let mut at = Appended { end: self.tail_pos.load(Ordering::Acquire), seq: 0 };
         if first_full >= last_full {
             // No whole block inside: write zeros.
             return self.write(vol, offset, &vec![0u8; len as usize]);
@@ -450,7 +599,7 @@ impl Group {
             let mut h = inner.new_header(kind, vol, o, n as u32, 0);
             let p = inner.append(self, &mut h, &[], &[])?;
             inner.apply(&h, p, &[], Some(&[]));
-            at = inner.tail_pos();
+            at = Appended { end: inner.tail_pos(), seq: h.seq };
             o += n;
         }
         if end > last_full {

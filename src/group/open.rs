@@ -19,7 +19,15 @@ use crate::log::segment::{self, pos, pos_off, pos_seg, Segment, SEGMENT_HEADER_B
 
 const META_FILE: &str = "group.json";
 
-fn load_or_create_meta(dir: &Path, name: &str) -> Result<GroupMeta> {
+/// Identity of a group being created: a DR site creates its copy of a group
+/// with the primary's id, so that both logs carry the same group id.
+#[derive(Clone, Debug)]
+pub struct Create {
+    pub id: Option<u64>,
+    pub mode: String,
+}
+
+fn load_or_create_meta(dir: &Path, name: &str, create: &Create) -> Result<GroupMeta> {
     let path = dir.join(META_FILE);
     match std::fs::read(&path) {
         Ok(b) => {
@@ -31,8 +39,8 @@ fn load_or_create_meta(dir: &Path, name: &str) -> Result<GroupMeta> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-            let id = crate::util::now_ns() ^ ((std::process::id() as u64) << 40) | 1;
-            let m = GroupMeta { name: name.to_string(), id, epoch: 1 };
+            let id = create.id.unwrap_or_else(|| crate::util::now_ns() ^ ((std::process::id() as u64) << 40) | 1);
+            let m = GroupMeta { name: name.to_string(), id, epoch: 1, mode: create.mode.clone() };
             crate::crashsafe::write_file(&path, &serde_json::to_vec_pretty(&m)?)?;
             Ok(m)
         }
@@ -40,8 +48,8 @@ fn load_or_create_meta(dir: &Path, name: &str) -> Result<GroupMeta> {
     }
 }
 
-pub(super) fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
-    let meta = load_or_create_meta(dir, name)?;
+pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>> {
+    let meta = load_or_create_meta(dir, name, create)?;
     let started = std::time::Instant::now();
     let ckpt = checkpoint::load(dir, meta.id)?;
 
@@ -70,9 +78,9 @@ pub(super) fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
         }
     }
 
-    let (replay_from, mut inner_volumes, next_seq, epoch, next_volume_id) = match ckpt {
-        Some(c) => (c.replay_pos, c.volumes, c.next_seq, c.epoch, c.next_volume_id),
-        None => (0, Vec::new(), 1, meta.epoch, 1),
+    let (replay_from, mut inner_volumes, next_seq, epoch, next_volume_id, seg_seqs) = match ckpt {
+        Some(c) => (c.replay_pos, c.volumes, c.next_seq, c.epoch, c.next_volume_id, c.seg_seqs),
+        None => (0, Vec::new(), 1, meta.epoch, 1, BTreeMap::new()),
     };
 
     // A placeholder tail; replaced below once segments are known.
@@ -104,6 +112,8 @@ pub(super) fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
         log_bytes_written: 0,
         checkpoint_pos: replay_from,
         failed: None,
+        seg_seqs,
+        pins: BTreeMap::new(),
     };
 
     // Replay.
@@ -169,6 +179,7 @@ pub(super) fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
             bail!("group {name} in {} is inconsistent: {b}", dir.display());
         }
     }
+    inner.seg_seqs.retain(|id, _| segments.contains_key(id));
     let tail = segments.values().next_back().cloned().unwrap_or(first_tail);
     inner.tail_off = tail.len();
     inner.tail = tail;

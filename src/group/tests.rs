@@ -148,7 +148,7 @@ fn flush_and_fua_wait_for_group_commit() {
     let g = Group::open(dir.path(), "cg0").unwrap();
     let vol = g.create_volume("v", 1 << 20).unwrap();
     let rt = rt();
-    let at = g.write(vol, 0, &vec![1u8; 4096]).unwrap();
+    let at = g.write(vol, 0, &vec![1u8; 4096]).unwrap().end;
     assert!(g.durable_pos() < at);
     rt.block_on(g.wait_durable(at)).unwrap();
     assert!(g.durable_pos() >= at);
@@ -159,7 +159,7 @@ fn flush_and_fua_wait_for_group_commit() {
         for i in 0..50u64 {
             let g = g.clone();
             hs.push(tokio::spawn(async move {
-                let at = g.write(vol, i * 4096, &vec![2u8; 4096]).unwrap();
+                let at = g.write(vol, i * 4096, &vec![2u8; 4096]).unwrap().end;
                 g.wait_durable(at).await.unwrap();
             }));
         }
@@ -363,7 +363,7 @@ mod power_cut {
                     let fua = rng.random_bool(0.3);
                     model.lock().unwrap().entry(b).or_default().later.push(v);
                     let at = match g.write(vol, b * 4096, &stamp(v, b)) {
-                        Ok(at) => at,
+                        Ok(a) => a.end,
                         Err(_) => return,
                     };
                     if fua {

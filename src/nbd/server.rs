@@ -59,6 +59,10 @@ pub async fn serve(listener: TcpListener, exports: Arc<dyn Exports>, metrics: Ar
             let _ = sock.set_nodelay(true);
             match connection(sock, exports, metrics).await {
                 Ok(()) => tracing::debug!("nbd: {peer} disconnected"),
+                // A client hanging up mid-handshake (nbdinfo --size, probes) is routine.
+                Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof) => {
+                    tracing::debug!("nbd: {peer} hung up: {e:#}")
+                }
                 Err(e) => tracing::info!("nbd: closed connection from {peer}: {e:#}"),
             }
         });
@@ -256,10 +260,9 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                 Ok(out)
             }
             Command::Write { offset, fua, .. } => {
+                g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = g.write(v, offset, &payload)?;
-                if fua {
-                    g.wait_durable(at).await?;
-                }
+                finish_write(g, at, fua).await?;
                 Ok(ok_reply(handle))
             }
             Command::Flush => {
@@ -267,17 +270,15 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                 Ok(ok_reply(handle))
             }
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua, no_hole: false } => {
+                g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = g.zero(v, offset, len as u64, false)?;
-                if fua {
-                    g.wait_durable(at).await?;
-                }
+                finish_write(g, at, fua).await?;
                 Ok(ok_reply(handle))
             }
             Command::WriteZeroes { offset, len, fua, no_hole: true } => {
+                g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = g.zero(v, offset, len as u64, true)?;
-                if fua {
-                    g.wait_durable(at).await?;
-                }
+                finish_write(g, at, fua).await?;
                 Ok(ok_reply(handle))
             }
             Command::BlockStatus { offset, len, req_one } => {
@@ -305,6 +306,15 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
             proto::error_reply(structured, io_errno(&e), handle, &e.to_string())
         }
     }
+}
+
+/// Completes a write: local durability for FUA, and in sync mode the
+/// acknowledgement of every sync DR site.
+async fn finish_write(g: &Group, at: crate::group::Appended, fua: bool) -> Result<(), IoError> {
+    if fua {
+        g.wait_durable(at.end).await?;
+    }
+    g.replication.wait_replicated(at.seq).await.map_err(IoError::Failed)
 }
 
 fn ok_reply(handle: u64) -> Vec<u8> {

@@ -49,6 +49,7 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
         .route("/volumes", get(list_volumes).post(create_volume))
         .route("/volumes/{name}/resize", post(resize_volume))
         .route("/volumes/{name}", axum::routing::delete(delete_volume))
+        .route("/groups/{name}", post(set_group))
         .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
         .with_state(site);
     axum::serve(listener, app).await?;
@@ -61,17 +62,48 @@ pub fn status_json(site: &Site) -> Value {
         .iter()
         .map(|g| {
             let vols: Vec<Value> = g.volumes().iter().map(|v| json!({"name": v.name, "size": v.size, "mapped_bytes": v.mapped_bytes})).collect();
-            json!({
+            let last = g.last_seq();
+            let now = crate::util::now_ns();
+            let replicas: Vec<Value> = g
+                .replication
+                .replicas()
+                .iter()
+                .map(|r| {
+                    let lag_writes = last.saturating_sub(r.acked_seq);
+                    let lag_seconds = if lag_writes == 0 || r.oldest_unacked_ns == 0 { 0.0 } else { now.saturating_sub(r.oldest_unacked_ns) as f64 / 1e9 };
+                    json!({
+                        "site": r.site, "state": r.state, "applied_seq": r.acked_seq, "sent_seq": r.sent_seq,
+                        "lag_writes": lag_writes, "lag_bytes": if lag_writes == 0 { 0 } else { r.lag_bytes }, "lag_seconds": lag_seconds,
+                        "link_sent_bytes": r.sent_bytes_total, "link_data_bytes": r.data_bytes_total, "last_error": r.last_error,
+                    })
+                })
+                .collect();
+            let mut gj = json!({
                 "name": g.name,
-                "mode": site.cfg.mode,
+                "mode": g.replication.mode().as_str(),
                 "volumes": vols,
-                "last_seq": g.last_seq(),
-                "applied_seq": g.last_seq(),
-                "replicas": [],
+                "last_seq": last,
+                "applied_seq": last,
+                "replicas": replicas,
                 "log_bytes": g.log_bytes(),
                 "live_bytes": g.live_bytes(),
                 "failed": g.failed(),
-            })
+            });
+            if g.replication.degraded() {
+                gj["degraded"] = json!("sync DR site lost: replicating asynchronously");
+            }
+            if let Some(d) = site.dr.groups.lock().unwrap().get(&g.name) {
+                let hb = &d.heartbeat;
+                gj["primary"] = json!({
+                    "site": d.primary, "connected": d.connected, "last_error": d.last_error,
+                    "received_bytes": d.received_bytes_total,
+                });
+                gj["heartbeat"] = json!({
+                    "seq": hb.seq, "sent_ns": hb.sent_ns, "received_ns": hb.received_ns,
+                    "age_seconds": if hb.received_ns == 0 { Value::Null } else { json!(now.saturating_sub(hb.received_ns) as f64 / 1e9) },
+                });
+            }
+            gj
         })
         .collect();
     let role = match site.cfg.role {
@@ -174,4 +206,27 @@ async fn delete_volume(State(site): State<Arc<Site>>, Path(name): Path<String>) 
     let n = name.clone();
     blocking(move || g.delete_volume(&n)).await?;
     Ok(Json(json!({"deleted": name})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupSettings {
+    mode: Option<String>,
+}
+
+async fn set_group(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    body: Result<Json<GroupSettings>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let g = site.groups.read().unwrap().get(&name).cloned().ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("group {name} does not exist")))?;
+    if let Some(m) = req.mode {
+        let mode = crate::replicate::Mode::parse(&m).map_err(bad)?;
+        let g2 = g.clone();
+        blocking(move || g2.set_mode(mode)).await?;
+        tracing::info!(event = "mode-changed", "group {name}: replication mode is now {m}");
+    }
+    Ok(Json(json!({"name": name, "mode": g.replication.mode().as_str()})))
 }

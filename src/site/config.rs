@@ -61,6 +61,56 @@ pub struct SiteConfig {
     pub mode: String,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeSpec>,
+    /// Other sites: a primary replicates to each; a DR site accepts
+    /// replication only from these.
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerSpec>,
+    /// TLS files of this site (relative to the config file).
+    #[serde(default)]
+    pub tls: TlsSpec,
+    /// What a sync group does when a DR site is lost: `async` (continue,
+    /// with an event) or `refuse` (fail writes until it is back).
+    #[serde(default = "default_sync_loss")]
+    pub sync_loss: String,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_periodic_s")]
+    pub periodic_interval_s: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    pub name: String,
+    /// The peer's replication listener.
+    pub repl: SocketAddr,
+    /// Compress RECORDS frames to this peer with lz4.
+    #[serde(default)]
+    pub lz4: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        TlsSpec { ca: "tls/ca.pem".into(), cert: "tls/cert.pem".into(), key: "tls/key.pem".into() }
+    }
+}
+
+fn default_sync_loss() -> String {
+    "async".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT
+}
+fn default_periodic_s() -> u64 {
+    crate::limits::PERIODIC_INTERVAL_S_DEFAULT
 }
 
 impl SiteConfig {
@@ -69,8 +119,13 @@ impl SiteConfig {
         let text = std::fs::read_to_string(path).with_context(|| format!("failed to read site config {}", path.display()))?;
         let mut cfg: SiteConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("site config {}: {e}", path.display()))?;
         cfg.validate().with_context(|| format!("site config {}", path.display()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         if cfg.data_dir.is_relative() {
-            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             // Normalised (no `.` components) so that paths in messages are clean.
             cfg.data_dir = base.join(&cfg.data_dir).components().filter(|c| *c != std::path::Component::CurDir).collect();
         }
@@ -81,6 +136,18 @@ impl SiteConfig {
         crate::util::check_name("site", &self.name).map_err(anyhow::Error::msg)?;
         if !["async", "sync", "periodic"].contains(&self.mode.as_str()) {
             bail!("mode {:?} is not one of async, sync, periodic", self.mode);
+        }
+        if !["async", "refuse"].contains(&self.sync_loss.as_str()) {
+            bail!("sync_loss {:?} is not one of async, refuse", self.sync_loss);
+        }
+        if self.heartbeat_interval_ms == 0 || self.periodic_interval_s == 0 {
+            bail!("heartbeat_interval_ms and periodic_interval_s must be positive");
+        }
+        for p in &self.peers {
+            crate::util::check_name("peer", &p.name).map_err(anyhow::Error::msg)?;
+            if p.name == self.name {
+                bail!("peer {} is this site itself", p.name);
+            }
         }
         for v in &self.volumes {
             crate::util::check_name("volume", &v.name).map_err(anyhow::Error::msg)?;

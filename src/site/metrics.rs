@@ -84,6 +84,36 @@ impl Metrics {
             let us = g.stats.write_lock_wait_max_us.load(Ordering::Relaxed);
             let _ = writeln!(o, "tidemark_group_lock_wait_max_seconds{{group=\"{}\"}} {}", g.name, us as f64 / 1e6);
         }
+        let repl: [(&str, &str, &str); 6] = [
+            ("tidemark_link_sent_bytes_total", "counter", "Every byte written to the replication link."),
+            ("tidemark_link_data_bytes_total", "counter", "Application write payload bytes sent on the link."),
+            ("tidemark_replication_lag_bytes", "gauge", "Bytes the DR site does not hold durably yet."),
+            ("tidemark_replication_lag_seconds", "gauge", "Age of the oldest write the DR site does not hold durably yet."),
+            ("tidemark_replication_lag_writes", "gauge", "Writes the DR site does not hold durably yet."),
+            ("tidemark_replication_connected", "gauge", "1 while the link to the DR site is up."),
+        ];
+        let now = crate::util::now_ns();
+        for (name, kind, help) in repl {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for g in groups {
+                let last = g.last_seq();
+                for r in g.replication.replicas() {
+                    let lag_writes = last.saturating_sub(r.acked_seq);
+                    let v = match name {
+                        "tidemark_link_sent_bytes_total" => r.sent_bytes_total as f64,
+                        "tidemark_link_data_bytes_total" => r.data_bytes_total as f64,
+                        "tidemark_replication_lag_bytes" => if lag_writes == 0 { 0.0 } else { r.lag_bytes as f64 },
+                        "tidemark_replication_lag_seconds" => {
+                            if lag_writes == 0 || r.oldest_unacked_ns == 0 { 0.0 } else { now.saturating_sub(r.oldest_unacked_ns) as f64 / 1e9 }
+                        }
+                        "tidemark_replication_lag_writes" => lag_writes as f64,
+                        _ => if r.connected { 1.0 } else { 0.0 },
+                    };
+                    let _ = writeln!(o, "{name}{{group=\"{}\",peer=\"{}\"}} {v}", g.name, r.site);
+                }
+            }
+        }
         let _ = writeln!(o, "# HELP tidemark_site_info Site identity.");
         let _ = writeln!(o, "# TYPE tidemark_site_info gauge");
         let _ = writeln!(o, "tidemark_site_info{{site=\"{site}\"}} 1");

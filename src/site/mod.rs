@@ -22,6 +22,11 @@ pub struct Site {
     pub cfg: SiteConfig,
     pub groups: RwLock<BTreeMap<String, Arc<Group>>>,
     pub metrics: Arc<Metrics>,
+    /// What this site knows as a DR site (heartbeats, connected primary).
+    pub dr: crate::replicate::receive::DrState,
+    /// Started senders, by (group, peer): a group created later gets its own.
+    senders: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    client_tls: std::sync::Mutex<Option<Arc<rustls::ClientConfig>>>,
     _lock: File,
 }
 
@@ -44,7 +49,15 @@ impl Site {
         if lock.try_lock().is_err() {
             bail!("data directory {} is in use by another tidemark site", cfg.data_dir.display());
         }
-        let site = Arc::new(Site { cfg, groups: RwLock::new(BTreeMap::new()), metrics: Arc::new(Metrics::default()), _lock: lock });
+        let site = Arc::new(Site {
+            cfg,
+            groups: RwLock::new(BTreeMap::new()),
+            metrics: Arc::new(Metrics::default()),
+            dr: Default::default(),
+            senders: Default::default(),
+            client_tls: Default::default(),
+            _lock: lock,
+        });
         let gdir = site.groups_dir();
         std::fs::create_dir_all(&gdir)?;
         let mut names: Vec<String> = Vec::new();
@@ -59,10 +72,15 @@ impl Site {
         names.sort();
         for n in names {
             let g = Group::open(&gdir.join(&n), &n).with_context(|| format!("failed to open group {n}"))?;
+            site.configure_group(&g);
             site.groups.write().unwrap().insert(n, g);
         }
+        site.dr.load(&site.group_list());
         let marker = site.cfg.data_dir.join("initialized");
-        if !marker.exists() {
+        if site.read_only() && !site.cfg.volumes.is_empty() {
+            tracing::warn!("site {} is a DR site: its volumes come from the primary; ignoring [[volume]] in the config", site.cfg.name);
+        }
+        if !marker.exists() && !site.read_only() {
             for v in site.cfg.volumes.clone() {
                 let size = crate::util::parse_size(&v.size).map_err(anyhow::Error::msg)?;
                 let g = site.group_or_create(&v.group)?;
@@ -84,10 +102,62 @@ impl Site {
         if let Some(g) = groups.get(name) {
             return Ok(g.clone());
         }
-        let g = Group::open(&self.groups_dir().join(name), name)?;
+        let create = crate::group::open::Create { id: None, mode: self.cfg.mode.clone() };
+        let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
         crate::crashsafe::fsync_dir(&self.groups_dir())?;
+        self.configure_group(&g);
+        groups.insert(name.to_string(), g.clone());
+        drop(groups);
+        self.start_senders(&g);
+        Ok(g)
+    }
+
+    /// The local copy of a group a primary replicates to this DR site,
+    /// created with the primary's group id if it does not exist yet.
+    pub fn group_for_replication(&self, name: &str, id: u64, mode: &str) -> Result<Arc<Group>> {
+        if let Some(g) = self.groups.read().unwrap().get(name) {
+            return Ok(g.clone());
+        }
+        let mut groups = self.groups.write().unwrap();
+        if let Some(g) = groups.get(name) {
+            return Ok(g.clone());
+        }
+        let create = crate::group::open::Create { id: Some(id), mode: mode.to_string() };
+        let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
+        crate::crashsafe::fsync_dir(&self.groups_dir())?;
+        self.configure_group(&g);
         groups.insert(name.to_string(), g.clone());
         Ok(g)
+    }
+
+    fn configure_group(&self, g: &Group) {
+        let loss = if self.cfg.sync_loss == "refuse" { crate::replicate::SyncLoss::Refuse } else { crate::replicate::SyncLoss::Async };
+        g.replication.set_sync_loss(loss);
+        if !self.read_only() {
+            for p in &self.cfg.peers {
+                g.replication.add_replica(&p.name);
+            }
+        }
+    }
+
+    /// Starts one sender per (group, peer) on a primary (idempotent).
+    pub fn start_senders(&self, g: &Arc<Group>) {
+        if self.read_only() {
+            return;
+        }
+        let Some(tls) = self.client_tls.lock().unwrap().clone() else { return };
+        for p in &self.cfg.peers {
+            if !self.senders.lock().unwrap().insert((g.name.clone(), p.name.clone())) {
+                continue;
+            }
+            let link = crate::replicate::send::PeerLink { name: p.name.clone(), addr: p.repl, lz4: p.lz4 };
+            let settings = crate::replicate::send::SendSettings {
+                site: self.cfg.name.clone(),
+                heartbeat_interval: std::time::Duration::from_millis(self.cfg.heartbeat_interval_ms),
+                periodic_interval: std::time::Duration::from_secs(self.cfg.periodic_interval_s),
+            };
+            crate::replicate::send::spawn(g.clone(), link, tls.clone(), settings);
+        }
     }
 
     pub fn group_list(&self) -> Vec<Arc<Group>> {
@@ -138,12 +208,36 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         let exports: Arc<dyn Exports> = site.clone();
         let nbd_task = tokio::spawn(crate::nbd::server::serve(nbd, exports, site.metrics.clone()));
         let api_task = tokio::spawn(api::serve(api, site.clone()));
+        // Replication: a DR site listens; a primary sends to every peer.
+        let tls_files = crate::replicate::tls::TlsFiles { ca: site.cfg.tls.ca.clone(), cert: site.cfg.tls.cert.clone(), key: site.cfg.tls.key.clone() };
+        let mut repl_task = None;
+        if !site.cfg.peers.is_empty() {
+            if site.read_only() {
+                let addr = site.cfg.repl_listen.context("a DR site with peers needs repl_listen")?;
+                let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to listen for replication on {addr}"))?;
+                let server = crate::replicate::tls::server_config(&tls_files)?;
+                tracing::info!("site {}: replication listener on {addr}", site.cfg.name);
+                repl_task = Some(tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
+            } else {
+                *site.client_tls.lock().unwrap() = Some(crate::replicate::tls::client_config(&tls_files)?);
+                for g in site.group_list() {
+                    site.start_senders(&g);
+                }
+            }
+        }
+        let repl_wait = async move {
+            match repl_task {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             r = nbd_task => bail!("NBD server stopped: {r:?}"),
             r = api_task => bail!("API server stopped: {r:?}"),
+            r = repl_wait => bail!("replication listener stopped: {r:?}"),
         }
         anyhow::Ok(())
     });

@@ -1,0 +1,309 @@
+//! Replication frames: the only thing that crosses the link.
+//!
+//! ```text
+//! header (24 bytes, little-endian):
+//!   0 magic u32 "TMRF" | 4 version u8 | 5 kind u8 | 6 flags u16
+//!   8 epoch u64 | 16 len u32 (payload bytes on the wire) | 20 crc32c u32 (of those bytes)
+//! payload: `len` bytes; with FLAG_LZ4 an lz4 block whose first 4 bytes are
+//!          the decompressed length (capped like `len`).
+//! ```
+//! Kinds: HELLO and HELLO_REPLY (JSON, small), RECORDS (log records
+//! concatenated, byte for byte as in the primary's log), ACK and HEARTBEAT
+//! (two u64), ERROR (UTF-8 reason, then the sender closes).
+//!
+//! Every frame carries the sender's epoch; a receiver refuses a frame whose
+//! epoch is older than its own. Decoding never allocates more than the bytes
+//! that actually arrived, and never more than `FRAME_BYTES_MAX`.
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"TMRF");
+pub const VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 24;
+/// Largest payload of one frame (a batch of records), before and after compression.
+pub const FRAME_BYTES_MAX: u32 = 40 * 1024 * 1024;
+/// Largest control frame (HELLO, HELLO_REPLY, ERROR).
+pub const CONTROL_BYTES_MAX: u32 = 64 * 1024;
+
+pub const FLAG_LZ4: u16 = 1;
+
+pub const HELLO: u8 = 1;
+pub const HELLO_REPLY: u8 = 2;
+pub const RECORDS: u8 = 3;
+pub const ACK: u8 = 4;
+pub const HEARTBEAT: u8 = 5;
+pub const ERROR: u8 = 6;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("bad frame magic {0:#010x} (not a tidemark replication peer?)")]
+    Magic(u32),
+    #[error("unsupported frame version {0}")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("frame kind {kind} claims {len} bytes, above the limit of {max}")]
+    TooLong { kind: u8, len: u32, max: u32 },
+    #[error("unknown frame flags {0:#x}")]
+    Flags(u16),
+    #[error("frame checksum mismatch")]
+    Checksum,
+    #[error("frame payload is malformed: {0}")]
+    Malformed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub flags: u16,
+    pub epoch: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// Parses and checks a header; the payload length is checked against the
+    /// limit for its kind before anyone allocates for it.
+    pub fn decode(b: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameError> {
+        let magic = u32::from_le_bytes(b[0..4].try_into().unwrap());
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        if b[4] != VERSION {
+            return Err(FrameError::Version(b[4]));
+        }
+        let kind = b[5];
+        let max = match kind {
+            HELLO | HELLO_REPLY | ERROR => CONTROL_BYTES_MAX,
+            RECORDS => FRAME_BYTES_MAX,
+            ACK | HEARTBEAT => 16,
+            k => return Err(FrameError::Kind(k)),
+        };
+        let flags = u16::from_le_bytes([b[6], b[7]]);
+        if flags & !FLAG_LZ4 != 0 || (flags & FLAG_LZ4 != 0 && kind != RECORDS) {
+            return Err(FrameError::Flags(flags));
+        }
+        let len = u32::from_le_bytes(b[16..20].try_into().unwrap());
+        if len > max {
+            return Err(FrameError::TooLong { kind, len, max });
+        }
+        Ok(FrameHeader { kind, flags, epoch: u64::from_le_bytes(b[8..16].try_into().unwrap()), len, crc: u32::from_le_bytes(b[20..24].try_into().unwrap()) })
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut b = [0u8; HEADER_BYTES];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = VERSION;
+        b[5] = self.kind;
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        b[16..20].copy_from_slice(&self.len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+}
+
+/// Builds a frame (header + payload), compressing RECORDS payloads with lz4
+/// when asked and when it actually saves space.
+pub fn encode(kind: u8, epoch: u64, payload: &[u8], lz4: bool) -> Vec<u8> {
+    let (flags, body) = if lz4 && kind == RECORDS {
+        let c = lz4_flex::compress_prepend_size(payload);
+        if c.len() < payload.len() {
+            (FLAG_LZ4, c)
+        } else {
+            (0, payload.to_vec())
+        }
+    } else {
+        (0, payload.to_vec())
+    };
+    let h = FrameHeader { kind, flags, epoch, len: body.len() as u32, crc: crc32c::crc32c(&body) };
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks a received payload and undoes compression.
+pub fn open_payload(h: &FrameHeader, body: Vec<u8>) -> Result<Vec<u8>, FrameError> {
+    if body.len() != h.len as usize {
+        return Err(FrameError::Malformed(format!("payload is {} bytes, header says {}", body.len(), h.len)));
+    }
+    if crc32c::crc32c(&body) != h.crc {
+        return Err(FrameError::Checksum);
+    }
+    if h.flags & FLAG_LZ4 == 0 {
+        return Ok(body);
+    }
+    if body.len() < 4 {
+        return Err(FrameError::Malformed("lz4 payload without its size".into()));
+    }
+    let n = u32::from_le_bytes(body[0..4].try_into().unwrap());
+    if n > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLong { kind: h.kind, len: n, max: FRAME_BYTES_MAX });
+    }
+    lz4_flex::decompress_size_prepended(&body).map_err(|e| FrameError::Malformed(format!("lz4: {e}")))
+}
+
+/// Splits a RECORDS payload into records (header-declared lengths, checked
+/// against what is there; the records' own checksums are checked when they
+/// are appended).
+pub fn split_records(payload: &[u8]) -> Result<Vec<&[u8]>, FrameError> {
+    use crate::log::record::{Header, HEADER_BYTES as RH};
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < payload.len() {
+        let Some(hb) = payload.get(at..at + RH) else {
+            return Err(FrameError::Malformed(format!("truncated record header at byte {at}")));
+        };
+        let h = Header::decode(hb.try_into().unwrap()).map_err(|e| FrameError::Malformed(format!("record at byte {at}: {e}")))?;
+        let total = h.total_len() as usize;
+        let Some(r) = payload.get(at..at + total) else {
+            return Err(FrameError::Malformed(format!("record at byte {at} claims {total} bytes, only {} left", payload.len() - at)));
+        };
+        out.push(r);
+        at += total;
+    }
+    Ok(out)
+}
+
+pub fn two_u64(a: u64, b: u64) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[0..8].copy_from_slice(&a.to_le_bytes());
+    o[8..16].copy_from_slice(&b.to_le_bytes());
+    o
+}
+
+pub fn parse_two_u64(p: &[u8]) -> Result<(u64, u64), FrameError> {
+    if p.len() != 16 {
+        return Err(FrameError::Malformed(format!("expected 16 bytes, got {}", p.len())));
+    }
+    Ok((u64::from_le_bytes(p[0..8].try_into().unwrap()), u64::from_le_bytes(p[8..16].try_into().unwrap())))
+}
+
+/// First frame on a link, primary → DR site.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub site: String,
+    pub group: String,
+    pub group_id: u64,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub mode: String,
+}
+
+/// The DR site's answer: where to resume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HelloReply {
+    pub site: String,
+    pub group: String,
+    /// Next sequence number the DR site expects.
+    pub next_seq: u64,
+    /// Highest sequence number it holds durably.
+    pub durable_seq: u64,
+}
+
+pub fn decode_json<T: for<'de> Deserialize<'de>>(p: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(p).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn roundtrip_plain_and_lz4() {
+        let payload = vec![7u8; 100_000];
+        for lz4 in [false, true] {
+            let f = encode(RECORDS, 3, &payload, lz4);
+            let h = FrameHeader::decode(f[..HEADER_BYTES].try_into().unwrap()).unwrap();
+            assert_eq!(h.epoch, 3);
+            assert_eq!(h.flags & FLAG_LZ4 != 0, lz4);
+            if lz4 {
+                assert!(f.len() < 10_000);
+            }
+            assert_eq!(open_payload(&h, f[HEADER_BYTES..].to_vec()).unwrap(), payload);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_headers_before_allocating() {
+        let mut b = FrameHeader { kind: RECORDS, flags: 0, epoch: 1, len: FRAME_BYTES_MAX + 1, crc: 0 }.encode();
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::TooLong { .. })));
+        b = FrameHeader { kind: HELLO, flags: 0, epoch: 1, len: CONTROL_BYTES_MAX + 1, crc: 0 }.encode();
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::TooLong { .. })));
+        b[0] = b'X';
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::Magic(_))));
+        let b = FrameHeader { kind: 99, flags: 0, epoch: 1, len: 0, crc: 0 }.encode();
+        assert_eq!(FrameHeader::decode(&b), Err(FrameError::Kind(99)));
+        let b = FrameHeader { kind: ACK, flags: FLAG_LZ4, epoch: 1, len: 16, crc: 0 }.encode();
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::Flags(_))));
+    }
+
+    #[test]
+    fn lz4_bomb_is_refused() {
+        // A compressed payload claiming a huge decompressed size.
+        let mut body = (FRAME_BYTES_MAX + 1).to_le_bytes().to_vec();
+        body.extend_from_slice(&[0u8; 16]);
+        let h = FrameHeader { kind: RECORDS, flags: FLAG_LZ4, epoch: 1, len: body.len() as u32, crc: crc32c::crc32c(&body) };
+        assert!(matches!(open_payload(&h, body), Err(FrameError::TooLong { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            if bytes.len() >= HEADER_BYTES {
+                if let Ok(h) = FrameHeader::decode(bytes[..HEADER_BYTES].try_into().unwrap()) {
+                    prop_assert!(h.len <= FRAME_BYTES_MAX);
+                    let body = bytes[HEADER_BYTES..].to_vec();
+                    if let Ok(p) = open_payload(&h, body) {
+                        let _ = split_records(&p);
+                        let _ = decode_json::<Hello>(&p);
+                        let _ = parse_two_u64(&p);
+                    }
+                }
+            }
+            let _ = split_records(&bytes);
+        }
+
+        #[test]
+        fn valid_header_with_random_payload(kind in 1u8..7, lz4 in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let flags = if lz4 && kind == RECORDS { FLAG_LZ4 } else { 0 };
+            let h = FrameHeader { kind, flags, epoch: 1, len: payload.len() as u32, crc: crc32c::crc32c(&payload) };
+            if let Ok(h) = FrameHeader::decode(&h.encode()) {
+                if let Ok(p) = open_payload(&h, payload) {
+                    let _ = split_records(&p);
+                }
+            }
+        }
+    }
+}
+
+/// Reads one frame: the header, then the payload as it arrives (the buffer
+/// grows with the bytes received, so a lying length costs nothing up front).
+/// `Ok(None)` at a clean end of stream before a header.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
+    use tokio::io::AsyncReadExt;
+    let mut hb = [0u8; HEADER_BYTES];
+    let mut got = 0;
+    while got < HEADER_BYTES {
+        let n = r.read(&mut hb[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("stream ended inside a frame header ({got} of {HEADER_BYTES} bytes)")));
+        }
+        got += n;
+    }
+    let h = FrameHeader::decode(&hb).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut body = Vec::new();
+    let n = r.take(h.len as u64).read_to_end(&mut body).await?;
+    if n != h.len as usize {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("stream ended inside a frame payload ({n} of {} bytes)", h.len)));
+    }
+    let body = open_payload(&h, body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(Some((h, body)))
+}

@@ -1,0 +1,189 @@
+//! Replication: every write of a consistency group reaches every DR site in
+//! sequence order, over mutually authenticated TLS.
+//!
+//! - `frame`: the wire format (versioned, length-limited frames; log records
+//!   travel verbatim inside them).
+//! - `send`: the primary side, one task per (group, DR site): reads records
+//!   from the group's log and ships them, pipelined, within a window.
+//! - `receive`: the DR side: checks, appends byte for byte to its own log,
+//!   applies strictly in sequence order, acknowledges what is durable.
+//! - `heartbeat`: the DR's private, crash-safe region for the latest heartbeat.
+//! - `tls`: the per-deployment CA and site certificates.
+//!
+//! This file holds the per-group replication state shared by the NBD data
+//! path (sync mode waits here) and the admin API (status, metrics).
+
+pub mod frame;
+pub mod heartbeat;
+pub mod receive;
+pub mod send;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Async,
+    Sync,
+    Periodic,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "async" => Ok(Mode::Async),
+            "sync" => Ok(Mode::Sync),
+            "periodic" => Ok(Mode::Periodic),
+            o => Err(format!("mode {o:?} is not one of async, sync, periodic")),
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Async => "async",
+            Mode::Sync => "sync",
+            Mode::Periodic => "periodic",
+        }
+    }
+}
+
+/// What a sync group does when a sync DR site is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncLoss {
+    /// Refuse writes (EIO) until the DR site is back: no acknowledged write
+    /// exists only on the primary.
+    Refuse,
+    /// Keep accepting writes, replicating asynchronously, and say so (event).
+    Async,
+}
+
+/// State of one DR replica of a group, as the primary sees it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Replica {
+    pub site: String,
+    /// `replicating`, `catching-up`, `resyncing` or `disconnected`.
+    pub state: String,
+    pub connected: bool,
+    /// Highest sequence number the DR site holds durably.
+    pub acked_seq: u64,
+    /// Highest sequence number sent.
+    pub sent_seq: u64,
+    /// Timestamp of the oldest sent-but-unacknowledged record (0 if none).
+    pub oldest_unacked_ns: u64,
+    /// Bytes sent and not yet acknowledged, plus bytes not yet sent.
+    pub lag_bytes: u64,
+    pub sent_bytes_total: u64,
+    pub data_bytes_total: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct GroupReplication {
+    mode: Mutex<Mode>,
+    sync_loss: Mutex<SyncLoss>,
+    /// Set once a sync group fell back to async because a DR site was lost.
+    degraded: AtomicBool,
+    replicas: watch::Sender<BTreeMap<String, Replica>>,
+}
+
+impl GroupReplication {
+    pub fn new(mode: &str) -> GroupReplication {
+        GroupReplication {
+            mode: Mutex::new(Mode::parse(mode).unwrap_or(Mode::Async)),
+            sync_loss: Mutex::new(SyncLoss::Async),
+            degraded: AtomicBool::new(false),
+            replicas: watch::channel(BTreeMap::new()).0,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        *self.mode.lock().unwrap()
+    }
+
+    pub fn set_mode(&self, m: Mode) {
+        *self.mode.lock().unwrap() = m;
+        self.degraded.store(false, Ordering::Release);
+        // Wake senders (periodic <-> continuous) and sync waiters.
+        self.replicas.send_modify(|_| {});
+    }
+
+    pub fn set_sync_loss(&self, p: SyncLoss) {
+        *self.sync_loss.lock().unwrap() = p;
+    }
+
+    /// Registers a configured DR site (disconnected until its sender connects).
+    pub fn add_replica(&self, site: &str) {
+        self.replicas.send_modify(|m| {
+            m.entry(site.to_string()).or_insert_with(|| Replica { site: site.to_string(), state: "disconnected".into(), ..Default::default() });
+        });
+    }
+
+    pub fn update(&self, site: &str, f: impl FnOnce(&mut Replica)) {
+        self.replicas.send_modify(|m| {
+            if let Some(r) = m.get_mut(site) {
+                f(r);
+            }
+        });
+    }
+
+    pub fn replicas(&self) -> Vec<Replica> {
+        self.replicas.borrow().values().cloned().collect()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<String, Replica>> {
+        self.replicas.subscribe()
+    }
+
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Before a write: a sync group that refuses on loss and has lost a DR
+    /// site takes no write at all.
+    pub fn check_writable(&self) -> Result<(), String> {
+        if self.mode() != Mode::Sync || *self.sync_loss.lock().unwrap() != SyncLoss::Refuse {
+            return Ok(());
+        }
+        match self.replicas.borrow().values().find(|r| !r.connected) {
+            Some(r) => Err(format!("sync DR site {} is disconnected; refusing writes (sync_loss = refuse)", r.site)),
+            None => Ok(()),
+        }
+    }
+
+    /// In sync mode, waits until every DR site holds `seq` durably. A DR site
+    /// that is disconnected fails the write (refuse) or is skipped with an
+    /// event (async fallback).
+    pub async fn wait_replicated(&self, seq: u64) -> Result<(), String> {
+        if self.mode() != Mode::Sync || self.degraded() {
+            return Ok(());
+        }
+        let mut rx = self.replicas.subscribe();
+        let done = rx
+            .wait_for(|m| self.mode() != Mode::Sync || m.values().all(|r| r.acked_seq >= seq || !r.connected))
+            .await
+            .map(|m| m.values().filter(|r| r.acked_seq < seq && !r.connected).map(|r| r.site.clone()).collect::<Vec<_>>());
+        let lost = done.map_err(|_| "replication state closed".to_string())?;
+        if lost.is_empty() || self.mode() != Mode::Sync {
+            return Ok(());
+        }
+        match *self.sync_loss.lock().unwrap() {
+            SyncLoss::Refuse => Err(format!("sync DR site {} lost before acknowledging seq {seq}; write refused (sync_loss = refuse)", lost.join(","))),
+            SyncLoss::Async => {
+                if !self.degraded.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(event = "sync-degraded", "sync DR site {} lost: replicating asynchronously until it is back", lost.join(","));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A DR site caught up again: a degraded sync group is sync again.
+    pub fn clear_degraded(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            tracing::info!(event = "sync-restored", "all sync DR sites caught up: synchronous again");
+        }
+    }
+}

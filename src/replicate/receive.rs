@@ -1,0 +1,247 @@
+//! DR side of replication: accept TLS connections from configured primary
+//! sites, append what they send to this site's own log byte for byte, apply
+//! strictly in sequence order, and acknowledge what is durable.
+//!
+//! A connection is refused (and logged with the reason) unless: the TLS
+//! handshake succeeds with a client certificate from this deployment's CA,
+//! the certificate names a configured peer site, this site is not itself a
+//! primary, the group identity matches, and the epoch is not older than ours.
+//! Nothing from a refused connection is applied.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::frame::{self, FrameHeader, Hello, HelloReply};
+use super::heartbeat::{Heartbeat, Region};
+use crate::group::Group;
+use crate::site::Site;
+
+/// What a DR site knows about each group it receives.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DrGroup {
+    pub primary: String,
+    pub connected: bool,
+    pub heartbeat: Heartbeat,
+    pub last_error: Option<String>,
+    pub received_bytes_total: u64,
+}
+
+#[derive(Default)]
+pub struct DrState {
+    pub groups: Mutex<BTreeMap<String, DrGroup>>,
+    regions: Mutex<BTreeMap<String, Arc<Mutex<Region>>>>,
+}
+
+impl DrState {
+    fn update(&self, group: &str, f: impl FnOnce(&mut DrGroup)) {
+        f(self.groups.lock().unwrap().entry(group.to_string()).or_default());
+    }
+
+    fn region(&self, g: &Group) -> Result<Arc<Mutex<Region>>> {
+        let mut m = self.regions.lock().unwrap();
+        if let Some(r) = m.get(&g.name) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Mutex::new(Region::open(&g.dir)?));
+        let hb = r.lock().unwrap().latest();
+        self.update(&g.name, |d| d.heartbeat = hb);
+        m.insert(g.name.clone(), r.clone());
+        Ok(r)
+    }
+
+    /// Loads the heartbeat regions of existing groups (status after restart).
+    pub fn load(&self, groups: &[Arc<Group>]) {
+        for g in groups {
+            if g.dir.join(super::heartbeat::FILE_NAME).exists() {
+                let _ = self.region(g);
+            }
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (sock, addr) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        let site = site.clone();
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            if let Err(e) = connection(sock, acceptor, site).await {
+                tracing::warn!("replication: connection from {addr} ended: {e:#}");
+            }
+        });
+    }
+}
+
+enum Out {
+    Ack { end: u64, seq: u64 },
+    Error(String),
+}
+
+async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: Arc<Site>) -> Result<()> {
+    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock))
+        .await
+        .map_err(|_| anyhow!("refused: TLS handshake timed out"))?
+        .map_err(|e| anyhow!("refused: TLS handshake failed: {e}"))?;
+    let allowed: Vec<String> = site.cfg.peers.iter().map(|p| p.name.clone()).collect();
+    let peer = super::tls::peer_site(tls.get_ref().1.peer_certificates(), &allowed)
+        .ok_or_else(|| anyhow!("refused: the client certificate names none of the configured peer sites {allowed:?}"))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+
+    let (h, body) = tokio::time::timeout(Duration::from_secs(10), frame::read_frame(&mut rd))
+        .await
+        .map_err(|_| anyhow!("refused {peer}: no HELLO within 10 s"))??
+        .ok_or_else(|| anyhow!("refused {peer}: closed before HELLO"))?;
+    if h.kind != frame::HELLO {
+        bail!("refused {peer}: first frame is kind {}, not HELLO", h.kind);
+    }
+    let hello: Hello = frame::decode_json(&body)?;
+    if hello.site != peer {
+        bail!("refused {peer}: HELLO claims to be site {:?}, its certificate says {peer:?}", hello.site);
+    }
+    let group = match accept_group(&site, &hello, h.epoch) {
+        Ok(g) => g,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            wr.write_all(&frame::encode(frame::ERROR, 0, msg.as_bytes(), false)).await.ok();
+            wr.flush().await.ok();
+            site.dr.update(&hello.group, |d| d.last_error = Some(msg.clone()));
+            bail!("refused {peer} for group {}: {msg}", hello.group);
+        }
+    };
+    let region = site.dr.region(&group)?;
+    // Make what we hold durable, then say where to resume.
+    let g2 = group.clone();
+    tokio::task::spawn_blocking(move || g2.sync_to(g2.flush_target())).await??;
+    let last = group.last_seq();
+    let reply = HelloReply { site: site.cfg.name.clone(), group: group.name.clone(), next_seq: last + 1, durable_seq: last };
+    let epoch = group.epoch();
+    wr.write_all(&frame::encode(frame::HELLO_REPLY, epoch, &serde_json::to_vec(&reply)?, false)).await?;
+    wr.flush().await?;
+    tracing::info!(event = "primary-connected", "replication: {peer} connected for group {} (resuming at seq {})", group.name, last + 1);
+    site.dr.update(&group.name, |d| {
+        d.primary = peer.clone();
+        d.connected = true;
+        d.last_error = None;
+    });
+
+    // Acknowledgements go out from one task, each once its records are durable.
+    let (tx, mut rx) = mpsc::channel::<Out>(crate::limits::REPL_ACK_QUEUE_MAX);
+    let ack_group = group.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            match m {
+                Out::Ack { mut end, mut seq } => {
+                    // Coalesce: acknowledge the newest batch that is ready.
+                    while let Ok(Out::Ack { end: e, seq: s }) = rx.try_recv() {
+                        end = e;
+                        seq = s;
+                    }
+                    ack_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
+                    wr.write_all(&frame::encode(frame::ACK, epoch, &frame::two_u64(seq, seq), false)).await?;
+                    wr.flush().await?;
+                }
+                Out::Error(reason) => {
+                    wr.write_all(&frame::encode(frame::ERROR, epoch, reason.as_bytes(), false)).await.ok();
+                    wr.flush().await.ok();
+                    break;
+                }
+            }
+        }
+        anyhow::Ok(())
+    });
+
+    let result = receive_loop(&mut rd, &group, &site, &peer, &region, &tx).await;
+    if let Err(e) = &result {
+        let _ = tx.send(Out::Error(format!("{e:#}"))).await;
+        site.dr.update(&group.name, |d| d.last_error = Some(format!("{e:#}")));
+    }
+    drop(tx);
+    let _ = writer.await;
+    site.dr.update(&group.name, |d| d.connected = false);
+    tracing::info!(event = "primary-disconnected", "replication: {peer} disconnected from group {}", group.name);
+    result
+}
+
+fn accept_group(site: &Site, hello: &Hello, epoch: u64) -> Result<Arc<Group>> {
+    if !site.read_only() {
+        bail!("site {} is a primary; it does not take replication (split brain guard)", site.cfg.name);
+    }
+    crate::util::check_name("group", &hello.group).map_err(anyhow::Error::msg)?;
+    let g = site.group_for_replication(&hello.group, hello.group_id, &hello.mode)?;
+    if g.id != hello.group_id {
+        bail!("group {} here has id {:#x}, the primary's has id {:#x}", g.name, g.id, hello.group_id);
+    }
+    if epoch < g.epoch() {
+        bail!("stale primary: epoch {epoch} is older than this site's epoch {}", g.epoch());
+    }
+    Ok(g)
+}
+
+async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    group: &Arc<Group>,
+    site: &Arc<Site>,
+    peer: &str,
+    region: &Arc<Mutex<Region>>,
+    tx: &mpsc::Sender<Out>,
+) -> Result<()> {
+    let my_epoch = group.epoch();
+    loop {
+        let Some((h, body)) = frame::read_frame(rd).await.context("bad frame")? else {
+            return Ok(());
+        };
+        check_epoch(&h, my_epoch)?;
+        match h.kind {
+            frame::RECORDS => {
+                let wire = h.len as u64;
+                let records = frame::split_records(&body)?;
+                let g = group.clone();
+                // Appends are blocking file writes; keep them off the reactor.
+                let owned: Vec<Vec<u8>> = records.iter().map(|r| r.to_vec()).collect();
+                let last = tokio::task::spawn_blocking(move || -> Result<Option<(u64, u64)>> {
+                    let mut last = None;
+                    for r in &owned {
+                        let seq = u64::from_le_bytes(r[16..24].try_into().unwrap());
+                        if seq < g.last_seq() + 1 {
+                            continue; // already have it (resent after a reconnect)
+                        }
+                        let (end, hdr) = g.append_replicated(r).map_err(|e| anyhow!("{e}"))?;
+                        last = Some((end, hdr.seq));
+                    }
+                    Ok(last)
+                })
+                .await??;
+                site.dr.update(&group.name, |d| d.received_bytes_total += wire + frame::HEADER_BYTES as u64);
+                if let Some((end, seq)) = last {
+                    if tx.send(Out::Ack { end, seq }).await.is_err() {
+                        bail!("acknowledgement writer stopped");
+                    }
+                }
+            }
+            frame::HEARTBEAT => {
+                let (seq, sent_ns) = frame::parse_two_u64(&body)?;
+                let r = region.clone();
+                let epoch = h.epoch;
+                let hb = tokio::task::spawn_blocking(move || r.lock().unwrap().store(seq, sent_ns, epoch)).await??;
+                site.dr.update(&group.name, |d| d.heartbeat = hb);
+            }
+            k => bail!("unexpected frame kind {k} from {peer}"),
+        }
+    }
+}
+
+fn check_epoch(h: &FrameHeader, mine: u64) -> Result<()> {
+    if h.epoch < mine {
+        bail!("stale frame: epoch {} is older than this site's epoch {mine}", h.epoch);
+    }
+    Ok(())
+}
