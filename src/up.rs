@@ -310,8 +310,18 @@ pub fn run(a: UpArgs) -> Result<()> {
         &format!("ready: site a serves nbd://{}/vol0 (API http://{}); data in {}", procs[0].nbd, procs[0].api, dir.display()),
     );
 
-    // Supervise.
+    // Supervise, and report replication state changes seen at the primary.
+    let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut tick = 0u64;
     loop {
+        tick += 1;
+        if tick % 5 == 0 {
+            if let Ok(st) = crate::client::call(&format!("http://{}", procs[0].api), "GET", "/status", None) {
+                for ev in replica_events(&st, &mut seen) {
+                    emit(a.json, ev.clone(), &format!("{}", ev));
+                }
+            }
+        }
         if let Some(sig) = signals.pending() {
             emit(a.json, json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
             stop_all(&mut procs);
@@ -350,6 +360,36 @@ pub fn run(a: UpArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Events for replica state changes between two status snapshots.
+fn replica_events(status: &serde_json::Value, seen: &mut BTreeMap<(String, String), String>) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for g in status["groups"].as_array().into_iter().flatten() {
+        let group = g["name"].as_str().unwrap_or("?").to_string();
+        for r in g["replicas"].as_array().into_iter().flatten() {
+            let site = r["site"].as_str().unwrap_or("?").to_string();
+            let state = r["state"].as_str().unwrap_or("?").to_string();
+            let prev = seen.insert((group.clone(), site.clone()), state.clone());
+            if prev.as_deref() == Some(state.as_str()) {
+                continue;
+            }
+            let was_up = prev.as_deref().is_some_and(|p| p != "disconnected");
+            let event = match state.as_str() {
+                "disconnected" if was_up => "dr-lost",
+                "disconnected" => continue,
+                "resyncing" => "dr-resyncing",
+                "replicating" if was_up => "dr-caught-up",
+                _ if !was_up => "dr-connected",
+                _ => continue,
+            };
+            out.push(json!({"event": event, "group": group, "site": site, "state": state, "applied_seq": r["applied_seq"], "error": r["last_error"]}));
+            if event == "dr-connected" && state == "replicating" {
+                out.push(json!({"event": "dr-caught-up", "group": group, "site": site, "state": state, "applied_seq": r["applied_seq"]}));
+            }
+        }
+    }
+    out
 }
 
 /// SIGINT/SIGTERM noted by a handler thread, polled by the supervisor.

@@ -76,6 +76,17 @@ fn up_serves_admin_commands_and_resumes() {
     assert_eq!(a["nbd"], format!("nbd://127.0.0.1:{port}"));
     assert_eq!(a["api"], format!("http://127.0.0.1:{}", port + 10));
     let site_pid = a["pid"].as_u64().unwrap();
+    // One DR site by default, reported once it is connected and caught up.
+    assert_eq!(u.ready["sites"]["b"]["nbd"], format!("nbd://127.0.0.1:{}", port + 1));
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !events.iter().any(|l: &String| l.contains("dr-caught-up")) {
+        assert!(Instant::now() < deadline, "no dr-connected/dr-caught-up events: {events:?}");
+        if let Ok(l) = u.lines.recv_timeout(Duration::from_millis(200)) {
+            events.push(l);
+        }
+    }
+    assert!(events.iter().any(|l| l.contains("\"dr-connected\"") && l.contains("\"site\":\"b\"")), "{events:?}");
     assert!(dir.join("endpoints.json").exists());
     assert!(dir.join("a/site.toml").exists());
     let uri = format!("nbd://127.0.0.1:{port}/vol0");
@@ -93,7 +104,22 @@ fn up_serves_admin_commands_and_resumes() {
     assert_eq!(s["groups"][0]["volumes"][0]["name"], "vol0");
     assert_eq!(s["groups"][0]["volumes"][0]["size"], 256u64 << 20);
     assert!(s["groups"][0]["last_seq"].as_u64().unwrap() >= 2);
-    assert!(s["groups"][0]["replicas"].is_array());
+    assert_eq!(s["groups"][0]["replicas"][0]["site"], "b");
+    // The DR site reports itself as secondary with its applied_seq.
+    let o = tidemark(&["--dir", d, "--site", "b", "--json", "status"]);
+    let sb: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(sb["role"], "secondary");
+    assert!(sb["groups"][0]["applied_seq"].as_u64().is_some(), "{sb}");
+    // Mode switch online.
+    let o = tidemark(&["--dir", d, "group", "set", "cg0", "--mode", "sync"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5d 1M 64k", &uri]);
+    let o = tidemark(&["--dir", d, "--json", "status"]);
+    let s2: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s2["groups"][0]["mode"], "sync");
+    assert_eq!(s2["groups"][0]["replicas"][0]["lag_writes"], 0, "sync write acknowledged before the DR had it: {s2}");
+    let o = tidemark(&["--dir", d, "group", "set", "cg0", "--mode", "async"]);
+    assert!(o.status.success());
 
     // Volume commands.
     let o = tidemark(&["--dir", d, "volume", "create", "v1", "--size", "64M", "--group", "cg1"]);

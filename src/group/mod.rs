@@ -111,6 +111,17 @@ pub struct GroupStats {
     pub write_lock_wait_max_us: AtomicU64,
 }
 
+const PINS_FILE: &str = "replicas.json";
+
+pub(crate) fn load_pins(dir: &Path) -> Result<BTreeMap<String, u64>> {
+    let path = dir.join(PINS_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not valid", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+    }
+}
+
 /// Where a write ended up: the log position after it (durable once the log
 /// is durable up to there) and its sequence number (replicated once every
 /// DR site acknowledged it).
@@ -418,6 +429,22 @@ impl Group {
     /// Keeps records with seq >= `seq` in the log for `peer` (a DR site).
     pub fn set_pin(&self, peer: &str, seq: u64) {
         self.lock_read().pins.insert(peer.to_string(), seq);
+    }
+
+    /// Persists the pins (`replicas.json`) so that after a restart GC keeps
+    /// what each DR site needs before its sender reconnects.
+    pub fn save_pins(&self) -> Result<()> {
+        let pins = self.lock_read().pins.clone();
+        crate::crashsafe::write_file(&self.dir.join(PINS_FILE), &serde_json::to_vec_pretty(&pins)?)
+    }
+
+    /// `save_pins` off the async reactor; failures are logged (the previous
+    /// file stays, which only keeps more log than needed).
+    pub async fn save_pins_async(self: &Arc<Self>) {
+        let g = self.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || g.save_pins()).await {
+            tracing::warn!("group {}: failed to save replication pins: {e:#}", self.name);
+        }
     }
 
     pub fn remove_pin(&self, peer: &str) {

@@ -180,6 +180,9 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         }
     }
     inner.seg_seqs.retain(|id, _| segments.contains_key(id));
+    // What DR sites still need, as last persisted (never more than they
+    // acknowledged, so never too little kept).
+    inner.pins = super::load_pins(dir)?;
     let tail = segments.values().next_back().cloned().unwrap_or(first_tail);
     inner.tail_off = tail.len();
     inner.tail = tail;

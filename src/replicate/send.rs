@@ -139,9 +139,11 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
     let inflight = Arc::new(Mutex::new(Inflight { acked: reply.durable_seq, ..Default::default() }));
     let acked_notify = Arc::new(Notify::new());
     // Acknowledgements.
+    group.save_pins_async().await;
     let ack_task = {
         let (group, peer, inflight, acked_notify) = (group.clone(), peer.name.clone(), inflight.clone(), acked_notify.clone());
         tokio::spawn(async move {
+            let mut saved = Instant::now();
             loop {
                 let Some((h, body)) = frame::read_frame(&mut rd).await? else {
                     bail!("{peer} closed the connection");
@@ -159,6 +161,10 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
                             f.batches.front().map(|b| b.2).unwrap_or(0)
                         };
                         group.set_pin(&peer, durable + 1);
+                        if saved.elapsed() > Duration::from_secs(1) {
+                            group.save_pins_async().await;
+                            saved = Instant::now();
+                        }
                         let last = group.last_seq();
                         group.replication.update(&peer, |r| {
                             r.acked_seq = r.acked_seq.max(durable);
