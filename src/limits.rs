@@ -59,6 +59,11 @@ pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 pub const REPL_ACK_QUEUE_MAX: usize = 64;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+/// Default log cap per group: beyond it a lagging DR site's pin gives way to
+/// dirty-region tracking (R3).
+pub const REPL_LOG_CAP_BYTES_DEFAULT: u64 = 64 * 1024 * 1024 * 1024;
+/// Blocks taken from a dirty set per resync batch.
+pub const RESYNC_BATCH_BLOCKS: u64 = 1024;
 /// Default interval of heartbeats in the replication stream.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Default shipping interval of periodic mode.

@@ -207,6 +207,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
                 sync_loss: "async".into(),
                 heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
                 periodic_interval_s: crate::limits::PERIODIC_INTERVAL_S_DEFAULT,
+                replication_log_cap: "64GiB".into(),
             };
             cfg.validate()?;
             crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;

@@ -209,6 +209,11 @@ impl Group {
             if let Some(e) = &inner.failed {
                 bail!("group {} is failed ({e}); not writing a checkpoint", self.name);
             }
+            if inner.staging.is_some() {
+                // A resync in progress lives only in the log after the last
+                // checkpoint; replay must see all of it, so no checkpoint now.
+                return Ok(());
+            }
             let (at, bytes) = encode(&inner, self.id);
             (at, bytes, inner.log_bytes_written)
         };

@@ -62,7 +62,7 @@ impl Group {
                 // the log has moved on by a segment since, so the next round can.
                 let moved = {
                     let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                    inner.log_bytes_written - inner.log_bytes_at_checkpoint >= SEGMENT_BYTES
+                    inner.staging.is_none() && inner.log_bytes_written - inner.log_bytes_at_checkpoint >= SEGMENT_BYTES
                 };
                 if moved {
                     self.checkpoint()?;

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod gc;
 pub mod open;
+pub mod resync;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::limits::{BLOCK_BYTES, SEGMENT_BYTES};
-use crate::log::record::{self, Header, Kind, FLAG_RELOCATED, HEADER_BYTES};
+use crate::log::record::{self, Header, Kind, FLAG_RELOCATED, FLAG_RESYNC, HEADER_BYTES};
 use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment};
 use crate::volume::map::{Entry, SEG_HOLE, SEG_ZERO};
 use crate::volume::Volume;
@@ -79,6 +80,11 @@ pub(crate) struct Inner {
     pub seg_seqs: BTreeMap<u32, (u64, u64)>,
     /// Lowest sequence number some DR site still needs, per peer (pins).
     pub pins: BTreeMap<String, u64>,
+    /// Primary: blocks changed since a DR site left the log behind (R3),
+    /// per peer and volume. Every write marks them while present.
+    pub dirty: BTreeMap<String, BTreeMap<u32, resync::BlockRanges>>,
+    /// DR site: blocks of a resync in progress, visible only at its commit.
+    pub staging: Option<BTreeMap<(u32, u64), Entry>>,
 }
 
 pub struct Group {
@@ -99,6 +105,9 @@ pub struct Group {
     pub appended: tokio::sync::Notify,
     /// Replication mode and, on the primary, the state of each DR replica.
     pub replication: crate::replicate::GroupReplication,
+    /// Log bytes beyond which a lagging DR site's pin gives way to
+    /// dirty-region tracking.
+    pub log_cap: AtomicU64,
 }
 
 #[derive(Default)]
@@ -113,11 +122,21 @@ pub struct GroupStats {
 
 const PINS_FILE: &str = "replicas.json";
 
-pub(crate) fn load_pins(dir: &Path) -> Result<BTreeMap<String, u64>> {
+/// `replicas.json`: what each DR site still needs from the log, and which
+/// DR sites were in dirty-region mode (they get a full resync after a
+/// restart, since the dirty sets live in memory).
+#[derive(Serialize, Deserialize, Default)]
+pub(crate) struct PinsFile {
+    pub pins: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub dirty: Vec<String>,
+}
+
+pub(crate) fn load_pins(dir: &Path) -> Result<PinsFile> {
     let path = dir.join(PINS_FILE);
     match std::fs::read(&path) {
         Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not valid", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PinsFile::default()),
         Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
     }
 }
@@ -179,6 +198,17 @@ impl Inner {
     /// Applies a record found at `at` to the in-memory state. Used for live
     /// writes, replay after a crash, and (later) by DR sites.
     pub fn apply(&mut self, h: &Header, at: LogPos, checked: &[u8], body: Option<&[u8]>) {
+        if h.flags & FLAG_RESYNC != 0 || h.kind == Kind::ResyncBegin {
+            self.apply_resync(h, at, checked);
+            return;
+        }
+        if h.flags & FLAG_RELOCATED == 0 && !self.dirty.is_empty() && matches!(h.kind, Kind::Write | Kind::Zero | Kind::Trim) {
+            let first = h.offset / BLOCK_BYTES;
+            let n = h.length as u64 / BLOCK_BYTES;
+            for d in self.dirty.values_mut() {
+                d.entry(h.volume).or_default().insert(first, first + n);
+            }
+        }
         if h.flags & FLAG_RELOCATED == 0 {
             self.next_seq = self.next_seq.max(h.seq + 1);
             let r = self.seg_seqs.entry(pos_seg(at)).or_insert((h.seq, h.seq));
@@ -219,7 +249,66 @@ impl Inner {
                     v.map.for_each_mapped(|_, e| Self::drop_entry(live, e));
                 }
             }
+            Kind::ResyncCommit => self.commit_resync(h, body.unwrap_or_default()),
+            Kind::ResyncBegin => {}
         }
+    }
+
+    /// Resync records go to the staging map, never to what the DR shows.
+    fn apply_resync(&mut self, h: &Header, at: LogPos, checked: &[u8]) {
+        if h.kind == Kind::ResyncBegin {
+            self.staging = Some(BTreeMap::new());
+            return;
+        }
+        let Some(st) = self.staging.as_mut() else { return };
+        let first = h.offset / BLOCK_BYTES;
+        match h.kind {
+            Kind::Write => {
+                for i in 0..h.blocks() {
+                    let off = pos_off(at) as u64 + h.block_payload_offset(i);
+                    st.insert((h.volume, first + i as u64), Entry { seg: pos_seg(at), off: off as u32, crc: record::crc_at(checked, i as usize) });
+                }
+            }
+            Kind::Zero | Kind::Trim => {
+                let e = if h.kind == Kind::Zero { Entry::ZERO } else { Entry::HOLE };
+                for b in first..first + h.length as u64 / BLOCK_BYTES {
+                    st.insert((h.volume, b), e);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Makes a finished resync the DR's state in one step: the primary's
+    /// volume table, then every staged block.
+    fn commit_resync(&mut self, h: &Header, body: &[u8]) {
+        let table: Vec<(u32, String, u64)> = serde_json::from_slice(body).unwrap_or_default();
+        let keep: std::collections::BTreeSet<u32> = table.iter().map(|t| t.0).collect();
+        let gone: Vec<u32> = self.volumes.keys().filter(|id| !keep.contains(id)).copied().collect();
+        for id in gone {
+            if let Some(v) = self.volumes.remove(&id) {
+                let live = &mut self.live;
+                v.map.for_each_mapped(|_, e| Self::drop_entry(live, e));
+            }
+        }
+        for (id, name, size) in table {
+            let live = &mut self.live;
+            match self.volumes.get_mut(&id) {
+                Some(v) => {
+                    v.map.resize_with(size.div_ceil(BLOCK_BYTES), |e| Self::drop_entry(live, e));
+                    v.size = size;
+                    v.name = name;
+                }
+                None => {
+                    self.volumes.insert(id, Volume::new(id, name, size));
+                }
+            }
+            self.next_volume_id = self.next_volume_id.max(id + 1);
+        }
+        for ((vol, block), e) in self.staging.take().unwrap_or_default() {
+            self.set_entry(vol, block, e);
+        }
+        self.next_seq = h.seq + 1;
     }
 
     /// Appends one record at the tail (rolling to a new segment if needed).
@@ -339,6 +428,7 @@ impl Group {
             stats: GroupStats::default(),
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
+            log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
         });
         let g2 = g.clone();
         std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
@@ -434,8 +524,11 @@ impl Group {
     /// Persists the pins (`replicas.json`) so that after a restart GC keeps
     /// what each DR site needs before its sender reconnects.
     pub fn save_pins(&self) -> Result<()> {
-        let pins = self.lock_read().pins.clone();
-        crate::crashsafe::write_file(&self.dir.join(PINS_FILE), &serde_json::to_vec_pretty(&pins)?)
+        let state = {
+            let inner = self.lock_read();
+            PinsFile { pins: inner.pins.clone(), dirty: inner.dirty.keys().cloned().collect() }
+        };
+        crate::crashsafe::write_file(&self.dir.join(PINS_FILE), &serde_json::to_vec_pretty(&state)?)
     }
 
     /// `save_pins` off the async reactor; failures are logged (the previous
@@ -519,6 +612,7 @@ impl Group {
         if h.flags & FLAG_RELOCATED != 0 {
             return Err(format!("record seq {} is a GC relocation; those are never replicated", h.seq));
         }
+        let resync = h.flags & FLAG_RESYNC != 0 || h.kind == Kind::ResyncBegin;
         let body = &raw[HEADER_BYTES..];
         if h.kind == Kind::Write {
             let payload = &raw[HEADER_BYTES + checked.len()..];
@@ -529,7 +623,18 @@ impl Group {
             }
         }
         let mut inner = self.lock();
-        if h.seq != inner.next_seq {
+        if resync {
+            if h.kind != Kind::ResyncBegin && inner.staging.is_none() {
+                return Err("resync data without a resync in progress".into());
+            }
+        } else if h.kind == Kind::ResyncCommit {
+            if inner.staging.is_none() {
+                return Err("resync commit without a resync in progress".into());
+            }
+            if h.seq + 1 < inner.next_seq {
+                return Err(format!("resync commit at seq {} is behind this site's seq {}", h.seq, inner.next_seq - 1));
+            }
+        } else if h.seq != inner.next_seq {
             return Err(format!("record out of order: expected seq {}, got {}", inner.next_seq, h.seq));
         }
         if h.epoch < inner.epoch {
@@ -926,7 +1031,8 @@ impl Group {
         }
     }
 
-    fn maintain(&self) -> Result<()> {
+    fn maintain(self: &Arc<Self>) -> Result<()> {
+        self.enforce_log_cap()?;
         let due = {
             let inner = self.lock_read();
             inner.failed.is_none() && inner.log_bytes_written - inner.log_bytes_at_checkpoint >= crate::limits::CHECKPOINT_INTERVAL_BYTES

@@ -114,6 +114,8 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         failed: None,
         seg_seqs,
         pins: BTreeMap::new(),
+        dirty: BTreeMap::new(),
+        staging: None,
     };
 
     // Replay.
@@ -182,7 +184,14 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     inner.seg_seqs.retain(|id, _| segments.contains_key(id));
     // What DR sites still need, as last persisted (never more than they
     // acknowledged, so never too little kept).
-    inner.pins = super::load_pins(dir)?;
+    let pf = super::load_pins(dir)?;
+    inner.pins = pf.pins;
+    for peer in pf.dirty {
+        // Was in dirty-region mode when we stopped: the set is gone, so
+        // every mapped block is dirty (a full, still consistent, resync).
+        let set = inner.whole_volumes_dirty();
+        inner.dirty.insert(peer, set);
+    }
     let tail = segments.values().next_back().cloned().unwrap_or(first_tail);
     inner.tail_off = tail.len();
     inner.tail = tail;

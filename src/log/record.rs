@@ -24,6 +24,12 @@ pub const HEADER_BYTES: usize = 64;
 /// Flag: this record was written by garbage collection to move live blocks;
 /// it repeats the original's epoch, seq and timestamp and is never replicated.
 pub const FLAG_RELOCATED: u16 = 1;
+/// Flag: part of a dirty-region resync (R3): built by the primary from its
+/// current data, applied by the DR site to a staging map that becomes
+/// visible only at the `ResyncCommit` record. Carries no sequence number.
+pub const FLAG_RESYNC: u16 = 2;
+/// Largest body of a `ResyncCommit` (the volume table as JSON).
+pub const RESYNC_COMMIT_BODY_MAX: u32 = 1024 * 1024;
 
 /// Largest body a record may declare (a maximal write plus its CRC array).
 pub const BODY_BYTES_MAX: u32 = crate::limits::NBD_REQUEST_BYTES_MAX + crate::limits::NBD_REQUEST_BYTES_MAX / 1024;
@@ -43,6 +49,11 @@ pub enum Kind {
     VolumeResize = 11,
     /// Delete volume `volume`.
     VolumeDelete = 12,
+    /// Start of a dirty-region resync: the DR site starts a fresh staging map.
+    ResyncBegin = 20,
+    /// End of a resync: the staged blocks and the volume table (body, JSON)
+    /// become the DR's state at once, as of sequence number `seq`.
+    ResyncCommit = 21,
 }
 
 impl Kind {
@@ -54,6 +65,8 @@ impl Kind {
             10 => Kind::VolumeCreate,
             11 => Kind::VolumeResize,
             12 => Kind::VolumeDelete,
+            20 => Kind::ResyncBegin,
+            21 => Kind::ResyncCommit,
             _ => return None,
         })
     }
@@ -176,6 +189,9 @@ impl Header {
         if h.body_len > BODY_BYTES_MAX {
             return Err(DecodeError::BodyTooLong(h.body_len));
         }
+        if h.flags & !(FLAG_RELOCATED | FLAG_RESYNC) != 0 {
+            return Err(DecodeError::Inconsistent("unknown record flags"));
+        }
         if u64_at(56) != 0 {
             return Err(DecodeError::Inconsistent("reserved field is not zero"));
         }
@@ -196,6 +212,16 @@ impl Header {
             Kind::VolumeCreate => {
                 if h.body_len == 0 || h.body_len as usize > crate::limits::NAME_BYTES_MAX {
                     return Err(DecodeError::Inconsistent("volume name length"));
+                }
+            }
+            Kind::ResyncBegin => {
+                if h.body_len != 0 {
+                    return Err(DecodeError::Inconsistent("resync begin has a body"));
+                }
+            }
+            Kind::ResyncCommit => {
+                if h.body_len > RESYNC_COMMIT_BODY_MAX {
+                    return Err(DecodeError::Inconsistent("resync commit body too long"));
                 }
             }
             Kind::VolumeResize | Kind::VolumeDelete => {

@@ -82,7 +82,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
 }
 
 enum Out {
-    Ack { end: u64, seq: u64 },
+    /// Acknowledge: log durable past `end` means seq `seq` and the first
+    /// `frames` RECORDS frames of this connection are durable.
+    Ack { end: u64, seq: u64, frames: u64 },
     Error(String),
 }
 
@@ -139,14 +141,15 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             match m {
-                Out::Ack { mut end, mut seq } => {
+                Out::Ack { mut end, mut seq, mut frames } => {
                     // Coalesce: acknowledge the newest batch that is ready.
-                    while let Ok(Out::Ack { end: e, seq: s }) = rx.try_recv() {
+                    while let Ok(Out::Ack { end: e, seq: s, frames: f }) = rx.try_recv() {
                         end = e;
                         seq = s;
+                        frames = f;
                     }
                     ack_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
-                    wr.write_all(&frame::encode(frame::ACK, epoch, &frame::two_u64(seq, seq), false)).await?;
+                    wr.write_all(&frame::encode(frame::ACK, epoch, &frame::two_u64(seq, frames), false)).await?;
                     wr.flush().await?;
                 }
                 Out::Error(reason) => {
@@ -195,6 +198,7 @@ async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
     tx: &mpsc::Sender<Out>,
 ) -> Result<()> {
     let my_epoch = group.epoch();
+    let mut frames = 0u64;
     loop {
         let Some((h, body)) = frame::read_frame(rd).await.context("bad frame")? else {
             return Ok(());
@@ -207,24 +211,26 @@ async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
                 let g = group.clone();
                 // Appends are blocking file writes; keep them off the reactor.
                 let owned: Vec<Vec<u8>> = records.iter().map(|r| r.to_vec()).collect();
-                let last = tokio::task::spawn_blocking(move || -> Result<Option<(u64, u64)>> {
+                let last = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
                     let mut last = None;
                     for r in &owned {
                         let seq = u64::from_le_bytes(r[16..24].try_into().unwrap());
-                        if seq < g.last_seq() + 1 {
+                        let flags = u16::from_le_bytes([r[6], r[7]]);
+                        let ordered = flags & crate::log::record::FLAG_RESYNC == 0 && r[5] != crate::log::record::Kind::ResyncBegin as u8 && r[5] != crate::log::record::Kind::ResyncCommit as u8;
+                        if ordered && seq < g.last_seq() + 1 {
                             continue; // already have it (resent after a reconnect)
                         }
-                        let (end, hdr) = g.append_replicated(r).map_err(|e| anyhow!("{e}"))?;
-                        last = Some((end, hdr.seq));
+                        let (end, _) = g.append_replicated(r).map_err(|e| anyhow!("{e}"))?;
+                        last = Some(end);
                     }
                     Ok(last)
                 })
                 .await??;
+                frames += 1;
                 site.dr.update(&group.name, |d| d.received_bytes_total += wire + frame::HEADER_BYTES as u64);
-                if let Some((end, seq)) = last {
-                    if tx.send(Out::Ack { end, seq }).await.is_err() {
-                        bail!("acknowledgement writer stopped");
-                    }
+                let end = last.unwrap_or_else(|| group.flush_target());
+                if tx.send(Out::Ack { end, seq: group.last_seq(), frames }).await.is_err() {
+                    bail!("acknowledgement writer stopped");
                 }
             }
             frame::HEARTBEAT => {

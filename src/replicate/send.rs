@@ -45,6 +45,8 @@ struct Inflight {
     batches: VecDeque<(u64 /* last seq */, u64 /* bytes */, u64 /* oldest ts */)>,
     bytes: u64,
     acked: u64,
+    /// RECORDS frames of this connection the DR holds durably.
+    frames_acked: u64,
 }
 
 pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
@@ -110,29 +112,27 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
     if reply.site != peer.name {
         bail!("peer at {} says it is {:?}, expected {:?}", peer.addr, reply.site, peer.name);
     }
-    let next = reply.next_seq.max(1);
+    let mut next = reply.next_seq.max(1);
     let last = group.last_seq();
     if next > last + 1 {
         bail!("{} holds seq {} but this primary's last is {last}: the DR copy is ahead (split brain?); refusing to replicate", peer.name, next - 1);
     }
-    group.set_pin(&peer.name, reply.durable_seq + 1);
-    let mut at = match group.locate_seq(next) {
-        Some(p) => p,
-        None => {
-            group.replication.update(&peer.name, |r| r.state = "resyncing".into());
-            bail!(
-                "{} needs seq {next} but the log now starts at seq {}: a full resync is needed (not available yet)",
-                peer.name,
-                group.oldest_seq().unwrap_or(0)
-            );
-        }
-    };
-    tracing::info!(event = "dr-connected", "replication of {} to {}: connected, resuming at seq {next}", group.name, peer.name);
+    // The log no longer has what the DR needs: a full resync.
+    if !group.in_dirty_mode(&peer.name) && group.locate_seq(next).is_none() {
+        tracing::warn!("replication of {} to {}: it needs seq {next} but the log starts at seq {}; full resync", group.name, peer.name, group.oldest_seq().unwrap_or(0));
+        group.enter_dirty(&peer.name, None)?;
+    }
+    let resyncing = group.in_dirty_mode(&peer.name);
+    if !resyncing {
+        group.set_pin(&peer.name, reply.durable_seq + 1);
+    }
+    tracing::info!(event = "dr-connected", "replication of {} to {}: connected, {}", group.name, peer.name,
+        if resyncing { "resyncing dirty regions".to_string() } else { format!("resuming at seq {next}") });
     group.replication.update(&peer.name, |r| {
         r.connected = true;
         r.acked_seq = reply.durable_seq;
         r.sent_seq = next - 1;
-        r.state = if next > last { "replicating".into() } else { "catching-up".into() };
+        r.state = if resyncing { "resyncing".into() } else if next > last { "replicating".into() } else { "catching-up".into() };
         r.last_error = None;
     });
 
@@ -150,17 +150,21 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
                 };
                 match h.kind {
                     frame::ACK => {
-                        let (durable, _applied) = frame::parse_two_u64(&body)?;
+                        let (durable, frames) = frame::parse_two_u64(&body)?;
                         let oldest = {
                             let mut f = inflight.lock().unwrap();
                             f.acked = f.acked.max(durable);
+                            f.frames_acked = f.frames_acked.max(frames);
                             while f.batches.front().is_some_and(|b| b.0 <= durable) {
                                 let b = f.batches.pop_front().unwrap();
                                 f.bytes -= b.1;
                             }
                             f.batches.front().map(|b| b.2).unwrap_or(0)
                         };
-                        group.set_pin(&peer, durable + 1);
+                        let resyncing = group.in_dirty_mode(&peer);
+                        if !resyncing {
+                            group.set_pin(&peer, durable + 1);
+                        }
                         if saved.elapsed() > Duration::from_secs(1) {
                             group.save_pins_async().await;
                             saved = Instant::now();
@@ -169,14 +173,14 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
                         group.replication.update(&peer, |r| {
                             r.acked_seq = r.acked_seq.max(durable);
                             r.oldest_unacked_ns = oldest;
-                            if r.acked_seq >= last {
+                            if r.acked_seq >= last && !resyncing {
                                 if r.state != "replicating" {
                                     tracing::info!(event = "dr-caught-up", "replication of {} to {peer}: caught up at seq {}", group.name, r.acked_seq);
                                 }
                                 r.state = "replicating".into();
                             }
                         });
-                        if durable >= last {
+                        if durable >= last && !resyncing {
                             group.replication.clear_degraded();
                         }
                         acked_notify.notify_waiters();
@@ -189,7 +193,25 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
             anyhow::Ok(())
         })
     };
-    let result = ship(group, peer, st, &mut wr, &mut at, next, &inflight, &acked_notify, &ack_task).await;
+    let mut frames_sent = 0u64;
+    if resyncing {
+        match resync(group, peer, &mut wr, &inflight, &acked_notify, &ack_task, &mut frames_sent).await {
+            Ok(n) => next = n,
+            Err(e) => {
+                ack_task.abort();
+                return Err(e);
+            }
+        }
+    }
+    let mut at = match group.locate_seq(next) {
+        Some(p) => p,
+        None => {
+            ack_task.abort();
+            group.enter_dirty(&peer.name, None)?;
+            bail!("{} needs seq {next}, which the log no longer holds; resyncing", peer.name);
+        }
+    };
+    let result = ship(group, peer, st, &mut wr, &mut at, next, &inflight, &acked_notify, &ack_task, &mut frames_sent).await;
     ack_task.abort();
     result
 }
@@ -205,6 +227,7 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
     inflight: &Arc<Mutex<Inflight>>,
     acked_notify: &Arc<Notify>,
     ack_task: &tokio::task::JoinHandle<Result<()>>,
+    frames_sent: &mut u64,
 ) -> Result<()> {
     let epoch = group.epoch();
     let mut last_heartbeat = Instant::now() - st.heartbeat_interval;
@@ -213,6 +236,9 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
     loop {
         if ack_task.is_finished() {
             bail!("acknowledgement stream ended");
+        }
+        if group.in_dirty_mode(&peer.name) {
+            bail!("log cap reached: switching to dirty-region resync");
         }
         if last_heartbeat.elapsed() >= st.heartbeat_interval {
             let hb = frame::encode(frame::HEARTBEAT, epoch, &frame::two_u64(group.last_seq(), crate::util::now_ns()), false);
@@ -232,6 +258,7 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
                 let f = frame::encode(frame::RECORDS, epoch, &buf, peer.lz4);
                 wr.write_all(&f).await?;
                 wr.flush().await?;
+                *frames_sent += 1;
                 next = last_seq + 1;
                 {
                     let mut fl = inflight.lock().unwrap();
@@ -368,4 +395,93 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> R
         }
     }
     Ok((n, first_ts, last_seq, data))
+}
+
+/// Dirty-region resync (see `group::resync`): RESYNC_BEGIN, the current
+/// content of every dirty block, then RESYNC_COMMIT at the seq where the
+/// dirty set was found empty. Returns the seq to stream from afterwards.
+async fn resync<W: tokio::io::AsyncWrite + Unpin>(
+    group: &Arc<Group>,
+    peer: &PeerLink,
+    wr: &mut W,
+    inflight: &Arc<Mutex<Inflight>>,
+    acked_notify: &Arc<Notify>,
+    ack_task: &tokio::task::JoinHandle<Result<()>>,
+    frames_sent: &mut u64,
+) -> Result<u64> {
+    use crate::log::record::Kind;
+    let epoch = group.epoch();
+    let started = Instant::now();
+    let total = group.dirty_blocks(&peer.name);
+    tracing::info!(event = "dr-resyncing", "replication of {} to {}: resync of {total} dirty blocks", group.name, peer.name);
+    let mut sent: Vec<crate::group::resync::Run> = Vec::new();
+    let result: Result<u64> = async {
+        let begin = group.resync_control(Kind::ResyncBegin, 0, &[]);
+        wr.write_all(&frame::encode(frame::RECORDS, epoch, &begin, peer.lz4)).await?;
+        *frames_sent += 1;
+        let mut buf = Vec::new();
+        loop {
+            if ack_task.is_finished() {
+                bail!("acknowledgement stream ended during resync");
+            }
+            let runs = group.take_dirty(&peer.name, limits::RESYNC_BATCH_BLOCKS);
+            if runs.is_empty() {
+                let Some((seq, table)) = group.resync_point(&peer.name) else { continue };
+                let commit = group.resync_control(Kind::ResyncCommit, seq, &table);
+                wr.write_all(&frame::encode(frame::RECORDS, epoch, &commit, peer.lz4)).await?;
+                wr.flush().await?;
+                *frames_sent += 1;
+                let want = *frames_sent;
+                // Wait until the DR holds the commit durably.
+                loop {
+                    let notified = acked_notify.notified();
+                    if inflight.lock().unwrap().frames_acked >= want {
+                        break;
+                    }
+                    if ack_task.is_finished() {
+                        bail!("acknowledgement stream ended before the resync commit was acknowledged");
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+                }
+                return Ok(seq);
+            }
+            sent.extend_from_slice(&runs);
+            buf.clear();
+            let g = group.clone();
+            let (data, b) = tokio::task::spawn_blocking(move || {
+                let mut b = Vec::new();
+                g.resync_records(&runs, &mut b).map(|d| (d, b))
+            })
+            .await??;
+            buf = b;
+            let f = frame::encode(frame::RECORDS, epoch, &buf, peer.lz4);
+            wr.write_all(&f).await?;
+            *frames_sent += 1;
+            let left = group.dirty_blocks(&peer.name);
+            group.replication.update(&peer.name, |r| {
+                r.sent_bytes_total += f.len() as u64;
+                r.data_bytes_total += data;
+                r.lag_bytes = left * limits::BLOCK_BYTES;
+                r.state = "resyncing".into();
+            });
+        }
+    }
+    .await;
+    match result {
+        Ok(seq) => {
+            group.leave_dirty(&peer.name)?;
+            tracing::info!(event = "dr-resynced", "replication of {} to {}: resync committed at seq {seq} after {:?}", group.name, peer.name, started.elapsed());
+            group.replication.update(&peer.name, |r| {
+                r.acked_seq = r.acked_seq.max(seq);
+                r.sent_seq = seq;
+                r.state = "catching-up".into();
+            });
+            Ok(seq + 1)
+        }
+        Err(e) => {
+            // Whatever was sent may not be committed at the DR: send it again.
+            group.return_dirty(&peer.name, &sent);
+            Err(e)
+        }
+    }
 }

@@ -76,6 +76,14 @@ pub struct SiteConfig {
     pub heartbeat_interval_ms: u64,
     #[serde(default = "default_periodic_s")]
     pub periodic_interval_s: u64,
+    /// Log bytes per group beyond which a lagging DR site stops holding the
+    /// log and falls back to dirty-region resync (R3), e.g. "64GiB".
+    #[serde(default = "default_log_cap")]
+    pub replication_log_cap: String,
+}
+
+fn default_log_cap() -> String {
+    "64GiB".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -140,6 +148,7 @@ impl SiteConfig {
         if !["async", "refuse"].contains(&self.sync_loss.as_str()) {
             bail!("sync_loss {:?} is not one of async, refuse", self.sync_loss);
         }
+        crate::util::parse_size(&self.replication_log_cap).map_err(|e| anyhow::anyhow!("replication_log_cap: {e}"))?;
         if self.heartbeat_interval_ms == 0 || self.periodic_interval_s == 0 {
             bail!("heartbeat_interval_ms and periodic_interval_s must be positive");
         }

@@ -133,6 +133,9 @@ impl Site {
     fn configure_group(&self, g: &Group) {
         let loss = if self.cfg.sync_loss == "refuse" { crate::replicate::SyncLoss::Refuse } else { crate::replicate::SyncLoss::Async };
         g.replication.set_sync_loss(loss);
+        if let Ok(cap) = crate::util::parse_size(&self.cfg.replication_log_cap) {
+            g.log_cap.store(cap, std::sync::atomic::Ordering::Relaxed);
+        }
         if !self.read_only() {
             for p in &self.cfg.peers {
                 g.replication.add_replica(&p.name);

@@ -277,6 +277,11 @@ impl Deployment {
                 _tmp: None,
             });
         }
+        if std::env::var("TIDEMARK_KEEP").is_ok() {
+            eprintln!("keeping {}", tmp.path().display());
+            std::mem::forget(tmp);
+            return Deployment { dir, sites, _tmp: tempfile::tempdir().unwrap() };
+        }
         Deployment { dir, sites, _tmp: tmp }
     }
 
