@@ -83,6 +83,9 @@ pub(crate) struct Inner {
     /// Primary: blocks changed since a DR site left the log behind (R3),
     /// per peer and volume. Every write marks them while present.
     pub dirty: BTreeMap<String, BTreeMap<u32, resync::BlockRanges>>,
+    /// Dirty sets being built by `enter_dirty` (marked by writes already,
+    /// not yet visible to the sender).
+    pub dirty_pending: BTreeMap<String, BTreeMap<u32, resync::BlockRanges>>,
     /// DR site: blocks of a resync in progress, visible only at its commit.
     pub staging: Option<BTreeMap<(u32, u64), Entry>>,
 }
@@ -108,6 +111,10 @@ pub struct Group {
     /// Log bytes beyond which a lagging DR site's pin gives way to
     /// dirty-region tracking.
     pub log_cap: AtomicU64,
+    /// DR site: generation of the newest replication connection. Appends
+    /// from an older connection (still draining after a reconnect) are
+    /// refused, so a stale resync record can never land after a newer one.
+    pub receiver_gen: AtomicU64,
 }
 
 #[derive(Default)]
@@ -202,10 +209,10 @@ impl Inner {
             self.apply_resync(h, at, checked);
             return;
         }
-        if h.flags & FLAG_RELOCATED == 0 && !self.dirty.is_empty() && matches!(h.kind, Kind::Write | Kind::Zero | Kind::Trim) {
+        if h.flags & FLAG_RELOCATED == 0 && !(self.dirty.is_empty() && self.dirty_pending.is_empty()) && matches!(h.kind, Kind::Write | Kind::Zero | Kind::Trim) {
             let first = h.offset / BLOCK_BYTES;
             let n = h.length as u64 / BLOCK_BYTES;
-            for d in self.dirty.values_mut() {
+            for d in self.dirty.values_mut().chain(self.dirty_pending.values_mut()) {
                 d.entry(h.volume).or_default().insert(first, first + n);
             }
         }
@@ -429,6 +436,7 @@ impl Group {
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
+            receiver_gen: AtomicU64::new(0),
         });
         let g2 = g.clone();
         std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
@@ -601,7 +609,7 @@ impl Group {
 
     /// Appends a record received from the primary, byte for byte, after
     /// checking every checksum and that it is the next in sequence.
-    pub fn append_replicated(&self, raw: &[u8]) -> Result<(LogPos, Header), String> {
+    pub fn append_replicated(&self, raw: &[u8], gen: u64) -> Result<(LogPos, Header), String> {
         let hdr: [u8; HEADER_BYTES] = raw.get(..HEADER_BYTES).and_then(|b| b.try_into().ok()).ok_or("record shorter than a header")?;
         let h = Header::decode(&hdr).map_err(|e| format!("bad record: {e}"))?;
         if h.total_len() != raw.len() as u64 {
@@ -623,6 +631,9 @@ impl Group {
             }
         }
         let mut inner = self.lock();
+        if self.receiver_gen.load(Ordering::Acquire) != gen {
+            return Err("superseded by a newer replication connection".into());
+        }
         if resync {
             if h.kind != Kind::ResyncBegin && inner.staging.is_none() {
                 return Err("resync data without a resync in progress".into());
@@ -981,6 +992,15 @@ impl Group {
         }
     }
 
+    /// Stops background threads at once, without a final sync or checkpoint
+    /// (what a crash leaves; used by simulations before reopening the files).
+    pub fn abandon(&self) {
+        self.stop.store(true, Ordering::Release);
+        let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
+        req.1 = true;
+        self.sync_cv.notify_all();
+    }
+
     /// Stops background threads after a final sync and checkpoint.
     pub fn close(&self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
@@ -1053,4 +1073,4 @@ fn clip(bstart: u64, offset: u64, len: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

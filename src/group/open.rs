@@ -115,6 +115,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         seg_seqs,
         pins: BTreeMap::new(),
         dirty: BTreeMap::new(),
+        dirty_pending: BTreeMap::new(),
         staging: None,
     };
 

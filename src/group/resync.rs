@@ -99,18 +99,20 @@ impl Group {
     /// pin is dropped. With `from_seq = None` every mapped block is dirty (a
     /// full resync, when the log no longer holds what the peer needs).
     pub fn enter_dirty(&self, peer: &str, from_seq: Option<u64>) -> Result<()> {
-        let (start, tail) = {
+        // 1. Start marking live writes in a pending set, note the tail.
+        let tail = {
             let mut inner = self.lock_read();
-            if inner.dirty.contains_key(peer) {
+            if inner.dirty.contains_key(peer) || inner.dirty_pending.contains_key(peer) {
                 return Ok(());
             }
             let set = if from_seq.is_none() { inner.whole_volumes_dirty() } else { BTreeMap::new() };
-            inner.dirty.insert(peer.to_string(), set);
-            (from_seq, inner.tail_pos())
+            inner.dirty_pending.insert(peer.to_string(), set);
+            inner.tail_pos()
         };
-        if let Some(from) = start {
-            // Records the peer may lack, up to where live marking took over.
-            let mut runs: Vec<Run> = Vec::new();
+        // 2. Records the peer may lack, up to where live marking took over
+        //    (outside the lock: this reads log files).
+        let mut runs: Vec<Run> = Vec::new();
+        if let Some(from) = from_seq {
             if let Some(at) = self.locate_seq(from) {
                 let mut seg_id = pos_seg(at);
                 while seg_id <= pos_seg(tail) {
@@ -133,16 +135,21 @@ impl Group {
                     seg_id += 1;
                 }
             }
-            let mut inner = self.lock_read();
-            if let Some(d) = inner.dirty.get_mut(peer) {
-                for r in runs {
-                    d.entry(r.volume).or_default().insert(r.first, r.first + r.count);
-                }
-            }
         }
-        self.remove_pin(peer);
+        // 3. Atomically: the complete set becomes visible and the pin goes.
+        let blocks = {
+            let mut inner = self.lock_read();
+            let mut set = inner.dirty_pending.remove(peer).unwrap_or_default();
+            for r in runs {
+                set.entry(r.volume).or_default().insert(r.first, r.first + r.count);
+            }
+            let n: u64 = set.values().map(|s| s.len()).sum();
+            inner.dirty.insert(peer.to_string(), set);
+            inner.pins.remove(peer);
+            n
+        };
         self.save_pins_and_dirty()?;
-        tracing::warn!(event = "dr-resync-needed", "group {}: DR site {peer} switched to dirty-region tracking ({} blocks dirty)", self.name, self.dirty_blocks(peer));
+        tracing::warn!(event = "dr-resync-needed", "group {}: DR site {peer} switched to dirty-region tracking ({blocks} blocks dirty)", self.name);
         Ok(())
     }
 

@@ -268,7 +268,7 @@ mod garbage_on_disk {
     }
 }
 
-mod power_cut {
+pub(crate) mod power_cut {
     //! A faulty twin of the disk at power loss: copy the group directory as
     //! a power cut would leave it — each segment only up to the length it had
     //! when its last fdatasync started, segments whose directory entry was
@@ -306,7 +306,7 @@ mod power_cut {
         b
     }
 
-    fn cut_copy(g: &Group, to: &Path, rng: &mut rand::rngs::StdRng) {
+    pub(crate) fn cut_copy(g: &Group, to: &Path, rng: &mut rand::rngs::StdRng) {
         std::fs::create_dir_all(to).unwrap();
         for f in ["group.json", "checkpoint"] {
             if g.dir.join(f).exists() {

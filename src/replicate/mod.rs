@@ -18,6 +18,8 @@ pub mod heartbeat;
 pub mod receive;
 pub mod send;
 pub mod tls;
+#[cfg(test)]
+mod sim;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

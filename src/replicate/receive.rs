@@ -66,6 +66,45 @@ impl DrState {
     }
 }
 
+/// What the receiver needs from the site it runs in (the site itself, or a
+/// test harness driving the same code over an in-memory link).
+pub trait Host: Send + Sync + 'static {
+    fn site_name(&self) -> String;
+    /// The local group for a HELLO, created if needed; refuses (with the
+    /// reason) a primary site, a mismatched group id or a stale epoch.
+    fn accept_group(&self, hello: &Hello, epoch: u64) -> Result<Arc<Group>>;
+    fn dr(&self) -> &DrState;
+}
+
+impl Host for Site {
+    fn site_name(&self) -> String {
+        self.cfg.name.clone()
+    }
+    fn accept_group(&self, hello: &Hello, epoch: u64) -> Result<Arc<Group>> {
+        if !self.read_only() {
+            bail!("site {} is a primary; it does not take replication (split brain guard)", self.cfg.name);
+        }
+        crate::util::check_name("group", &hello.group).map_err(anyhow::Error::msg)?;
+        let g = self.group_for_replication(&hello.group, hello.group_id, &hello.mode)?;
+        check_group(&g, hello, epoch)?;
+        Ok(g)
+    }
+    fn dr(&self) -> &DrState {
+        &self.dr
+    }
+}
+
+/// Group identity and epoch checks shared by every host.
+pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
+    if g.id != hello.group_id {
+        bail!("group {} here has id {:#x}, the primary's has id {:#x}", g.name, g.id, hello.group_id);
+    }
+    if epoch < g.epoch() {
+        bail!("stale primary: epoch {epoch} is older than this site's epoch {}", g.epoch());
+    }
+    Ok(())
+}
+
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -96,7 +135,13 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     let allowed: Vec<String> = site.cfg.peers.iter().map(|p| p.name.clone()).collect();
     let peer = super::tls::peer_site(tls.get_ref().1.peer_certificates(), &allowed)
         .ok_or_else(|| anyhow!("refused: the client certificate names none of the configured peer sites {allowed:?}"))?;
-    let (mut rd, mut wr) = tokio::io::split(tls);
+    let host: Arc<dyn Host> = site;
+    receive(tls, host, peer).await
+}
+
+/// Runs the receiving side on an authenticated stream from site `peer`.
+pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(stream: S, site: Arc<dyn Host>, peer: String) -> Result<()> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
 
     let (h, body) = tokio::time::timeout(Duration::from_secs(10), frame::read_frame(&mut rd))
         .await
@@ -109,27 +154,29 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     if hello.site != peer {
         bail!("refused {peer}: HELLO claims to be site {:?}, its certificate says {peer:?}", hello.site);
     }
-    let group = match accept_group(&site, &hello, h.epoch) {
+    let group = match site.accept_group(&hello, h.epoch) {
         Ok(g) => g,
         Err(e) => {
             let msg = format!("{e:#}");
             wr.write_all(&frame::encode(frame::ERROR, 0, msg.as_bytes(), false)).await.ok();
             wr.flush().await.ok();
-            site.dr.update(&hello.group, |d| d.last_error = Some(msg.clone()));
+            site.dr().update(&hello.group, |d| d.last_error = Some(msg.clone()));
             bail!("refused {peer} for group {}: {msg}", hello.group);
         }
     };
-    let region = site.dr.region(&group)?;
+    let region = site.dr().region(&group)?;
+    // This connection supersedes any older one still draining.
+    let gen = group.receiver_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
     // Make what we hold durable, then say where to resume.
     let g2 = group.clone();
     tokio::task::spawn_blocking(move || g2.sync_to(g2.flush_target())).await??;
     let last = group.last_seq();
-    let reply = HelloReply { site: site.cfg.name.clone(), group: group.name.clone(), next_seq: last + 1, durable_seq: last };
+    let reply = HelloReply { site: site.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last };
     let epoch = group.epoch();
     wr.write_all(&frame::encode(frame::HELLO_REPLY, epoch, &serde_json::to_vec(&reply)?, false)).await?;
     wr.flush().await?;
     tracing::info!(event = "primary-connected", "replication: {peer} connected for group {} (resuming at seq {})", group.name, last + 1);
-    site.dr.update(&group.name, |d| {
+    site.dr().update(&group.name, |d| {
         d.primary = peer.clone();
         d.connected = true;
         d.last_error = None;
@@ -162,40 +209,26 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
         anyhow::Ok(())
     });
 
-    let result = receive_loop(&mut rd, &group, &site, &peer, &region, &tx).await;
+    let result = receive_loop(&mut rd, &group, &site, &peer, &region, &tx, gen).await;
     if let Err(e) = &result {
         let _ = tx.send(Out::Error(format!("{e:#}"))).await;
-        site.dr.update(&group.name, |d| d.last_error = Some(format!("{e:#}")));
+        site.dr().update(&group.name, |d| d.last_error = Some(format!("{e:#}")));
     }
     drop(tx);
     let _ = writer.await;
-    site.dr.update(&group.name, |d| d.connected = false);
+    site.dr().update(&group.name, |d| d.connected = false);
     tracing::info!(event = "primary-disconnected", "replication: {peer} disconnected from group {}", group.name);
     result
-}
-
-fn accept_group(site: &Site, hello: &Hello, epoch: u64) -> Result<Arc<Group>> {
-    if !site.read_only() {
-        bail!("site {} is a primary; it does not take replication (split brain guard)", site.cfg.name);
-    }
-    crate::util::check_name("group", &hello.group).map_err(anyhow::Error::msg)?;
-    let g = site.group_for_replication(&hello.group, hello.group_id, &hello.mode)?;
-    if g.id != hello.group_id {
-        bail!("group {} here has id {:#x}, the primary's has id {:#x}", g.name, g.id, hello.group_id);
-    }
-    if epoch < g.epoch() {
-        bail!("stale primary: epoch {epoch} is older than this site's epoch {}", g.epoch());
-    }
-    Ok(g)
 }
 
 async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     group: &Arc<Group>,
-    site: &Arc<Site>,
+    site: &Arc<dyn Host>,
     peer: &str,
     region: &Arc<Mutex<Region>>,
     tx: &mpsc::Sender<Out>,
+    gen: u64,
 ) -> Result<()> {
     let my_epoch = group.epoch();
     let mut frames = 0u64;
@@ -220,14 +253,14 @@ async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
                         if ordered && seq < g.last_seq() + 1 {
                             continue; // already have it (resent after a reconnect)
                         }
-                        let (end, _) = g.append_replicated(r).map_err(|e| anyhow!("{e}"))?;
+                        let (end, _) = g.append_replicated(r, gen).map_err(|e| anyhow!("{e}"))?;
                         last = Some(end);
                     }
                     Ok(last)
                 })
                 .await??;
                 frames += 1;
-                site.dr.update(&group.name, |d| d.received_bytes_total += wire + frame::HEADER_BYTES as u64);
+                site.dr().update(&group.name, |d| d.received_bytes_total += wire + frame::HEADER_BYTES as u64);
                 let end = last.unwrap_or_else(|| group.flush_target());
                 if tx.send(Out::Ack { end, seq: group.last_seq(), frames }).await.is_err() {
                     bail!("acknowledgement writer stopped");
@@ -238,7 +271,7 @@ async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
                 let r = region.clone();
                 let epoch = h.epoch;
                 let hb = tokio::task::spawn_blocking(move || r.lock().unwrap().store(seq, sent_ns, epoch)).await??;
-                site.dr.update(&group.name, |d| d.heartbeat = hb);
+                site.dr().update(&group.name, |d| d.heartbeat = hb);
             }
             k => bail!("unexpected frame kind {k} from {peer}"),
         }

@@ -92,6 +92,12 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
         .await
         .map_err(|_| anyhow!("TLS handshake with {} timed out", peer.name))?
         .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
+    run(group, peer, st, stream).await
+}
+
+/// Runs one replication session on an established (authenticated) stream:
+/// HELLO, resync if needed, then streaming until an error.
+pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(group: &Arc<Group>, peer: &PeerLink, st: &SendSettings, stream: S) -> Result<()> {
     let (mut rd, mut wr) = tokio::io::split(stream);
 
     let epoch = group.epoch();
@@ -414,7 +420,21 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
     let started = Instant::now();
     let total = group.dirty_blocks(&peer.name);
     tracing::info!(event = "dr-resyncing", "replication of {} to {}: resync of {total} dirty blocks", group.name, peer.name);
-    let mut sent: Vec<crate::group::resync::Run> = Vec::new();
+    // Blocks taken from the dirty set go back into it unless the DR
+    // acknowledged the commit, whether this future fails or is dropped.
+    struct Taken<'a> {
+        group: &'a Group,
+        peer: &'a str,
+        runs: Vec<crate::group::resync::Run>,
+    }
+    impl Drop for Taken<'_> {
+        fn drop(&mut self) {
+            if !self.runs.is_empty() {
+                self.group.return_dirty(self.peer, &self.runs);
+            }
+        }
+    }
+    let mut sent = Taken { group, peer: &peer.name, runs: Vec::new() };
     let result: Result<u64> = async {
         let begin = group.resync_control(Kind::ResyncBegin, 0, &[]);
         wr.write_all(&frame::encode(frame::RECORDS, epoch, &begin, peer.lz4)).await?;
@@ -445,7 +465,7 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
                 }
                 return Ok(seq);
             }
-            sent.extend_from_slice(&runs);
+            sent.runs.extend_from_slice(&runs);
             buf.clear();
             let g = group.clone();
             let (data, b) = tokio::task::spawn_blocking(move || {
@@ -469,6 +489,7 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
     .await;
     match result {
         Ok(seq) => {
+            sent.runs.clear();
             group.leave_dirty(&peer.name)?;
             tracing::info!(event = "dr-resynced", "replication of {} to {}: resync committed at seq {seq} after {:?}", group.name, peer.name, started.elapsed());
             group.replication.update(&peer.name, |r| {
@@ -478,10 +499,7 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
             });
             Ok(seq + 1)
         }
-        Err(e) => {
-            // Whatever was sent may not be committed at the DR: send it again.
-            group.return_dirty(&peer.name, &sent);
-            Err(e)
-        }
+        // Whatever was sent may not be committed at the DR: `sent` puts it back.
+        Err(e) => Err(e),
     }
 }
