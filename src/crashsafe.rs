@@ -11,7 +11,10 @@ use anyhow::{Context, Result};
 /// Atomically replaces `path` with `data`.
 pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
-    let tmp = path.with_extension("tmp");
+    // A unique temp name: concurrent writers of one file never share it.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     {
         let mut f = OpenOptions::new()
             .write(true)

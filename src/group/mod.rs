@@ -115,6 +115,7 @@ pub struct Group {
     /// from an older connection (still draining after a reconnect) are
     /// refused, so a stale resync record can never land after a newer one.
     pub receiver_gen: AtomicU64,
+    pins_lock: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -437,6 +438,7 @@ impl Group {
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
             receiver_gen: AtomicU64::new(0),
+            pins_lock: Mutex::new(()),
         });
         let g2 = g.clone();
         std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
@@ -532,6 +534,9 @@ impl Group {
     /// Persists the pins (`replicas.json`) so that after a restart GC keeps
     /// what each DR site needs before its sender reconnects.
     pub fn save_pins(&self) -> Result<()> {
+        // Serialized, with the snapshot taken inside: the file never goes
+        // back to an older state.
+        let _g = self.pins_lock.lock().unwrap_or_else(|p| p.into_inner());
         let state = {
             let inner = self.lock_read();
             PinsFile { pins: inner.pins.clone(), dirty: inner.dirty.keys().cloned().collect() }
