@@ -64,6 +64,8 @@ pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 pub const REPL_LOG_CAP_BYTES_DEFAULT: u64 = 64 * 1024 * 1024 * 1024;
 /// Blocks taken from a dirty set per resync batch.
 pub const RESYNC_BATCH_BLOCKS: u64 = 1024;
+/// Default time a sync write waits for a DR site before the loss policy applies.
+pub const SYNC_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Default interval of heartbeats in the replication stream.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Default shipping interval of periodic mode.

@@ -85,6 +85,10 @@ pub struct Replica {
 
 pub struct GroupReplication {
     mode: Mutex<Mode>,
+    /// How long a sync write waits for a DR site that has not acknowledged
+    /// it (disconnected, or connected but stalled) before the loss policy
+    /// applies.
+    sync_timeout: Mutex<std::time::Duration>,
     sync_loss: Mutex<SyncLoss>,
     /// Set once a sync group fell back to async because a DR site was lost.
     degraded: AtomicBool,
@@ -95,6 +99,7 @@ impl GroupReplication {
     pub fn new(mode: &str) -> GroupReplication {
         GroupReplication {
             mode: Mutex::new(Mode::parse(mode).unwrap_or(Mode::Async)),
+            sync_timeout: Mutex::new(std::time::Duration::from_millis(crate::limits::SYNC_TIMEOUT_MS_DEFAULT)),
             sync_loss: Mutex::new(SyncLoss::Async),
             degraded: AtomicBool::new(false),
             replicas: watch::channel(BTreeMap::new()).0,
@@ -110,6 +115,10 @@ impl GroupReplication {
         self.degraded.store(false, Ordering::Release);
         // Wake senders (periodic <-> continuous) and sync waiters.
         self.replicas.send_modify(|_| {});
+    }
+
+    pub fn set_sync_timeout(&self, t: std::time::Duration) {
+        *self.sync_timeout.lock().unwrap() = t;
     }
 
     pub fn set_sync_loss(&self, p: SyncLoss) {
@@ -156,26 +165,31 @@ impl GroupReplication {
     }
 
     /// In sync mode, waits until every DR site holds `seq` durably. A DR site
-    /// that is disconnected fails the write (refuse) or is skipped with an
-    /// event (async fallback).
+    /// that has not acknowledged it within the sync timeout (gone, or
+    /// stalled) fails the write (refuse) or is skipped with an event (async
+    /// fallback) until it has caught up again.
     pub async fn wait_replicated(&self, seq: u64) -> Result<(), String> {
         if self.mode() != Mode::Sync || self.degraded() {
             return Ok(());
         }
         let mut rx = self.replicas.subscribe();
-        let done = rx
-            .wait_for(|m| self.mode() != Mode::Sync || m.values().all(|r| r.acked_seq >= seq || !r.connected))
-            .await
-            .map(|m| m.values().filter(|r| r.acked_seq < seq && !r.connected).map(|r| r.site.clone()).collect::<Vec<_>>());
-        let lost = done.map_err(|_| "replication state closed".to_string())?;
+        let timeout = *self.sync_timeout.lock().unwrap();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|m| self.mode() != Mode::Sync || m.values().all(|r| r.acked_seq >= seq))).await;
+        if matches!(waited, Ok(Ok(_))) {
+            return Ok(());
+        }
+        let lost: Vec<String> = self.replicas.borrow().values().filter(|r| r.acked_seq < seq).map(|r| r.site.clone()).collect();
         if lost.is_empty() || self.mode() != Mode::Sync {
             return Ok(());
         }
         match *self.sync_loss.lock().unwrap() {
-            SyncLoss::Refuse => Err(format!("sync DR site {} lost before acknowledging seq {seq}; write refused (sync_loss = refuse)", lost.join(","))),
+            SyncLoss::Refuse => Err(format!(
+                "sync DR site {} did not acknowledge seq {seq} within {timeout:?}; write refused (sync_loss = refuse)",
+                lost.join(",")
+            )),
             SyncLoss::Async => {
                 if !self.degraded.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(event = "sync-degraded", "sync DR site {} lost: replicating asynchronously until it is back", lost.join(","));
+                    tracing::warn!(event = "sync-degraded", "sync DR site {} did not acknowledge within {timeout:?}: replicating asynchronously until it has caught up", lost.join(","));
                 }
                 Ok(())
             }

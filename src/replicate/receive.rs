@@ -114,7 +114,13 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
             if let Err(e) = connection(sock, acceptor, site).await {
-                tracing::warn!("replication: connection from {addr} ended: {e:#}");
+                // A primary that stops or loses the link just hangs up.
+                let hangup = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof));
+                if hangup {
+                    tracing::info!("replication: connection from {addr} closed: {e:#}");
+                } else {
+                    tracing::warn!("replication: connection from {addr} ended: {e:#}");
+                }
             }
         });
     }

@@ -72,6 +72,9 @@ pub struct SiteConfig {
     /// with an event) or `refuse` (fail writes until it is back).
     #[serde(default = "default_sync_loss")]
     pub sync_loss: String,
+    /// How long a sync write waits for a DR site before `sync_loss` applies.
+    #[serde(default = "default_sync_timeout_ms")]
+    pub sync_timeout_ms: u64,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
     #[serde(default = "default_periodic_s")]
@@ -113,6 +116,9 @@ impl Default for TlsSpec {
 
 fn default_sync_loss() -> String {
     "async".into()
+}
+fn default_sync_timeout_ms() -> u64 {
+    crate::limits::SYNC_TIMEOUT_MS_DEFAULT
 }
 fn default_heartbeat_ms() -> u64 {
     crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT

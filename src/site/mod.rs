@@ -133,6 +133,7 @@ impl Site {
     fn configure_group(&self, g: &Group) {
         let loss = if self.cfg.sync_loss == "refuse" { crate::replicate::SyncLoss::Refuse } else { crate::replicate::SyncLoss::Async };
         g.replication.set_sync_loss(loss);
+        g.replication.set_sync_timeout(std::time::Duration::from_millis(self.cfg.sync_timeout_ms));
         if let Ok(cap) = crate::util::parse_size(&self.cfg.replication_log_cap) {
             g.log_cap.store(cap, std::sync::atomic::Ordering::Relaxed);
         }
