@@ -14,6 +14,7 @@ pub mod volume;
 pub mod cli;
 pub mod client;
 pub mod nbd;
+pub mod oracle;
 pub mod replicate;
 pub mod site;
 pub mod up;

@@ -19,41 +19,10 @@ use common::{cmd_ok, wait_until, Deployment};
 
 const BLOCKS: u64 = 512;
 
-fn stamp(i: u64, block: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(4096);
-    while b.len() < 4096 {
-        b.extend_from_slice(&i.to_le_bytes());
-        b.extend_from_slice(&block.to_le_bytes());
-        b.extend_from_slice(b"convergn");
-    }
-    b.truncate(4096);
-    b
-}
+use tidemark::oracle::stamp;
 
-/// Returns k if `data` is exactly the state after stamped writes 1..k.
 fn prefix_of(data: &[u8]) -> Result<u64, String> {
-    let mut stamps = Vec::new();
-    let mut k = 0;
-    for b in 0..BLOCKS {
-        let blk = &data[(b * 4096) as usize..((b + 1) * 4096) as usize];
-        let i = u64::from_le_bytes(blk[0..8].try_into().unwrap());
-        if i == 0 {
-            if !blk.iter().all(|x| *x == 0) {
-                return Err(format!("block {b} is neither zero nor a stamp"));
-            }
-        } else if blk != &stamp(i, b)[..] || (i - 1) % BLOCKS != b {
-            return Err(format!("block {b} is torn or misplaced (stamp {i})"));
-        }
-        k = k.max(i);
-        stamps.push(i);
-    }
-    for b in 0..BLOCKS {
-        let expect = if k > b { k - ((k - 1 - b) % BLOCKS) } else { 0 };
-        if stamps[b as usize] != expect {
-            return Err(format!("block {b} holds write {} but writes 1..{k} leave {expect}", stamps[b as usize]));
-        }
-    }
-    Ok(k)
+    tidemark::oracle::prefix_of(data, BLOCKS)
 }
 
 #[test]

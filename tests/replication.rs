@@ -18,41 +18,11 @@ use rand::{Rng, SeedableRng};
 
 const BLOCKS: u64 = 512; // 2 MiB of stamped blocks
 
-fn stamp(i: u64, block: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(4096);
-    while b.len() < 4096 {
-        b.extend_from_slice(&i.to_le_bytes());
-        b.extend_from_slice(&block.to_le_bytes());
-        b.extend_from_slice(b"oraclewr");
-    }
-    b.truncate(4096);
-    b
-}
+use tidemark::oracle::stamp;
 
-/// Checks that `data` (BLOCKS blocks read in one request, i.e. one
-/// consistent snapshot) is exactly the state after writes 1..k, where write i
-/// stamps block (i - 1) % BLOCKS with i. Returns k.
+/// k if `data` (one consistent snapshot) is exactly writes 1..k; panics otherwise.
 fn prefix_of(data: &[u8], what: &str) -> u64 {
-    let mut k = 0;
-    let mut stamps = Vec::new();
-    for b in 0..BLOCKS {
-        let blk = &data[(b * 4096) as usize..((b + 1) * 4096) as usize];
-        let i = u64::from_le_bytes(blk[0..8].try_into().unwrap());
-        if i != 0 {
-            assert_eq!(blk, &stamp(i, b)[..], "{what}: block {b} is torn or foreign");
-            assert_eq!((i - 1) % BLOCKS, b, "{what}: block {b} holds write {i} meant for another block");
-        } else {
-            assert!(blk.iter().all(|x| *x == 0), "{what}: block {b} is neither zero nor a stamp");
-        }
-        k = k.max(i);
-        stamps.push(i);
-    }
-    // Exactly 1..k: every block holds the last write to it among 1..k.
-    for b in 0..BLOCKS {
-        let expect = if k > b { k - ((k - 1 - b) % BLOCKS) } else { 0 };
-        assert_eq!(stamps[b as usize], expect, "{what}: block {b} holds write {} but writes 1..{k} leave {expect} there", stamps[b as usize]);
-    }
-    k
+    tidemark::oracle::prefix_of(data, BLOCKS).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 fn oracle_round(seed: u64, mode: &str) {

@@ -614,7 +614,7 @@ impl Group {
 
     /// Appends a record received from the primary, byte for byte, after
     /// checking every checksum and that it is the next in sequence.
-    pub fn append_replicated(&self, raw: &[u8], gen: u64) -> Result<(LogPos, Header), String> {
+    pub fn append_replicated(&self, raw: &[u8], gen: u64) -> Result<Option<(LogPos, Header)>, String> {
         let hdr: [u8; HEADER_BYTES] = raw.get(..HEADER_BYTES).and_then(|b| b.try_into().ok()).ok_or("record shorter than a header")?;
         let h = Header::decode(&hdr).map_err(|e| format!("bad record: {e}"))?;
         if h.total_len() != raw.len() as u64 {
@@ -622,10 +622,6 @@ impl Group {
         }
         let checked = &raw[HEADER_BYTES..HEADER_BYTES + h.checked_body_len()];
         h.verify(&hdr, checked).map_err(|e| format!("record seq {}: {e}", h.seq))?;
-        if h.flags & FLAG_RELOCATED != 0 {
-            return Err(format!("record seq {} is a GC relocation; those are never replicated", h.seq));
-        }
-        let resync = h.flags & FLAG_RESYNC != 0 || h.kind == Kind::ResyncBegin;
         let body = &raw[HEADER_BYTES..];
         if h.kind == Kind::Write {
             let payload = &raw[HEADER_BYTES + checked.len()..];
@@ -636,29 +632,21 @@ impl Group {
             }
         }
         let mut inner = self.lock();
-        if self.receiver_gen.load(Ordering::Acquire) != gen {
-            return Err("superseded by a newer replication connection".into());
-        }
-        if resync {
-            if h.kind != Kind::ResyncBegin && inner.staging.is_none() {
-                return Err("resync data without a resync in progress".into());
-            }
-        } else if h.kind == Kind::ResyncCommit {
-            if inner.staging.is_none() {
-                return Err("resync commit without a resync in progress".into());
-            }
-            if h.seq + 1 < inner.next_seq {
-                return Err(format!("resync commit at seq {} is behind this site's seq {}", h.seq, inner.next_seq - 1));
-            }
-        } else if h.seq != inner.next_seq {
-            return Err(format!("record out of order: expected seq {}, got {}", inner.next_seq, h.seq));
-        }
-        if h.epoch < inner.epoch {
-            return Err(format!("record seq {} has epoch {} older than this site's {}", h.seq, h.epoch, inner.epoch));
+        let view = crate::replicate::decide::ReceiverView {
+            next_seq: inner.next_seq,
+            epoch: inner.epoch,
+            staging: inner.staging.is_some(),
+            current_gen: self.receiver_gen.load(Ordering::Acquire),
+            conn_gen: gen,
+        };
+        match crate::replicate::decide::receive_verdict(&view, &h) {
+            crate::replicate::decide::Verdict::Append => {}
+            crate::replicate::decide::Verdict::Duplicate => return Ok(None),
+            crate::replicate::decide::Verdict::Reject(reason) => return Err(reason),
         }
         let at = inner.append_bytes(self, &h, &[raw]).map_err(|e| e.to_string())?;
         inner.apply(&h, at, checked, Some(body));
-        Ok((inner.tail_pos(), h))
+        Ok(Some((inner.tail_pos(), h)))
     }
 
     // ---- data path -----------------------------------------------------

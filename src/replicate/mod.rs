@@ -13,6 +13,7 @@
 //! This file holds the per-group replication state shared by the NBD data
 //! path (sync mode waits here) and the admin API (status, metrics).
 
+pub mod decide;
 pub mod frame;
 pub mod heartbeat;
 pub mod receive;

@@ -253,14 +253,10 @@ async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
                 let last = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
                     let mut last = None;
                     for r in &owned {
-                        let seq = u64::from_le_bytes(r[16..24].try_into().unwrap());
-                        let flags = u16::from_le_bytes([r[6], r[7]]);
-                        let ordered = flags & crate::log::record::FLAG_RESYNC == 0 && r[5] != crate::log::record::Kind::ResyncBegin as u8 && r[5] != crate::log::record::Kind::ResyncCommit as u8;
-                        if ordered && seq < g.last_seq() + 1 {
-                            continue; // already have it (resent after a reconnect)
+                        // Duplicates (resent after a reconnect) come back as None.
+                        if let Some((end, _)) = g.append_replicated(r, gen).map_err(|e| anyhow!("{e}"))? {
+                            last = Some(end);
                         }
-                        let (end, _) = g.append_replicated(r, gen).map_err(|e| anyhow!("{e}"))?;
-                        last = Some(end);
                     }
                     Ok(last)
                 })

@@ -7,7 +7,6 @@
 //! On any error it reconnects with backoff and resumes from what the DR
 //! site holds; state and lag are published in `GroupReplication`.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use super::decide::{self, Window};
 use super::frame::{self, Hello, HelloReply};
 use super::Mode;
 use crate::group::Group;
@@ -37,16 +37,6 @@ pub struct SendSettings {
     pub site: String,
     pub heartbeat_interval: Duration,
     pub periodic_interval: Duration,
-}
-
-/// Batches in flight (sent, not yet acknowledged).
-#[derive(Default)]
-struct Inflight {
-    batches: VecDeque<(u64 /* last seq */, u64 /* bytes */, u64 /* oldest ts */)>,
-    bytes: u64,
-    acked: u64,
-    /// RECORDS frames of this connection the DR holds durably.
-    frames_acked: u64,
 }
 
 pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
@@ -120,18 +110,21 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     }
     let mut next = reply.next_seq.max(1);
     let last = group.last_seq();
-    if next > last + 1 {
-        bail!("{} holds seq {} but this primary's last is {last}: the DR copy is ahead (split brain?); refusing to replicate", peer.name, next - 1);
-    }
-    // The log no longer has what the DR needs: a full resync.
-    if !group.in_dirty_mode(&peer.name) && group.locate_seq(next).is_none() {
-        tracing::warn!("replication of {} to {}: it needs seq {next} but the log starts at seq {}; full resync", group.name, peer.name, group.oldest_seq().unwrap_or(0));
-        group.enter_dirty(&peer.name, None)?;
-    }
-    let resyncing = group.in_dirty_mode(&peer.name);
-    if !resyncing {
-        group.set_pin(&peer.name, reply.durable_seq + 1);
-    }
+    let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, group.locate_seq(next).is_some(), group.in_dirty_mode(&peer.name));
+    let resyncing = match plan {
+        decide::Start::Refuse(reason) => bail!("{}: {reason}; refusing to replicate", peer.name),
+        decide::Start::Resync { full } => {
+            if full {
+                tracing::warn!("replication of {} to {}: it needs seq {next} but the log starts at seq {}; full resync", group.name, peer.name, group.oldest_seq().unwrap_or(0));
+                group.enter_dirty(&peer.name, None)?;
+            }
+            true
+        }
+        decide::Start::Stream { pin, .. } => {
+            group.set_pin(&peer.name, pin);
+            false
+        }
+    };
     tracing::info!(event = "dr-connected", "replication of {} to {}: connected, {}", group.name, peer.name,
         if resyncing { "resyncing dirty regions".to_string() } else { format!("resuming at seq {next}") });
     group.replication.update(&peer.name, |r| {
@@ -142,7 +135,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
         r.last_error = None;
     });
 
-    let inflight = Arc::new(Mutex::new(Inflight { acked: reply.durable_seq, ..Default::default() }));
+    let inflight = Arc::new(Mutex::new(Window::new(reply.durable_seq)));
     let acked_notify = Arc::new(Notify::new());
     // Acknowledgements.
     group.save_pins_async().await;
@@ -157,16 +150,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                 match h.kind {
                     frame::ACK => {
                         let (durable, frames) = frame::parse_two_u64(&body)?;
-                        let oldest = {
-                            let mut f = inflight.lock().unwrap();
-                            f.acked = f.acked.max(durable);
-                            f.frames_acked = f.frames_acked.max(frames);
-                            while f.batches.front().is_some_and(|b| b.0 <= durable) {
-                                let b = f.batches.pop_front().unwrap();
-                                f.bytes -= b.1;
-                            }
-                            f.batches.front().map(|b| b.2).unwrap_or(0)
-                        };
+                        let oldest = inflight.lock().unwrap().ack(durable, frames);
                         let resyncing = group.in_dirty_mode(&peer);
                         if !resyncing {
                             group.set_pin(&peer, durable + 1);
@@ -230,7 +214,7 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut W,
     at: &mut LogPos,
     mut next: u64,
-    inflight: &Arc<Mutex<Inflight>>,
+    inflight: &Arc<Mutex<Window>>,
     acked_notify: &Arc<Notify>,
     ack_task: &tokio::task::JoinHandle<Result<()>>,
     frames_sent: &mut u64,
@@ -255,7 +239,7 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
         }
         let periodic = group.replication.mode() == Mode::Periodic;
         let may_ship = !periodic || last_ship.elapsed() >= st.periodic_interval;
-        let window_full = inflight.lock().unwrap().bytes >= limits::REPL_WINDOW_BYTES;
+        let window_full = inflight.lock().unwrap().full(limits::REPL_WINDOW_BYTES);
         let mut shipped = false;
         if may_ship && !window_full {
             let notified = group.appended.notified();
@@ -266,11 +250,7 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
                 wr.flush().await?;
                 *frames_sent += 1;
                 next = last_seq + 1;
-                {
-                    let mut fl = inflight.lock().unwrap();
-                    fl.batches.push_back((last_seq, buf.len() as u64, first_ts));
-                    fl.bytes += buf.len() as u64;
-                }
+                inflight.lock().unwrap().sent(last_seq, buf.len() as u64, first_ts);
                 let unsent = group.bytes_after(*at);
                 group.replication.update(&peer.name, |r| {
                     r.sent_seq = last_seq;
@@ -410,7 +390,7 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
     group: &Arc<Group>,
     peer: &PeerLink,
     wr: &mut W,
-    inflight: &Arc<Mutex<Inflight>>,
+    inflight: &Arc<Mutex<Window>>,
     acked_notify: &Arc<Notify>,
     ack_task: &tokio::task::JoinHandle<Result<()>>,
     frames_sent: &mut u64,
