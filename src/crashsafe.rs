@@ -8,8 +8,16 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Atomically replaces `path` with `data`.
+/// Atomically replaces `path` with `data` (mode 0644).
 pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    write_file_mode(path, data, 0o644)
+}
+
+/// Atomically replaces `path` with `data`; the temp file is created with
+/// `mode`, so a secret (a TLS key) is never readable by others, not even
+/// briefly.
+pub fn write_file_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("path has no parent directory")?;
     // A unique temp name: concurrent writers of one file never share it.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -18,8 +26,8 @@ pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(mode)
             .open(&tmp)
             .with_context(|| format!("failed to create {}", tmp.display()))?;
         f.write_all(data).with_context(|| format!("failed to write {}", tmp.display()))?;

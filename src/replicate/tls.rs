@@ -34,8 +34,7 @@
 //! revoke a site, create a new deployment CA and reissue.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -147,9 +146,9 @@ pub fn create_deployment_pki(dir: &Path, deployment: &str, sites: &[String]) -> 
                 pki.join("ca.key").display()
             )
         })?;
-        write_file_mode(&files.key, key_pem.as_bytes(), 0o600)?;
-        write_file_mode(&files.cert, cert_pem.as_bytes(), 0o644)?;
-        write_file_mode(&files.ca, ca_pem.as_bytes(), 0o644)?;
+        crate::crashsafe::write_file_mode(&files.key, key_pem.as_bytes(), 0o600)?;
+        crate::crashsafe::write_file_mode(&files.cert, cert_pem.as_bytes(), 0o644)?;
+        crate::crashsafe::write_file_mode(&files.ca, ca_pem.as_bytes(), 0o644)?;
     }
     Ok(())
 }
@@ -188,8 +187,8 @@ fn load_or_create_ca(pki: &Path, deployment: &str) -> Result<(String, Issuer<'st
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let cert = params.self_signed(&key).context("failed to self-sign the deployment CA")?;
     let cert_pem = cert.pem();
-    write_file_mode(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_file_mode(&cert_path, cert_pem.as_bytes(), 0o644)?;
+    crate::crashsafe::write_file_mode(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    crate::crashsafe::write_file_mode(&cert_path, cert_pem.as_bytes(), 0o644)?;
     Ok((cert_pem, Issuer::new(params, key)))
 }
 
@@ -371,35 +370,6 @@ fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
         Some(parent) => crate::crashsafe::fsync_dir(parent),
         None => Ok(()),
     }
-}
-
-/// Crash-safe write (temp file, fsync, rename, fsync dir) whose temp file is
-/// created with `mode`, so a key is never readable by others, not even briefly.
-fn write_file_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().context("path has no parent directory")?;
-    let mut tmp_name = path.file_name().context("path has no file name")?.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    // A stale temp file from a crash may carry another mode; `mode` applies
-    // only on creation.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("failed to remove stale {}", tmp.display())),
-    }
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("failed to create {}", tmp.display()))?;
-        f.write_all(data).with_context(|| format!("failed to write {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("failed to fsync {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("failed to rename {} to {}", tmp.display(), path.display()))?;
-    crate::crashsafe::fsync_dir(dir)
 }
 
 #[cfg(test)]
