@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{cmd_ok, disk_usage, Site};
 
 const GIB: u64 = 1 << 30;
-const LOG_RESERVE_BYTES: u64 = (64 + 128 + 64) << 20; // limits::LOG_RESERVE_BYTES
+use tidemark::limits::LOG_RESERVE_BYTES;
 
 fn fio(args: &[&str]) -> serde_json::Value {
     let mut a = vec!["--output-format=json"];
