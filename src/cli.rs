@@ -143,7 +143,22 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
                         println!("    volume {} {}", v["name"].as_str().unwrap_or("?"), human_size(v["size"].as_u64().unwrap_or(0)));
                     }
                     for r in g["replicas"].as_array().into_iter().flatten() {
-                        println!("    replica {} {} applied_seq {} lag {}s", r["site"], r["state"], r["applied_seq"], r["lag_seconds"]);
+                        println!(
+                            "    replica {} {} applied_seq {} lag {} writes {:.3}s",
+                            r["site"].as_str().unwrap_or("?"),
+                            r["state"].as_str().unwrap_or("?"),
+                            r["applied_seq"],
+                            r["lag_writes"],
+                            r["lag_seconds"].as_f64().unwrap_or(0.0)
+                        );
+                    }
+                    if let Some(p) = g.get("primary") {
+                        let age = g["heartbeat"]["age_seconds"].as_f64().map(|a| format!("{a:.1}s ago")).unwrap_or_else(|| "never".into());
+                        println!(
+                            "    from primary {} ({}), last heartbeat {age}",
+                            p["site"].as_str().unwrap_or("?"),
+                            if p["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" }
+                        );
                     }
                 }
                 return Ok(());
