@@ -116,6 +116,7 @@ pub struct Group {
     /// refused, so a stale resync record can never land after a newer one.
     pub receiver_gen: AtomicU64,
     pins_lock: Mutex<()>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -439,14 +440,16 @@ impl Group {
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
             receiver_gen: AtomicU64::new(0),
             pins_lock: Mutex::new(()),
+            threads: Mutex::new(Vec::new()),
         });
         let g2 = g.clone();
-        std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
+        let t1 = std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
         let g3 = g.clone();
-        std::thread::Builder::new()
+        let t2 = std::thread::Builder::new()
             .name(format!("maint-{}", meta.name))
             .spawn(move || g3.maintenance_thread())
             .expect("spawn maintenance thread");
+        g.threads.lock().unwrap().extend([t1, t2]);
         g
     }
 
@@ -989,9 +992,17 @@ impl Group {
     /// (what a crash leaves; used by simulations before reopening the files).
     pub fn abandon(&self) {
         self.stop.store(true, Ordering::Release);
-        let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
-        req.1 = true;
-        self.sync_cv.notify_all();
+        {
+            let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
+            req.1 = true;
+            self.sync_cv.notify_all();
+        }
+        // Wait for them, so that nothing writes to the files any more.
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            t.thread().unpark();
+            let _ = t.join();
+        }
     }
 
     /// Stops background threads after a final sync and checkpoint.
@@ -1033,13 +1044,14 @@ impl Group {
     fn maintenance_thread(self: Arc<Self>) {
         let interval = std::time::Duration::from_millis(crate::limits::MAINTENANCE_INTERVAL_MS);
         while !self.stop.load(Ordering::Acquire) {
-            std::thread::sleep(interval);
+            // Parked rather than slept, so that stopping does not wait.
+            std::thread::park_timeout(interval);
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             if let Err(e) = self.maintain() {
                 tracing::error!("group {}: maintenance failed: {e:#}", self.name);
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                std::thread::park_timeout(std::time::Duration::from_secs(1));
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Seeded simulation of replication: the real sender (`send::run`) and the
 //! real receiver (`receive::receive`) over an in-memory link that is cut at
-//! random byte counts, with DR power cuts (the DR's files copied as a power
-//! loss would leave them, then reopened), primary-side switches to
+//! random byte counts and stalled now and then, with DR power cuts (the DR's
+//! files copied as a power loss would leave them, then reopened), primary
+//! process crashes (reopened from its files), primary-side switches to
 //! dirty-region resync, and writes interleaved at random.
 //!
 //! Safety, checked after every step: the DR's volume always shows exactly
@@ -13,6 +14,7 @@
 //! `SIM_SEED=<seed> cargo test --release --lib sim` replays that schedule
 //! (thread timing still varies between runs; the fault plan does not).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -36,10 +38,13 @@ fn prefix_of(data: &[u8]) -> Result<u64, String> {
     crate::oracle::prefix_of(data, BLOCKS)
 }
 
-/// A link end that breaks (like a cut cable) after writing `left` bytes.
+/// A link end that breaks (like a cut cable) after writing `left` bytes,
+/// and stalls now and then (a slow or congested link).
 struct CutAfter<S> {
     inner: S,
     left: Option<usize>,
+    rng: rand::rngs::StdRng,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for CutAfter<S> {
@@ -50,6 +55,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for CutAfter<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for CutAfter<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Some(s) = self.stall.as_mut() {
+            if s.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.stall = None;
+        } else if self.rng.random_bool(0.05) {
+            let d = Duration::from_micros(self.rng.random_range(100..3000));
+            self.stall = Some(Box::pin(tokio::time::sleep(d)));
+            return self.poll_write(cx, buf);
+        }
         let n = match self.left {
             Some(0) => return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "simulated cut"))),
             Some(l) => buf.len().min(l),
@@ -102,7 +117,7 @@ impl Link {
 
 fn connect(rt: &tokio::runtime::Runtime, p: &Arc<Group>, host: &Arc<DrHost>, cut_after: Option<usize>) -> Link {
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let a = CutAfter { inner: a, left: cut_after };
+    let a = CutAfter { inner: a, left: cut_after, rng: rand::rngs::StdRng::seed_from_u64(cut_after.unwrap_or(7) as u64), stall: None };
     let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: cut_after.is_some_and(|c| c % 2 == 0) };
     let st = SendSettings { site: "a".into(), heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_secs(1) };
     let pg = p.clone();
@@ -128,7 +143,7 @@ fn schedule(seed: u64) -> Result<(), String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::Builder::new().prefix("tidemark-sim").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
-    let p = Group::open(&dir.path().join("p"), "cg0").map_err(|e| e.to_string())?;
+    let mut p = Group::open(&dir.path().join("p"), "cg0").map_err(|e| e.to_string())?;
     let vol = p.create_volume("v", BLOCKS * 4096).map_err(|e| e.to_string())?;
     p.replication.add_replica("b");
     let create = Create { id: Some(p.id), mode: "async".into() };
@@ -183,13 +198,24 @@ fn schedule(seed: u64) -> Result<(), String> {
                 }
                 *host.group.lock().unwrap() = d;
             }
+            9 => {
+                // Primary process crash (SIGKILL: the page cache survives):
+                // reopen from the same files; the sender starts over from
+                // what the DR says, with the pins persisted on disk.
+                if let Some(mut l) = link.take() {
+                    l.cut();
+                }
+                p.abandon();
+                p = Group::open(&dir.path().join("p"), "cg0").map_err(|e| ctx(format!("primary log does not open after a crash: {e:#}")))?;
+                p.replication.add_replica("b");
+            }
             8 => {
                 // The log cap (or a lost log) sends the DR to dirty-region resync.
                 let full = rng.random_bool(0.3);
                 let pin = p.replication.replicas().first().map(|r| r.acked_seq + 1).unwrap_or(1);
                 p.enter_dirty("b", if full { None } else { Some(pin) }).map_err(|e| ctx(e.to_string()))?;
             }
-            _ => {}
+            _ => unreachable!(),
         }
         let pause = Duration::from_micros(rng.random_range(0..3000));
         rt.block_on(async { tokio::time::sleep(pause).await });
