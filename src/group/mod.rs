@@ -125,7 +125,7 @@ pub struct GroupStats {
     pub gc_segments_freed: AtomicU64,
     pub checkpoints: AtomicU64,
     pub syncs: AtomicU64,
-    /// Longest time a writer waited for the group lock, in microseconds (reset by metrics scrape? no: monotonic max).
+    /// Longest time a writer waited for the group lock since start, in microseconds.
     pub write_lock_wait_max_us: AtomicU64,
 }
 
@@ -534,8 +534,9 @@ impl Group {
         self.lock_read().pins.insert(peer.to_string(), seq);
     }
 
-    /// Persists the pins (`replicas.json`) so that after a restart GC keeps
-    /// what each DR site needs before its sender reconnects.
+    /// Persists the pins and the peers in dirty-region mode (`replicas.json`)
+    /// so that after a restart GC keeps what each DR site needs before its
+    /// sender reconnects, and a peer that was in dirty mode gets a full resync.
     pub fn save_pins(&self) -> Result<()> {
         // Serialized, with the snapshot taken inside: the file never goes
         // back to an older state.

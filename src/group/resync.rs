@@ -148,7 +148,7 @@ impl Group {
             inner.pins.remove(peer);
             n
         };
-        self.save_pins_and_dirty()?;
+        self.save_pins()?;
         tracing::warn!(event = "dr-resync-needed", "group {}: DR site {peer} switched to dirty-region tracking ({blocks} blocks dirty)", self.name);
         Ok(())
     }
@@ -197,13 +197,6 @@ impl Group {
     /// The DR acknowledged the commit: back to streaming from the log.
     pub fn leave_dirty(&self, peer: &str) -> Result<()> {
         self.lock_read().dirty.remove(peer);
-        self.save_pins_and_dirty()
-    }
-
-    /// Persists pins and which peers are in dirty mode (after a primary
-    /// restart, a peer that was in dirty mode gets a full resync: the dirty
-    /// set itself lives in memory).
-    pub fn save_pins_and_dirty(&self) -> Result<()> {
         self.save_pins()
     }
 

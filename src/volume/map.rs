@@ -9,8 +9,6 @@
 //! at all: under the 32 bytes per mapped block budget for any realistic
 //! fill, and a thin 64 TiB volume costs 4 MiB.
 
-use crate::limits::BLOCK_BYTES;
-
 pub const CHUNK_BLOCKS: usize = 64;
 /// A sparse chunk turns dense once it holds more than this many entries
 /// (at that point the dense form is no larger).
@@ -262,14 +260,10 @@ impl BlockMap {
     }
 }
 
-/// Bytes of volume covered by one block.
-pub const fn block_bytes() -> u64 {
-    BLOCK_BYTES
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::BLOCK_BYTES;
     use rand::{Rng, SeedableRng};
 
     fn data(i: u32) -> Entry {
