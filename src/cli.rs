@@ -64,6 +64,32 @@ pub enum Cmd {
     /// Consistency group settings.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Snapshots (replicated: every DR site performs the same operation at
+    /// the same place in the write stream).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Snapshot VOL (a volume, or VOL@SNAP for a snapshot of a snapshot) as SNAP.
+    Create {
+        volume: String,
+        snapshot: String,
+        /// Writable snapshot (its writes replicate to its DR twins).
+        #[arg(long)]
+        writable: bool,
+    },
+    /// The snapshot tree (of VOL, or of every volume).
+    List { volume: Option<String> },
+    /// Make VOL what SNAP holds.
+    Restore { volume: String, snapshot: String },
+    /// Make SNAP what VOL holds now.
+    Refresh { volume: String, snapshot: String },
+    /// Make snapshot SNAP_B equal to snapshot SNAP_A.
+    Sync { snap_a: String, snap_b: String },
+    /// Delete snapshot SNAP of VOL.
+    Delete { volume: String, snapshot: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,8 +237,66 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             }
             v
         }
+        Cmd::Snapshot(c) => match run_snapshot(&api, c, cli.json)? {
+            Some(v) => v,
+            None => return Ok(()),
+        },
         Cmd::Up { .. } | Cmd::Site { .. } | Cmd::Init { .. } => unreachable!("handled by main"),
     };
     println!("{out}");
     Ok(())
+}
+
+/// `snapshot ...`: returns the JSON to print, or None when it printed text.
+fn run_snapshot(api: &str, c: &SnapshotCmd, json_out: bool) -> Result<Option<Value>> {
+    let (v, text) = match c {
+        SnapshotCmd::Create { volume, snapshot, writable } => {
+            let v = crate::client::call(api, "POST", "/snapshots", Some(&json!({"volume": volume, "name": snapshot, "writable": writable})))?;
+            let t = format!("created snapshot {} of {volume} at seq {}", v["name"].as_str().unwrap_or("?"), v["created_seq"]);
+            (v, t)
+        }
+        SnapshotCmd::List { volume } => {
+            let path = match volume {
+                Some(vol) => format!("/snapshots?volume={}", vol.replace('@', "%40")),
+                None => "/snapshots".into(),
+            };
+            let v = crate::client::call(api, "GET", &path, None)?;
+            let mut t = String::from("NAME\tPARENT\tSEQ\tCREATED\tSIZE\tUNIQUE\tMODE");
+            for x in v.as_array().into_iter().flatten() {
+                t.push_str(&format!(
+                    "\n{}\t{}\t{}\t{}\t{}\t{}\t{}{}",
+                    x["name"].as_str().unwrap_or("?"),
+                    x["parent"].as_str().unwrap_or("?"),
+                    x["created_seq"],
+                    x["created"].as_str().unwrap_or("?"),
+                    human_size(x["size"].as_u64().unwrap_or(0)),
+                    human_size(x["unique_bytes"].as_u64().unwrap_or(0)),
+                    if x["writable"].as_bool() == Some(true) { "rw" } else { "ro" },
+                    if x["retained"].as_bool() == Some(true) { " (retained: deleted at the primary)" } else { "" },
+                ));
+            }
+            (v, t)
+        }
+        SnapshotCmd::Restore { volume, snapshot } => {
+            let v = crate::client::call(api, "POST", "/snapshots/restore", Some(&json!({"volume": volume, "snapshot": snapshot})))?;
+            (v, format!("restored {volume} from snapshot {snapshot}"))
+        }
+        SnapshotCmd::Refresh { volume, snapshot } => {
+            let v = crate::client::call(api, "POST", "/snapshots/refresh", Some(&json!({"volume": volume, "snapshot": snapshot})))?;
+            (v, format!("refreshed snapshot {snapshot} from {volume}"))
+        }
+        SnapshotCmd::Sync { snap_a, snap_b } => {
+            let v = crate::client::call(api, "POST", "/snapshots/sync", Some(&json!({"from": snap_a, "to": snap_b})))?;
+            (v, format!("snapshot {snap_b} now equals {snap_a}"))
+        }
+        SnapshotCmd::Delete { volume, snapshot } => {
+            let v = crate::client::call(api, "DELETE", &format!("/snapshots/{volume}/{snapshot}"), None)?;
+            (v, format!("deleted snapshot {snapshot} of {volume}"))
+        }
+    };
+    if json_out {
+        return Ok(Some(v));
+    }
+    println!("{text}");
+    Ok(None)
 }

@@ -88,3 +88,7 @@ const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);
 // A batch, or one maximal record (which may exceed a batch alone), fits a frame.
 const _: () = assert!(REPL_BATCH_BYTES <= 40 * 1024 * 1024);
 const _: () = assert!(64 + NBD_REQUEST_BYTES_MAX as u64 * 1025 / 1024 <= 40 * 1024 * 1024);
+
+/// Volumes plus snapshots in one consistency group. Every map is walked by
+/// GC accounting and checkpoints, so the count is bounded.
+pub const MAPS_PER_GROUP_MAX: usize = 4096;

@@ -41,6 +41,24 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `2026-11-22T03:00:00.123Z` for nanoseconds since the Unix epoch (UTC).
+pub fn rfc3339(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let ms = (ns / 1_000_000) % 1000;
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
@@ -63,6 +81,13 @@ mod tests {
         assert!(parse_size("1X").is_err());
         assert!(parse_size("99999999999999999999").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(1_795_316_400_123_000_000), "2026-11-22T03:00:00.123Z");
+        assert_eq!(super::rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

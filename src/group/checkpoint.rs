@@ -6,8 +6,11 @@
 //! ```text
 //! magic "TMCKPT01" | u32 version | u32 crc32c(body) | u64 body_len | body
 //! body: u64 replay_pos | u64 next_seq | u64 epoch | u32 next_volume_id | u64 group_id | u32 volumes
-//!   per volume: u32 id | u64 size | u16 name_len | name | u64 runs
-//!     per run: u64 first_block | u32 count | count x (u32 seg | u32 off | u32 crc)
+//!   per map: u32 id | u64 size | u16 name_len | name | u32 meta_len | meta (JSON
+//!            snapshot metadata, empty for a volume) | u32 regions
+//!     per 128 MiB region: u8 tag
+//!       0: never written | 1: u32 id of an earlier map sharing it (stored once) |
+//!       2: u64 runs, per run: u64 first_block | u32 count | count x (u32 seg | u32 off | u32 crc)
 //!   u32 segments | per segment: u32 id | u64 first seq | u64 last seq
 //! ```
 
@@ -17,11 +20,12 @@ use anyhow::{bail, Context, Result};
 
 use super::{Group, Inner};
 use crate::log::segment::LogPos;
-use crate::volume::map::Entry;
+use crate::volume::map::{Entry, REGION_BLOCKS};
 use crate::volume::Volume;
 
 const MAGIC: &[u8; 8] = b"TMCKPT01";
-const VERSION: u32 = 1;
+/// 2: snapshot metadata and shared regions.
+const VERSION: u32 = 2;
 pub const FILE_NAME: &str = "checkpoint";
 
 pub struct Checkpoint {
@@ -44,38 +48,30 @@ pub(crate) fn encode(inner: &Inner, group_id: u64) -> (LogPos, Vec<u8>) {
     body.extend_from_slice(&inner.next_volume_id.to_le_bytes());
     body.extend_from_slice(&group_id.to_le_bytes());
     body.extend_from_slice(&(inner.volumes.len() as u32).to_le_bytes());
+    let mut done: Vec<&Volume> = Vec::new();
     for v in inner.volumes.values() {
         body.extend_from_slice(&v.id.to_le_bytes());
         body.extend_from_slice(&v.size.to_le_bytes());
         body.extend_from_slice(&(v.name.len() as u16).to_le_bytes());
         body.extend_from_slice(v.name.as_bytes());
-        let runs_at = body.len();
-        body.extend_from_slice(&0u64.to_le_bytes());
-        let mut runs = 0u64;
-        let mut count_at = 0usize;
-        let mut next_block = u64::MAX;
-        let mut count = 0u32;
-        v.map.for_each_mapped(|b, e| {
-            if b != next_block || count == u32::MAX {
-                if runs > 0 {
-                    body[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
-                }
-                runs += 1;
-                body.extend_from_slice(&b.to_le_bytes());
-                count_at = body.len();
-                body.extend_from_slice(&0u32.to_le_bytes());
-                count = 0;
+        let meta = v.snap.as_ref().map(|m| serde_json::to_vec(m).unwrap_or_default()).unwrap_or_default();
+        body.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        body.extend_from_slice(&meta);
+        body.extend_from_slice(&(v.map.regions() as u32).to_le_bytes());
+        for r in 0..v.map.regions() {
+            if !v.map.region_present(r) {
+                body.push(0);
+                continue;
             }
-            body.extend_from_slice(&e.seg.to_le_bytes());
-            body.extend_from_slice(&e.off.to_le_bytes());
-            body.extend_from_slice(&e.crc.to_le_bytes());
-            count += 1;
-            next_block = b + 1;
-        });
-        if runs > 0 {
-            body[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+            if let Some(w) = done.iter().find(|w| w.map.region_present(r) && w.map.region_shared(&v.map, r)) {
+                body.push(1);
+                body.extend_from_slice(&w.id.to_le_bytes());
+                continue;
+            }
+            body.push(2);
+            encode_runs(&v.map, r, &mut body);
         }
-        body[runs_at..runs_at + 8].copy_from_slice(&runs.to_le_bytes());
+        done.push(v);
     }
     body.extend_from_slice(&(inner.seg_seqs.len() as u32).to_le_bytes());
     for (seg, (lo, hi)) in &inner.seg_seqs {
@@ -90,6 +86,38 @@ pub(crate) fn encode(inner: &Inner, group_id: u64) -> (LogPos, Vec<u8>) {
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&body);
     (at, out)
+}
+
+/// The mapped entries of region `r` as runs of consecutive blocks.
+fn encode_runs(map: &crate::volume::map::BlockMap, r: usize, body: &mut Vec<u8>) {
+    let from = r as u64 * REGION_BLOCKS;
+    let runs_at = body.len();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    let mut runs = 0u64;
+    let mut count_at = 0usize;
+    let mut next_block = u64::MAX;
+    let mut count = 0u32;
+    map.for_each_mapped_in(from, from + REGION_BLOCKS, |b, e| {
+        if b != next_block {
+            if runs > 0 {
+                body[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+            }
+            runs += 1;
+            body.extend_from_slice(&b.to_le_bytes());
+            count_at = body.len();
+            body.extend_from_slice(&0u32.to_le_bytes());
+            count = 0;
+        }
+        body.extend_from_slice(&e.seg.to_le_bytes());
+        body.extend_from_slice(&e.off.to_le_bytes());
+        body.extend_from_slice(&e.crc.to_le_bytes());
+        count += 1;
+        next_block = b + 1;
+    });
+    if runs > 0 {
+        body[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    }
+    body[runs_at..runs_at + 8].copy_from_slice(&runs.to_le_bytes());
 }
 
 /// A cursor that refuses to read past the end (names the field it wanted).
@@ -155,18 +183,46 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         let nlen = c.u16("name length")? as usize;
         let name = String::from_utf8(c.take(nlen, "volume name")?.to_vec()).context("volume name is not UTF-8")?;
         let mut v = Volume::new(id, name, size);
-        let runs = c.u64("run count")?;
-        for _ in 0..runs {
-            let first = c.u64("run start")?;
-            let count = c.u32("run length")? as u64;
-            if first.checked_add(count).is_none_or(|end| end > v.map.blocks()) {
-                bail!("run {first}+{count} outside volume {id}");
-            }
-            for b in first..first + count {
-                let seg = c.u32("entry")?;
-                let off = c.u32("entry")?;
-                let crc = c.u32("entry")?;
-                v.map.set(b, Entry { seg, off, crc });
+        let meta_len = c.u32("snapshot metadata length")? as usize;
+        if meta_len > 0 {
+            let m = c.take(meta_len, "snapshot metadata")?;
+            v.snap = Some(serde_json::from_slice(m).with_context(|| format!("snapshot metadata of map {id} is not valid"))?);
+        }
+        let regions = c.u32("region count")? as usize;
+        if regions != v.map.regions() {
+            bail!("map {id} has {regions} regions, its size needs {}", v.map.regions());
+        }
+        for r in 0..regions {
+            match c.take(1, "region tag")?[0] {
+                0 => {}
+                1 => {
+                    let other = c.u32("shared region owner")?;
+                    let Some(w) = volumes.iter().find(|w: &&Volume| w.id == other) else {
+                        bail!("map {id} region {r} refers to map {other}, which is not before it");
+                    };
+                    if r >= w.map.regions() {
+                        bail!("map {id} region {r} refers to map {other}, which has no such region");
+                    }
+                    v.map.adopt_region(&w.map, r);
+                }
+                2 => {
+                    let runs = c.u64("run count")?;
+                    for _ in 0..runs {
+                        let first = c.u64("run start")?;
+                        let count = c.u32("run length")? as u64;
+                        let (lo, hi) = (r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS);
+                        if first < lo || first.checked_add(count).is_none_or(|end| end > v.map.blocks() || end > hi) {
+                            bail!("run {first}+{count} outside region {r} of map {id}");
+                        }
+                        for b in first..first + count {
+                            let seg = c.u32("entry")?;
+                            let off = c.u32("entry")?;
+                            let crc = c.u32("entry")?;
+                            v.map.set(b, Entry { seg, off, crc });
+                        }
+                    }
+                }
+                t => bail!("map {id} region {r} has unknown tag {t}"),
             }
         }
         volumes.push(v);

@@ -11,9 +11,10 @@
 //! - A segment is unlinked only after the log is durable up to the tail
 //!   (relocations and the overwrites that made its blocks dead are on disk).
 //!
-//! Pinning (later issues): snapshots, recovery points and DR cursors add
-//! their own references to segments; a segment is freed only when its live
-//! count from *every* map is zero and no pin covers it. See ARCHITECTURE.md.
+//! Snapshots are maps like volumes: a segment is freed only when no map
+//! (volume or snapshot) references it and no DR pin covers it, and a block
+//! shared by several maps is relocated once, moving all of them.
+//! Recovery points (later issue) add their own references.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,7 +51,7 @@ impl Group {
                     .segments
                     .values()
                     .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id))
-                    .map(|s| (inner.live.get(&s.id).copied().unwrap_or(0) * BLOCK_BYTES, s.clone()))
+                    .map(|s| (inner.live_refs(s.id) * BLOCK_BYTES, s.clone()))
                     .min_by_key(|(l, _)| *l);
                 match best {
                     Some((l, s)) if (l as f64) <= s.len() as f64 * GC_LIVE_RATIO_MAX => Some(s),
@@ -83,7 +84,7 @@ impl Group {
             inner
                 .segments
                 .values()
-                .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && inner.live.get(&s.id).copied().unwrap_or(0) == 0)
+                .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && inner.live_refs(s.id) == 0)
                 .map(|s| s.id)
                 .collect()
         };
@@ -96,9 +97,8 @@ impl Group {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let mut v = Vec::new();
             for id in empty {
-                if inner.live.get(&id).copied().unwrap_or(0) == 0 && !inner.pinned(id) {
+                if inner.live_refs(id) == 0 && !inner.pinned(id) {
                     if let Some(s) = inner.segments.remove(&id) {
-                        inner.live.remove(&id);
                         inner.seg_seqs.remove(&id);
                         v.push(s);
                     }
@@ -116,7 +116,7 @@ impl Group {
     }
 
     /// Rewrites the live blocks of `seg` at the tail.
-    fn relocate(&self, seg: &Arc<Segment>) -> Result<()> {
+    pub(super) fn relocate(&self, seg: &Arc<Segment>) -> Result<()> {
         // First pass (no lock): list the write records of the segment.
         let mut records: Vec<(u32, Header, Vec<u8>)> = Vec::new();
         let stop = segment::scan(seg, 0, false, |r, _| {
@@ -146,13 +146,7 @@ impl Group {
                 // Which of these blocks are still live? (cheap check first)
                 let any_live = {
                     let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                    match inner.volumes.get(&h.volume) {
-                        Some(v) => (i..i + n).any(|j| {
-                            let b = first_block + j as u64;
-                            b < v.map.blocks() && v.map.get(b) == expect(j)
-                        }),
-                        None => false,
-                    }
+                    (i..i + n).any(|j| inner.holder(first_block + j as u64, expect(j)).is_some())
                 };
                 if !any_live {
                     i += n;
@@ -174,18 +168,16 @@ impl Group {
                 let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
                 let mut j = 0u32;
                 while j < n {
-                    let live_at = |inner: &super::Inner, j: u32| {
-                        inner.volumes.get(&h.volume).is_some_and(|v| {
-                            let b = first_block + (i + j) as u64;
-                            b < v.map.blocks() && v.map.get(b) == expect(i + j)
-                        })
-                    };
-                    if !live_at(&inner, j) {
+                    // Which map holds the old copy (snapshots share it with
+                    // volumes): the relocation record names it, and every
+                    // map sharing the copy moves with it (see `relocate_entry`).
+                    let holder_at = |inner: &super::Inner, j: u32| inner.holder(first_block + (i + j) as u64, expect(i + j));
+                    let Some(holder) = holder_at(&inner, j) else {
                         j += 1;
                         continue;
-                    }
+                    };
                     let mut k = j + 1;
-                    while k < n && live_at(&inner, k) {
+                    while k < n && holder_at(&inner, k) == Some(holder) {
                         k += 1;
                     }
                     let payload = &data[(j as u64 * BLOCK_BYTES) as usize..(k as u64 * BLOCK_BYTES) as usize];
@@ -196,7 +188,7 @@ impl Group {
                         epoch: h.epoch,
                         seq: h.seq,
                         timestamp_ns: h.timestamp_ns,
-                        volume: h.volume,
+                        volume: holder,
                         length: payload.len() as u32,
                         offset: (first_block + (i + j) as u64) * BLOCK_BYTES,
                         body_len: (run_crcs.len() + payload.len()) as u32,

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod gc;
 pub mod open;
 pub mod resync;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,8 @@ pub enum IoError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("volume {0} no longer exists")]
     VolumeGone(u32),
+    #[error("{0} is a read-only snapshot")]
+    ReadOnly(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -63,8 +66,6 @@ pub(crate) struct Inner {
     pub segments: BTreeMap<u32, Arc<Segment>>,
     pub tail: Arc<Segment>,
     pub tail_off: u64,
-    /// Live (mapped) blocks per segment.
-    pub live: HashMap<u32, u64>,
     /// Segments written since the last group commit.
     pub unsynced: Vec<Arc<Segment>>,
     /// A segment file was created or removed since the last directory fsync.
@@ -82,10 +83,13 @@ pub(crate) struct Inner {
     pub pins: BTreeMap<String, u64>,
     /// Primary: blocks changed since a DR site left the log behind (R3),
     /// per peer and volume. Every write marks them while present.
-    pub dirty: BTreeMap<String, BTreeMap<u32, resync::BlockRanges>>,
+    pub dirty: BTreeMap<String, resync::Dirty>,
     /// Dirty sets being built by `enter_dirty` (marked by writes already,
     /// not yet visible to the sender).
-    pub dirty_pending: BTreeMap<String, BTreeMap<u32, resync::BlockRanges>>,
+    pub dirty_pending: BTreeMap<String, resync::Dirty>,
+    /// DR site: snapshots whose next deletion from the stream is refused
+    /// (`Protect` records, see `snapshot.rs`).
+    pub protected: std::collections::BTreeSet<u32>,
     /// DR site: blocks of a resync in progress, visible only at its commit.
     pub staging: Option<BTreeMap<(u32, u64), Entry>>,
 }
@@ -116,6 +120,10 @@ pub struct Group {
     /// refused, so a stale resync record can never land after a newer one.
     pub receiver_gen: AtomicU64,
     pins_lock: Mutex<()>,
+    /// DR site: refuse the primary's deletion of snapshots (R25).
+    pub protect_snapshots: AtomicBool,
+    /// DR site: deletions refused since start (snapshot name, seq, time).
+    pub refusals: Mutex<Vec<(String, u64, u64)>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -166,6 +174,9 @@ pub struct VolumeInfo {
     pub name: String,
     pub size: u64,
     pub mapped_bytes: u64,
+    pub snapshot: bool,
+    /// False for read-only snapshots.
+    pub writable: bool,
 }
 
 impl Inner {
@@ -189,17 +200,30 @@ impl Inner {
         if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
             return;
         }
-        let old = v.map.set(block, e);
-        Self::drop_entry(&mut self.live, old);
-        if e.is_data() {
-            *self.live.entry(e.seg).or_insert(0) += 1;
-        }
+        v.map.set(block, e);
     }
 
-    fn drop_entry(live: &mut HashMap<u32, u64>, e: Entry) {
-        if e.is_data() {
-            if let Some(n) = live.get_mut(&e.seg) {
-                *n = n.saturating_sub(1);
+    /// References to segment `seg` from all maps (volumes and snapshots).
+    pub fn live_refs(&self, seg: u32) -> u64 {
+        self.volumes.values().map(|v| v.map.seg_refs(seg)).sum()
+    }
+
+    /// The first map (by id) whose block `block` is exactly `e`: a GC
+    /// relocation names it, and replay finds the old location through it.
+    pub fn holder(&self, block: u64, e: Entry) -> Option<u32> {
+        self.volumes.values().find(|v| block < v.map.blocks() && v.map.get(block) == e).map(|v| v.id)
+    }
+
+    /// A GC relocation of block `b` of map `vol` to `new`: every map that
+    /// shares the old copy (snapshots, restored volumes) moves with it.
+    fn relocate_entry(&mut self, vol: u32, b: u64, new: Entry) {
+        let Some(old) = self.volumes.get(&vol).filter(|v| b < v.map.blocks()).map(|v| v.map.get(b)) else { return };
+        if !old.is_data() {
+            return;
+        }
+        for v in self.volumes.values_mut() {
+            if b < v.map.blocks() && v.map.get(b) == old {
+                v.map.set(b, new);
             }
         }
     }
@@ -211,11 +235,12 @@ impl Inner {
             self.apply_resync(h, at, checked);
             return;
         }
-        if h.flags & FLAG_RELOCATED == 0 && !(self.dirty.is_empty() && self.dirty_pending.is_empty()) && matches!(h.kind, Kind::Write | Kind::Zero | Kind::Trim) {
-            let first = h.offset / BLOCK_BYTES;
-            let n = h.length as u64 / BLOCK_BYTES;
+        if h.flags & FLAG_RELOCATED == 0 && !(self.dirty.is_empty() && self.dirty_pending.is_empty()) {
+            let vols = &self.volumes;
+            let sizes = |id: u32| vols.get(&id).map(|v| v.size / BLOCK_BYTES).unwrap_or(0);
+            let old_blocks = sizes(h.volume);
             for d in self.dirty.values_mut().chain(self.dirty_pending.values_mut()) {
-                d.entry(h.volume).or_default().insert(first, first + n);
+                d.note(h, old_blocks, &sizes);
             }
         }
         if h.flags & FLAG_RELOCATED == 0 {
@@ -228,10 +253,15 @@ impl Inner {
         let first = h.offset / BLOCK_BYTES;
         match h.kind {
             Kind::Write => {
+                let relocated = h.flags & FLAG_RELOCATED != 0;
                 for i in 0..h.blocks() {
                     let off = pos_off(at) as u64 + h.block_payload_offset(i);
                     let e = Entry { seg: pos_seg(at), off: off as u32, crc: record::crc_at(checked, i as usize) };
-                    self.set_entry(h.volume, first + i as u64, e);
+                    if relocated {
+                        self.relocate_entry(h.volume, first + i as u64, e);
+                    } else {
+                        self.set_entry(h.volume, first + i as u64, e);
+                    }
                 }
             }
             Kind::Zero | Kind::Trim => {
@@ -246,17 +276,16 @@ impl Inner {
                 self.next_volume_id = self.next_volume_id.max(h.volume + 1);
             }
             Kind::VolumeResize => {
-                let live = &mut self.live;
                 if let Some(v) = self.volumes.get_mut(&h.volume) {
-                    v.map.resize_with(h.offset.div_ceil(BLOCK_BYTES), |e| Self::drop_entry(live, e));
+                    v.map.resize(h.offset.div_ceil(BLOCK_BYTES));
                     v.size = h.offset;
                 }
             }
-            Kind::VolumeDelete => {
-                if let Some(v) = self.volumes.remove(&h.volume) {
-                    let live = &mut self.live;
-                    v.map.for_each_mapped(|_, e| Self::drop_entry(live, e));
-                }
+            Kind::VolumeDelete => self.apply_delete(h),
+            Kind::SnapCreate => self.apply_snap_create(h, body.unwrap_or_default()),
+            Kind::MapCopy => self.apply_map_copy(h),
+            Kind::Protect => {
+                self.protected.insert(h.volume);
             }
             Kind::ResyncCommit => self.commit_resync(h, body.unwrap_or_default()),
             Kind::ResyncBegin => {}
@@ -284,40 +313,18 @@ impl Inner {
                     st.insert((h.volume, b), e);
                 }
             }
+            Kind::MapCopy => {
+                // Blocks another map of this resync already staged.
+                let Ok(c) = serde_json::from_slice::<resync::StagedCopy>(checked) else { return };
+                let src = h.offset as u32;
+                for b in c.first..c.first.saturating_add(c.count.min(crate::limits::VOLUME_BYTES_MAX / BLOCK_BYTES)) {
+                    if let Some(e) = st.get(&(src, b)).copied() {
+                        st.insert((h.volume, b), e);
+                    }
+                }
+            }
             _ => {}
         }
-    }
-
-    /// Makes a finished resync the DR's state in one step: the primary's
-    /// volume table, then every staged block.
-    fn commit_resync(&mut self, h: &Header, body: &[u8]) {
-        let table: Vec<(u32, String, u64)> = serde_json::from_slice(body).unwrap_or_default();
-        let keep: std::collections::BTreeSet<u32> = table.iter().map(|t| t.0).collect();
-        let gone: Vec<u32> = self.volumes.keys().filter(|id| !keep.contains(id)).copied().collect();
-        for id in gone {
-            if let Some(v) = self.volumes.remove(&id) {
-                let live = &mut self.live;
-                v.map.for_each_mapped(|_, e| Self::drop_entry(live, e));
-            }
-        }
-        for (id, name, size) in table {
-            let live = &mut self.live;
-            match self.volumes.get_mut(&id) {
-                Some(v) => {
-                    v.map.resize_with(size.div_ceil(BLOCK_BYTES), |e| Self::drop_entry(live, e));
-                    v.size = size;
-                    v.name = name;
-                }
-                None => {
-                    self.volumes.insert(id, Volume::new(id, name, size));
-                }
-            }
-            self.next_volume_id = self.next_volume_id.max(id + 1);
-        }
-        for ((vol, block), e) in self.staging.take().unwrap_or_default() {
-            self.set_entry(vol, block, e);
-        }
-        self.next_seq = h.seq + 1;
     }
 
     /// Appends one record at the tail (rolling to a new segment if needed).
@@ -396,8 +403,10 @@ impl Inner {
         self.seg_seqs.get(&seg).is_some_and(|(_, hi)| hi >= min_pin)
     }
 
+    /// Bytes referenced by all maps (a block shared by a volume and its
+    /// snapshot counts twice: GC is then less eager, never wrong).
     pub fn live_bytes(&self) -> u64 {
-        self.live.values().sum::<u64>() * BLOCK_BYTES
+        self.volumes.values().map(|v| v.map.seg_ref_counts().values().sum::<u64>()).sum::<u64>() * BLOCK_BYTES
     }
 }
 
@@ -440,6 +449,8 @@ impl Group {
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
             receiver_gen: AtomicU64::new(0),
             pins_lock: Mutex::new(()),
+            protect_snapshots: AtomicBool::new(false),
+            refusals: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
         });
         let g2 = g.clone();
@@ -455,17 +466,31 @@ impl Group {
 
     // ---- volumes -------------------------------------------------------
 
+    /// Volumes (not snapshots).
     pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.maps().into_iter().filter(|v| !v.snapshot).collect()
+    }
+
+    /// Volumes and snapshots: everything that can be exported.
+    pub fn maps(&self) -> Vec<VolumeInfo> {
         let inner = self.lock();
         inner
             .volumes
             .values()
-            .map(|v| VolumeInfo { id: v.id, name: v.name.clone(), size: v.size, mapped_bytes: v.map.mapped() * BLOCK_BYTES })
+            .map(|v| VolumeInfo {
+                id: v.id,
+                name: v.name.clone(),
+                size: v.size,
+                mapped_bytes: v.map.mapped() * BLOCK_BYTES,
+                snapshot: v.snap.is_some(),
+                writable: v.writable(),
+            })
             .collect()
     }
 
+    /// A volume or snapshot by name.
     pub fn volume(&self, name: &str) -> Option<VolumeInfo> {
-        self.volumes().into_iter().find(|v| v.name == name)
+        self.maps().into_iter().find(|v| v.name == name)
     }
 
     pub fn volume_size(&self, id: u32) -> Option<u64> {
@@ -492,6 +517,7 @@ impl Group {
             if inner.volume_id(name).is_some() {
                 bail!("volume {name} already exists");
             }
+            Self::check_map_count(&inner)?;
             let id = inner.next_volume_id;
             let mut h = inner.new_header(Kind::VolumeCreate, id, size, 0, name.len() as u32);
             let at = inner.append(self, &mut h, name.as_bytes(), &[])?;
@@ -507,6 +533,9 @@ impl Group {
         let at = {
             let mut inner = self.lock();
             let id = inner.volume_id(name).with_context(|| format!("volume {name} does not exist"))?;
+            if !inner.volumes[&id].writable() {
+                bail!("{name} is a read-only snapshot; it cannot be resized");
+            }
             let mut h = inner.new_header(Kind::VolumeResize, id, size, 0, 0);
             let at = inner.append(self, &mut h, &[], &[])?;
             inner.apply(&h, at, &[], Some(&[]));
@@ -519,6 +548,13 @@ impl Group {
         let at = {
             let mut inner = self.lock();
             let id = inner.volume_id(name).with_context(|| format!("volume {name} does not exist"))?;
+            if inner.volumes[&id].snap.is_some() {
+                bail!("{name} is a snapshot; use snapshot delete");
+            }
+            let snaps: Vec<&str> = inner.volumes.values().filter(|v| v.snap.is_some() && v.root_name() == name).map(|v| v.name.as_str()).collect();
+            if !snaps.is_empty() {
+                bail!("volume {name} has snapshots ({}); delete them first", snaps.join(", "));
+            }
             let mut h = inner.new_header(Kind::VolumeDelete, id, 0, 0, 0);
             let at = inner.append(self, &mut h, &[], &[])?;
             inner.apply(&h, at, &[], Some(&[]));
@@ -648,9 +684,19 @@ impl Group {
             crate::replicate::decide::Verdict::Duplicate => return Ok(None),
             crate::replicate::decide::Verdict::Reject(reason) => return Err(reason),
         }
+        let refused = match h.kind {
+            Kind::VolumeDelete | Kind::ResyncCommit => self.protect_before(&mut inner, &h, body)?,
+            _ => Vec::new(),
+        };
         let at = inner.append_bytes(self, &h, &[raw]).map_err(|e| e.to_string())?;
         inner.apply(&h, at, checked, Some(body));
-        Ok(Some((inner.tail_pos(), h)))
+        let end = inner.tail_pos();
+        drop(inner);
+        for name in refused {
+            tracing::warn!(event = "snapshot-delete-refused", "group {}: the primary deleted snapshot {name} (seq {}); protect_snapshots keeps this site's copy", self.name, h.seq);
+            self.refusals.lock().unwrap_or_else(|p| p.into_inner()).push((name, h.seq, h.timestamp_ns));
+        }
+        Ok(Some((end, h)))
     }
 
     // ---- data path -----------------------------------------------------
@@ -663,12 +709,21 @@ impl Group {
         }
     }
 
+    /// `check_range`, and the map must take writes (not a read-only snapshot).
+    fn check_write(inner: &Inner, vol: u32, offset: u64, len: u64) -> Result<u64, IoError> {
+        let size = Self::check_range(inner, vol, offset, len)?;
+        match inner.volumes.get(&vol) {
+            Some(v) if !v.writable() => Err(IoError::ReadOnly(v.name.clone())),
+            _ => Ok(size),
+        }
+    }
+
     /// Writes `data` at `offset`. Returns the log position after the record:
     /// once that position is durable, the write is.
     pub fn write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
         if data.is_empty() {
             let inner = self.lock();
-            Self::check_range(&inner, vol, offset, 0)?;
+            Self::check_write(&inner, vol, offset, 0)?;
             return Ok(Appended { end: inner.tail_pos(), seq: inner.next_seq - 1 });
         }
         let len = data.len() as u64;
@@ -678,7 +733,7 @@ impl Group {
             // for the append itself.
             let crcs = record::block_crcs(data);
             let mut inner = self.lock();
-            Self::check_range(&inner, vol, offset, len)?;
+            Self::check_write(&inner, vol, offset, len)?;
             let mut h = inner.new_header(Kind::Write, vol, offset, len as u32, (crcs.len() + data.len()) as u32);
             let at = inner.append(self, &mut h, &crcs, data)?;
             inner.apply(&h, at, &crcs, None);
@@ -690,7 +745,7 @@ impl Group {
         let end = (offset + len).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
         let mut buf = vec![0u8; (end - start) as usize];
         let mut inner = self.lock();
-        let size = Self::check_range(&inner, vol, offset, len)?;
+        let size = Self::check_write(&inner, vol, offset, len)?;
         if end > size {
             // A volume size is always block aligned, so this cannot happen.
             return Err(IoError::OutOfRange { offset, len, size });
@@ -716,7 +771,7 @@ impl Group {
     pub fn zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         {
             let inner = self.lock();
-            Self::check_range(&inner, vol, offset, len)?;
+            Self::check_write(&inner, vol, offset, len)?;
         }
         let end = offset + len;
         let first_full = offset.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
@@ -734,7 +789,7 @@ impl Group {
         while o < last_full {
             let n = (last_full - o).min(1 << 31);
             let mut inner = self.lock();
-            Self::check_range(&inner, vol, o, n)?;
+            Self::check_write(&inner, vol, o, n)?;
             let kind = if keep_allocated { Kind::Zero } else { Kind::Trim };
             let mut h = inner.new_header(kind, vol, o, n as u32, 0);
             let p = inner.append(self, &mut h, &[], &[])?;
@@ -1080,3 +1135,5 @@ fn clip(bstart: u64, offset: u64, len: usize) -> (usize, usize) {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod snapshot_tests;

@@ -8,7 +8,7 @@
 //! rest of the segment truncated, later segments moved to `discarded/` so an
 //! operator can still inspect them).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -105,7 +105,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         segments: BTreeMap::new(),
         tail: first_tail.clone(),
         tail_off: first_tail.len(),
-        live: HashMap::new(),
+        protected: Default::default(),
         unsynced: Vec::new(),
         dir_dirty: false,
         log_bytes_at_checkpoint: 0,
@@ -158,9 +158,8 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         crate::crashsafe::fsync_dir(dir)?;
     }
 
-    inner.live.clear();
-    // Live counts and a consistency check: every block must point into a
-    // segment that exists and inside its length.
+    // A consistency check: every block must point into a segment that
+    // exists and inside its length.
     for v in inner.volumes.values() {
         let mut bad: Option<String> = None;
         v.map.for_each_mapped(|b, e| {
@@ -168,9 +167,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
                 return;
             }
             match segments.get(&e.seg) {
-                Some(s) if (e.off as u64) + crate::limits::BLOCK_BYTES <= s.len() => {
-                    *inner.live.entry(e.seg).or_insert(0) += 1;
-                }
+                Some(s) if (e.off as u64) + crate::limits::BLOCK_BYTES <= s.len() => {}
                 _ => {
                     if bad.is_none() {
                         bad = Some(format!("volume {} block {b} points to segment {} offset {}, which does not exist", v.name, e.seg, e.off));

@@ -11,6 +11,13 @@
 //! its state at once, as of the primary's sequence number at the moment the
 //! dirty set was found empty.
 //!
+//! Snapshot operations in dirty mode (R9): the DR will not see the
+//! snapshot, restore, refresh or sync records, so the dirty set remembers,
+//! per map made meanwhile, the map the DR should build it from (`base`),
+//! and gives it the dirty blocks of its source. At the commit the DR makes
+//! each such map from its own copy of the base, then applies the staged
+//! blocks: only the regions that differ cross the link.
+//!
 //! Why this converges to the primary's state at that seq: a block's content
 //! is read after its dirty mark is cleared, so any later write marks it again
 //! and it is sent again; when the set is empty under the lock, every block's
@@ -20,6 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
 use super::Group;
 use crate::limits::BLOCK_BYTES;
@@ -67,12 +75,180 @@ impl BlockRanges {
         Some((s, take))
     }
 
+    /// Drops everything at or past block `end`.
+    pub fn clip(&mut self, end: u64) {
+        let past: Vec<u64> = self.r.range(end..).map(|(s, _)| *s).collect();
+        for s in past {
+            self.r.remove(&s);
+        }
+        if let Some((&s, e)) = self.r.iter_mut().next_back() {
+            if *e > end {
+                *e = end.max(s);
+            }
+        }
+        self.r.retain(|s, e| *e > *s);
+    }
+
     pub fn len(&self) -> u64 {
         self.r.iter().map(|(s, e)| e - s).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.r.is_empty()
+    }
+}
+
+/// What one DR site lacks while in dirty mode.
+#[derive(Clone, Debug, Default)]
+pub struct Dirty {
+    /// Blocks per map whose current content the DR must get.
+    pub blocks: BTreeMap<u32, BlockRanges>,
+    /// Blocks sent in this resync attempt but not yet committed at the DR.
+    inflight: BTreeMap<u32, BlockRanges>,
+    /// Maps made while in dirty mode -> the DR-side map to build them from.
+    pub base: BTreeMap<u32, u32>,
+    /// Map operations seen while this set was pending (see `enter_dirty`).
+    ops: Vec<MapOp>,
+    pending: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum MapOp {
+    /// `dst` became a copy of `src` (snapshot create, restore, refresh, sync).
+    Copy { dst: u32, src: u32 },
+    /// The map is gone, or is new and empty (delete, create).
+    Drop(u32),
+    /// The map was resized to `blocks`.
+    Resize { id: u32, blocks: u64 },
+}
+
+impl Dirty {
+    fn mark(&mut self, vol: u32, first: u64, end: u64) {
+        self.blocks.entry(vol).or_default().insert(first, end);
+    }
+
+    fn apply_op(&mut self, op: MapOp, sizes: &dyn Fn(u32) -> u64) {
+        match op {
+            MapOp::Copy { dst, src } => {
+                if dst == src {
+                    return;
+                }
+                let mut b = self.blocks.get(&src).cloned().unwrap_or_default();
+                if let Some(f) = self.inflight.get(&src) {
+                    for (s, e) in f.r.iter() {
+                        b.insert(*s, *e);
+                    }
+                }
+                self.inflight.remove(&dst);
+                if b.is_empty() {
+                    self.blocks.remove(&dst);
+                } else {
+                    self.blocks.insert(dst, b);
+                }
+                let base = self.base.get(&src).copied().unwrap_or(src);
+                self.base.insert(dst, base);
+            }
+            MapOp::Drop(id) => {
+                self.blocks.remove(&id);
+                self.inflight.remove(&id);
+                self.base.remove(&id);
+            }
+            MapOp::Resize { id, blocks } => {
+                // Grown space must read as holes at the DR even where its
+                // copy once had data: mark it (clipped to the current size).
+                let now = sizes(id);
+                if now > blocks {
+                    self.mark(id, blocks, now);
+                }
+            }
+        }
+        if self.pending {
+            self.ops.push(op);
+        }
+    }
+
+    /// Records what a stream record means for this DR site. `sizes` gives a
+    /// map's current size in blocks.
+    pub(crate) fn note(&mut self, h: &Header, old_blocks: u64, sizes: &dyn Fn(u32) -> u64) {
+        if h.flags & FLAG_RESYNC != 0 {
+            return;
+        }
+        match h.kind {
+            Kind::Write | Kind::Zero | Kind::Trim => {
+                let first = h.offset / BLOCK_BYTES;
+                self.mark(h.volume, first, first + h.length as u64 / BLOCK_BYTES);
+            }
+            Kind::SnapCreate | Kind::MapCopy => self.apply_op(MapOp::Copy { dst: h.volume, src: h.offset as u32 }, sizes),
+            Kind::VolumeCreate | Kind::VolumeDelete => self.apply_op(MapOp::Drop(h.volume), sizes),
+            Kind::VolumeResize => {
+                let new = h.offset.div_ceil(BLOCK_BYTES);
+                if new > old_blocks {
+                    self.mark(h.volume, old_blocks, new);
+                }
+                if self.pending {
+                    self.ops.push(MapOp::Resize { id: h.volume, blocks: old_blocks.min(new) });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn dirty_blocks(&self) -> u64 {
+        self.blocks.values().map(|s| s.len()).sum()
+    }
+}
+
+/// One map in a `ResyncCommit` body: what the DR's table must be, and
+/// for maps made while the DR was in dirty mode, the DR-side map to build
+/// it from before the staged blocks are applied.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitEntry {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    #[serde(default)]
+    pub snap: Option<crate::volume::SnapMeta>,
+    #[serde(default)]
+    pub base: Option<u32>,
+}
+
+/// Body of a RESYNC `MapCopy` record: blocks `first..first+count` of the
+/// record's map take what the source map (the header's `offset`) staged.
+#[derive(Serialize, Deserialize)]
+pub struct StagedCopy {
+    pub first: u64,
+    pub count: u64,
+}
+
+/// What one resync attempt has sent: which map's staging holds each block
+/// content, so a map sharing it gets a staged copy instead of the data.
+#[derive(Default)]
+pub struct SentIndex {
+    by_entry: std::collections::HashMap<(u32, u32), u32>,
+    by_block: std::collections::HashMap<(u32, u64), (u32, u32)>,
+}
+
+impl SentIndex {
+    /// Bounds the index (about 40 bytes per block): past it, data is sent
+    /// again rather than memory grown.
+    const MAX_BLOCKS: usize = 4 << 20;
+
+    /// A map whose staging holds content `e` at `block`, if any.
+    fn source(&self, block: u64, e: Entry) -> Option<u32> {
+        let src = *self.by_entry.get(&(e.seg, e.off))?;
+        (self.by_block.get(&(src, block)) == Some(&(e.seg, e.off))).then_some(src)
+    }
+
+    fn sent(&mut self, vol: u32, block: u64, e: Entry) {
+        if !e.is_data() {
+            self.by_block.remove(&(vol, block));
+            return;
+        }
+        if self.by_block.len() >= Self::MAX_BLOCKS {
+            return;
+        }
+        self.by_block.insert((vol, block), (e.seg, e.off));
+        self.by_entry.entry((e.seg, e.off)).or_insert(vol);
     }
 }
 
@@ -91,7 +267,7 @@ impl Group {
 
     /// Blocks still to resync for `peer`.
     pub fn dirty_blocks(&self, peer: &str) -> u64 {
-        self.lock_read().dirty.get(peer).map(|d| d.values().map(|s| s.len()).sum()).unwrap_or(0)
+        self.lock_read().dirty.get(peer).map(|d| d.dirty_blocks()).unwrap_or(0)
     }
 
     /// Switches `peer` to dirty tracking: every block written by records
@@ -105,13 +281,14 @@ impl Group {
             if inner.dirty.contains_key(peer) || inner.dirty_pending.contains_key(peer) {
                 return Ok(());
             }
-            let set = if from_seq.is_none() { inner.whole_volumes_dirty() } else { BTreeMap::new() };
+            let mut set = if from_seq.is_none() { inner.whole_volumes_dirty() } else { Dirty::default() };
+            set.pending = true;
             inner.dirty_pending.insert(peer.to_string(), set);
             inner.tail_pos()
         };
         // 2. Records the peer may lack, up to where live marking took over
         //    (outside the lock: this reads log files).
-        let mut runs: Vec<Run> = Vec::new();
+        let mut scanned: Vec<Header> = Vec::new();
         if let Some(from) = from_seq {
             if let Some(at) = self.locate_seq(from) {
                 let mut seg_id = pos_seg(at);
@@ -127,8 +304,9 @@ impl Group {
                     };
                     segment::scan(&seg, 0, false, |r, _| {
                         let h = &r.header;
-                        if h.flags & record::FLAG_RELOCATED == 0 && h.seq >= from && matches!(h.kind, Kind::Write | Kind::Zero | Kind::Trim) {
-                            runs.push(Run { volume: h.volume, first: h.offset / BLOCK_BYTES, count: h.length as u64 / BLOCK_BYTES });
+                        let before_tail = segment::pos(seg_id, r.off) < tail;
+                        if before_tail && h.flags & record::FLAG_RELOCATED == 0 && h.seq >= from {
+                            scanned.push(*h);
                         }
                         Ok(())
                     })?;
@@ -136,14 +314,38 @@ impl Group {
                 }
             }
         }
-        // 3. Atomically: the complete set becomes visible and the pin goes.
+        // 3. Atomically: the scanned records in order, then the map
+        //    operations seen live, then the live marks; the set becomes
+        //    visible and the pin goes.
         let blocks = {
             let mut inner = self.lock_read();
-            let mut set = inner.dirty_pending.remove(peer).unwrap_or_default();
-            for r in runs {
-                set.entry(r.volume).or_default().insert(r.first, r.first + r.count);
+            let pending = inner.dirty_pending.remove(peer).unwrap_or_default();
+            let sizes = |id: u32| inner.volumes.get(&id).map(|v| v.size / BLOCK_BYTES).unwrap_or(0);
+            let mut set = Dirty::default();
+            for h in &scanned {
+                if h.kind == Kind::VolumeResize {
+                    // The old size is unknown here: everything from the new
+                    // end to today's end is marked.
+                    set.apply_op(MapOp::Resize { id: h.volume, blocks: h.offset.div_ceil(BLOCK_BYTES) }, &sizes);
+                } else {
+                    set.note(h, u64::MAX, &sizes);
+                }
             }
-            let n: u64 = set.values().map(|s| s.len()).sum();
+            if from_seq.is_none() {
+                set = pending.clone();
+            } else {
+                for op in &pending.ops {
+                    set.apply_op(*op, &sizes);
+                }
+                for (vol, r) in &pending.blocks {
+                    for (s, e) in r.r.iter() {
+                        set.mark(*vol, *s, *e);
+                    }
+                }
+            }
+            set.pending = false;
+            set.ops.clear();
+            let n = set.dirty_blocks();
             inner.dirty.insert(peer.to_string(), set);
             inner.pins.remove(peer);
             n
@@ -153,43 +355,58 @@ impl Group {
         Ok(())
     }
 
-    /// Takes up to `max` dirty blocks of `peer` as runs (they are no longer
-    /// dirty; `return_dirty` puts them back if sending fails).
+    /// Takes up to `max` dirty blocks of `peer` as runs (they are in flight
+    /// until the commit; `return_dirty` puts them back if sending fails).
     pub fn take_dirty(&self, peer: &str, max: u64) -> Vec<Run> {
         let mut inner = self.lock_read();
+        let sizes: BTreeMap<u32, u64> = inner.volumes.values().map(|v| (v.id, v.size / BLOCK_BYTES)).collect();
         let Some(d) = inner.dirty.get_mut(peer) else { return Vec::new() };
         let mut runs: Vec<Run> = Vec::new();
         let mut n = 0;
-        for (vol, set) in d.iter_mut() {
+        for (vol, set) in d.blocks.iter_mut() {
+            // Past the end of the map there is nothing to send (the DR
+            // takes the size from the commit).
+            set.clip(sizes.get(vol).copied().unwrap_or(0));
             while n < max {
                 let Some((first, count)) = set.pop_front(max - n) else { break };
                 n += count;
                 runs.push(Run { volume: *vol, first, count });
             }
         }
-        d.retain(|_, s| !s.is_empty());
+        d.blocks.retain(|_, s| !s.is_empty());
+        for r in &runs {
+            d.inflight.entry(r.volume).or_default().insert(r.first, r.first + r.count);
+        }
         runs
     }
 
-    pub fn return_dirty(&self, peer: &str, runs: &[Run]) {
+    /// The resync attempt failed: everything sent but not committed is dirty again.
+    pub fn return_dirty(&self, peer: &str) {
         let mut inner = self.lock_read();
         if let Some(d) = inner.dirty.get_mut(peer) {
-            for r in runs {
-                d.entry(r.volume).or_default().insert(r.first, r.first + r.count);
+            for (vol, r) in std::mem::take(&mut d.inflight) {
+                for (s, e) in r.r {
+                    d.mark(vol, s, e);
+                }
             }
         }
     }
 
     /// If nothing is dirty for `peer`, returns the seq the DR will be at
-    /// after the commit and the volume table as of that seq, and pins the
+    /// after the commit and the map table as of that seq, and pins the
     /// log from the next seq on (normal streaming resumes there).
-    pub fn resync_point(&self, peer: &str) -> Option<(u64, Vec<(u32, String, u64)>)> {
+    pub fn resync_point(&self, peer: &str) -> Option<(u64, Vec<CommitEntry>)> {
         let mut inner = self.lock_read();
-        if inner.dirty.get(peer).is_some_and(|d| d.values().any(|s| !s.is_empty())) {
+        let d = inner.dirty.get(peer)?;
+        if d.blocks.values().any(|s| !s.is_empty()) {
             return None;
         }
         let seq = inner.next_seq - 1;
-        let table = inner.volumes.values().map(|v| (v.id, v.name.clone(), v.size)).collect();
+        let table = inner
+            .volumes
+            .values()
+            .map(|v| CommitEntry { id: v.id, name: v.name.clone(), size: v.size, snap: v.snap.clone(), base: d.base.get(&v.id).copied() })
+            .collect();
         inner.pins.insert(peer.to_string(), seq + 1);
         Some((seq, table))
     }
@@ -200,8 +417,12 @@ impl Group {
         self.save_pins()
     }
 
-    /// Builds RESYNC records carrying the current content of `runs`.
-    pub fn resync_records(&self, runs: &[Run], out: &mut Vec<u8>) -> Result<u64> {
+    /// Builds RESYNC records carrying the current content of `runs`. A
+    /// block whose content was already sent in this resync (for another
+    /// map sharing it: a snapshot and its volume) goes as a staged-copy
+    /// record instead, so no data crosses the link twice (`sent` lives for
+    /// one resync attempt, like the DR's staging map).
+    pub fn resync_records(&self, runs: &[Run], sent: &mut SentIndex, out: &mut Vec<u8>) -> Result<u64> {
         let mut data_bytes = 0;
         for run in runs {
             // Look up under the lock, read outside it (segments are immutable
@@ -226,12 +447,25 @@ impl Group {
                 }
                 (entries, segs)
             };
+            // 0 data, 1 hole, 2 zero, 3 + src: copy of what map src staged.
+            let kinds: Vec<u64> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    if !e.is_data() {
+                        return if e.is_hole() { 1 } else { 2 };
+                    }
+                    match sent.source(run.first + i as u64, *e) {
+                        Some(src) if src != run.volume => 3 + src as u64,
+                        _ => 0,
+                    }
+                })
+                .collect();
             let mut i = 0usize;
             while i < entries.len() {
-                let kind_of = |e: &Entry| if e.is_data() { 0 } else if e.is_hole() { 1 } else { 2 };
-                let k = kind_of(&entries[i]);
+                let k = kinds[i];
                 let mut j = i + 1;
-                while j < entries.len() && kind_of(&entries[j]) == k && (k != 0 || j - i < 256) {
+                while j < entries.len() && kinds[j] == k && (k != 0 || j - i < 256) {
                     j += 1;
                 }
                 let offset = (run.first + i as u64) * BLOCK_BYTES;
@@ -253,9 +487,17 @@ impl Group {
                         Kind::Write
                     }
                     1 => Kind::Trim,
-                    _ => Kind::Zero,
+                    2 => Kind::Zero,
+                    _ => Kind::MapCopy,
                 };
-                let crcs = if kind == Kind::Write { record::block_crcs(&payload) } else { Vec::new() };
+                for (n, e) in entries[i..j].iter().enumerate() {
+                    sent.sent(run.volume, run.first + (i + n) as u64, *e);
+                }
+                let (crcs, body) = match kind {
+                    Kind::Write => (record::block_crcs(&payload), Vec::new()),
+                    Kind::MapCopy => (Vec::new(), serde_json::to_vec(&StagedCopy { first: run.first + i as u64, count: (j - i) as u64 })?),
+                    _ => (Vec::new(), Vec::new()),
+                };
                 let mut h = Header {
                     kind,
                     flags: FLAG_RESYNC,
@@ -263,15 +505,16 @@ impl Group {
                     seq: 0,
                     timestamp_ns: crate::util::now_ns(),
                     volume: run.volume,
-                    length: len,
-                    offset,
-                    body_len: (crcs.len() + payload.len()) as u32,
+                    length: if kind == Kind::MapCopy { 0 } else { len },
+                    offset: if kind == Kind::MapCopy { k - 3 } else { offset },
+                    body_len: (crcs.len() + payload.len() + body.len()) as u32,
                     crc: 0,
                 };
                 let mut raw = [0u8; HEADER_BYTES];
-                h.encode(&crcs, &mut raw);
+                let checked = if kind == Kind::MapCopy { &body } else { &crcs };
+                h.encode(checked, &mut raw);
                 out.extend_from_slice(&raw);
-                out.extend_from_slice(&crcs);
+                out.extend_from_slice(checked);
                 out.extend_from_slice(&payload);
                 i = j;
             }
@@ -280,7 +523,7 @@ impl Group {
     }
 
     /// A RESYNC control record (begin, or commit at `seq` with the volume table).
-    pub fn resync_control(&self, kind: Kind, seq: u64, table: &[(u32, String, u64)]) -> Vec<u8> {
+    pub fn resync_control(&self, kind: Kind, seq: u64, table: &[CommitEntry]) -> Vec<u8> {
         let body = if kind == Kind::ResyncCommit { serde_json::to_vec(table).unwrap_or_default() } else { Vec::new() };
         let mut h = Header {
             kind,
@@ -333,12 +576,10 @@ impl Group {
 impl super::Inner {
     /// Every block of every volume: what a full resync must cover (the DR
     /// may hold data where the primary now has holes).
-    pub fn whole_volumes_dirty(&self) -> BTreeMap<u32, BlockRanges> {
-        let mut set = BTreeMap::new();
+    pub fn whole_volumes_dirty(&self) -> Dirty {
+        let mut set = Dirty::default();
         for v in self.volumes.values() {
-            let mut r = BlockRanges::default();
-            r.insert(0, v.size / BLOCK_BYTES);
-            set.insert(v.id, r);
+            set.mark(v.id, 0, v.size / BLOCK_BYTES);
         }
         set
     }

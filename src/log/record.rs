@@ -47,8 +47,19 @@ pub enum Kind {
     VolumeCreate = 10,
     /// Resize volume `volume` to `offset` bytes.
     VolumeResize = 11,
-    /// Delete volume `volume`.
+    /// Delete volume (or snapshot) `volume`.
     VolumeDelete = 12,
+    /// Create snapshot `volume` of map `offset` (a volume or snapshot); the
+    /// body is JSON `{"name": "vol0@s1", "writable": false}`.
+    SnapCreate = 13,
+    /// Make map `volume` equal to map `offset` (map and size): restore a
+    /// volume from a snapshot, refresh a snapshot from its volume, or sync
+    /// one snapshot to another. The body names the operation.
+    MapCopy = 14,
+    /// Local to a DR site (always flagged RELOCATED, never replicated): its
+    /// `protect_snapshots` refused the primary's deletion of snapshot
+    /// `volume`; the next delete of it from the stream keeps it.
+    Protect = 15,
     /// Start of a dirty-region resync: the DR site starts a fresh staging map.
     ResyncBegin = 20,
     /// End of a resync: the staged blocks and the volume table (body, JSON)
@@ -65,6 +76,9 @@ impl Kind {
             10 => Kind::VolumeCreate,
             11 => Kind::VolumeResize,
             12 => Kind::VolumeDelete,
+            13 => Kind::SnapCreate,
+            14 => Kind::MapCopy,
+            15 => Kind::Protect,
             20 => Kind::ResyncBegin,
             21 => Kind::ResyncCommit,
             _ => return None,
@@ -222,6 +236,19 @@ impl Header {
             Kind::ResyncCommit => {
                 if h.body_len > RESYNC_COMMIT_BODY_MAX {
                     return Err(DecodeError::Inconsistent("resync commit body too long"));
+                }
+            }
+            Kind::SnapCreate | Kind::MapCopy => {
+                if h.body_len == 0 || h.body_len as usize > 4 * crate::limits::NAME_BYTES_MAX {
+                    return Err(DecodeError::Inconsistent("snapshot operation body length"));
+                }
+                if h.offset > u32::MAX as u64 {
+                    return Err(DecodeError::Inconsistent("snapshot operation source id"));
+                }
+            }
+            Kind::Protect => {
+                if h.body_len != 0 || h.flags & FLAG_RELOCATED == 0 {
+                    return Err(DecodeError::Inconsistent("protect record has a body or is not local"));
                 }
             }
             Kind::VolumeResize | Kind::VolumeDelete => {

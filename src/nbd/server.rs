@@ -229,6 +229,7 @@ fn io_errno(e: &IoError) -> u32 {
         IoError::OutOfRange { .. } => proto::EINVAL,
         IoError::VolumeGone(_) => proto::ESHUTDOWN,
         IoError::Failed(_) => proto::EIO,
+        IoError::ReadOnly(_) => proto::EPERM,
     }
 }
 

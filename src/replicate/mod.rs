@@ -94,6 +94,9 @@ pub struct GroupReplication {
     /// Set once a sync group fell back to async because a DR site was lost.
     degraded: AtomicBool,
     replicas: watch::Sender<BTreeMap<String, Replica>>,
+    /// Periodic mode: a storage operation (snapshot, restore, ...) at this
+    /// seq ships now, with the batch pending before it.
+    ship_through: std::sync::atomic::AtomicU64,
 }
 
 impl GroupReplication {
@@ -104,7 +107,18 @@ impl GroupReplication {
             sync_loss: Mutex::new(SyncLoss::Async),
             degraded: AtomicBool::new(false),
             replicas: watch::channel(BTreeMap::new()).0,
+            ship_through: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Asks periodic-mode senders to ship everything up to `seq` now.
+    pub fn ship_through(&self, seq: u64) {
+        self.ship_through.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Must a periodic sender whose next record is `next` ship before its period ends?
+    pub fn ship_requested(&self, next: u64) -> bool {
+        self.ship_through.load(Ordering::Acquire) >= next
     }
 
     pub fn mode(&self) -> Mode {

@@ -238,7 +238,7 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
             last_heartbeat = Instant::now();
         }
         let periodic = group.replication.mode() == Mode::Periodic;
-        let may_ship = !periodic || last_ship.elapsed() >= st.periodic_interval;
+        let may_ship = !periodic || last_ship.elapsed() >= st.periodic_interval || group.replication.ship_requested(next);
         let window_full = inflight.lock().unwrap().full(limits::REPL_WINDOW_BYTES);
         let mut shipped = false;
         if may_ship && !window_full {
@@ -410,7 +410,7 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
     impl Drop for Taken<'_> {
         fn drop(&mut self) {
             if !self.runs.is_empty() {
-                self.group.return_dirty(self.peer, &self.runs);
+                self.group.return_dirty(self.peer);
             }
         }
     }
@@ -420,6 +420,8 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
         wr.write_all(&frame::encode(frame::RECORDS, epoch, &begin, peer.lz4)).await?;
         *frames_sent += 1;
         let mut buf = Vec::new();
+        // What this attempt sent (the DR's staging starts empty at BEGIN).
+        let mut index = crate::group::resync::SentIndex::default();
         loop {
             if ack_task.is_finished() {
                 bail!("acknowledgement stream ended during resync");
@@ -448,11 +450,13 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
             sent.runs.extend_from_slice(&runs);
             buf.clear();
             let g = group.clone();
-            let (data, b) = tokio::task::spawn_blocking(move || {
+            let mut idx = std::mem::take(&mut index);
+            let (data, b, idx) = tokio::task::spawn_blocking(move || {
                 let mut b = Vec::new();
-                g.resync_records(&runs, &mut b).map(|d| (d, b))
+                g.resync_records(&runs, &mut idx, &mut b).map(|d| (d, b, idx))
             })
             .await??;
+            index = idx;
             buf = b;
             let f = frame::encode(frame::RECORDS, epoch, &buf, peer.lz4);
             wr.write_all(&f).await?;
@@ -472,10 +476,18 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
             sent.runs.clear();
             group.leave_dirty(&peer.name)?;
             tracing::info!(event = "dr-resynced", "replication of {} to {}: resync committed at seq {seq} after {:?}", group.name, peer.name, started.elapsed());
+            // The commit's ack came while still in dirty mode: if nothing
+            // was written since, the DR is caught up now (no later ack may come).
+            let last = group.last_seq();
             group.replication.update(&peer.name, |r| {
                 r.acked_seq = r.acked_seq.max(seq);
                 r.sent_seq = seq;
-                r.state = "catching-up".into();
+                if r.acked_seq >= last {
+                    tracing::info!(event = "dr-caught-up", "replication of {} to {}: caught up at seq {}", group.name, peer.name, r.acked_seq);
+                    r.state = "replicating".into();
+                } else {
+                    r.state = "catching-up".into();
+                }
             });
             Ok(seq + 1)
         }

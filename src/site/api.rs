@@ -2,6 +2,9 @@
 //!
 //! GET /status · GET /metrics · GET /volumes · POST /volumes {name,size,group}
 //! POST /volumes/{name}/resize {size} · DELETE /volumes/{name}
+//! GET /snapshots[?volume=V] · POST /snapshots {volume,name,writable}
+//! POST /snapshots/restore {volume,snapshot} · POST /snapshots/refresh {volume,snapshot}
+//! POST /snapshots/sync {from,to} · DELETE /snapshots/{volume}/{snapshot}
 //! Errors: `{"error": "..."}` with 400 (bad request), 404, 409 or 500.
 
 use std::sync::Arc;
@@ -32,9 +35,9 @@ fn failed(e: anyhow::Error) -> ApiError {
     let msg = format!("{e:#}");
     let code = if msg.contains("does not exist") {
         StatusCode::NOT_FOUND
-    } else if msg.contains("already exists") {
+    } else if msg.contains("already exists") || msg.contains("has snapshots") || msg.contains("read-only") || msg.contains("delete it there") {
         StatusCode::CONFLICT
-    } else if msg.contains("must be") || msg.contains("exceeds") || msg.contains("name") {
+    } else if msg.contains("must be") || msg.contains("exceeds") || msg.contains("name") || msg.contains("is not a snapshot") || msg.contains("is a snapshot") || msg.contains("needs two snapshots") || msg.contains("are the same") || msg.contains("is a volume") {
         StatusCode::BAD_REQUEST
     } else {
         StatusCode::INTERNAL_SERVER_ERROR
@@ -50,6 +53,11 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
         .route("/volumes/{name}/resize", post(resize_volume))
         .route("/volumes/{name}", axum::routing::delete(delete_volume))
         .route("/groups/{name}", post(set_group))
+        .route("/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/snapshots/restore", post(restore_snapshot))
+        .route("/snapshots/refresh", post(refresh_snapshot))
+        .route("/snapshots/sync", post(sync_snapshots))
+        .route("/snapshots/{volume}/{snapshot}", axum::routing::delete(delete_snapshot))
         .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
         .with_state(site);
     axum::serve(listener, app).await?;
@@ -91,6 +99,21 @@ pub fn status_json(site: &Site) -> Value {
                 "live_bytes": g.live_bytes(),
                 "failed": g.failed(),
             });
+            let snaps = g.snapshots(None);
+            gj["snapshots"] = json!(snaps.len());
+            let retained: Vec<&str> = snaps.iter().filter(|s| s.retained).map(|s| s.name.as_str()).collect();
+            if g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed) || !retained.is_empty() {
+                let refusals: Vec<Value> = g
+                    .refusals
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(name, seq, ns)| json!({"snapshot": name, "seq": seq, "time_ns": ns}))
+                    .collect();
+                gj["protect_snapshots"] = json!(g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed));
+                gj["retained_snapshots"] = json!(retained);
+                gj["snapshot_delete_refusals"] = json!(refusals);
+            }
             if g.replication.degraded() {
                 gj["degraded"] = json!("sync DR site lost: replicating asynchronously");
             }
@@ -231,4 +254,133 @@ async fn set_group(
         tracing::info!(event = "mode-changed", "group {name}: replication mode is now {m}");
     }
     Ok(Json(json!({"name": name, "mode": g.replication.mode().as_str()})))
+}
+
+// ---- snapshots ---------------------------------------------------------
+
+/// The group holding map `name` (a volume or `VOL@SNAP`).
+fn group_of(site: &Site, name: &str) -> Result<Arc<crate::group::Group>, ApiError> {
+    site.find_volume(name).map(|(g, _)| g).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("{name} does not exist")))
+}
+
+#[derive(Deserialize)]
+struct SnapshotQuery {
+    volume: Option<String>,
+}
+
+pub fn snapshot_json(g: &crate::group::Group, s: &crate::group::snapshot::SnapshotInfo) -> Value {
+    json!({
+        "name": s.name, "volume": s.volume, "group": g.name, "parent": s.parent,
+        "created_seq": s.created_seq, "created": crate::util::rfc3339(s.created_ns), "created_ns": s.created_ns,
+        "size": s.size, "unique_bytes": s.unique_bytes, "writable": s.writable, "retained": s.retained,
+    })
+}
+
+async fn list_snapshots(State(site): State<Arc<Site>>, q: axum::extract::Query<SnapshotQuery>) -> Result<Json<Value>, ApiError> {
+    let vol = q.volume.clone();
+    if let Some(v) = &vol {
+        group_of(&site, v)?;
+    }
+    blocking(move || {
+        let mut out = Vec::new();
+        for g in site.group_list() {
+            for s in g.snapshots(vol.as_deref().map(|v| v.split('@').next().unwrap_or(v))) {
+                out.push(snapshot_json(&g, &s));
+            }
+        }
+        Ok(Json(Value::Array(out)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSnapshot {
+    volume: String,
+    name: String,
+    #[serde(default)]
+    writable: bool,
+}
+
+async fn create_snapshot(State(site): State<Arc<Site>>, body: Result<Json<CreateSnapshot>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let g = group_of(&site, &req.volume)?;
+    let full = crate::group::Group::snapshot_name(&req.volume, &req.name);
+    blocking(move || {
+        g.create_snapshot(&req.volume, &req.name, req.writable)?;
+        let s = g.snapshots(None).into_iter().find(|s| s.name == full).ok_or_else(|| anyhow::anyhow!("snapshot {full} vanished"))?;
+        Ok(Json(snapshot_json(&g, &s)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolSnap {
+    volume: String,
+    snapshot: String,
+}
+
+async fn restore_snapshot(State(site): State<Arc<Site>>, body: Result<Json<VolSnap>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let g = group_of(&site, &req.volume)?;
+    let seq = blocking(move || g.restore_snapshot(&req.volume, &req.snapshot)).await?;
+    Ok(Json(json!({"restored": true, "seq": seq})))
+}
+
+async fn refresh_snapshot(State(site): State<Arc<Site>>, body: Result<Json<VolSnap>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let g = group_of(&site, &req.volume)?;
+    let seq = blocking(move || g.refresh_snapshot(&req.volume, &req.snapshot)).await?;
+    Ok(Json(json!({"refreshed": true, "seq": seq})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncSnapshots {
+    from: String,
+    to: String,
+}
+
+/// A bare snapshot name (no `@`) resolves if exactly one snapshot on the site has it.
+fn resolve_snapshot(site: &Site, name: &str) -> Result<String, ApiError> {
+    if name.contains('@') {
+        group_of(site, name)?;
+        return Ok(name.to_string());
+    }
+    let found: Vec<String> = site
+        .group_list()
+        .iter()
+        .flat_map(|g| g.maps().into_iter().filter(|m| m.snapshot && m.name.split_once('@').is_some_and(|(_, s)| s == name)).map(|m| m.name))
+        .collect();
+    match found.len() {
+        1 => Ok(found[0].clone()),
+        0 => Err(ApiError(StatusCode::NOT_FOUND, format!("snapshot {name} does not exist"))),
+        _ => Err(bad(format!("snapshot name {name} is ambiguous ({}); use VOLUME@SNAPSHOT", found.join(", ")))),
+    }
+}
+
+async fn sync_snapshots(State(site): State<Arc<Site>>, body: Result<Json<SyncSnapshots>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    primary_only(&site)?;
+    let from = resolve_snapshot(&site, &req.from)?;
+    let to = resolve_snapshot(&site, &req.to)?;
+    let g = group_of(&site, &from)?;
+    if !Arc::ptr_eq(&g, &group_of(&site, &to)?) {
+        return Err(bad(format!("{from} and {to} are in different consistency groups")));
+    }
+    let (f, t) = (from.clone(), to.clone());
+    let seq = blocking(move || g.sync_snapshots(&f, &t)).await?;
+    Ok(Json(json!({"synced": true, "from": from, "to": to, "seq": seq})))
+}
+
+async fn delete_snapshot(State(site): State<Arc<Site>>, Path((volume, snapshot)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let full = crate::group::Group::snapshot_name(&volume, &snapshot);
+    let g = group_of(&site, &full)?;
+    let dr = site.read_only();
+    blocking(move || if dr { g.delete_retained_snapshot(&volume, &snapshot) } else { g.delete_snapshot(&volume, &snapshot) }).await?;
+    Ok(Json(json!({"deleted": full})))
 }

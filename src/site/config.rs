@@ -83,6 +83,11 @@ pub struct SiteConfig {
     /// log and falls back to dirty-region resync (R3), e.g. "64GiB".
     #[serde(default = "default_log_cap")]
     pub replication_log_cap: String,
+    /// DR site: refuse the primary's deletion of snapshots (R25). The
+    /// primary's copy is still deleted; this site keeps its own until an
+    /// admin deletes it here.
+    #[serde(default)]
+    pub protect_snapshots: bool,
 }
 
 fn default_log_cap() -> String {

@@ -134,6 +134,7 @@ impl Site {
         let loss = if self.cfg.sync_loss == "refuse" { crate::replicate::SyncLoss::Refuse } else { crate::replicate::SyncLoss::Async };
         g.replication.set_sync_loss(loss);
         g.replication.set_sync_timeout(std::time::Duration::from_millis(self.cfg.sync_timeout_ms));
+        g.protect_snapshots.store(self.cfg.protect_snapshots, std::sync::atomic::Ordering::Relaxed);
         if let Ok(cap) = crate::util::parse_size(&self.cfg.replication_log_cap) {
             g.log_cap.store(cap, std::sync::atomic::Ordering::Relaxed);
         }
@@ -190,10 +191,11 @@ impl Site {
 impl Exports for Site {
     fn export(&self, name: &str) -> Option<Export> {
         let (group, volume) = self.find_volume(name)?;
-        Some(Export { name: name.to_string(), group, volume, read_only: self.read_only() })
+        let writable = group.volume(name).is_some_and(|v| v.writable);
+        Some(Export { name: name.to_string(), group, volume, read_only: self.read_only() || !writable })
     }
     fn export_names(&self) -> Vec<String> {
-        self.group_list().iter().flat_map(|g| g.volumes().into_iter().map(|v| v.name)).collect()
+        self.group_list().iter().flat_map(|g| g.maps().into_iter().map(|v| v.name)).collect()
     }
 }
 

@@ -8,6 +8,16 @@
 //! is ~12-16 bytes per mapped block plus 12 KiB per 128 MiB range written
 //! at all: under the 32 bytes per mapped block budget for any realistic
 //! fill, and a thin 64 TiB volume costs 4 MiB.
+//!
+//! Copy on write: the 128 MiB regions are shared (`Arc`) between maps, so a
+//! snapshot, restore, refresh or snapshot sync is a clone of the region
+//! pointer list (8 pointers per GiB), and the first write into a shared
+//! region copies that region only. Each map also counts its references per
+//! log segment (`seg_refs`), so GC learns which segments any map still
+//! needs without walking maps, and a clone copies those counts too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 pub const CHUNK_BLOCKS: usize = 64;
 /// A sparse chunk turns dense once it holds more than this many entries
@@ -53,13 +63,19 @@ enum Chunk {
 /// Chunks per top-level group (512 x 64 blocks = 128 MiB of volume). Groups
 /// are allocated on first write, so an empty or thin volume costs 8 bytes per
 /// 128 MiB of size.
-const GROUP_CHUNKS: usize = 512;
+pub const GROUP_CHUNKS: usize = 512;
+/// Blocks per region (shared unit between maps).
+pub const REGION_BLOCKS: u64 = (GROUP_CHUNKS * CHUNK_BLOCKS) as u64;
+
+type Region = Arc<[Chunk; GROUP_CHUNKS]>;
 
 #[derive(Clone, Debug, Default)]
 pub struct BlockMap {
-    groups: Vec<Option<Box<[Chunk; GROUP_CHUNKS]>>>,
+    groups: Vec<Option<Region>>,
     chunks: usize,
     mapped: u64,
+    /// Data entries per log segment (references, not unique blocks).
+    seg_refs: HashMap<u32, u64>,
 }
 
 impl BlockMap {
@@ -95,9 +111,11 @@ impl BlockMap {
             if !allocate {
                 return None;
             }
-            *slot = Some(vec![Chunk::Empty; GROUP_CHUNKS].into_boxed_slice().try_into().expect("group size"));
+            let b: Box<[Chunk; GROUP_CHUNKS]> = vec![Chunk::Empty; GROUP_CHUNKS].into_boxed_slice().try_into().expect("group size");
+            *slot = Some(Arc::from(b));
         }
-        slot.as_mut().map(|g| &mut g[c % GROUP_CHUNKS])
+        // Copy on write: a region shared with another map is copied first.
+        slot.as_mut().map(|g| &mut Arc::make_mut(g)[c % GROUP_CHUNKS])
     }
 
     /// Grows or shrinks the map to cover `blocks` blocks. Entries past the new
@@ -198,7 +216,113 @@ impl BlockMap {
             (false, true) => self.mapped -= 1,
             _ => {}
         }
+        if old.is_data() {
+            Self::unref(&mut self.seg_refs, old.seg, 1);
+        }
+        if e.is_data() {
+            *self.seg_refs.entry(e.seg).or_insert(0) += 1;
+        }
         old
+    }
+
+    fn unref(refs: &mut HashMap<u32, u64>, seg: u32, n: u64) {
+        if let Some(c) = refs.get_mut(&seg) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                refs.remove(&seg);
+            }
+        }
+    }
+
+    /// Data entries of this map pointing into segment `seg`.
+    pub fn seg_refs(&self, seg: u32) -> u64 {
+        self.seg_refs.get(&seg).copied().unwrap_or(0)
+    }
+
+    /// Segments this map points into, with the number of entries each.
+    pub fn seg_ref_counts(&self) -> &HashMap<u32, u64> {
+        &self.seg_refs
+    }
+
+    /// Number of 128 MiB regions the map covers.
+    pub fn regions(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Has region `r` ever been written (is it allocated)?
+    pub fn region_present(&self, r: usize) -> bool {
+        matches!(self.groups.get(r), Some(Some(_)))
+    }
+
+    /// Is region `r` the very same (shared, unmodified) in both maps?
+    /// Absent in both counts as shared.
+    pub fn region_shared(&self, other: &BlockMap, r: usize) -> bool {
+        match (self.groups.get(r), other.groups.get(r)) {
+            (Some(Some(a)), Some(Some(b))) => Arc::ptr_eq(a, b),
+            (Some(None) | None, Some(None) | None) => true,
+            _ => false,
+        }
+    }
+
+    /// Makes region `r` of this map the same shared region as `other`'s
+    /// (used when loading a checkpoint that stored it once). Both maps must
+    /// cover the region.
+    pub fn adopt_region(&mut self, other: &BlockMap, r: usize) {
+        if r >= self.groups.len() || r >= other.groups.len() {
+            return;
+        }
+        let mut gone = Vec::new();
+        self.for_each_mapped_in(r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS, |_, e| gone.push(e));
+        for e in gone {
+            self.mapped -= 1;
+            if e.is_data() {
+                Self::unref(&mut self.seg_refs, e.seg, 1);
+            }
+        }
+        self.groups[r] = other.groups[r].clone();
+        let mut new = Vec::new();
+        self.for_each_mapped_in(r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS, |_, e| new.push(e));
+        for e in new {
+            self.mapped += 1;
+            if e.is_data() {
+                *self.seg_refs.entry(e.seg).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// Calls `f(block, entry)` for every non-hole block in `[from, to)`.
+    pub fn for_each_mapped_in(&self, from: u64, to: u64, mut f: impl FnMut(u64, Entry)) {
+        let first_chunk = (from / CHUNK_BLOCKS as u64) as usize;
+        let end_chunk = (to.div_ceil(CHUNK_BLOCKS as u64) as usize).min(self.chunks);
+        let mut c = first_chunk;
+        while c < end_chunk {
+            let Some(Some(g)) = self.groups.get(c / GROUP_CHUNKS) else {
+                c = (c / GROUP_CHUNKS + 1) * GROUP_CHUNKS;
+                continue;
+            };
+            let base = c as u64 * CHUNK_BLOCKS as u64;
+            let mut visit = |b: u64, e: Entry| {
+                if b >= from && b < to {
+                    f(b, e)
+                }
+            };
+            match &g[c % GROUP_CHUNKS] {
+                Chunk::Empty => {}
+                Chunk::Dense(d) => {
+                    for (i, e) in d.iter().enumerate() {
+                        if !e.is_hole() {
+                            visit(base + i as u64, *e);
+                        }
+                    }
+                }
+                Chunk::Sparse(v) => {
+                    for s in v {
+                        visit(base + s.idx as u64, s.e);
+                    }
+                }
+            }
+            c += 1;
+        }
     }
 
     /// Calls `f(block, entry)` for every non-hole block, in block order.
@@ -207,40 +331,13 @@ impl BlockMap {
     }
 
     /// Calls `f(block, entry)` for every non-hole block at or after `from`.
-    pub fn for_each_mapped_from(&self, from: u64, mut f: impl FnMut(u64, Entry)) {
-        let first_chunk = (from / CHUNK_BLOCKS as u64) as usize;
-        for (gi, g) in self.groups.iter().enumerate().skip(first_chunk / GROUP_CHUNKS) {
-            let Some(g) = g else { continue };
-            for (ci, chunk) in g.iter().enumerate() {
-                let c = gi * GROUP_CHUNKS + ci;
-                if c < first_chunk || c >= self.chunks {
-                    continue;
-                }
-                let base = c as u64 * CHUNK_BLOCKS as u64;
-                match chunk {
-                    Chunk::Empty => {}
-                    Chunk::Dense(d) => {
-                        for (i, e) in d.iter().enumerate() {
-                            if !e.is_hole() && base + i as u64 >= from {
-                                f(base + i as u64, *e);
-                            }
-                        }
-                    }
-                    Chunk::Sparse(v) => {
-                        for s in v {
-                            if base + s.idx as u64 >= from {
-                                f(base + s.idx as u64, s.e);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+    pub fn for_each_mapped_from(&self, from: u64, f: impl FnMut(u64, Entry)) {
+        self.for_each_mapped_in(from, u64::MAX, f)
     }
 
     /// Heap and inline bytes used by the map (for the memory budget).
     pub fn memory_bytes(&self) -> usize {
-        let mut n = std::mem::size_of::<BlockMap>() + self.groups.capacity() * std::mem::size_of::<Option<Box<[Chunk; GROUP_CHUNKS]>>>();
+        let mut n = std::mem::size_of::<BlockMap>() + self.groups.capacity() * std::mem::size_of::<Option<Region>>();
         for g in self.groups.iter().flatten() {
             n += GROUP_CHUNKS * std::mem::size_of::<Chunk>();
             for chunk in g.iter() {

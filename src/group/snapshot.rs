@@ -1,0 +1,388 @@
+//! Snapshots, restore, refresh and snapshot sync (R6-R9).
+//!
+//! Every operation is one record in the group's log, appended under the
+//! group lock like a write, so it sits exactly between the writes before
+//! and after it, gets the next sequence number, and is shipped to DR sites
+//! in that place. Applying it (here, at a DR site, and at replay) is a
+//! metadata change only: a snapshot is a copy-on-write clone of a block
+//! map (a few pointers per GiB), restore/refresh/sync replace one map by a
+//! clone of another. No data block is read, written or sent.
+//!
+//! DR-side protection (R25): a DR site with `protect_snapshots` refuses a
+//! deletion of a snapshot that arrives in the stream. It first appends a
+//! local `Protect` record (never replicated) and then the primary's delete
+//! record; applying the delete finds the snapshot protected and keeps it,
+//! marked `retained`. Replay sees the same two records, so a restart keeps
+//! the decision, whatever the setting is then.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::resync::CommitEntry;
+use super::{Group, Inner};
+use crate::limits::BLOCK_BYTES;
+use crate::log::record::{Header, Kind, FLAG_RELOCATED};
+use crate::volume::{SnapMeta, Volume};
+
+/// Body of a `SnapCreate` record.
+#[derive(Serialize, Deserialize)]
+struct CreateBody {
+    name: String,
+    writable: bool,
+}
+
+/// A snapshot as `snapshot list` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub volume: String,
+    pub parent: String,
+    pub created_seq: u64,
+    pub created_ns: u64,
+    pub size: u64,
+    pub writable: bool,
+    /// Bytes held by this snapshot alone (no other map shares them).
+    pub unique_bytes: u64,
+    pub retained: bool,
+}
+
+impl Inner {
+    pub(super) fn apply_snap_create(&mut self, h: &Header, body: &[u8]) {
+        let Ok(b) = serde_json::from_slice::<CreateBody>(body) else {
+            tracing::error!("snapshot record seq {} has an unreadable body; skipped", h.seq);
+            return;
+        };
+        let Some(src) = self.volumes.get(&(h.offset as u32)) else { return };
+        let snap = SnapMeta {
+            parent: src.id,
+            parent_name: src.name.clone(),
+            created_seq: h.seq,
+            created_ns: h.timestamp_ns,
+            writable: b.writable,
+            retained: false,
+        };
+        let v = Volume { id: h.volume, name: b.name.clone(), size: src.size, map: src.map.clone(), snap: Some(snap) };
+        // A snapshot this DR site retained against the primary's delete
+        // gives its name up to the new one.
+        if let Some(old) = self.volumes.values_mut().find(|o| o.name == b.name && o.snap.as_ref().is_some_and(|s| s.retained)) {
+            old.name = format!("{}.retained-{}", b.name, old.id);
+            tracing::warn!("retained snapshot {} renamed to {} (the primary made a new {})", b.name, old.name, b.name);
+        }
+        self.volumes.insert(h.volume, v);
+        self.next_volume_id = self.next_volume_id.max(h.volume + 1);
+    }
+
+    pub(super) fn apply_map_copy(&mut self, h: &Header) {
+        let Some(src) = self.volumes.get(&(h.offset as u32)) else { return };
+        let (map, size) = (src.map.clone(), src.size);
+        if let Some(dst) = self.volumes.get_mut(&h.volume) {
+            dst.map = map;
+            dst.size = size;
+        }
+    }
+
+    pub(super) fn apply_delete(&mut self, h: &Header) {
+        let local = h.flags & FLAG_RELOCATED != 0;
+        if !local && self.protected.remove(&h.volume) {
+            if let Some(s) = self.volumes.get_mut(&h.volume).and_then(|v| v.snap.as_mut()) {
+                s.retained = true;
+                return;
+            }
+        }
+        self.volumes.remove(&h.volume);
+    }
+
+    /// Makes a finished resync the DR's state in one step: the primary's
+    /// map table (maps made meanwhile are built from this site's own copy
+    /// of their base), then every staged block.
+    pub(super) fn commit_resync(&mut self, h: &Header, body: &[u8]) {
+        let table: Vec<CommitEntry> = match serde_json::from_slice(body) {
+            Ok(t) => t,
+            Err(_) => {
+                // The first format: (id, name, size) tuples.
+                let old: Vec<(u32, String, u64)> = serde_json::from_slice(body).unwrap_or_default();
+                old.into_iter().map(|(id, name, size)| CommitEntry { id, name, size, snap: None, base: None }).collect()
+            }
+        };
+        // Bases are this site's maps *before* the commit (cheap clones).
+        let before = self.volumes.clone();
+        let keep: BTreeSet<u32> = table.iter().map(|t| t.id).collect();
+        let gone: Vec<u32> = self.volumes.keys().filter(|id| !keep.contains(id)).copied().collect();
+        for id in gone {
+            if self.protected.remove(&id) {
+                if let Some(s) = self.volumes.get_mut(&id).and_then(|v| v.snap.as_mut()) {
+                    s.retained = true;
+                    continue;
+                }
+            }
+            self.volumes.remove(&id);
+        }
+        for t in table {
+            let mut v = match (t.base.and_then(|b| before.get(&b)), self.volumes.remove(&t.id)) {
+                (Some(base), _) => Volume { id: t.id, name: t.name.clone(), size: base.size, map: base.map.clone(), snap: None },
+                (None, Some(v)) => v,
+                (None, None) => Volume::new(t.id, t.name.clone(), t.size),
+            };
+            v.map.resize(t.size.div_ceil(BLOCK_BYTES));
+            v.size = t.size;
+            v.name = t.name;
+            v.snap = t.snap;
+            self.volumes.insert(t.id, v);
+            self.next_volume_id = self.next_volume_id.max(t.id + 1);
+        }
+        for ((vol, block), e) in self.staging.take().unwrap_or_default() {
+            self.set_entry(vol, block, e);
+        }
+        self.next_seq = h.seq + 1;
+    }
+
+    /// Resolves a map name: `vol0`, `vol0@snap`, or a bare snapshot name
+    /// when `root` is given (`snap` means `root@snap`).
+    fn resolve(&self, root: Option<&str>, name: &str) -> Option<&Volume> {
+        let full = match (root, name.contains('@')) {
+            (Some(r), false) => format!("{}@{name}", r.split('@').next().unwrap_or(r)),
+            _ => name.to_string(),
+        };
+        self.volumes.values().find(|v| v.name == full)
+    }
+}
+
+impl Group {
+    /// Appends and applies one metadata record, then makes it durable and
+    /// asks periodic-mode senders to ship up to it now.
+    fn metadata_op(&self, f: impl FnOnce(&mut Inner) -> Result<Header>, body: &[u8]) -> Result<u64> {
+        let (at, seq) = {
+            let mut inner = self.lock();
+            let mut h = f(&mut inner)?;
+            let at = inner.append(self, &mut h, body, &[])?;
+            inner.apply(&h, at, body, Some(body));
+            (at, h.seq)
+        };
+        self.sync_to(at + 1)?;
+        self.replication.ship_through(seq);
+        self.appended.notify_waiters();
+        Ok(seq)
+    }
+
+    pub(super) fn check_map_count(inner: &Inner) -> Result<()> {
+        if inner.volumes.len() >= crate::limits::MAPS_PER_GROUP_MAX {
+            bail!("group already holds {} volumes and snapshots (the limit)", inner.volumes.len());
+        }
+        Ok(())
+    }
+
+    /// `snapshot create SRC SNAP`: SRC is a volume or a snapshot; the new
+    /// snapshot is named `ROOT@SNAP` (ROOT: the volume SRC belongs to).
+    pub fn create_snapshot(&self, src: &str, snap: &str, writable: bool) -> Result<u32> {
+        crate::util::check_name("snapshot", snap).map_err(|e| anyhow!(e))?;
+        let root = src.split('@').next().unwrap_or(src);
+        let full = format!("{root}@{snap}");
+        let body = serde_json::to_vec(&CreateBody { name: full.clone(), writable })?;
+        let mut id = 0;
+        self.metadata_op(
+            |inner| {
+                Self::check_map_count(inner)?;
+                let s = inner.resolve(None, src).with_context(|| format!("{src} does not exist"))?;
+                if inner.volumes.values().any(|v| v.name == full && !v.snap.as_ref().is_some_and(|s| s.retained)) {
+                    bail!("snapshot {full} already exists");
+                }
+                let sid = s.id;
+                id = inner.next_volume_id;
+                Ok(inner.new_header(Kind::SnapCreate, id, sid as u64, 0, body.len() as u32))
+            },
+            &body,
+        )?;
+        Ok(id)
+    }
+
+    fn map_copy(&self, dst: &str, src: &str, op: &str, check: impl FnOnce(&Volume, &Volume) -> Result<()>) -> Result<u64> {
+        self.metadata_op(
+            |inner| {
+                let d = inner.resolve(None, dst).with_context(|| format!("{dst} does not exist"))?;
+                let s = inner.resolve(None, src).with_context(|| format!("{src} does not exist"))?;
+                if d.id == s.id {
+                    bail!("{dst} and {src} are the same");
+                }
+                check(d, s)?;
+                let (did, sid) = (d.id, s.id);
+                Ok(inner.new_header(Kind::MapCopy, did, sid as u64, 0, op.len() as u32))
+            },
+            op.as_bytes(),
+        )
+    }
+
+    /// Full name of snapshot `snap` of volume `vol` (`snap` may already be full).
+    pub fn snapshot_name(vol: &str, snap: &str) -> String {
+        if snap.contains('@') {
+            snap.to_string()
+        } else {
+            format!("{}@{snap}", vol.split('@').next().unwrap_or(vol))
+        }
+    }
+
+    /// `snapshot restore VOL SNAP`: VOL becomes what SNAP holds (data and size).
+    pub fn restore_snapshot(&self, vol: &str, snap: &str) -> Result<u64> {
+        let sname = Self::snapshot_name(vol, snap);
+        self.map_copy(vol, &sname, "restore", |d, s| {
+            if d.snap.is_some() {
+                bail!("{} is a snapshot; restore a volume", d.name);
+            }
+            if s.root_name() != d.name {
+                bail!("{} is not a snapshot of {}", s.name, d.name);
+            }
+            Ok(())
+        })
+    }
+
+    /// `snapshot refresh VOL SNAP`: SNAP becomes what VOL holds now.
+    pub fn refresh_snapshot(&self, vol: &str, snap: &str) -> Result<u64> {
+        let sname = Self::snapshot_name(vol, snap);
+        self.map_copy(&sname, vol, "refresh", |d, s| {
+            if d.snap.is_none() {
+                bail!("{} is not a snapshot", d.name);
+            }
+            if d.root_name() != s.root_name() {
+                bail!("{} is not a snapshot of {}", d.name, s.name);
+            }
+            Ok(())
+        })
+    }
+
+    /// `snapshot sync A B`: snapshot B becomes equal to snapshot A.
+    pub fn sync_snapshots(&self, a: &str, b: &str) -> Result<u64> {
+        self.map_copy(b, a, "sync", |d, s| {
+            if d.snap.is_none() || s.snap.is_none() {
+                bail!("snapshot sync needs two snapshots ({} -> {})", s.name, d.name);
+            }
+            Ok(())
+        })
+    }
+
+    /// `snapshot delete VOL SNAP`. At a DR site (`local`), only snapshots it
+    /// retained against the primary's delete can be deleted.
+    pub fn delete_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
+        let sname = Self::snapshot_name(vol, snap);
+        self.metadata_op(
+            |inner| {
+                let s = inner.resolve(None, &sname).with_context(|| format!("snapshot {sname} does not exist"))?;
+                if s.snap.is_none() {
+                    bail!("{sname} is a volume, not a snapshot");
+                }
+                let id = s.id;
+                Ok(inner.new_header(Kind::VolumeDelete, id, 0, 0, 0))
+            },
+            &[],
+        )?;
+        Ok(())
+    }
+
+    /// DR site: deletes a snapshot this site retained (a local record, not
+    /// part of the primary's stream).
+    pub fn delete_retained_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
+        let sname = Self::snapshot_name(vol, snap);
+        let at = {
+            let mut inner = self.lock();
+            let s = inner.resolve(None, &sname).with_context(|| format!("snapshot {sname} does not exist"))?;
+            if !s.snap.as_ref().is_some_and(|m| m.retained) {
+                bail!("snapshot {sname} is replicated from the primary; delete it there");
+            }
+            let mut h = Header {
+                kind: Kind::VolumeDelete,
+                flags: FLAG_RELOCATED,
+                epoch: inner.epoch,
+                seq: inner.next_seq.saturating_sub(1),
+                timestamp_ns: crate::util::now_ns(),
+                volume: s.id,
+                length: 0,
+                offset: 0,
+                body_len: 0,
+                crc: 0,
+            };
+            let at = inner.append(self, &mut h, &[], &[])?;
+            inner.apply(&h, at, &[], Some(&[]));
+            at
+        };
+        self.sync_to(at + 1)
+    }
+
+    /// DR site with `protect_snapshots`: before a stream record that would
+    /// delete snapshots is appended, a local `Protect` record for each is
+    /// appended (so applying the record keeps them). Returns their names.
+    pub(super) fn protect_before(&self, inner: &mut Inner, h: &Header, body: &[u8]) -> Result<Vec<String>, String> {
+        if !self.protect_snapshots.load(Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
+        let doomed: Vec<u32> = match h.kind {
+            Kind::VolumeDelete => inner.volumes.get(&h.volume).filter(|v| v.snap.is_some()).map(|v| vec![v.id]).unwrap_or_default(),
+            Kind::ResyncCommit => {
+                let keep: BTreeSet<u32> = serde_json::from_slice::<Vec<CommitEntry>>(body).map(|t| t.iter().map(|e| e.id).collect()).unwrap_or_default();
+                inner.volumes.values().filter(|v| v.snap.is_some() && !keep.contains(&v.id)).map(|v| v.id).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut names = Vec::new();
+        for id in doomed {
+            if inner.protected.contains(&id) {
+                continue;
+            }
+            let mut p = Header {
+                kind: Kind::Protect,
+                flags: FLAG_RELOCATED,
+                epoch: inner.epoch,
+                seq: inner.next_seq.saturating_sub(1),
+                timestamp_ns: crate::util::now_ns(),
+                volume: id,
+                length: 0,
+                offset: 0,
+                body_len: 0,
+                crc: 0,
+            };
+            let at = inner.append(self, &mut p, &[], &[]).map_err(|e| e.to_string())?;
+            inner.apply(&p, at, &[], Some(&[]));
+            names.push(inner.volumes.get(&id).map(|v| v.name.clone()).unwrap_or_default());
+        }
+        Ok(names)
+    }
+
+    /// Snapshots of this group (all, or those of volume `vol`), with the
+    /// bytes unique to each (computed outside the group lock on cheap map
+    /// clones; regions shared with another map are skipped whole).
+    pub fn snapshots(&self, vol: Option<&str>) -> Vec<SnapshotInfo> {
+        let maps: Vec<Volume> = self.lock_read().volumes.values().cloned().collect();
+        let mut out = Vec::new();
+        for v in maps.iter() {
+            let Some(s) = &v.snap else { continue };
+            if vol.is_some_and(|r| v.root_name() != r) {
+                continue;
+            }
+            let mut unique = 0u64;
+            for r in 0..v.map.regions() {
+                let others: Vec<&Volume> = maps.iter().filter(|o| o.id != v.id && !v.map.region_shared(&o.map, r)).collect();
+                if others.len() + 1 < maps.len() {
+                    continue; // some map shares the whole region
+                }
+                let from = r as u64 * crate::volume::map::REGION_BLOCKS;
+                v.map.for_each_mapped_in(from, from + crate::volume::map::REGION_BLOCKS, |b, e| {
+                    if e.is_data() && !others.iter().any(|o| b < o.map.blocks() && o.map.get(b) == e) {
+                        unique += 1;
+                    }
+                });
+            }
+            out.push(SnapshotInfo {
+                name: v.name.clone(),
+                volume: v.root_name().to_string(),
+                parent: s.parent_name.clone(),
+                created_seq: s.created_seq,
+                created_ns: s.created_ns,
+                size: v.size,
+                writable: s.writable,
+                unique_bytes: unique * BLOCK_BYTES,
+                retained: s.retained,
+            });
+        }
+        out
+    }
+}

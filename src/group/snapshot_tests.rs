@@ -1,0 +1,209 @@
+//! Snapshot engine tests: a seeded mix of writes and snapshot operations
+//! against a model (one byte array per map), checked live, after a clean
+//! reopen (checkpoint) and after a crash (log replay); operations cost
+//! metadata only; GC keeps what snapshots need and frees it after delete.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+const SIZE: u64 = 2 << 20;
+
+fn read_all(g: &Group, name: &str) -> Vec<u8> {
+    let v = g.volume(name).unwrap_or_else(|| panic!("{name} missing"));
+    let mut buf = vec![0u8; v.size as usize];
+    g.read(v.id, 0, &mut buf).unwrap();
+    buf
+}
+
+fn check(g: &Group, model: &BTreeMap<String, Vec<u8>>, when: &str) {
+    let names: Vec<String> = g.maps().into_iter().map(|v| v.name).collect();
+    assert_eq!(names.len(), model.len(), "{when}: maps {names:?} vs model {:?}", model.keys().collect::<Vec<_>>());
+    for (name, want) in model {
+        assert!(read_all(g, name) == *want, "{when}: {name} differs from the model");
+    }
+}
+
+#[test]
+fn seeded_snapshot_ops_match_model_and_survive_reopen_and_crash() {
+    for seed in 0..6u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        g.create_volume("v", SIZE).unwrap();
+        model.insert("v".into(), vec![0u8; SIZE as usize]);
+        let mut n = 0;
+        for step in 0..300u32 {
+            let snaps: Vec<String> = model.keys().filter(|k| k.contains('@')).cloned().collect();
+            let writable: Vec<String> = g.maps().into_iter().filter(|m| m.writable).map(|m| m.name).collect();
+            match rng.random_range(0..20) {
+                0..=9 => {
+                    let target = &writable[rng.random_range(0..writable.len())];
+                    let size = model[target].len() as u64;
+                    let off = rng.random_range(0..size - 1);
+                    let len = rng.random_range(1..(size - off).min(40_000));
+                    let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ (step as u8)).collect();
+                    let id = g.volume(target).unwrap().id;
+                    g.write(id, off, &data).unwrap();
+                    model.get_mut(target).unwrap()[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                10..=12 => {
+                    let src = if snaps.is_empty() || rng.random_bool(0.6) { "v".to_string() } else { snaps[rng.random_range(0..snaps.len())].clone() };
+                    n += 1;
+                    let name = format!("s{n}");
+                    g.create_snapshot(&src, &name, rng.random_bool(0.3)).unwrap();
+                    let content = model[&src].clone();
+                    model.insert(format!("v@{name}"), content);
+                }
+                13 if !snaps.is_empty() => {
+                    let s = &snaps[rng.random_range(0..snaps.len())];
+                    g.restore_snapshot("v", s).unwrap();
+                    let c = model[s].clone();
+                    model.insert("v".into(), c);
+                }
+                14 if !snaps.is_empty() => {
+                    let s = &snaps[rng.random_range(0..snaps.len())];
+                    g.refresh_snapshot("v", s).unwrap();
+                    let c = model["v"].clone();
+                    model.insert(s.clone(), c);
+                }
+                15 if snaps.len() >= 2 => {
+                    let a = &snaps[rng.random_range(0..snaps.len())];
+                    let b = &snaps[rng.random_range(0..snaps.len())];
+                    if a != b {
+                        g.sync_snapshots(a, b).unwrap();
+                        let c = model[a].clone();
+                        model.insert(b.clone(), c);
+                    }
+                }
+                16 if !snaps.is_empty() => {
+                    let s = &snaps[rng.random_range(0..snaps.len())];
+                    g.delete_snapshot("v", s).unwrap();
+                    model.remove(s);
+                }
+                17 => {
+                    let size = rng.random_range(1..=4u64) * (SIZE / 2);
+                    g.resize_volume("v", size).unwrap();
+                    model.get_mut("v").unwrap().resize(size as usize, 0);
+                }
+                _ => {}
+            }
+            if step % 50 == 0 {
+                check(&g, &model, &format!("seed {seed} step {step}"));
+            }
+        }
+        check(&g, &model, &format!("seed {seed} end"));
+        // A crash: reopen a copy of the files as they are (log replay).
+        let copy = dir.path().join("crash");
+        g.sync_to(g.flush_target()).unwrap();
+        super::tests::power_cut::cut_copy(&g, &copy, &mut rng);
+        {
+            let c = Group::open(&copy, "cg0").unwrap();
+            check(&c, &model, &format!("seed {seed} after crash"));
+            c.abandon();
+        }
+        // Clean close (checkpoint) and reopen.
+        g.close().unwrap();
+        g.abandon();
+        drop(g);
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        check(&g, &model, &format!("seed {seed} after reopen"));
+    }
+}
+
+/// Snapshot, restore, refresh, sync and delete of a fully written volume
+/// append one small record each: no data is copied, and the maps share
+/// regions until written.
+#[test]
+fn operations_cost_metadata_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let size = 256u64 << 20;
+    let vol = g.create_volume("v", size).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    for i in 0..size / (1 << 20) {
+        g.write(vol, i << 20, &chunk).unwrap();
+    }
+    let before = g.log_bytes();
+    let t = std::time::Instant::now();
+    g.create_snapshot("v", "a", false).unwrap();
+    g.create_snapshot("v@a", "b", true).unwrap();
+    g.restore_snapshot("v", "a").unwrap();
+    g.refresh_snapshot("v", "a").unwrap();
+    g.sync_snapshots("v@a", "v@b").unwrap();
+    g.delete_snapshot("v", "b").unwrap();
+    let took = t.elapsed();
+    let grew = g.log_bytes() - before;
+    assert!(grew < 6 * 256, "six operations added {grew} log bytes");
+    assert!(took < std::time::Duration::from_secs(2), "six operations took {took:?}");
+    // Unique bytes: the snapshot shares everything with the volume.
+    let s = g.snapshots(Some("v"));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].unique_bytes, 0);
+    g.write(vol, 0, &vec![9u8; 1 << 20]).unwrap();
+    let s = g.snapshots(Some("v"));
+    assert_eq!(s[0].unique_bytes, 1 << 20, "after overwriting 1 MiB of the volume");
+    assert_eq!(s[0].parent, "v");
+    // Read-only snapshots refuse writes; volumes with snapshots refuse delete.
+    let sid = g.volume("v@a").unwrap().id;
+    assert!(matches!(g.write(sid, 0, &[1u8; 4096]), Err(IoError::ReadOnly(_))));
+    assert!(g.delete_volume("v").unwrap_err().to_string().contains("has snapshots"));
+    assert!(g.create_snapshot("v", "a", false).unwrap_err().to_string().contains("already exists"));
+    assert!(g.create_snapshot("nope", "x", false).is_err());
+    assert!(g.restore_snapshot("v", "nope").is_err());
+}
+
+/// GC keeps blocks only a snapshot references, relocates blocks shared by
+/// several maps once (moving all of them), and frees them after delete.
+#[test]
+fn gc_keeps_snapshot_blocks_and_frees_them_after_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let g: Arc<Group> = Group::open(dir.path(), "cg0").unwrap();
+    let size: u64 = 48 << 20;
+    let vol = g.create_volume("v", size).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for i in 0..size / 65536 {
+        g.write(vol, i * 65536, &vec![(i % 200) as u8 + 1; 65536]).unwrap();
+    }
+    g.create_snapshot("v", "keep", false).unwrap();
+    let snap_model = read_all(&g, "v@keep");
+    let mut model = snap_model.clone();
+    // Overwrite half of the volume many times: the other half stays shared.
+    for i in 0..(14 * size / 65536) {
+        let off = rng.random_range(0..size / 65536 / 2) * 65536;
+        let b = (i % 251) as u8;
+        g.write(vol, off, &vec![b; 65536]).unwrap();
+        model[off as usize..off as usize + 65536].fill(b);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while g.stats.gc_segments_freed.load(Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "GC did not run: log {} live {} freed {} relocated {}", g.log_bytes(), g.live_bytes(), g.stats.gc_segments_freed.load(Ordering::Relaxed), g.stats.gc_relocated_bytes.load(Ordering::Relaxed));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Relocate the first segment (blocks shared by the volume and the
+    // snapshot, and blocks only the snapshot holds): it must end with no
+    // references, and both maps must read the same.
+    g.checkpoint().unwrap();
+    let first = g.segment(1).expect("segment 1 still held by the snapshot");
+    g.relocate(&first).unwrap();
+    assert_eq!(g.lock_read().live_refs(1), 0, "segment 1 still referenced after relocation");
+    assert!(g.stats.gc_relocated_bytes.load(Ordering::Relaxed) > 0);
+    assert!(read_all(&g, "v@keep") == snap_model, "snapshot changed under GC");
+    assert!(read_all(&g, "v") == model, "volume changed under GC");
+    let with_snap = g.log_bytes();
+    g.delete_snapshot("v", "keep").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while g.log_bytes() + (8 << 20) > with_snap {
+        assert!(std::time::Instant::now() < deadline, "GC did not free the snapshot's blocks: {} bytes (was {with_snap})", g.log_bytes());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(read_all(&g, "v") == model);
+    g.close().unwrap();
+    drop(g);
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    assert!(read_all(&g, "v") == model);
+}
