@@ -315,6 +315,7 @@ pub fn run(a: UpArgs) -> Result<()> {
 
     // Supervise, and report replication state changes seen at the primary.
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut refusals_seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut tick = 0u64;
     loop {
         tick += 1;
@@ -322,6 +323,14 @@ pub fn run(a: UpArgs) -> Result<()> {
             if let Ok(st) = crate::client::call(&format!("http://{}", procs[0].api), "GET", "/status", None) {
                 for ev in replica_events(&st, &mut seen) {
                     emit(a.json, ev.clone(), &format!("{}", ev));
+                }
+            }
+            // DR sites report what only they know: refused snapshot deletions.
+            for p in procs.iter().skip(1) {
+                if let Ok(st) = crate::client::call(&format!("http://{}", p.api), "GET", "/status", None) {
+                    for ev in refusal_events(&p.name, &st, &mut refusals_seen) {
+                        emit(a.json, ev.clone(), &format!("{}", ev));
+                    }
                 }
             }
         }
@@ -363,6 +372,22 @@ pub fn run(a: UpArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `snapshot-delete-refused` events for refusals a DR site reports since
+/// the last poll (its `snapshot_delete_refusals` list only grows).
+fn refusal_events(site: &str, status: &serde_json::Value, seen: &mut BTreeMap<(String, String), usize>) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for g in status["groups"].as_array().into_iter().flatten() {
+        let group = g["name"].as_str().unwrap_or("?").to_string();
+        let list = g["snapshot_delete_refusals"].as_array().cloned().unwrap_or_default();
+        let n = seen.entry((site.to_string(), group.clone())).or_insert(0);
+        for r in list.iter().skip(*n) {
+            out.push(json!({"event": "snapshot-delete-refused", "site": site, "group": group, "snapshot": r["snapshot"], "seq": r["seq"]}));
+        }
+        *n = (*n).max(list.len());
+    }
+    out
 }
 
 /// Events for replica state changes between two status snapshots.

@@ -365,3 +365,32 @@ fn snapshot_exports_with_real_clients() {
     let o = tidemark(&["--api", &d.sites[1].api(), "snapshot", "create", "vol0", "x"]);
     assert_eq!(o.status.code(), Some(1), "snapshot create at a DR site must fail");
 }
+
+/// Periodic mode: writes wait for the period, but a storage operation ships
+/// at once, together with the batch pending before it.
+#[test]
+fn periodic_mode_ships_the_pending_batch_with_an_operation() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "periodic");
+    d.sites[0].edit_config(|c| {
+        let start = c.find("periodic_interval_s = ").unwrap();
+        let end = start + c[start..].find('\n').unwrap();
+        format!("{}periodic_interval_s = 600{}", &c[..start], &c[end..])
+    });
+    d.start_all();
+    wait_until(30, "first period shipped", || caught_up(&d));
+    let a = &d.sites[0];
+    let mut c = Client::connect(&a.addr(), "vol0").unwrap();
+    c.write(0, &vec![0x5A; 2 * MIB as usize], true).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let dr_seq = |d: &Deployment| d.sites[1].status()["groups"][0]["last_seq"].as_u64().unwrap();
+    let before = dr_seq(&d);
+    let last = a.status()["groups"][0]["last_seq"].as_u64().unwrap();
+    assert!(before < last, "periodic mode shipped a write before its period (DR at {before}, primary at {last})");
+    let t = std::time::Instant::now();
+    cli(a, &["snapshot", "create", "vol0", "p1"]);
+    wait_until(10, "the batch and the snapshot at the DR", || dr_seq(&d) == last + 1);
+    eprintln!("periodic: batch and snapshot arrived {:?} after the operation", t.elapsed());
+    let x = common::sha256_of(&read_export(&d.sites[0], "vol0@p1", 16 * MIB));
+    let y = common::sha256_of(&read_export(&d.sites[1], "vol0@p1", 16 * MIB));
+    assert_eq!(x, y);
+}

@@ -13,10 +13,14 @@
 //!
 //! Snapshot operations in dirty mode (R9): the DR will not see the
 //! snapshot, restore, refresh or sync records, so the dirty set remembers,
-//! per map made meanwhile, the map the DR should build it from (`base`),
-//! and gives it the dirty blocks of its source. At the commit the DR makes
-//! each such map from its own copy of the base, then applies the staged
-//! blocks: only the regions that differ cross the link.
+//! the map operations (snapshot, restore, refresh, sync) made meanwhile,
+//! with their seqs, and gives each target the dirty blocks of its source.
+//! The DR may hold more than the primary assumed when tracking began (acks
+//! lag), so which operations it lacks is decided only at the commit, from
+//! the seq the DR reported: each map made by an operation after that seq
+//! is built by the DR from its own copy of the map it derives from (its
+//! `base`), then the staged blocks are applied. Only the regions that
+//! differ cross the link.
 //!
 //! Why this converges to the primary's state at that seq: a block's content
 //! is read after its dirty mark is cleared, so any later write marks it again
@@ -105,8 +109,8 @@ pub struct Dirty {
     pub blocks: BTreeMap<u32, BlockRanges>,
     /// Blocks sent in this resync attempt but not yet committed at the DR.
     inflight: BTreeMap<u32, BlockRanges>,
-    /// Maps made while in dirty mode -> the DR-side map to build them from.
-    pub base: BTreeMap<u32, u32>,
+    /// Map copies made while in dirty mode: (seq, dst, src), in order.
+    copies: Vec<(u64, u32, u32)>,
     /// Map operations seen while this set was pending (see `enter_dirty`).
     ops: Vec<MapOp>,
     pending: bool,
@@ -114,8 +118,8 @@ pub struct Dirty {
 
 #[derive(Clone, Copy, Debug)]
 enum MapOp {
-    /// `dst` became a copy of `src` (snapshot create, restore, refresh, sync).
-    Copy { dst: u32, src: u32 },
+    /// `dst` became a copy of `src` (snapshot create, restore, refresh, sync) at `seq`.
+    Copy { dst: u32, src: u32, seq: u64 },
     /// The map is gone, or is new and empty (delete, create).
     Drop(u32),
     /// The map was resized to `blocks`.
@@ -129,7 +133,7 @@ impl Dirty {
 
     fn apply_op(&mut self, op: MapOp, sizes: &dyn Fn(u32) -> u64) {
         match op {
-            MapOp::Copy { dst, src } => {
+            MapOp::Copy { dst, src, seq } => {
                 if dst == src {
                     return;
                 }
@@ -145,13 +149,11 @@ impl Dirty {
                 } else {
                     self.blocks.insert(dst, b);
                 }
-                let base = self.base.get(&src).copied().unwrap_or(src);
-                self.base.insert(dst, base);
+                self.copies.push((seq, dst, src));
             }
             MapOp::Drop(id) => {
                 self.blocks.remove(&id);
                 self.inflight.remove(&id);
-                self.base.remove(&id);
             }
             MapOp::Resize { id, blocks } => {
                 // Grown space must read as holes at the DR even where its
@@ -178,7 +180,7 @@ impl Dirty {
                 let first = h.offset / BLOCK_BYTES;
                 self.mark(h.volume, first, first + h.length as u64 / BLOCK_BYTES);
             }
-            Kind::SnapCreate | Kind::MapCopy => self.apply_op(MapOp::Copy { dst: h.volume, src: h.offset as u32 }, sizes),
+            Kind::SnapCreate | Kind::MapCopy => self.apply_op(MapOp::Copy { dst: h.volume, src: h.offset as u32, seq: h.seq }, sizes),
             Kind::VolumeCreate | Kind::VolumeDelete => self.apply_op(MapOp::Drop(h.volume), sizes),
             Kind::VolumeResize => {
                 let new = h.offset.div_ceil(BLOCK_BYTES);
@@ -195,6 +197,17 @@ impl Dirty {
 
     pub fn dirty_blocks(&self) -> u64 {
         self.blocks.values().map(|s| s.len()).sum()
+    }
+
+    /// For a DR that holds everything up to `dr_last`: the maps it must
+    /// build from one of its own (the copies it lacks, chained in order).
+    pub fn bases(&self, dr_last: u64) -> BTreeMap<u32, u32> {
+        let mut base = BTreeMap::new();
+        for &(_, dst, src) in self.copies.iter().filter(|c| c.0 > dr_last) {
+            let b = base.get(&src).copied().unwrap_or(src);
+            base.insert(dst, b);
+        }
+        base
     }
 }
 
@@ -244,9 +257,11 @@ impl SentIndex {
             self.by_block.remove(&(vol, block));
             return;
         }
-        if self.by_block.len() >= Self::MAX_BLOCKS {
+        if self.by_block.len() >= Self::MAX_BLOCKS && !self.by_block.contains_key(&(vol, block)) {
             return;
         }
+        // Always updated when present: a stale entry would let a later map
+        // copy content this map's staging no longer holds.
         self.by_block.insert((vol, block), (e.seg, e.off));
         self.by_entry.entry((e.seg, e.off)).or_insert(vol);
     }
@@ -394,18 +409,20 @@ impl Group {
 
     /// If nothing is dirty for `peer`, returns the seq the DR will be at
     /// after the commit and the map table as of that seq, and pins the
-    /// log from the next seq on (normal streaming resumes there).
-    pub fn resync_point(&self, peer: &str) -> Option<(u64, Vec<CommitEntry>)> {
+    /// log from the next seq on (normal streaming resumes there). `dr_last`
+    /// is the last seq the DR holds (from its HELLO reply).
+    pub fn resync_point(&self, peer: &str, dr_last: u64) -> Option<(u64, Vec<CommitEntry>)> {
         let mut inner = self.lock_read();
         let d = inner.dirty.get(peer)?;
         if d.blocks.values().any(|s| !s.is_empty()) {
             return None;
         }
+        let bases = d.bases(dr_last);
         let seq = inner.next_seq - 1;
         let table = inner
             .volumes
             .values()
-            .map(|v| CommitEntry { id: v.id, name: v.name.clone(), size: v.size, snap: v.snap.clone(), base: d.base.get(&v.id).copied() })
+            .map(|v| CommitEntry { id: v.id, name: v.name.clone(), size: v.size, snap: v.snap.clone(), base: bases.get(&v.id).copied() })
             .collect();
         inner.pins.insert(peer.to_string(), seq + 1);
         Some((seq, table))

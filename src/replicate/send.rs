@@ -185,7 +185,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     };
     let mut frames_sent = 0u64;
     if resyncing {
-        match resync(group, peer, &mut wr, &inflight, &acked_notify, &ack_task, &mut frames_sent).await {
+        match resync(group, peer, reply.next_seq.saturating_sub(1), &mut wr, &inflight, &acked_notify, &ack_task, &mut frames_sent).await {
             Ok(n) => next = n,
             Err(e) => {
                 ack_task.abort();
@@ -386,9 +386,11 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> R
 /// Dirty-region resync (see `group::resync`): RESYNC_BEGIN, the current
 /// content of every dirty block, then RESYNC_COMMIT at the seq where the
 /// dirty set was found empty. Returns the seq to stream from afterwards.
+#[allow(clippy::too_many_arguments)]
 async fn resync<W: tokio::io::AsyncWrite + Unpin>(
     group: &Arc<Group>,
     peer: &PeerLink,
+    dr_last: u64,
     wr: &mut W,
     inflight: &Arc<Mutex<Window>>,
     acked_notify: &Arc<Notify>,
@@ -428,7 +430,7 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
             }
             let runs = group.take_dirty(&peer.name, limits::RESYNC_BATCH_BLOCKS);
             if runs.is_empty() {
-                let Some((seq, table)) = group.resync_point(&peer.name) else { continue };
+                let Some((seq, table)) = group.resync_point(&peer.name, dr_last) else { continue };
                 let commit = group.resync_control(Kind::ResyncCommit, seq, &table);
                 wr.write_all(&frame::encode(frame::RECORDS, epoch, &commit, peer.lz4)).await?;
                 wr.flush().await?;

@@ -3,12 +3,14 @@
 //! random byte counts and stalled now and then, with DR power cuts (the DR's
 //! files copied as a power loss would leave them, then reopened), primary
 //! process crashes (reopened from its files), primary-side switches to
-//! dirty-region resync, and writes interleaved at random.
+//! dirty-region resync, and writes and snapshot operations (create,
+//! snapshot of snapshot, refresh, sync, delete) interleaved at random.
 //!
-//! Safety, checked after every step: the DR's volume always shows exactly
-//! writes 1..k of the primary for some k (never a state the primary never
-//! had), and a DR power cut never loses a seq the DR had acknowledged.
-//! Liveness, after the faults stop: the DR converges to the primary's state.
+//! Safety, checked after every step: the DR's volume and every snapshot it
+//! holds show exactly writes 1..k of the primary for some k (never a state
+//! the primary never had), and a DR power cut never loses a seq the DR had
+//! acknowledged. Liveness, after the faults stop: the DR converges to the
+//! primary's state, snapshots included, byte for byte.
 //!
 //! Each schedule is generated from its seed; a failure prints the seed, and
 //! `SIM_SEED=<seed> cargo test --release --lib sim` replays that schedule
@@ -136,7 +138,30 @@ fn dr_state(d: &Group) -> Result<Option<u64>, String> {
     let Some(v) = d.volume("v") else { return Ok(None) };
     let mut buf = vec![0u8; (BLOCKS * 4096) as usize];
     d.read(v.id, 0, &mut buf).map_err(|e| e.to_string())?;
+    // Every snapshot too shows a state the primary had.
+    for m in d.maps().into_iter().filter(|m| m.snapshot) {
+        let mut s = vec![0u8; (BLOCKS * 4096) as usize];
+        match d.read(m.id, 0, &mut s) {
+            Ok(()) => {}
+            // Deleted by the stream since it was listed.
+            Err(crate::group::IoError::VolumeGone(_)) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+        prefix_of(&s).map_err(|e| format!("snapshot {}: {e}", m.name))?;
+    }
     prefix_of(&buf).map(Some)
+}
+
+/// Name -> content of every map (volume and snapshots).
+fn contents(g: &Group) -> std::collections::BTreeMap<String, Vec<u8>> {
+    g.maps()
+        .into_iter()
+        .map(|m| {
+            let mut b = vec![0u8; m.size as usize];
+            let _ = g.read(m.id, 0, &mut b);
+            (m.name, b)
+        })
+        .collect()
 }
 
 fn schedule(seed: u64) -> Result<(), String> {
@@ -156,10 +181,12 @@ fn schedule(seed: u64) -> Result<(), String> {
     let trace = std::env::var("SIM_TRACE").is_ok();
     for step in 0..steps {
         let ctx = |e: String| format!("step {step}: {e}");
-        let action = rng.random_range(0..10);
+        let action = rng.random_range(0..12);
         if trace {
             let d = host.group.lock().unwrap().clone();
             eprintln!("step {step}: action {action}; primary seq {} writes {writes}; DR seq {} shows {:?}; dirty {}", p.last_seq(), d.last_seq(), dr_state(&d), p.in_dirty_mode("b"));
+            let show = |g: &Group| contents(g).into_iter().map(|(n, c)| format!("{n}={:?}", prefix_of(&c).ok())).collect::<Vec<_>>().join(" ");
+            eprintln!("  primary: {}\n  DR:      {}", show(&p), show(&d));
         }
         match action {
             0..=3 => {
@@ -215,6 +242,29 @@ fn schedule(seed: u64) -> Result<(), String> {
                 let pin = p.replication.replicas().first().map(|r| r.acked_seq + 1).unwrap_or(1);
                 p.enter_dirty("b", if full { None } else { Some(pin) }).map_err(|e| ctx(e.to_string()))?;
             }
+            10 | 11 => {
+                // Snapshot operations, in the stream between the writes.
+                let snaps: Vec<String> = p.maps().into_iter().filter(|m| m.snapshot).map(|m| m.name).collect();
+                let pick = |rng: &mut rand::rngs::StdRng| snaps[rng.random_range(0..snaps.len())].clone();
+                let op = rng.random_range(0..5);
+                if trace {
+                    eprintln!("  snapshot op {op}");
+                }
+                let r = match op {
+                    0 if !snaps.is_empty() => p.refresh_snapshot("v", &pick(&mut rng)).map(|_| ()),
+                    1 if snaps.len() >= 2 => {
+                        let (a, b) = (pick(&mut rng), pick(&mut rng));
+                        if a == b { Ok(()) } else { p.sync_snapshots(&a, &b).map(|_| ()) }
+                    }
+                    2 if !snaps.is_empty() => p.delete_snapshot("v", &pick(&mut rng)),
+                    3 if !snaps.is_empty() => p.create_snapshot(&pick(&mut rng), &format!("s{step}"), false).map(|_| ()),
+                    _ => p.create_snapshot("v", &format!("s{step}"), false).map(|_| ()),
+                };
+                r.map_err(|e| ctx(format!("snapshot operation failed: {e:#}")))?;
+                if trace {
+                    eprintln!("  snapshots now: {:?}", p.snapshots(None).iter().map(|s| (s.name.clone(), s.parent.clone(), s.created_seq)).collect::<Vec<_>>());
+                }
+            }
             _ => unreachable!(),
         }
         let pause = Duration::from_micros(rng.random_range(0..3000));
@@ -235,6 +285,13 @@ fn schedule(seed: u64) -> Result<(), String> {
         let d = host.group.lock().unwrap().clone();
         let k = dr_state(&d).map_err(|e| format!("while converging: {e}"))?;
         if d.last_seq() == p.last_seq() && !p.in_dirty_mode("b") && k == Some(writes) {
+            let (want, got) = (contents(&p), contents(&d));
+            if want.keys().ne(got.keys()) {
+                return Err(format!("converged with different maps: primary {:?}, DR {:?}", want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>()));
+            }
+            if let Some((name, c)) = want.iter().find(|(n, c)| got.get(*n) != Some(*c)) {
+                return Err(format!("converged but {name} differs between the primary ({:?}) and the DR ({:?})", prefix_of(c), prefix_of(&got[name])));
+            }
             break;
         }
         if Instant::now() > deadline {
