@@ -84,7 +84,8 @@ python3 - "$RES" "$CMDLINE" > "$OUT/snapshots.md" <<'PY'
 import json, sys, statistics
 res, cmdline = sys.argv[1], sys.argv[2]
 def lat(p):
-    w = json.load(open(p))["jobs"][0]["write"]
+    t = open(p).read()
+    w = json.loads(t[t.index("{"):])["jobs"][0]["write"]  # fio prints a line before the JSON
     return w["clat_ns"]["max"] / 1e6, w["clat_ns"]["percentile"].get("99.000000", 0) / 1e6, w["iops"]
 ops = [list(map(int, l.split())) for l in open(f"{res}/ops.txt") if l.strip()]
 names = ["create", "restore", "delete"]
