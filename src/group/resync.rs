@@ -113,6 +113,8 @@ pub struct Dirty {
     copies: Vec<(u64, u32, u32)>,
     /// Map operations seen while this set was pending (see `enter_dirty`).
     ops: Vec<MapOp>,
+    /// The resync attempt that may take blocks (see `begin_attempt`).
+    attempt: u64,
     pending: bool,
 }
 
@@ -370,12 +372,39 @@ impl Group {
         Ok(())
     }
 
-    /// Takes up to `max` dirty blocks of `peer` as runs (they are in flight
-    /// until the commit; `return_dirty` puts them back if sending fails).
-    pub fn take_dirty(&self, peer: &str, max: u64) -> Vec<Run> {
+    /// Starts a resync attempt for `peer` (after its RESYNC_BEGIN, which
+    /// empties the DR's staging): whatever earlier attempts sent is dirty
+    /// again, and only this attempt may take blocks or commit from now on.
+    /// An older session still draining (its connection is dead, its task
+    /// not yet dropped) can then neither take blocks this attempt would
+    /// never send nor hide them in flight while this one commits.
+    pub fn begin_attempt(&self, peer: &str) -> u64 {
+        let mut inner = self.lock_read();
+        let Some(d) = inner.dirty.get_mut(peer) else { return 0 };
+        d.attempt += 1;
+        for (vol, r) in std::mem::take(&mut d.inflight) {
+            for (s, e) in r.r {
+                d.mark(vol, s, e);
+            }
+        }
+        d.attempt
+    }
+
+    /// The current resync attempt for `peer` (None when not in dirty mode).
+    pub fn resync_attempt(&self, peer: &str) -> Option<u64> {
+        self.lock_read().dirty.get(peer).map(|d| d.attempt)
+    }
+
+    /// Takes up to `max` dirty blocks of `peer` as runs for resync attempt
+    /// `attempt` (they are in flight until the commit; `return_dirty` puts
+    /// them back if sending fails). A superseded attempt gets nothing.
+    pub fn take_dirty(&self, peer: &str, attempt: u64, max: u64) -> Vec<Run> {
         let mut inner = self.lock_read();
         let sizes: BTreeMap<u32, u64> = inner.volumes.values().map(|v| (v.id, v.size / BLOCK_BYTES)).collect();
         let Some(d) = inner.dirty.get_mut(peer) else { return Vec::new() };
+        if d.attempt != attempt {
+            return Vec::new();
+        }
         let mut runs: Vec<Run> = Vec::new();
         let mut n = 0;
         for (vol, set) in d.blocks.iter_mut() {
@@ -395,10 +424,12 @@ impl Group {
         runs
     }
 
-    /// The resync attempt failed: everything sent but not committed is dirty again.
-    pub fn return_dirty(&self, peer: &str) {
+    /// Resync attempt `attempt` failed: what it sent but did not commit is
+    /// dirty again (a superseded attempt's blocks were returned when the
+    /// newer one began).
+    pub fn return_dirty(&self, peer: &str, attempt: u64) {
         let mut inner = self.lock_read();
-        if let Some(d) = inner.dirty.get_mut(peer) {
+        if let Some(d) = inner.dirty.get_mut(peer).filter(|d| d.attempt == attempt) {
             for (vol, r) in std::mem::take(&mut d.inflight) {
                 for (s, e) in r.r {
                     d.mark(vol, s, e);
@@ -411,10 +442,10 @@ impl Group {
     /// after the commit and the map table as of that seq, and pins the
     /// log from the next seq on (normal streaming resumes there). `dr_last`
     /// is the last seq the DR holds (from its HELLO reply).
-    pub fn resync_point(&self, peer: &str, dr_last: u64) -> Option<(u64, Vec<CommitEntry>)> {
+    pub fn resync_point(&self, peer: &str, attempt: u64, dr_last: u64) -> Option<(u64, Vec<CommitEntry>)> {
         let mut inner = self.lock_read();
         let d = inner.dirty.get(peer)?;
-        if d.blocks.values().any(|s| !s.is_empty()) {
+        if d.attempt != attempt || d.blocks.values().any(|s| !s.is_empty()) {
             return None;
         }
         let bases = d.bases(dr_last);

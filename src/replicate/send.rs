@@ -407,20 +407,23 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
     struct Taken<'a> {
         group: &'a Group,
         peer: &'a str,
+        attempt: u64,
         runs: Vec<crate::group::resync::Run>,
     }
     impl Drop for Taken<'_> {
         fn drop(&mut self) {
             if !self.runs.is_empty() {
-                self.group.return_dirty(self.peer);
+                self.group.return_dirty(self.peer, self.attempt);
             }
         }
     }
-    let mut sent = Taken { group, peer: &peer.name, runs: Vec::new() };
+    let mut sent = Taken { group, peer: &peer.name, attempt: 0, runs: Vec::new() };
     let result: Result<u64> = async {
         let begin = group.resync_control(Kind::ResyncBegin, 0, &[]);
         wr.write_all(&frame::encode(frame::RECORDS, epoch, &begin, peer.lz4)).await?;
         *frames_sent += 1;
+        let attempt = group.begin_attempt(&peer.name);
+        sent.attempt = attempt;
         let mut buf = Vec::new();
         // What this attempt sent (the DR's staging starts empty at BEGIN).
         let mut index = crate::group::resync::SentIndex::default();
@@ -428,9 +431,14 @@ async fn resync<W: tokio::io::AsyncWrite + Unpin>(
             if ack_task.is_finished() {
                 bail!("acknowledgement stream ended during resync");
             }
-            let runs = group.take_dirty(&peer.name, limits::RESYNC_BATCH_BLOCKS);
+            let runs = group.take_dirty(&peer.name, attempt, limits::RESYNC_BATCH_BLOCKS);
             if runs.is_empty() {
-                let Some((seq, table)) = group.resync_point(&peer.name, dr_last) else { continue };
+                let Some((seq, table)) = group.resync_point(&peer.name, attempt, dr_last) else {
+                    if group.resync_attempt(&peer.name) != Some(attempt) {
+                        bail!("resync of {} superseded by a newer attempt", peer.name);
+                    }
+                    continue;
+                };
                 let commit = group.resync_control(Kind::ResyncCommit, seq, &table);
                 wr.write_all(&frame::encode(frame::RECORDS, epoch, &commit, peer.lz4)).await?;
                 wr.flush().await?;
