@@ -168,6 +168,12 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
                     for v in g["volumes"].as_array().into_iter().flatten() {
                         println!("    volume {} {}", v["name"].as_str().unwrap_or("?"), human_size(v["size"].as_u64().unwrap_or(0)));
                     }
+                    if g["snapshots"].as_u64().unwrap_or(0) > 0 {
+                        println!("    snapshots {}", g["snapshots"]);
+                    }
+                    for r in g["retained_snapshots"].as_array().into_iter().flatten() {
+                        println!("    snapshot {} retained: the primary deleted it, protect_snapshots kept it", r.as_str().unwrap_or("?"));
+                    }
                     for r in g["replicas"].as_array().into_iter().flatten() {
                         println!(
                             "    replica {} {} applied_seq {} lag {} writes {:.3}s",

@@ -288,6 +288,9 @@ fn snapshots_made_while_dr_is_cut_off_end_identical_sending_only_differences() {
 fn protected_dr_snapshots_survive_primary_delete() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
     d.sites[1].edit_config(|c| c.replace("protect_snapshots = false", "protect_snapshots = true"));
+    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
+    let (direct, via) = (format!("127.0.0.1:{}", d.repl_port(1)), proxy.addr().to_string());
+    d.sites[0].edit_config(|c| c.replace(&direct, &via).replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"96MiB\""));
     d.start_all();
     let a = &d.sites[0];
     let mut c = Client::connect(&a.addr(), "vol0").unwrap();
@@ -329,6 +332,31 @@ fn protected_dr_snapshots_survive_primary_delete() {
     let o = tidemark(&["--api", &d.sites[1].api(), "snapshot", "delete", "vol0", "keep"]);
     assert_eq!(o.status.code(), Some(1), "a replicated snapshot cannot be deleted at the DR site");
     assert!(String::from_utf8_lossy(&o.stderr).contains("delete it there"));
+
+    // A deletion the DR misses while cut off (dirty-region mode) reaches it
+    // as a resync commit without the snapshot: refused the same way.
+    proxy.cut();
+    let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
+    let mut i = 0u8;
+    wait_until(60, "dirty-region mode for b", || {
+        for _ in 0..8 {
+            i = i.wrapping_add(1);
+            c.write(8 * MIB, &vec![i; 4 * MIB as usize], false).unwrap();
+        }
+        d.sites[0].status()["groups"][0]["dirty_tracking"] == true || d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true
+    });
+    cli(&d.sites[0], &["snapshot", "delete", "vol0", "keep"]);
+    proxy.restore();
+    wait_until(60, "resync committed", || d.sites[0].log().contains("resync committed"));
+    wait_until(30, "DR caught up", || caught_up(&d));
+    let st = d.sites[1].status();
+    assert_eq!(st["groups"][0]["retained_snapshots"], serde_json::json!(["vol0@keep"]), "{st}");
+    // (The DR restarted since the first refusal; its list holds this one.)
+    let refusals = st["groups"][0]["snapshot_delete_refusals"].as_array().unwrap().clone();
+    assert_eq!(refusals.last().unwrap()["snapshot"], "vol0@keep", "{st}");
+    let x = common::sha256_of(&read_export(&d.sites[0], "vol0", 16 * MIB));
+    let y = common::sha256_of(&read_export(&d.sites[1], "vol0", 16 * MIB));
+    assert_eq!(x, y, "vol0 differs after the resync");
 }
 
 /// Snapshot exports through real clients: nbdinfo lists them, qemu-io

@@ -110,7 +110,8 @@ impl Inner {
         // Bases are this site's maps *before* the commit (cheap clones).
         let before = self.volumes.clone();
         let keep: BTreeSet<u32> = table.iter().map(|t| t.id).collect();
-        let gone: Vec<u32> = self.volumes.keys().filter(|id| !keep.contains(id)).copied().collect();
+        // Snapshots this site retained are its own: the primary's table never lists them.
+        let gone: Vec<u32> = self.volumes.values().filter(|v| !keep.contains(&v.id) && !v.snap.as_ref().is_some_and(|s| s.retained)).map(|v| v.id).collect();
         for id in gone {
             if self.protected.remove(&id) {
                 if let Some(s) = self.volumes.get_mut(&id).and_then(|v| v.snap.as_mut()) {
@@ -319,7 +320,7 @@ impl Group {
             Kind::VolumeDelete => inner.volumes.get(&h.volume).filter(|v| v.snap.is_some()).map(|v| vec![v.id]).unwrap_or_default(),
             Kind::ResyncCommit => {
                 let keep: BTreeSet<u32> = serde_json::from_slice::<Vec<CommitEntry>>(body).map(|t| t.iter().map(|e| e.id).collect()).unwrap_or_default();
-                inner.volumes.values().filter(|v| v.snap.is_some() && !keep.contains(&v.id)).map(|v| v.id).collect()
+                inner.volumes.values().filter(|v| v.snap.as_ref().is_some_and(|s| !s.retained) && !keep.contains(&v.id)).map(|v| v.id).collect()
             }
             _ => Vec::new(),
         };
