@@ -450,3 +450,26 @@ impl Signals {
         self.rx.try_recv().ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// A DR site's refusal list only grows: each refusal becomes one event, once.
+    #[test]
+    fn refusal_events_once_each() {
+        let mut seen = Default::default();
+        let st = |n: usize| {
+            let list: Vec<_> = (0..n).map(|i| json!({"snapshot": format!("vol0@s{i}"), "seq": 10 + i})).collect();
+            json!({"groups": [{"name": "cg0", "snapshot_delete_refusals": list}]})
+        };
+        assert!(super::refusal_events("b", &st(0), &mut seen).is_empty());
+        let ev = super::refusal_events("b", &st(2), &mut seen);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[1]["event"], "snapshot-delete-refused");
+        assert_eq!(ev[1]["snapshot"], "vol0@s1");
+        assert_eq!(ev[1]["site"], "b");
+        assert!(super::refusal_events("b", &st(2), &mut seen).is_empty());
+        assert_eq!(super::refusal_events("b", &st(3), &mut seen).len(), 1);
+    }
+}

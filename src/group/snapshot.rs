@@ -122,8 +122,16 @@ impl Inner {
             self.volumes.remove(&id);
         }
         for t in table {
-            let mut v = match (t.base.and_then(|b| before.get(&b)), self.volumes.remove(&t.id)) {
-                (Some(base), _) => Volume { id: t.id, name: t.name.clone(), size: base.size, map: base.map.clone(), snap: None },
+            let old = self.volumes.remove(&t.id);
+            let mut v = match (t.base, old) {
+                (Some(b), _) => match before.get(&b) {
+                    Some(base) => Volume { id: t.id, name: t.name.clone(), size: base.size, map: base.map.clone(), snap: None },
+                    // A base this site never had was made after what it
+                    // holds, from nothing: its content is all in the staged
+                    // blocks, so the map starts empty (not from an old copy
+                    // of the same id).
+                    None => Volume::new(t.id, t.name.clone(), t.size),
+                },
                 (None, Some(v)) => v,
                 (None, None) => Volume::new(t.id, t.name.clone(), t.size),
             };

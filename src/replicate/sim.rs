@@ -246,12 +246,19 @@ fn schedule(seed: u64) -> Result<(), String> {
                 // Snapshot operations, in the stream between the writes.
                 let snaps: Vec<String> = p.maps().into_iter().filter(|m| m.snapshot).map(|m| m.name).collect();
                 let pick = |rng: &mut rand::rngs::StdRng| snaps[rng.random_range(0..snaps.len())].clone();
-                let op = rng.random_range(0..5);
+                let vsnaps: Vec<String> = snaps.iter().filter(|n| n.starts_with("v@")).cloned().collect();
+                let op = rng.random_range(0..6);
                 if trace {
                     eprintln!("  snapshot op {op}");
                 }
                 let r = match op {
-                    0 if !snaps.is_empty() => p.refresh_snapshot("v", &pick(&mut rng)).map(|_| ()),
+                    0 if !vsnaps.is_empty() => p.refresh_snapshot("v", &vsnaps[rng.random_range(0..vsnaps.len())]).map(|_| ()),
+                    // A second volume with a snapshot: syncs between its
+                    // snapshots and v's make maps whose base the DR may lack.
+                    5 => p
+                        .create_volume(&format!("w{step}"), BLOCKS * 4096)
+                        .and_then(|_| p.create_snapshot(&format!("w{step}"), "a", false))
+                        .map(|_| ()),
                     1 if snaps.len() >= 2 => {
                         let (a, b) = (pick(&mut rng), pick(&mut rng));
                         if a == b { Ok(()) } else { p.sync_snapshots(&a, &b).map(|_| ()) }
