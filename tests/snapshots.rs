@@ -83,6 +83,30 @@ fn link(d: &Deployment, which: &str) -> f64 {
     d.sites[0].metric(&format!("tidemark_link_{which}_bytes_total{{group=\"cg0\",peer=\"b\"}}"))
 }
 
+/// Routes the primary's link to b through a fault proxy and lowers the log
+/// cap, so that a cut followed by enough writes forces dirty-region mode.
+fn through_proxy(d: &mut Deployment) -> Proxy {
+    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
+    let (direct, via) = (format!("127.0.0.1:{}", d.repl_port(1)), proxy.addr().to_string());
+    d.sites[0].edit_config(|c| c.replace(&direct, &via).replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"96MiB\""));
+    proxy
+}
+
+/// Cuts the link and overwrites 4 MiB of vol0 at `offset` until the log cap
+/// sends b to dirty-region tracking.
+fn cut_until_dirty(d: &Deployment, proxy: &Proxy, offset: u64) {
+    proxy.cut();
+    let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
+    let mut i = 0u8;
+    wait_until(60, "dirty-region mode for b", || {
+        for _ in 0..8 {
+            i = i.wrapping_add(1);
+            c.write(offset, &vec![i; 4 * MIB as usize], false).unwrap();
+        }
+        d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true
+    });
+}
+
 #[test]
 fn identical_trees_after_seeded_mixed_operations() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "8MiB")], "async");
@@ -240,9 +264,7 @@ fn restore_refresh_and_sync_send_no_data() {
 #[test]
 fn snapshots_made_while_dr_is_cut_off_end_identical_sending_only_differences() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
-    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
-    let (direct, via) = (format!("127.0.0.1:{}", d.repl_port(1)), proxy.addr().to_string());
-    d.sites[0].edit_config(|c| c.replace(&direct, &via).replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"96MiB\""));
+    let proxy = through_proxy(&mut d);
     d.start_all();
     let fill = d.dir.join("fill.bin");
     let data: Vec<u8> = (0..64 * MIB).map(|i| (i / 4096 % 241) as u8 ^ 0x3c).collect();
@@ -250,19 +272,10 @@ fn snapshots_made_while_dr_is_cut_off_end_identical_sending_only_differences() {
     cmd_ok("nbdcopy", &[fill.to_str().unwrap(), &d.sites[0].uri("vol0")]);
     cli(&d.sites[0], &["snapshot", "create", "vol0", "before"]);
     assert_same_tree(&d, "before the cut");
-    proxy.cut();
-    // Overwrite the first 4 MiB until the log cap sends b to dirty tracking.
-    let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
-    let mut i = 0u8;
-    wait_until(60, "dirty-region mode for b", || {
-        for _ in 0..8 {
-            i = i.wrapping_add(1);
-            c.write(0, &vec![i; 4 * MIB as usize], false).unwrap();
-        }
-        d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true
-    });
+    cut_until_dirty(&d, &proxy, 0);
     // Storage operations the DR cannot take in order.
     let a = &d.sites[0];
+    let mut c = Client::connect(&a.addr(), "vol0").unwrap();
     cli(a, &["snapshot", "create", "vol0", "cut1"]);
     c.write(32 * MIB, &vec![0x77; 2 * MIB as usize], false).unwrap();
     cli(a, &["snapshot", "create", "vol0@cut1", "cut2", "--writable"]);
@@ -296,9 +309,7 @@ fn snapshots_made_while_dr_is_cut_off_end_identical_sending_only_differences() {
 fn protected_dr_snapshots_survive_primary_delete() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
     d.sites[1].edit_config(|c| c.replace("protect_snapshots = false", "protect_snapshots = true"));
-    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
-    let (direct, via) = (format!("127.0.0.1:{}", d.repl_port(1)), proxy.addr().to_string());
-    d.sites[0].edit_config(|c| c.replace(&direct, &via).replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"96MiB\""));
+    let proxy = through_proxy(&mut d);
     d.start_all();
     let a = &d.sites[0];
     let mut c = Client::connect(&a.addr(), "vol0").unwrap();
@@ -323,6 +334,9 @@ fn protected_dr_snapshots_survive_primary_delete() {
     let st = d.sites[1].status();
     assert_eq!(st["groups"][0]["snapshot_delete_refusals"][0]["snapshot"], "vol0@keep");
     assert!(d.sites[1].log().contains("snapshot-delete-refused"));
+    assert_eq!(d.sites[1].metric("tidemark_snapshot_delete_refusals_total{group=\"cg0\"}"), 1.0);
+    assert_eq!(d.sites[1].metric("tidemark_snapshots{group=\"cg0\"}"), 1.0);
+    assert_eq!(d.sites[0].metric("tidemark_snapshots{group=\"cg0\"}"), 0.0);
     // A restart replays the refusal from the DR's own log.
     d.sites[1].kill9();
     d.sites[1].spawn();
@@ -343,16 +357,7 @@ fn protected_dr_snapshots_survive_primary_delete() {
 
     // A deletion the DR misses while cut off (dirty-region mode) reaches it
     // as a resync commit without the snapshot: refused the same way.
-    proxy.cut();
-    let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
-    let mut i = 0u8;
-    wait_until(60, "dirty-region mode for b", || {
-        for _ in 0..8 {
-            i = i.wrapping_add(1);
-            c.write(8 * MIB, &vec![i; 4 * MIB as usize], false).unwrap();
-        }
-        d.sites[0].status()["groups"][0]["dirty_tracking"] == true || d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true
-    });
+    cut_until_dirty(&d, &proxy, 8 * MIB);
     cli(&d.sites[0], &["snapshot", "delete", "vol0", "keep"]);
     proxy.restore();
     wait_until(60, "resync committed", || d.sites[0].log().contains("resync committed"));

@@ -61,7 +61,7 @@ impl Metrics {
         let _ = writeln!(o, "tidemark_nbd_request_seconds_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(o, "tidemark_nbd_request_seconds_sum {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
         let _ = writeln!(o, "tidemark_nbd_request_seconds_count {count}");
-        let gauges: [(&str, &str, &str, fn(&Group) -> u64); 8] = [
+        let gauges: [(&str, &str, &str, fn(&Group) -> u64); 10] = [
             ("tidemark_log_bytes", "gauge", "Bytes held by the group's log on this site.", |g| g.log_bytes()),
             ("tidemark_log_live_bytes", "gauge", "Bytes of the log still referenced by a block map.", |g| g.live_bytes()),
             ("tidemark_log_segments", "gauge", "Segment files in the group's log.", |g| g.segment_count() as u64),
@@ -70,6 +70,13 @@ impl Metrics {
             ("tidemark_log_checkpoints_total", "counter", "Metadata checkpoints written.", |g| g.stats.checkpoints.load(Ordering::Relaxed)),
             ("tidemark_gc_relocated_bytes_total", "counter", "Live bytes rewritten by garbage collection.", |g| g.stats.gc_relocated_bytes.load(Ordering::Relaxed)),
             ("tidemark_gc_segments_freed_total", "counter", "Log segments freed by garbage collection.", |g| g.stats.gc_segments_freed.load(Ordering::Relaxed)),
+            ("tidemark_snapshots", "gauge", "Snapshots held in the group on this site.", |g| g.maps().iter().filter(|m| m.snapshot).count() as u64),
+            (
+                "tidemark_snapshot_delete_refusals_total",
+                "counter",
+                "Snapshot deletions from the primary this DR site refused (protect_snapshots) since start.",
+                |g| g.refusals.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            ),
         ];
         for (name, kind, help, f) in gauges {
             let _ = writeln!(o, "# HELP {name} {help}");
