@@ -663,6 +663,7 @@ impl Group {
         let checked = &raw[HEADER_BYTES..HEADER_BYTES + h.checked_body_len()];
         h.verify(&hdr, checked).map_err(|e| format!("record seq {}: {e}", h.seq))?;
         let body = &raw[HEADER_BYTES..];
+        snapshot::check_body(&h, body)?;
         if h.kind == Kind::Write {
             let payload = &raw[HEADER_BYTES + checked.len()..];
             for (i, b) in payload.chunks(BLOCK_BYTES as usize).enumerate() {

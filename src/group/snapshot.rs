@@ -49,6 +49,24 @@ pub struct SnapshotInfo {
     pub retained: bool,
 }
 
+/// Checks the JSON body of a replicated record before it is appended: a
+/// body that does not parse is refused with a reason naming the record,
+/// never applied as "empty" (an empty map table would delete every map).
+pub(crate) fn check_body(h: &Header, body: &[u8]) -> Result<(), String> {
+    let bad = |what: &str, e: serde_json::Error| format!("record seq {} ({:?}): body is not a valid {what}: {e}", h.seq, h.kind);
+    match h.kind {
+        Kind::SnapCreate => serde_json::from_slice::<CreateBody>(body).map(|_| ()).map_err(|e| bad("snapshot description", e)),
+        Kind::MapCopy if h.flags & crate::log::record::FLAG_RESYNC != 0 => {
+            serde_json::from_slice::<super::resync::StagedCopy>(body).map(|_| ()).map_err(|e| bad("staged copy", e))
+        }
+        Kind::ResyncCommit => serde_json::from_slice::<Vec<CommitEntry>>(body)
+            .map(|_| ())
+            .or_else(|_| serde_json::from_slice::<Vec<(u32, String, u64)>>(body).map(|_| ()))
+            .map_err(|e| bad("map table", e)),
+        _ => Ok(()),
+    }
+}
+
 impl Inner {
     pub(super) fn apply_snap_create(&mut self, h: &Header, body: &[u8]) {
         let Ok(b) = serde_json::from_slice::<CreateBody>(body) else {

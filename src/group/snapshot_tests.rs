@@ -272,3 +272,31 @@ fn checkpoint_keeps_regions_shared() {
     g.read(sid, 0, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 3));
 }
+
+/// A replicated record whose JSON body does not parse (a buggy or hostile
+/// primary; the CRC only proves it arrived as sent) is refused with its seq
+/// and kind named, and nothing is applied: an unreadable map table must not
+/// read as "no maps" and delete everything.
+#[test]
+fn replicated_records_with_bad_bodies_are_refused() {
+    use crate::log::record::{Header, Kind, HEADER_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    g.create_volume("v", 1 << 20).unwrap();
+    let next = g.last_seq() + 1;
+    let raw = |kind: Kind, seq: u64, body: &[u8]| {
+        let mut h = Header { kind, flags: 0, epoch: 1, seq, timestamp_ns: 1, volume: 7, length: 0, offset: 0, body_len: body.len() as u32, crc: 0 };
+        let mut hdr = [0u8; HEADER_BYTES];
+        h.encode(body, &mut hdr);
+        let mut v = hdr.to_vec();
+        v.extend_from_slice(body);
+        v
+    };
+    let gen = g.receiver_gen.load(Ordering::Acquire);
+    let e = g.append_replicated(&raw(Kind::SnapCreate, next, b"{not json"), gen).unwrap_err();
+    assert!(e.contains(&format!("record seq {next}")) && e.contains("snapshot description"), "{e}");
+    let e = g.append_replicated(&raw(Kind::ResyncCommit, next, b"[1,2"), gen).unwrap_err();
+    assert!(e.contains("map table"), "{e}");
+    assert_eq!(g.last_seq(), next - 1, "nothing was appended");
+    assert!(g.volume("v").is_some(), "the volume is still there");
+}
