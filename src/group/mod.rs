@@ -177,6 +177,8 @@ pub struct VolumeInfo {
     pub snapshot: bool,
     /// False for read-only snapshots.
     pub writable: bool,
+    /// DR site: a snapshot kept against the primary's delete.
+    pub retained: bool,
 }
 
 impl Inner {
@@ -484,6 +486,7 @@ impl Group {
                 mapped_bytes: v.map.mapped() * BLOCK_BYTES,
                 snapshot: v.snap.is_some(),
                 writable: v.writable(),
+                retained: v.snap.as_ref().is_some_and(|s| s.retained),
             })
             .collect()
     }

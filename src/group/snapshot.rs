@@ -68,6 +68,23 @@ pub(crate) fn check_body(h: &Header, body: &[u8]) -> Result<(), String> {
 }
 
 impl Inner {
+    /// A record of this site only (flagged RELOCATED: never replicated, no
+    /// seq of its own: it repeats the last seq, which replay ignores for it).
+    fn local_header(&self, kind: Kind, volume: u32) -> Header {
+        Header {
+            kind,
+            flags: FLAG_RELOCATED,
+            epoch: self.epoch,
+            seq: self.next_seq.saturating_sub(1),
+            timestamp_ns: crate::util::now_ns(),
+            volume,
+            length: 0,
+            offset: 0,
+            body_len: 0,
+            crc: 0,
+        }
+    }
+
     pub(super) fn apply_snap_create(&mut self, h: &Header, body: &[u8]) {
         let Ok(b) = serde_json::from_slice::<CreateBody>(body) else {
             tracing::error!("snapshot record seq {} has an unreadable body; skipped", h.seq);
@@ -316,18 +333,7 @@ impl Group {
             if !s.snap.as_ref().is_some_and(|m| m.retained) {
                 bail!("snapshot {sname} is replicated from the primary; delete it there");
             }
-            let mut h = Header {
-                kind: Kind::VolumeDelete,
-                flags: FLAG_RELOCATED,
-                epoch: inner.epoch,
-                seq: inner.next_seq.saturating_sub(1),
-                timestamp_ns: crate::util::now_ns(),
-                volume: s.id,
-                length: 0,
-                offset: 0,
-                body_len: 0,
-                crc: 0,
-            };
+            let mut h = inner.local_header(Kind::VolumeDelete, s.id);
             let at = inner.append(self, &mut h, &[], &[])?;
             inner.apply(&h, at, &[], Some(&[]));
             at
@@ -355,18 +361,7 @@ impl Group {
             if inner.protected.contains(&id) {
                 continue;
             }
-            let mut p = Header {
-                kind: Kind::Protect,
-                flags: FLAG_RELOCATED,
-                epoch: inner.epoch,
-                seq: inner.next_seq.saturating_sub(1),
-                timestamp_ns: crate::util::now_ns(),
-                volume: id,
-                length: 0,
-                offset: 0,
-                body_len: 0,
-                crc: 0,
-            };
+            let mut p = inner.local_header(Kind::Protect, id);
             let at = inner.append(self, &mut p, &[], &[]).map_err(|e| e.to_string())?;
             inner.apply(&p, at, &[], Some(&[]));
             names.push(inner.volumes.get(&id).map(|v| v.name.clone()).unwrap_or_default());

@@ -99,9 +99,11 @@ pub fn status_json(site: &Site) -> Value {
                 "live_bytes": g.live_bytes(),
                 "failed": g.failed(),
             });
-            let snaps = g.snapshots(None);
-            gj["snapshots"] = json!(snaps.len());
-            let retained: Vec<&str> = snaps.iter().filter(|s| s.retained).map(|s| s.name.as_str()).collect();
+            // From the map table only: `snapshots()` would also walk every
+            // map to count unique bytes, which status (polled) does not show.
+            let maps = g.maps();
+            gj["snapshots"] = json!(maps.iter().filter(|m| m.snapshot).count());
+            let retained: Vec<&str> = maps.iter().filter(|m| m.retained).map(|m| m.name.as_str()).collect();
             if g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed) || !retained.is_empty() {
                 let refusals: Vec<Value> = g
                     .refusals
@@ -322,20 +324,26 @@ struct VolSnap {
     snapshot: String,
 }
 
-async fn restore_snapshot(State(site): State<Arc<Site>>, body: Result<Json<VolSnap>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+/// `restore` and `refresh`: one volume, one snapshot, one map copy.
+async fn vol_snap_op(
+    site: Arc<Site>,
+    body: Result<Json<VolSnap>, axum::extract::rejection::JsonRejection>,
+    done: &'static str,
+    op: fn(&crate::group::Group, &str, &str) -> anyhow::Result<u64>,
+) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     primary_only(&site)?;
     let g = group_of(&site, &req.volume)?;
-    let seq = blocking(move || g.restore_snapshot(&req.volume, &req.snapshot)).await?;
-    Ok(Json(json!({"restored": true, "seq": seq})))
+    let seq = blocking(move || op(&g, &req.volume, &req.snapshot)).await?;
+    Ok(Json(json!({done: true, "seq": seq})))
+}
+
+async fn restore_snapshot(State(site): State<Arc<Site>>, body: Result<Json<VolSnap>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
+    vol_snap_op(site, body, "restored", |g, v, s| g.restore_snapshot(v, s)).await
 }
 
 async fn refresh_snapshot(State(site): State<Arc<Site>>, body: Result<Json<VolSnap>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
-    primary_only(&site)?;
-    let g = group_of(&site, &req.volume)?;
-    let seq = blocking(move || g.refresh_snapshot(&req.volume, &req.snapshot)).await?;
-    Ok(Json(json!({"refreshed": true, "seq": seq})))
+    vol_snap_op(site, body, "refreshed", |g, v, s| g.refresh_snapshot(v, s)).await
 }
 
 #[derive(Deserialize)]

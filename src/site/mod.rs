@@ -169,9 +169,9 @@ impl Site {
         self.groups.read().unwrap().values().cloned().collect()
     }
 
-    /// The group holding volume `name`.
-    pub fn find_volume(&self, name: &str) -> Option<(Arc<Group>, u32)> {
-        self.group_list().into_iter().find_map(|g| g.volume(name).map(|v| (g, v.id)))
+    /// The group holding volume (or snapshot) `name`, and what it is.
+    pub fn find_volume(&self, name: &str) -> Option<(Arc<Group>, crate::group::VolumeInfo)> {
+        self.group_list().into_iter().find_map(|g| g.volume(name).map(|v| (g, v)))
     }
 
     pub fn read_only(&self) -> bool {
@@ -190,9 +190,8 @@ impl Site {
 
 impl Exports for Site {
     fn export(&self, name: &str) -> Option<Export> {
-        let (group, volume) = self.find_volume(name)?;
-        let writable = group.volume(name).is_some_and(|v| v.writable);
-        Some(Export { name: name.to_string(), group, volume, read_only: self.read_only() || !writable })
+        let (group, v) = self.find_volume(name)?;
+        Some(Export { name: name.to_string(), group, volume: v.id, read_only: self.read_only() || !v.writable })
     }
     fn export_names(&self) -> Vec<String> {
         self.group_list().iter().flat_map(|g| g.maps().into_iter().map(|v| v.name)).collect()
