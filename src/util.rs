@@ -61,7 +61,30 @@ pub fn rfc3339(ns: u64) -> String {
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
+    #[cfg(test)]
+    if let Some(t) = SIM_WALL_NS.with(|c| c.get()) {
+        return t;
+    }
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+thread_local! {
+    static SIM_WALL_NS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Deterministic simulations set the wall clock of their thread (record
+/// timestamps, heartbeats), so that a seed replays byte for byte.
+#[cfg(test)]
+pub fn set_sim_clock(ns: Option<u64>) {
+    SIM_WALL_NS.with(|c| c.set(ns));
+}
+
+/// Is a deterministic simulation running on this thread? (Groups opened
+/// there start no background threads: nothing happens that it did not choose.)
+#[cfg(test)]
+pub fn sim_active() -> bool {
+    SIM_WALL_NS.with(|c| c.get().is_some())
 }
 
 #[cfg(test)]

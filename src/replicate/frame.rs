@@ -268,6 +268,33 @@ mod tests {
             let _ = split_records(&bytes);
         }
 
+        /// The sans-IO decoder gives the same frames whatever pieces the
+        /// bytes arrive in, and never panics on garbage.
+        #[test]
+        fn decoder_takes_any_split(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..6), cuts in proptest::collection::vec(1usize..200, 1..20), junk in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let mut wire = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                wire.extend(encode(RECORDS, i as u64, p, i % 2 == 0));
+            }
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            let mut at = 0;
+            let mut c = cuts.iter().cycle();
+            while at < wire.len() {
+                let n = (*c.next().unwrap()).min(wire.len() - at);
+                d.push(&wire[at..at + n]);
+                at += n;
+                while let Some((h, b)) = d.next_frame().unwrap() {
+                    got.push((h.epoch, b));
+                }
+            }
+            prop_assert!(!d.partial());
+            prop_assert_eq!(got, payloads.iter().enumerate().map(|(i, p)| (i as u64, p.clone())).collect::<Vec<_>>());
+            let mut g = Decoder::default();
+            g.push(&junk);
+            while let Ok(Some(_)) = g.next_frame() {}
+        }
+
         #[test]
         fn valid_header_with_random_payload(kind in 1u8..7, lz4 in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..3000)) {
             let flags = if lz4 && kind == RECORDS { FLAG_LZ4 } else { 0 };
@@ -306,4 +333,44 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::
     }
     let body = open_payload(&h, body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     Ok(Some((h, body)))
+}
+
+/// The same decoding as `read_frame`, without I/O: bytes go in as they
+/// arrive (in any pieces), whole frames come out. Used by the deterministic
+/// simulation; a header is checked (and its length limited) before any of
+/// its payload is buffered.
+#[derive(Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    header: Option<FrameHeader>,
+}
+
+impl Decoder {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<(FrameHeader, Vec<u8>)>, FrameError> {
+        if self.header.is_none() {
+            if self.buf.len() < HEADER_BYTES {
+                return Ok(None);
+            }
+            let hb: [u8; HEADER_BYTES] = self.buf[..HEADER_BYTES].try_into().unwrap();
+            self.header = Some(FrameHeader::decode(&hb)?);
+            self.buf.drain(..HEADER_BYTES);
+        }
+        let h = self.header.unwrap();
+        if self.buf.len() < h.len as usize {
+            return Ok(None);
+        }
+        let body: Vec<u8> = self.buf.drain(..h.len as usize).collect();
+        self.header = None;
+        Ok(Some((h, open_payload(&h, body)?)))
+    }
+
+    /// Bytes of a frame begun but not finished.
+    pub fn partial(&self) -> bool {
+        self.header.is_some() || !self.buf.is_empty()
+    }
 }

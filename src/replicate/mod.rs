@@ -18,9 +18,12 @@ pub mod frame;
 pub mod heartbeat;
 pub mod receive;
 pub mod send;
+pub mod session;
 pub mod tls;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod dsim;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,7 @@
-//! DR side of replication: accept TLS connections from configured primary
-//! sites, append what they send to this site's own log byte for byte, apply
-//! strictly in sequence order, and acknowledge what is durable.
+//! DR side of replication, the I/O half: accept TLS connections from
+//! configured primary sites and drive a `session::Receiver` (which appends
+//! what they send to this site's own log byte for byte, applies strictly in
+//! sequence order, and says what to acknowledge once durable).
 //!
 //! A connection is refused (and logged with the reason) unless: the TLS
 //! handshake succeeds with a client certificate from this deployment's CA,
@@ -18,8 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::frame::{self, FrameHeader, Hello, HelloReply};
+use super::frame::{self, FrameHeader, Hello};
 use super::heartbeat::{Heartbeat, Region};
+use super::session::{RecvAction, Receiver};
+use crate::log::segment::LogPos;
 use crate::group::Group;
 use crate::site::Site;
 
@@ -40,11 +43,11 @@ pub struct DrState {
 }
 
 impl DrState {
-    fn update(&self, group: &str, f: impl FnOnce(&mut DrGroup)) {
+    pub(super) fn update(&self, group: &str, f: impl FnOnce(&mut DrGroup)) {
         f(self.groups.lock().unwrap().entry(group.to_string()).or_default());
     }
 
-    fn region(&self, g: &Group) -> Result<Arc<Mutex<Region>>> {
+    pub(super) fn region(&self, g: &Group) -> Result<Arc<Mutex<Region>>> {
         let mut m = self.regions.lock().unwrap();
         if let Some(r) = m.get(&g.name) {
             return Ok(r.clone());
@@ -126,13 +129,6 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     }
 }
 
-enum Out {
-    /// Acknowledge: log durable past `end` means seq `seq` and the first
-    /// `frames` RECORDS frames of this connection are durable.
-    Ack { end: u64, seq: u64, frames: u64 },
-    Error(String),
-}
-
 async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: Arc<Site>) -> Result<()> {
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock))
         .await
@@ -145,68 +141,54 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     receive(tls, host, peer).await
 }
 
-/// Runs the receiving side on an authenticated stream from site `peer`.
+/// Runs the receiving side on an authenticated stream from site `peer`: the
+/// `Receiver` core decides (on a blocking thread: it appends to the log),
+/// this loop reads frames and sends each acknowledgement once durable.
 pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(stream: S, site: Arc<dyn Host>, peer: String) -> Result<()> {
     let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut core = Receiver::new(site, peer.clone());
 
     let (h, body) = tokio::time::timeout(Duration::from_secs(10), frame::read_frame(&mut rd))
         .await
         .map_err(|_| anyhow!("refused {peer}: no HELLO within 10 s"))??
         .ok_or_else(|| anyhow!("refused {peer}: closed before HELLO"))?;
-    if h.kind != frame::HELLO {
-        bail!("refused {peer}: first frame is kind {}, not HELLO", h.kind);
-    }
-    let hello: Hello = frame::decode_json(&body)?;
-    if hello.site != peer {
-        bail!("refused {peer}: HELLO claims to be site {:?}, its certificate says {peer:?}", hello.site);
-    }
-    let group = match site.accept_group(&hello, h.epoch) {
-        Ok(g) => g,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            wr.write_all(&frame::encode(frame::ERROR, 0, msg.as_bytes(), false)).await.ok();
-            wr.flush().await.ok();
-            site.dr().update(&hello.group, |d| d.last_error = Some(msg.clone()));
-            bail!("refused {peer} for group {}: {msg}", hello.group);
+    let (c, r) = step(core, h, body).await?;
+    core = c;
+    match r {
+        Ok(Some(RecvAction::Send(f))) => {
+            wr.write_all(&f).await?;
+            wr.flush().await?;
         }
-    };
-    let region = site.dr().region(&group)?;
-    // This connection supersedes any older one still draining.
-    let gen = group.receiver_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-    // Make what we hold durable, then say where to resume.
-    let g2 = group.clone();
-    tokio::task::spawn_blocking(move || g2.sync_to(g2.flush_target())).await??;
-    let last = group.last_seq();
-    let reply = HelloReply { site: site.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last };
-    let epoch = group.epoch();
-    wr.write_all(&frame::encode(frame::HELLO_REPLY, epoch, &serde_json::to_vec(&reply)?, false)).await?;
-    wr.flush().await?;
-    tracing::info!(event = "primary-connected", "replication: {peer} connected for group {} (resuming at seq {})", group.name, last + 1);
-    site.dr().update(&group.name, |d| {
-        d.primary = peer.clone();
-        d.connected = true;
-        d.last_error = None;
-    });
+        Ok(_) => bail!("refused {peer}: HELLO got no reply"),
+        Err(e) => {
+            wr.write_all(&core.farewell(&e)).await.ok();
+            wr.flush().await.ok();
+            return Err(e);
+        }
+    }
+    let group = core.group().cloned().ok_or_else(|| anyhow!("HELLO accepted without a group"))?;
 
     // Acknowledgements go out from one task, each once its records are durable.
+    enum Out {
+        Ack { end: LogPos, frame: Vec<u8> },
+        Error(Vec<u8>),
+    }
     let (tx, mut rx) = mpsc::channel::<Out>(crate::limits::REPL_ACK_QUEUE_MAX);
-    let ack_group = group.clone();
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             match m {
-                Out::Ack { mut end, mut seq, mut frames } => {
+                Out::Ack { mut end, mut frame } => {
                     // Coalesce: acknowledge the newest batch that is ready.
-                    while let Ok(Out::Ack { end: e, seq: s, frames: f }) = rx.try_recv() {
+                    while let Ok(Out::Ack { end: e, frame: f }) = rx.try_recv() {
                         end = e;
-                        seq = s;
-                        frames = f;
+                        frame = f;
                     }
-                    ack_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
-                    wr.write_all(&frame::encode(frame::ACK, epoch, &frame::two_u64(seq, frames), false)).await?;
+                    group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
+                    wr.write_all(&frame).await?;
                     wr.flush().await?;
                 }
-                Out::Error(reason) => {
-                    wr.write_all(&frame::encode(frame::ERROR, epoch, reason.as_bytes(), false)).await.ok();
+                Out::Error(f) => {
+                    wr.write_all(&f).await.ok();
                     wr.flush().await.ok();
                     break;
                 }
@@ -215,74 +197,41 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         anyhow::Ok(())
     });
 
-    let result = receive_loop(&mut rd, &group, &site, &peer, &region, &tx, gen).await;
+    let result = loop {
+        let (h, body) = match frame::read_frame(&mut rd).await.context("bad frame") {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let (c, r) = step(core, h, body).await?;
+        core = c;
+        match r {
+            Ok(Some(RecvAction::Ack { end, seq, frames })) => {
+                let frame = core.ack_frame(seq, frames);
+                if tx.send(Out::Ack { end, frame }).await.is_err() {
+                    break Err(anyhow!("acknowledgement writer stopped"));
+                }
+            }
+            Ok(Some(RecvAction::Send(f))) => break Err(anyhow!("unexpected reply of {} bytes after HELLO", f.len())),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+    };
     if let Err(e) = &result {
-        let _ = tx.send(Out::Error(format!("{e:#}"))).await;
-        site.dr().update(&group.name, |d| d.last_error = Some(format!("{e:#}")));
+        let _ = tx.send(Out::Error(core.farewell(e))).await;
     }
     drop(tx);
     let _ = writer.await;
-    site.dr().update(&group.name, |d| d.connected = false);
-    tracing::info!(event = "primary-disconnected", "replication: {peer} disconnected from group {}", group.name);
+    drop(core);
     result
 }
 
-async fn receive_loop<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-    group: &Arc<Group>,
-    site: &Arc<dyn Host>,
-    peer: &str,
-    region: &Arc<Mutex<Region>>,
-    tx: &mpsc::Sender<Out>,
-    gen: u64,
-) -> Result<()> {
-    let my_epoch = group.epoch();
-    let mut frames = 0u64;
-    loop {
-        let Some((h, body)) = frame::read_frame(rd).await.context("bad frame")? else {
-            return Ok(());
-        };
-        check_epoch(&h, my_epoch)?;
-        match h.kind {
-            frame::RECORDS => {
-                let wire = h.len as u64;
-                let records = frame::split_records(&body)?;
-                let g = group.clone();
-                // Appends are blocking file writes; keep them off the reactor.
-                let owned: Vec<Vec<u8>> = records.iter().map(|r| r.to_vec()).collect();
-                let last = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
-                    let mut last = None;
-                    for r in &owned {
-                        // Duplicates (resent after a reconnect) come back as None.
-                        if let Some((end, _)) = g.append_replicated(r, gen).map_err(|e| anyhow!("{e}"))? {
-                            last = Some(end);
-                        }
-                    }
-                    Ok(last)
-                })
-                .await??;
-                frames += 1;
-                site.dr().update(&group.name, |d| d.received_bytes_total += wire + frame::HEADER_BYTES as u64);
-                let end = last.unwrap_or_else(|| group.flush_target());
-                if tx.send(Out::Ack { end, seq: group.last_seq(), frames }).await.is_err() {
-                    bail!("acknowledgement writer stopped");
-                }
-            }
-            frame::HEARTBEAT => {
-                let (seq, sent_ns) = frame::parse_two_u64(&body)?;
-                let r = region.clone();
-                let epoch = h.epoch;
-                let hb = tokio::task::spawn_blocking(move || r.lock().unwrap().store(seq, sent_ns, epoch)).await??;
-                site.dr().update(&group.name, |d| d.heartbeat = hb);
-            }
-            k => bail!("unexpected frame kind {k} from {peer}"),
-        }
-    }
-}
-
-fn check_epoch(h: &FrameHeader, mine: u64) -> Result<()> {
-    if h.epoch < mine {
-        bail!("stale frame: epoch {} is older than this site's epoch {mine}", h.epoch);
-    }
-    Ok(())
+/// One frame through the core, on a blocking thread (it appends to the log).
+async fn step(mut core: Receiver, h: FrameHeader, body: Vec<u8>) -> Result<(Receiver, Result<Option<RecvAction>>)> {
+    tokio::task::spawn_blocking(move || {
+        let r = core.on_frame(&h, &body);
+        (core, r)
+    })
+    .await
+    .map_err(|e| anyhow!("replication receiver step failed: {e}"))
 }

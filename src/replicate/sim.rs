@@ -1,5 +1,6 @@
-//! Seeded simulation of replication: the real sender (`send::run`) and the
-//! real receiver (`receive::receive`) over an in-memory link that is cut at
+//! Seeded simulation of the tokio drivers: the real sender (`send::run`) and
+//! the real receiver (`receive::receive`), with their sans-IO cores, over an
+//! in-memory link that is cut at
 //! random byte counts and stalled now and then, with DR power cuts (the DR's
 //! files copied as a power loss would leave them, then reopened), primary
 //! process crashes (reopened from its files), primary-side switches to
@@ -15,6 +16,9 @@
 //! Each schedule is generated from its seed; a failure prints the seed, and
 //! `SIM_SEED=<seed> cargo test --release --lib sim` replays that schedule
 //! (thread timing still varies between runs; the fault plan does not).
+//! The deterministic simulation of the cores (`dsim.rs`) is the one whose
+//! seeds replay exactly; this one checks that the drivers around them (tasks,
+//! select, blocking steps, timeouts) keep the same promises.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,19 +30,13 @@ use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::frame::Hello;
 use super::receive::{self, DrState, Host};
 use super::send::{self, PeerLink, SendSettings};
 use crate::group::open::Create;
 use crate::group::Group;
 
-const BLOCKS: u64 = 64;
-
+use super::dsim::{compare, contents, dr_state, prefix_of, snapshot_op, DrHost, BLOCKS};
 use crate::oracle::stamp;
-
-fn prefix_of(data: &[u8]) -> Result<u64, String> {
-    crate::oracle::prefix_of(data, BLOCKS)
-}
 
 /// A link end that breaks (like a cut cable) after writing `left` bytes,
 /// and stalls now and then (a slow or congested link).
@@ -86,25 +84,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CutAfter<S> {
     }
 }
 
-struct DrHost {
-    group: Mutex<Arc<Group>>,
-    dr: DrState,
-}
-
-impl Host for DrHost {
-    fn site_name(&self) -> String {
-        "b".into()
-    }
-    fn accept_group(&self, hello: &Hello, epoch: u64) -> Result<Arc<Group>> {
-        let g = self.group.lock().unwrap().clone();
-        receive::check_group(&g, hello, epoch)?;
-        Ok(g)
-    }
-    fn dr(&self) -> &DrState {
-        &self.dr
-    }
-}
-
 struct Link {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -134,36 +113,6 @@ fn connect(rt: &tokio::runtime::Runtime, p: &Arc<Group>, host: &Arc<DrHost>, cut
     Link { tasks: vec![t1, t2] }
 }
 
-fn dr_state(d: &Group) -> Result<Option<u64>, String> {
-    let Some(v) = d.volume("v") else { return Ok(None) };
-    let mut buf = vec![0u8; (BLOCKS * 4096) as usize];
-    d.read(v.id, 0, &mut buf).map_err(|e| e.to_string())?;
-    // Every snapshot too shows a state the primary had.
-    for m in d.maps().into_iter().filter(|m| m.snapshot) {
-        let mut s = vec![0u8; (BLOCKS * 4096) as usize];
-        match d.read(m.id, 0, &mut s) {
-            Ok(()) => {}
-            // Deleted by the stream since it was listed.
-            Err(crate::group::IoError::VolumeGone(_)) => continue,
-            Err(e) => return Err(e.to_string()),
-        }
-        prefix_of(&s).map_err(|e| format!("snapshot {}: {e}", m.name))?;
-    }
-    prefix_of(&buf).map(Some)
-}
-
-/// Name -> content of every map (volume and snapshots).
-fn contents(g: &Group) -> std::collections::BTreeMap<String, Vec<u8>> {
-    g.maps()
-        .into_iter()
-        .map(|m| {
-            let mut b = vec![0u8; m.size as usize];
-            let _ = g.read(m.id, 0, &mut b);
-            (m.name, b)
-        })
-        .collect()
-}
-
 fn schedule(seed: u64) -> Result<(), String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -184,7 +133,7 @@ fn schedule(seed: u64) -> Result<(), String> {
         let action = rng.random_range(0..12);
         if trace {
             let d = host.group.lock().unwrap().clone();
-            eprintln!("step {step}: action {action}; primary seq {} writes {writes}; DR seq {} shows {:?}; dirty {}", p.last_seq(), d.last_seq(), dr_state(&d), p.in_dirty_mode("b"));
+            eprintln!("step {step}: action {action}; primary seq {} writes {writes}; DR seq {} shows {:?}; dirty {}", p.last_seq(), d.last_seq(), dr_state(&d, true), p.in_dirty_mode("b"));
             let show = |g: &Group| contents(g).into_iter().map(|(n, c)| format!("{n}={:?}", prefix_of(&c).ok())).collect::<Vec<_>>().join(" ");
             eprintln!("  primary: {}\n  DR:      {}", show(&p), show(&d));
         }
@@ -244,32 +193,9 @@ fn schedule(seed: u64) -> Result<(), String> {
             }
             10 | 11 => {
                 // Snapshot operations, in the stream between the writes.
-                let snaps: Vec<String> = p.maps().into_iter().filter(|m| m.snapshot).map(|m| m.name).collect();
-                let pick = |rng: &mut rand::rngs::StdRng| snaps[rng.random_range(0..snaps.len())].clone();
-                let vsnaps: Vec<String> = snaps.iter().filter(|n| n.starts_with("v@")).cloned().collect();
-                let op = rng.random_range(0..6);
+                let what = snapshot_op(&p, &mut rng, step).map_err(ctx)?;
                 if trace {
-                    eprintln!("  snapshot op {op}");
-                }
-                let r = match op {
-                    0 if !vsnaps.is_empty() => p.refresh_snapshot("v", &vsnaps[rng.random_range(0..vsnaps.len())]).map(|_| ()),
-                    // A second volume with a snapshot: syncs between its
-                    // snapshots and v's make maps whose base the DR may lack.
-                    5 => p
-                        .create_volume(&format!("w{step}"), BLOCKS * 4096)
-                        .and_then(|_| p.create_snapshot(&format!("w{step}"), "a", false))
-                        .map(|_| ()),
-                    1 if snaps.len() >= 2 => {
-                        let (a, b) = (pick(&mut rng), pick(&mut rng));
-                        if a == b { Ok(()) } else { p.sync_snapshots(&a, &b).map(|_| ()) }
-                    }
-                    2 if !snaps.is_empty() => p.delete_snapshot("v", &pick(&mut rng)),
-                    3 if !snaps.is_empty() => p.create_snapshot(&pick(&mut rng), &format!("s{step}"), false).map(|_| ()),
-                    _ => p.create_snapshot("v", &format!("s{step}"), false).map(|_| ()),
-                };
-                r.map_err(|e| ctx(format!("snapshot operation failed: {e:#}")))?;
-                if trace {
-                    eprintln!("  snapshots now: {:?}", p.snapshots(None).iter().map(|s| (s.name.clone(), s.parent.clone(), s.created_seq)).collect::<Vec<_>>());
+                    eprintln!("  {what}");
                 }
             }
             _ => unreachable!(),
@@ -280,7 +206,7 @@ fn schedule(seed: u64) -> Result<(), String> {
         if d.last_seq() > p.last_seq() {
             return Err(ctx(format!("DR is ahead: seq {} > primary's {}", d.last_seq(), p.last_seq())));
         }
-        dr_state(&d).map_err(|e| ctx(format!("DR shows an inconsistent state: {e}")))?;
+        dr_state(&d, true).map_err(|e| ctx(format!("DR shows an inconsistent state: {e}")))?;
     }
     // Liveness: heal and converge.
     if let Some(mut l) = link.take() {
@@ -290,15 +216,9 @@ fn schedule(seed: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let d = host.group.lock().unwrap().clone();
-        let k = dr_state(&d).map_err(|e| format!("while converging: {e}"))?;
+        let k = dr_state(&d, true).map_err(|e| format!("while converging: {e}"))?;
         if d.last_seq() == p.last_seq() && !p.in_dirty_mode("b") && k == Some(writes) {
-            let (want, got) = (contents(&p), contents(&d));
-            if want.keys().ne(got.keys()) {
-                return Err(format!("converged with different maps: primary {:?}, DR {:?}", want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>()));
-            }
-            if let Some((name, c)) = want.iter().find(|(n, c)| got.get(*n) != Some(*c)) {
-                return Err(format!("converged but {name} differs between the primary ({:?}) and the DR ({:?})", prefix_of(c), prefix_of(&got[name])));
-            }
+            compare(&p, &d)?;
             break;
         }
         if Instant::now() > deadline {
@@ -318,7 +238,7 @@ fn seeded_schedules_keep_order_and_converge() {
         schedule(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         return;
     }
-    let n: u64 = std::env::var("SIM_SCHEDULES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let n: u64 = std::env::var("SIM_SCHEDULES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     let base: u64 = rand::random();
     let started = Instant::now();
     for i in 0..n {

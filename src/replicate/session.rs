@@ -1,0 +1,771 @@
+//! The replication session, without I/O: one `Sender` per (group, DR site)
+//! connection on the primary and one `Receiver` per connection on the DR
+//! site. They never touch a socket, a clock, a timer, a thread or a task:
+//! frames go in as parsed frames (`on_frame`), frames come out as bytes
+//! (`Action::Send`), time comes in as an argument (`Now`), and when there is
+//! nothing to do the sender says what would make it have something to do
+//! (`Action::Idle`: a deadline, new records in the log, or any frame).
+//!
+//! What they do call is the local storage: the group's log (read records,
+//! append received ones, pins, the dirty sets of a resync) and the DR's
+//! heartbeat region. Those calls are synchronous; a driver that must not
+//! block (tokio) runs a step that may hit the disk on a blocking thread
+//! (`Sender::blocking_step`, every `Receiver::on_frame`).
+//!
+//! Two drivers run these cores: `send::run` / `receive::receive` (tokio,
+//! TLS, real time) and the deterministic simulation in `dsim.rs` (one
+//! thread, virtual time, a seeded random choice of which event happens
+//! next), so a failing seed replays exactly.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+
+use super::decide::{self, Window};
+use super::frame::{self, FrameHeader, Hello, HelloReply};
+use super::heartbeat::Region;
+use super::receive::Host;
+use super::Mode;
+use crate::group::resync::SentIndex;
+use crate::group::Group;
+use crate::limits;
+use crate::log::record::{Header, Kind, FLAG_RELOCATED, HEADER_BYTES};
+use crate::log::segment::{pos, pos_off, pos_seg, LogPos, SEGMENT_HEADER_BYTES};
+
+/// The time a core is told: a monotonic clock for its own timing, and the
+/// wall clock that goes into heartbeats.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono_ns: u64,
+    pub wall_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// This site (the primary).
+    pub site: String,
+    /// The DR site.
+    pub peer: String,
+    pub lz4: bool,
+    pub heartbeat_interval: Duration,
+    pub periodic_interval: Duration,
+}
+
+/// What the sender asks its driver to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write this frame to the link (and flush).
+    Send(Vec<u8>),
+    /// Persist the replication pins (a small crash-safe file).
+    SavePins,
+    /// Nothing to do until `until` (monotonic ns), records are appended to
+    /// the log (if `on_append`), or a frame arrives.
+    Idle { until: Option<u64>, on_append: bool },
+}
+
+enum Phase {
+    /// HELLO sent, waiting for the reply.
+    Hello,
+    Resync(Resync),
+    Stream(Stream),
+}
+
+struct Resync {
+    /// Last seq the DR holds (from its HELLO reply).
+    dr_last: u64,
+    /// Set once RESYNC_BEGIN is out.
+    attempt: Option<u64>,
+    /// What this attempt sent (the DR's staging starts empty at BEGIN).
+    index: SentIndex,
+    /// Blocks were taken from the dirty set (they go back unless committed).
+    taken: bool,
+    /// The commit is out: its seq and the frame count that acknowledges it.
+    commit: Option<(u64, u64)>,
+    started_ns: u64,
+}
+
+struct Stream {
+    at: LogPos,
+    last_heartbeat: Option<u64>,
+    last_ship: Option<u64>,
+}
+
+/// The primary's side of one connection.
+pub struct Sender {
+    group: Arc<Group>,
+    cfg: SenderConfig,
+    epoch: u64,
+    phase: Phase,
+    window: Window,
+    /// Next seq to ship.
+    next: u64,
+    /// RECORDS frames sent on this connection.
+    frames_sent: u64,
+    pins_due: bool,
+    pins_saved_ns: u64,
+    buf: Vec<u8>,
+}
+
+impl Sender {
+    /// A new session; `hello()` is its first frame.
+    pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
+        let epoch = group.epoch();
+        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new() }
+    }
+
+    pub fn hello(&self) -> Result<Vec<u8>> {
+        let g = &self.group;
+        let hello = Hello { site: self.cfg.site.clone(), group: g.name.clone(), group_id: g.id, epoch: self.epoch, last_seq: g.last_seq(), mode: g.replication.mode().as_str().into() };
+        Ok(frame::encode(frame::HELLO, self.epoch, &serde_json::to_vec(&hello)?, false))
+    }
+
+    /// Has the session been answered (HELLO_REPLY taken)?
+    pub fn started(&self) -> bool {
+        !matches!(self.phase, Phase::Hello)
+    }
+
+    /// Will the next `poll` read log data in bulk (a resync)? A driver that
+    /// must not block runs it on a blocking thread.
+    pub fn blocking_step(&self) -> bool {
+        matches!(self.phase, Phase::Resync(_))
+    }
+
+    /// A frame from the DR site. An error ends the session.
+    pub fn on_frame(&mut self, now: Now, h: &FrameHeader, body: &[u8]) -> Result<()> {
+        let peer = self.cfg.peer.clone();
+        if matches!(self.phase, Phase::Hello) {
+            if h.kind == frame::ERROR {
+                bail!("{peer} refused: {}", String::from_utf8_lossy(body));
+            }
+            if h.kind != frame::HELLO_REPLY {
+                bail!("{peer} answered HELLO with frame kind {}", h.kind);
+            }
+            let reply: HelloReply = frame::decode_json(body)?;
+            return self.start(now, reply);
+        }
+        match h.kind {
+            frame::ACK => {
+                let (durable, frames) = frame::parse_two_u64(body)?;
+                self.on_ack(now, durable, frames);
+                Ok(())
+            }
+            frame::ERROR => bail!("{peer} reported: {}", String::from_utf8_lossy(body)),
+            k => bail!("{peer} sent unexpected frame kind {k}"),
+        }
+    }
+
+    fn start(&mut self, now: Now, reply: HelloReply) -> Result<()> {
+        let (g, peer) = (&self.group, &self.cfg.peer);
+        if reply.site != *peer {
+            bail!("peer says it is {:?}, expected {peer:?}", reply.site);
+        }
+        self.next = reply.next_seq.max(1);
+        let last = g.last_seq();
+        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer));
+        let resyncing = match plan {
+            decide::Start::Refuse(reason) => bail!("{peer}: {reason}; refusing to replicate"),
+            decide::Start::Resync { full } => {
+                if full {
+                    tracing::warn!("replication of {} to {peer}: it needs seq {} but the log starts at seq {}; full resync", g.name, self.next, g.oldest_seq().unwrap_or(0));
+                    g.enter_dirty(peer, None)?;
+                }
+                true
+            }
+            decide::Start::Stream { pin, .. } => {
+                g.set_pin(peer, pin);
+                false
+            }
+        };
+        tracing::info!(event = "dr-connected", "replication of {} to {peer}: connected, {}", g.name,
+            if resyncing { "resyncing dirty regions".to_string() } else { format!("resuming at seq {}", self.next) });
+        let next = self.next;
+        g.replication.update(peer, |r| {
+            r.connected = true;
+            r.acked_seq = reply.durable_seq;
+            r.sent_seq = next - 1;
+            r.state = if resyncing { "resyncing".into() } else if next > last { "replicating".into() } else { "catching-up".into() };
+            r.last_error = None;
+        });
+        self.window = Window::new(reply.durable_seq);
+        self.pins_due = true;
+        self.phase = if resyncing {
+            Phase::Resync(Resync { dr_last: reply.next_seq.saturating_sub(1), attempt: None, index: SentIndex::default(), taken: false, commit: None, started_ns: now.mono_ns })
+        } else {
+            let at = g.locate_seq(self.next).ok_or_else(|| anyhow!("seq {} left the log during HELLO", self.next))?;
+            Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None })
+        };
+        Ok(())
+    }
+
+    fn on_ack(&mut self, now: Now, durable: u64, frames: u64) {
+        let (g, peer) = (&self.group, &self.cfg.peer);
+        let oldest = self.window.ack(durable, frames);
+        let resyncing = g.in_dirty_mode(peer);
+        if !resyncing {
+            g.set_pin(peer, durable + 1);
+        }
+        if now.mono_ns.saturating_sub(self.pins_saved_ns) > 1_000_000_000 {
+            self.pins_due = true;
+        }
+        let last = g.last_seq();
+        g.replication.update(peer, |r| {
+            r.acked_seq = r.acked_seq.max(durable);
+            r.oldest_unacked_ns = oldest;
+            if r.acked_seq >= last && !resyncing {
+                if r.state != "replicating" {
+                    tracing::info!(event = "dr-caught-up", "replication of {} to {peer}: caught up at seq {}", g.name, r.acked_seq);
+                }
+                r.state = "replicating".into();
+            }
+        });
+        if durable >= last && !resyncing {
+            g.replication.clear_degraded();
+        }
+    }
+
+    /// The next thing to do. Call again after doing it; after `Idle`, when
+    /// its condition holds (calling early is harmless).
+    pub fn poll(&mut self, now: Now) -> Result<Action> {
+        if self.pins_due {
+            self.pins_due = false;
+            self.pins_saved_ns = now.mono_ns;
+            return Ok(Action::SavePins);
+        }
+        match self.phase {
+            Phase::Hello => Ok(Action::Idle { until: None, on_append: false }),
+            Phase::Resync(_) => self.resync_step(now),
+            Phase::Stream(_) => self.stream_step(now),
+        }
+    }
+
+    /// Dirty-region resync (see `group::resync`): RESYNC_BEGIN, the current
+    /// content of every dirty block, then RESYNC_COMMIT at the seq where
+    /// the dirty set was found empty; streaming resumes after its ack.
+    fn resync_step(&mut self, now: Now) -> Result<Action> {
+        let Phase::Resync(rs) = &mut self.phase else { unreachable!() };
+        let (g, peer) = (&self.group, &self.cfg.peer);
+        let Some(attempt) = rs.attempt else {
+            tracing::info!(event = "dr-resyncing", "replication of {} to {peer}: resync of {} dirty blocks", g.name, g.dirty_blocks(peer));
+            let begin = g.resync_control(Kind::ResyncBegin, 0, &[]);
+            self.frames_sent += 1;
+            rs.attempt = Some(g.begin_attempt(peer));
+            return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &begin, self.cfg.lz4)));
+        };
+        if let Some((seq, want)) = rs.commit {
+            if self.window.frames_acked < want {
+                return Ok(Action::Idle { until: None, on_append: false });
+            }
+            // The DR holds the commit durably.
+            let took = now.mono_ns.saturating_sub(rs.started_ns);
+            rs.taken = false;
+            g.leave_dirty(peer)?;
+            tracing::info!(event = "dr-resynced", "replication of {} to {peer}: resync committed at seq {seq} after {:?}", g.name, Duration::from_nanos(took));
+            // The commit's ack came while still in dirty mode: if nothing
+            // was written since, the DR is caught up now (no later ack may come).
+            let last = g.last_seq();
+            g.replication.update(peer, |r| {
+                r.acked_seq = r.acked_seq.max(seq);
+                r.sent_seq = seq;
+                if r.acked_seq >= last {
+                    tracing::info!(event = "dr-caught-up", "replication of {} to {peer}: caught up at seq {}", g.name, r.acked_seq);
+                    r.state = "replicating".into();
+                } else {
+                    r.state = "catching-up".into();
+                }
+            });
+            self.next = seq + 1;
+            let Some(at) = g.locate_seq(self.next) else {
+                g.enter_dirty(peer, None)?;
+                bail!("{peer} needs seq {}, which the log no longer holds; resyncing", self.next);
+            };
+            self.phase = Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None });
+            return self.poll(now);
+        }
+        loop {
+            let runs = g.take_dirty(peer, attempt, limits::RESYNC_BATCH_BLOCKS);
+            if runs.is_empty() {
+                let Some((seq, table)) = g.resync_point(peer, attempt, rs.dr_last) else {
+                    if g.resync_attempt(peer) != Some(attempt) {
+                        bail!("resync of {peer} superseded by a newer attempt");
+                    }
+                    // Written meanwhile: take those blocks too.
+                    continue;
+                };
+                let commit = g.resync_control(Kind::ResyncCommit, seq, &table);
+                self.frames_sent += 1;
+                rs.commit = Some((seq, self.frames_sent));
+                return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &commit, self.cfg.lz4)));
+            }
+            rs.taken = true;
+            self.buf.clear();
+            let data = g.resync_records(&runs, &mut rs.index, &mut self.buf)?;
+            let f = frame::encode(frame::RECORDS, self.epoch, &self.buf, self.cfg.lz4);
+            self.frames_sent += 1;
+            let left = g.dirty_blocks(peer);
+            g.replication.update(peer, |r| {
+                r.sent_bytes_total += f.len() as u64;
+                r.data_bytes_total += data;
+                r.lag_bytes = left * limits::BLOCK_BYTES;
+                r.state = "resyncing".into();
+            });
+            return Ok(Action::Send(f));
+        }
+    }
+
+    /// Streaming: a heartbeat every interval; records from the log in
+    /// batches while the window has room (in periodic mode, once a period
+    /// or when a storage operation asks for it).
+    fn stream_step(&mut self, now: Now) -> Result<Action> {
+        let Phase::Stream(st) = &mut self.phase else { unreachable!() };
+        let (g, peer) = (&self.group, &self.cfg.peer);
+        if g.in_dirty_mode(peer) {
+            bail!("log cap reached: switching to dirty-region resync");
+        }
+        let hb_every = self.cfg.heartbeat_interval.as_nanos() as u64;
+        let hb_due = st.last_heartbeat.map_or(0, |t| t + hb_every);
+        if now.mono_ns >= hb_due {
+            st.last_heartbeat = Some(now.mono_ns);
+            let hb = frame::encode(frame::HEARTBEAT, self.epoch, &frame::two_u64(g.last_seq(), now.wall_ns), false);
+            g.replication.update(peer, |r| r.sent_bytes_total += hb.len() as u64);
+            return Ok(Action::Send(hb));
+        }
+        let periodic = g.replication.mode() == Mode::Periodic;
+        let period = self.cfg.periodic_interval.as_nanos() as u64;
+        let period_end = st.last_ship.map_or(0, |t| t + period);
+        let may_ship = !periodic || now.mono_ns >= period_end || g.replication.ship_requested(self.next);
+        if !may_ship {
+            return Ok(Action::Idle { until: Some(period_end.min(hb_due)), on_append: true });
+        }
+        if self.window.full(limits::REPL_WINDOW_BYTES) {
+            // Room comes with an ack (a frame wakes the driver).
+            return Ok(Action::Idle { until: Some(hb_due), on_append: false });
+        }
+        let (n, first_ts, last_seq, data_bytes) = read_batch(g, &mut st.at, self.next, &mut self.buf)?;
+        if n == 0 {
+            if periodic {
+                st.last_ship = Some(now.mono_ns);
+            }
+            let unacked = self.window.bytes;
+            g.replication.update(peer, |r| r.lag_bytes = unacked);
+            // Caught up: wait for new records, an ack, or the heartbeat.
+            return Ok(Action::Idle { until: Some(hb_due), on_append: true });
+        }
+        let f = frame::encode(frame::RECORDS, self.epoch, &self.buf, self.cfg.lz4);
+        self.frames_sent += 1;
+        self.next = last_seq + 1;
+        self.window.sent(last_seq, self.buf.len() as u64, first_ts);
+        let lag = self.window.bytes + g.bytes_after(st.at);
+        g.replication.update(peer, |r| {
+            r.sent_seq = last_seq;
+            r.sent_bytes_total += f.len() as u64;
+            r.data_bytes_total += data_bytes;
+            if r.oldest_unacked_ns == 0 {
+                r.oldest_unacked_ns = first_ts;
+            }
+            r.lag_bytes = lag;
+            if r.state == "disconnected" {
+                r.state = "catching-up".into();
+            }
+        });
+        Ok(Action::Send(f))
+    }
+}
+
+impl Drop for Sender {
+    /// Blocks a resync took but did not commit are dirty again, however the
+    /// session ends (error, cut link, dropped task).
+    fn drop(&mut self) {
+        if let Phase::Resync(Resync { attempt: Some(a), taken: true, .. }) = self.phase {
+            self.group.return_dirty(&self.cfg.peer, a);
+        }
+    }
+}
+
+/// Reads records from `at` onwards (up to the log tail) into `buf`, skipping
+/// GC relocations and records before `next`, up to `REPL_BATCH_BYTES`.
+/// Returns (records, timestamp of the first, seq of the last, payload bytes
+/// of writes). Every record is checked (header and block CRCs) before it
+/// leaves the site.
+fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> Result<(usize, u64, u64, u64)> {
+    buf.clear();
+    let mut n = 0;
+    let mut first_ts = 0;
+    let mut last_seq = next.saturating_sub(1);
+    let mut data = 0u64;
+    let mut chunk = Vec::new();
+    'outer: while (buf.len() as u64) < limits::REPL_BATCH_BYTES {
+        let tail = group.flush_target();
+        if *at >= tail {
+            break;
+        }
+        let Some(seg) = group.segment(pos_seg(*at)) else {
+            match group.next_segment(pos_seg(*at)) {
+                Some(s) => {
+                    *at = pos(s.id, SEGMENT_HEADER_BYTES as u32);
+                    continue;
+                }
+                None => bail!("log segment {} vanished while replicating", pos_seg(*at)),
+            }
+        };
+        let end = if seg.id == pos_seg(tail) { pos_off(tail) as u64 } else { seg.len() };
+        let off = pos_off(*at) as u64;
+        if off >= end {
+            if seg.id == pos_seg(tail) {
+                break;
+            }
+            match group.next_segment(seg.id) {
+                Some(s) => {
+                    *at = pos(s.id, SEGMENT_HEADER_BYTES as u32);
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let want = (end - off).min(limits::REPL_BATCH_BYTES + limits::NBD_REQUEST_BYTES_MAX as u64 + 65536);
+        chunk.resize(want as usize, 0);
+        seg.read_at(&mut chunk, off)?;
+        let mut p = 0usize;
+        while p + HEADER_BYTES <= chunk.len() {
+            let raw: [u8; HEADER_BYTES] = chunk[p..p + HEADER_BYTES].try_into().unwrap();
+            let h = Header::decode(&raw).map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
+            let total = h.total_len() as usize;
+            if p + total > chunk.len() {
+                break; // continue with a fresh read from this record
+            }
+            let checked = &chunk[p + HEADER_BYTES..p + HEADER_BYTES + h.checked_body_len()];
+            h.verify(&raw, checked).map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
+            if h.flags & FLAG_RELOCATED == 0 && h.seq >= next {
+                if buf.len() + total > limits::REPL_BATCH_BYTES as usize && n > 0 {
+                    break 'outer;
+                }
+                if h.seq != last_seq + 1 {
+                    bail!("log gap: expected seq {} at {} offset {}, found {}", last_seq + 1, seg.path.display(), off + p as u64, h.seq);
+                }
+                if h.kind == Kind::Write {
+                    let payload = &chunk[p + HEADER_BYTES + checked.len()..p + total];
+                    for (i, b) in payload.chunks(limits::BLOCK_BYTES as usize).enumerate() {
+                        if crc32c::crc32c(b) != crate::log::record::crc_at(checked, i) {
+                            bail!("checksum mismatch in log segment {} at offset {} (record seq {}, block {i}); not shipping it", seg.path.display(), off + p as u64, h.seq);
+                        }
+                    }
+                    data += h.length as u64;
+                }
+                if n == 0 {
+                    first_ts = h.timestamp_ns;
+                }
+                buf.extend_from_slice(&chunk[p..p + total]);
+                n += 1;
+                last_seq = h.seq;
+            }
+            p += total;
+            *at = pos(seg.id, (off + p as u64) as u32);
+        }
+        if p == 0 {
+            bail!("log segment {} offset {off}: record does not fit the read window", seg.path.display());
+        }
+    }
+    Ok((n, first_ts, last_seq, data))
+}
+
+/// What the receiver asks its driver to do after a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecvAction {
+    /// Write this frame to the link.
+    Send(Vec<u8>),
+    /// Once the log is durable up to `end`, acknowledge seq `seq` and the
+    /// first `frames` RECORDS frames of this connection (`ack_frame`).
+    /// Acks may be coalesced: the newest ready one covers the older ones.
+    Ack { end: LogPos, seq: u64, frames: u64 },
+}
+
+struct Accepted {
+    group: Arc<Group>,
+    region: Arc<Mutex<Region>>,
+    /// This connection's generation: a newer connection supersedes it.
+    gen: u64,
+    frames: u64,
+    epoch: u64,
+}
+
+/// The DR site's side of one connection from primary site `peer` (already
+/// authenticated by the driver's TLS layer).
+pub struct Receiver {
+    host: Arc<dyn Host>,
+    peer: String,
+    conn: Option<Accepted>,
+    /// Group named by the HELLO (for status), accepted or not.
+    group_name: Option<String>,
+}
+
+impl Receiver {
+    pub fn new(host: Arc<dyn Host>, peer: String) -> Receiver {
+        Receiver { host, peer, conn: None, group_name: None }
+    }
+
+    /// A frame from the primary. An error ends the connection: send
+    /// `farewell(&e)` first so the primary learns why.
+    pub fn on_frame(&mut self, h: &FrameHeader, body: &[u8]) -> Result<Option<RecvAction>> {
+        let peer = self.peer.clone();
+        let Some(c) = &mut self.conn else {
+            if h.kind != frame::HELLO {
+                bail!("refused {peer}: first frame is kind {}, not HELLO", h.kind);
+            }
+            let hello: Hello = frame::decode_json(body)?;
+            if hello.site != peer {
+                bail!("refused {peer}: HELLO claims to be site {:?}, its certificate says {peer:?}", hello.site);
+            }
+            self.group_name = Some(hello.group.clone());
+            let group = self.host.accept_group(&hello, h.epoch).map_err(|e| anyhow!("refused {peer} for group {}: {e:#}", hello.group))?;
+            let region = self.host.dr().region(&group)?;
+            // This connection supersedes any older one still draining.
+            let gen = group.receiver_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+            // Make what we hold durable, then say where to resume.
+            group.sync_to(group.flush_target())?;
+            let last = group.last_seq();
+            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last };
+            let epoch = group.epoch();
+            tracing::info!(event = "primary-connected", "replication: {peer} connected for group {} (resuming at seq {})", group.name, last + 1);
+            self.host.dr().update(&group.name, |d| {
+                d.primary = peer.clone();
+                d.connected = true;
+                d.last_error = None;
+            });
+            let f = frame::encode(frame::HELLO_REPLY, epoch, &serde_json::to_vec(&reply)?, false);
+            self.conn = Some(Accepted { group, region, gen, frames: 0, epoch });
+            return Ok(Some(RecvAction::Send(f)));
+        };
+        if h.epoch < c.epoch {
+            bail!("stale frame: epoch {} is older than this site's epoch {}", h.epoch, c.epoch);
+        }
+        match h.kind {
+            frame::RECORDS => {
+                let mut last = None;
+                for r in frame::split_records(body)? {
+                    // Duplicates (resent after a reconnect) come back as None.
+                    if let Some((end, _)) = c.group.append_replicated(r, c.gen).map_err(|e| anyhow!("{e}"))? {
+                        last = Some(end);
+                    }
+                }
+                c.frames += 1;
+                self.host.dr().update(&c.group.name, |d| d.received_bytes_total += h.len as u64 + frame::HEADER_BYTES as u64);
+                let end = last.unwrap_or_else(|| c.group.flush_target());
+                Ok(Some(RecvAction::Ack { end, seq: c.group.last_seq(), frames: c.frames }))
+            }
+            frame::HEARTBEAT => {
+                let (seq, sent_ns) = frame::parse_two_u64(body)?;
+                let hb = c.region.lock().unwrap().store(seq, sent_ns, h.epoch)?;
+                self.host.dr().update(&c.group.name, |d| d.heartbeat = hb);
+                Ok(None)
+            }
+            k => bail!("unexpected frame kind {k} from {peer}"),
+        }
+    }
+
+    /// The ACK frame for an `RecvAction::Ack` that is now durable.
+    pub fn ack_frame(&self, seq: u64, frames: u64) -> Vec<u8> {
+        frame::encode(frame::ACK, self.epoch(), &frame::two_u64(seq, frames), false)
+    }
+
+    /// The group of this connection, once accepted.
+    pub fn group(&self) -> Option<&Arc<Group>> {
+        self.conn.as_ref().map(|c| &c.group)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.conn.as_ref().map(|c| c.epoch).unwrap_or(0)
+    }
+
+    /// The ERROR frame that tells the primary why this connection ends; the
+    /// reason also goes into this site's status.
+    pub fn farewell(&self, e: &anyhow::Error) -> Vec<u8> {
+        let msg = format!("{e:#}");
+        if let Some(g) = &self.group_name {
+            self.host.dr().update(g, |d| d.last_error = Some(msg.clone()));
+        }
+        frame::encode(frame::ERROR, self.epoch(), msg.as_bytes(), false)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(c) = &self.conn {
+            self.host.dr().update(&c.group.name, |d| d.connected = false);
+            tracing::info!(event = "primary-disconnected", "replication: {} disconnected from group {}", self.peer, c.group.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sender core driven by hand: events in, actions out, time as a
+    //! number. (The receiver core and both together: `dsim.rs`.)
+    use super::*;
+    use crate::group::open::Create;
+
+    const MS: u64 = 1_000_000;
+
+    fn at(ms: u64) -> Now {
+        Now { mono_ns: ms * MS, wall_ns: 1 }
+    }
+
+    fn primary(dir: &std::path::Path, mode: &str) -> Arc<Group> {
+        let g = Group::open_or_create(&dir.join("p"), "cg0", &Create { id: Some(7), mode: mode.into() }).unwrap();
+        g.create_volume("v", 1 << 20).unwrap();
+        g.replication.add_replica("b");
+        g
+    }
+
+    fn sender(g: &Arc<Group>, dr_last: u64) -> Sender {
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100) };
+        let mut s = Sender::new(g.clone(), cfg);
+        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq: dr_last + 1, durable_seq: dr_last };
+        let f = frame::encode(frame::HELLO_REPLY, 1, &serde_json::to_vec(&reply).unwrap(), false);
+        let mut d = frame::Decoder::default();
+        d.push(&f);
+        let (h, body) = d.next_frame().unwrap().unwrap();
+        s.on_frame(at(0), &h, &body).unwrap();
+        assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
+        s
+    }
+
+    fn kind(a: &Action) -> u8 {
+        match a {
+            Action::Send(f) => f[5],
+            _ => 0,
+        }
+    }
+
+    fn ack(s: &mut Sender, now: Now, seq: u64, frames: u64) {
+        let f = frame::encode(frame::ACK, 1, &frame::two_u64(seq, frames), false);
+        let h = FrameHeader::decode(f[..frame::HEADER_BYTES].try_into().unwrap()).unwrap();
+        s.on_frame(now, &h, &f[frame::HEADER_BYTES..]).unwrap();
+    }
+
+    #[test]
+    fn heartbeats_follow_the_given_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let mut s = sender(&g, g.last_seq());
+        assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
+        // Nothing to ship: idle until the next heartbeat, woken by appends.
+        assert_eq!(s.poll(at(5)).unwrap(), Action::Idle { until: Some(20 * MS), on_append: true });
+        assert_eq!(s.poll(at(19)).unwrap(), Action::Idle { until: Some(20 * MS), on_append: true });
+        assert_eq!(kind(&s.poll(at(20)).unwrap()), frame::HEARTBEAT);
+        // A write ships at once, then a heartbeat when due.
+        let v = g.volume("v").unwrap().id;
+        g.write(v, 0, &[1u8; 4096]).unwrap();
+        assert_eq!(kind(&s.poll(at(21)).unwrap()), frame::RECORDS);
+        assert!(matches!(s.poll(at(22)).unwrap(), Action::Idle { .. }));
+        assert_eq!(kind(&s.poll(at(40)).unwrap()), frame::HEARTBEAT);
+        g.abandon();
+    }
+
+    #[test]
+    fn periodic_mode_ships_once_a_period_or_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "periodic");
+        let mut s = sender(&g, g.last_seq());
+        assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
+        // First look: nothing pending, the period starts.
+        assert!(matches!(s.poll(at(0)).unwrap(), Action::Idle { .. }));
+        let v = g.volume("v").unwrap().id;
+        g.write(v, 0, &[1u8; 4096]).unwrap();
+        assert_eq!(s.poll(at(10)).unwrap(), Action::Idle { until: Some(20 * MS), on_append: true }, "held until the period ends");
+        assert_eq!(kind(&s.poll(at(20)).unwrap()), frame::HEARTBEAT);
+        assert_eq!(s.poll(at(30)).unwrap(), Action::Idle { until: Some(40 * MS), on_append: true });
+        // A storage operation asks for its seq to ship now.
+        g.replication.ship_through(g.last_seq());
+        assert_eq!(kind(&s.poll(at(31)).unwrap()), frame::RECORDS);
+        g.write(v, 0, &[2u8; 4096]).unwrap();
+        assert_eq!(kind(&s.poll(at(100)).unwrap()), frame::HEARTBEAT);
+        assert_eq!(kind(&s.poll(at(100)).unwrap()), frame::RECORDS, "the period ended");
+        g.abandon();
+    }
+
+    #[test]
+    fn a_full_window_waits_for_an_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let start = g.last_seq();
+        let mut s = sender(&g, start);
+        assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
+        let v = g.volume("v").unwrap().id;
+        let big = vec![3u8; 1 << 20];
+        let mut frames = 0;
+        loop {
+            g.write(v, 0, &big).unwrap();
+            match s.poll(at(1)).unwrap() {
+                Action::Send(f) => {
+                    assert_eq!(f[5], frame::RECORDS);
+                    frames += 1;
+                }
+                Action::Idle { on_append, .. } => {
+                    assert!(!on_append, "a full window is not opened by appends");
+                    break;
+                }
+                a => panic!("{a:?}"),
+            }
+            assert!(frames < 1000, "the window never filled");
+        }
+        // The DR acknowledges everything sent: records flow again.
+        ack(&mut s, at(2), g.last_seq() - 1, frames);
+        assert_eq!(kind(&s.poll(at(2)).unwrap()), frame::RECORDS);
+        g.abandon();
+    }
+
+    #[test]
+    fn a_dr_ahead_of_the_primary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100) };
+        let mut s = Sender::new(g.clone(), cfg);
+        let last = g.last_seq();
+        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 5, durable_seq: last + 4 };
+        let body = serde_json::to_vec(&reply).unwrap();
+        let h = FrameHeader { kind: frame::HELLO_REPLY, flags: 0, epoch: 1, len: body.len() as u32, crc: 0 };
+        let e = s.on_frame(at(0), &h, &body).unwrap_err();
+        assert!(format!("{e:#}").contains("ahead"), "{e:#}");
+        g.abandon();
+    }
+
+    #[test]
+    fn resync_blocks_taken_go_back_when_the_session_ends_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let v = g.volume("v").unwrap().id;
+        g.write(v, 0, &vec![5u8; 64 << 10]).unwrap();
+        g.enter_dirty("b", None).unwrap();
+        let dirty = g.dirty_blocks("b");
+        assert!(dirty >= 16);
+        let mut s = sender(&g, 0);
+        assert!(s.blocking_step());
+        // BEGIN, then data: the blocks are in flight.
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let a = s.poll(at(1)).unwrap();
+            kinds.push(kind(&a));
+        }
+        assert_eq!(kinds, [frame::RECORDS, frame::RECORDS]);
+        assert!(g.dirty_blocks("b") < dirty, "taken blocks are in flight");
+        drop(s);
+        assert_eq!(g.dirty_blocks("b"), dirty, "an uncommitted resync gives its blocks back");
+        // A session that commits (acked) leaves dirty mode and streams.
+        let mut s = sender(&g, 0);
+        let mut frames = 0;
+        loop {
+            match s.poll(at(2)).unwrap() {
+                Action::Send(_) => frames += 1,
+                Action::Idle { on_append: false, until: None } => break,
+                a => panic!("{a:?}"),
+            }
+        }
+        assert!(g.in_dirty_mode("b"));
+        ack(&mut s, at(3), 0, frames);
+        assert_eq!(kind(&s.poll(at(3)).unwrap()), frame::HEARTBEAT, "streaming after the commit");
+        assert!(!g.in_dirty_mode("b"));
+        drop(s);
+        assert!(!g.in_dirty_mode("b"));
+        g.abandon();
+    }
+}
