@@ -1120,7 +1120,7 @@ impl Group {
         }
     }
 
-    fn maintain(self: &Arc<Self>) -> Result<()> {
+    pub(crate) fn maintain(self: &Arc<Self>) -> Result<()> {
         self.enforce_log_cap()?;
         let due = {
             let inner = self.lock_read();

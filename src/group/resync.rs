@@ -459,10 +459,22 @@ impl Group {
         Some((seq, table))
     }
 
-    /// The DR acknowledged the commit: back to streaming from the log.
-    pub fn leave_dirty(&self, peer: &str) -> Result<()> {
-        self.lock_read().dirty.remove(peer);
-        self.save_pins()
+    /// The DR acknowledged the commit of resync attempt `attempt`: back to
+    /// streaming from the log. Returns false (and changes nothing) if a
+    /// newer attempt has begun meanwhile (or already finished): the dirty set and the pin are
+    /// that attempt's now (its commit set the pin past what the DR holds),
+    /// and it resyncs everything this one sent again, so the DR's state
+    /// after this commit is a base it may build on, never an end point.
+    pub fn leave_dirty(&self, peer: &str, attempt: u64) -> Result<bool> {
+        {
+            let mut inner = self.lock_read();
+            if inner.dirty.get(peer).is_none_or(|d| d.attempt != attempt) {
+                return Ok(false);
+            }
+            inner.dirty.remove(peer);
+        }
+        self.save_pins()?;
+        Ok(true)
     }
 
     /// Builds RESYNC records carrying the current content of `runs`. A

@@ -5,6 +5,11 @@
 //! a frame decoder at either end. At every step a seeded RNG picks what
 //! happens next:
 //!
+//! - the sender is polled only when the `Idle` it returned says it has
+//!   something to do (its deadline passed, records were appended, a frame
+//!   arrived), so a missing wake-up shows as a failure to converge;
+//! - maintenance runs on either site (log cap with a small cap, so the
+//!   primary's own rule sends the DR to dirty-region resync; checkpoint; GC);
 //! - the application writes (stamped blocks, `oracle.rs`) or runs a
 //!   snapshot operation (create, snapshot of snapshot, refresh, sync,
 //!   delete, a second volume) on the primary, or switches async/periodic;
@@ -30,9 +35,10 @@
 //! After the faults stop, the links heal and the DR must converge to the
 //! primary, every map byte for byte.
 //!
-//! Everything that varies comes from the seed (the group id, record
-//! timestamps via `util::set_sim_clock`, every choice), so a failing seed
-//! replays exactly: `DSIM_SEED=<seed> cargo test --release --lib dsim`,
+//! Nothing varies but the seed: the group id is fixed, record timestamps
+//! come from the virtual clock (`util::set_sim_clock`), groups start no
+//! background threads (maintenance runs when the RNG says so), and every
+//! choice is drawn from the seed. So a failing seed replays exactly: `DSIM_SEED=<seed> cargo test --release --lib dsim`,
 //! with `DSIM_TRACE=1` to print each step. A test checks that two runs of
 //! the same seed produce the same trace.
 
@@ -183,11 +189,23 @@ struct Conn {
     b_closed: bool,
     /// Acks waiting for the DR's log to be durable.
     acks: Vec<(LogPos, u64, u64)>,
+    /// The sender's last `Idle` (deadline, wake on append, primary seq
+    /// then); None: it has something to do.
+    idle: Option<(Option<u64>, bool, u64)>,
 }
 
 impl Conn {
     fn gone(&self) -> bool {
         self.sender.is_none() && self.receiver.is_none()
+    }
+
+    /// Would a real driver poll the sender now?
+    fn woken(&self, now: u64, seq: u64) -> bool {
+        self.sender.is_some()
+            && match self.idle {
+                None => true,
+                Some((until, on_append, at)) => until.is_some_and(|u| now >= u) || (on_append && seq > at),
+            }
     }
 }
 
@@ -204,8 +222,11 @@ struct World {
     step: u64,
     trace: Vec<String>,
     print: bool,
-    /// (DR generation, DR seq, with maps) last checked.
+    /// (DR generation, DR log tail, with maps) last checked.
     checked: Option<(u64, u64, bool)>,
+    /// Highest seq the DR acknowledged (promised durable) on any connection.
+    acked_max: u64,
+    log_cap: u64,
 }
 
 fn create(mode: &str) -> Create {
@@ -221,7 +242,12 @@ impl World {
         p.replication.add_replica("b");
         let d = Group::open_or_create(&dir.path().join("d0"), "cg0", &create("async")).map_err(|e| e.to_string())?;
         let host = Arc::new(DrHost { group: Mutex::new(d), dr: DrState::default() });
-        Ok(World { rng: StdRng::seed_from_u64(seed), dir, p, host, conns: Vec::new(), next_conn: 1, now: 0, writes: 0, dr_gen: 0, step: 0, trace: Vec::new(), print, checked: None })
+        let mut rng = StdRng::seed_from_u64(seed);
+        // A small log cap in half the schedules: maintenance then sends a
+        // lagging DR to dirty-region resync by the primary's own rule.
+        let log_cap = if rng.random_bool(0.5) { rng.random_range(64u64 << 10..1 << 20) } else { crate::limits::REPL_LOG_CAP_BYTES_DEFAULT };
+        p.log_cap.store(log_cap, std::sync::atomic::Ordering::Relaxed);
+        Ok(World { rng, log_cap, dir, p, host, conns: Vec::new(), next_conn: 1, now: 0, writes: 0, dr_gen: 0, step: 0, trace: Vec::new(), print, checked: None, acked_max: 0 })
     }
 
     fn note(&mut self, s: String) {
@@ -244,14 +270,15 @@ impl World {
 
     fn connect(&mut self, budget: Option<u64>) -> Result<(), String> {
         let lz4 = self.rng.random_bool(0.3);
-        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(50) };
+        let window_bytes = if self.rng.random_bool(0.5) { self.rng.random_range(4096..256 << 10) } else { crate::limits::REPL_WINDOW_BYTES };
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(50), window_bytes };
         let s = Sender::new(self.p.clone(), cfg);
         let hello = s.hello().map_err(|e| e.to_string())?;
         let host: Arc<dyn Host> = self.host.clone();
-        let mut c = Conn { id: self.next_conn, sender: Some(s), receiver: Some(Receiver::new(host, "a".into())), a2b: Pipe::default(), b2a: Pipe::default(), dead: false, budget, a_closed: false, b_closed: false, acks: Vec::new() };
+        let mut c = Conn { id: self.next_conn, sender: Some(s), receiver: Some(Receiver::new(host, "a".into())), a2b: Pipe::default(), b2a: Pipe::default(), dead: false, budget, a_closed: false, b_closed: false, acks: Vec::new(), idle: None };
         c.a2b.bytes.extend(hello);
         self.next_conn += 1;
-        self.note(format!("connect #{} (lz4 {lz4}, cut after {budget:?} bytes)", c.id));
+        self.note(format!("connect #{} (lz4 {lz4}, window {window_bytes}, cut after {budget:?} bytes)", c.id));
         self.conns.push(c);
         Ok(())
     }
@@ -268,6 +295,11 @@ impl World {
 
     /// The DR's end of connection `i` fails with `e` (its ERROR frame goes out first).
     fn close_receiver(&mut self, i: usize, e: Option<anyhow::Error>) {
+        if e.is_some() && !self.conns[i].dead && !self.conns[i].acks.is_empty() {
+            // The real ack writer sends what is queued (after the sync it
+            // waits for) before the ERROR frame.
+            let _ = self.dr_sync_conn(Some(i));
+        }
         let c = &mut self.conns[i];
         let Some(r) = c.receiver.take() else { return };
         if let Some(e) = &e {
@@ -364,6 +396,7 @@ impl World {
                 Err(e) => Err(anyhow::anyhow!("bad frame: {e}")),
             };
             if let Ok(Some(kind)) = r {
+                c.idle = None;
                 let (id, acked) = (c.id, self.p.replication.replicas().first().map(|r| r.acked_seq).unwrap_or(0));
                 self.note(format!("#{id} primary took frame kind {kind}, DR acked seq {acked}"));
             }
@@ -387,6 +420,7 @@ impl World {
             let Some(s) = c.sender.as_mut() else { break };
             match s.poll(now) {
                 Ok(Action::Send(f)) => {
+                    c.idle = None;
                     if !c.dead {
                         c.a2b.bytes.extend(f);
                     }
@@ -394,6 +428,7 @@ impl World {
                 }
                 Ok(Action::SavePins) => self.p.save_pins().map_err(|e| format!("save pins: {e:#}"))?,
                 Ok(Action::Idle { until, on_append }) => {
+                    c.idle = Some((until, on_append, self.p.last_seq()));
                     let id = c.id;
                     self.note(format!("#{id} sender sent {sent} frames, idle until {until:?} (append {on_append})"));
                     break;
@@ -410,10 +445,17 @@ impl World {
     /// The DR's fsync: acks whose records are now durable go out (the
     /// newest ready one per connection, as the real writer coalesces).
     fn dr_sync(&mut self) -> Result<(), String> {
+        self.dr_sync_conn(None)
+    }
+
+    fn dr_sync_conn(&mut self, only: Option<usize>) -> Result<(), String> {
         let d = self.dr();
         d.sync_to(d.flush_target()).map_err(|e| format!("DR sync: {e:#}"))?;
         let durable = d.durable_pos();
-        for c in &mut self.conns {
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
             let Some(r) = &c.receiver else { continue };
             let ready = c.acks.iter().take_while(|a| a.0 <= durable).count();
             if ready > 0 {
@@ -421,6 +463,7 @@ impl World {
                 c.acks.drain(..ready);
                 if !c.dead {
                     c.b2a.bytes.extend(r.ack_frame(seq, frames));
+                    self.acked_max = self.acked_max.max(seq);
                 }
             }
         }
@@ -450,7 +493,7 @@ impl World {
     }
 
     fn dr_power_cut(&mut self) -> Result<(), String> {
-        let acked = self.p.replication.replicas().first().map(|r| r.acked_seq).unwrap_or(0);
+        let acked = self.acked_max;
         // Every connection's DR end dies with the process; the primary's
         // ends find out later.
         for i in 0..self.conns.len() {
@@ -483,6 +526,7 @@ impl World {
         self.p.abandon();
         self.p = Group::open(&self.dir.path().join("p"), "cg0").map_err(|e| format!("primary log does not open after a crash: {e:#}"))?;
         self.p.replication.add_replica("b");
+        self.p.log_cap.store(self.log_cap, std::sync::atomic::Ordering::Relaxed);
         self.note(format!("primary crash: reopened at seq {}", self.p.last_seq()));
         Ok(())
     }
@@ -538,11 +582,26 @@ impl World {
                     self.deliver_b2a(i, n);
                 }
             }
-            615..=834 => {
-                if let Some(i) = self.pick(&live) {
+            615..=829 => {
+                let (now, seq) = (self.now, self.p.last_seq());
+                let woken: Vec<usize> = live.iter().copied().filter(|i| self.conns[*i].woken(now, seq)).collect();
+                if let Some(i) = self.pick(&woken) {
                     let max = self.rng.random_range(1..8);
                     self.poll(i, max)?;
                 }
+            }
+            830..=834 => {
+                // Maintenance, when the RNG says so: the log cap rule, GC,
+                // and now and then a checkpoint, on either site.
+                let dr = self.rng.random_bool(0.5);
+                let g = if dr { self.dr() } else { self.p.clone() };
+                let ckpt = self.rng.random_bool(0.3);
+                if ckpt {
+                    g.checkpoint().map_err(|e| format!("checkpoint: {e:#}"))?;
+                }
+                g.maintain().map_err(|e| format!("maintenance: {e:#}"))?;
+                let dirty = self.p.in_dirty_mode("b");
+                self.note(format!("maintenance at {} (checkpoint {ckpt}); DR in dirty mode: {dirty}", if dr { "the DR" } else { "the primary" }));
             }
             835..=934 => self.dr_sync()?,
             935..=984 => {
@@ -573,7 +632,7 @@ impl World {
             return Err(format!("DR is ahead: seq {} > primary's {}", d.last_seq(), self.p.last_seq()));
         }
         // The DR's state changes only when it appends (or loses power).
-        let at = (self.dr_gen, d.last_seq(), maps);
+        let at = (self.dr_gen, d.flush_target(), maps);
         if self.checked == Some(at) {
             return Ok(());
         }
@@ -601,10 +660,15 @@ impl World {
                 // superseded): like the real sender, reconnect.
                 self.connect(None)?;
             }
+            let before = (self.conns[i].a2b.bytes.len(), self.conns[i].b2a.bytes.len(), self.dr().flush_target());
             self.deliver_a2b(i, usize::MAX);
             self.dr_sync()?;
             self.deliver_b2a(i, usize::MAX);
-            let sent = self.poll(i, 64)?;
+            let mut sent = 0;
+            if self.conns[i].woken(self.now, self.p.last_seq()) {
+                sent = self.poll(i, 64)?;
+            }
+            let moved = self.conns.get(i).is_some_and(|c| (c.a2b.bytes.len(), c.b2a.bytes.len(), self.dr().flush_target()) != before);
             self.conns.retain(|c| !c.gone());
             self.check(false).map_err(|e| format!("while converging: {e}"))?;
             let d = self.dr();
@@ -614,8 +678,10 @@ impl World {
                     return compare(&self.p, &d);
                 }
             }
-            if sent == 0 {
-                self.now += 5_000_000;
+            if sent == 0 && !moved {
+                // Nothing moves: time passes until the sender's deadline.
+                let until = self.conns.first().and_then(|c| c.idle).and_then(|(u, _, _)| u);
+                self.now = until.unwrap_or(self.now + 5_000_000).max(self.now + 1);
             }
         }
         let d = self.dr();

@@ -203,7 +203,16 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        let (c, r) = step(core, h, body).await?;
+        let (c, r) = match step(core, h, body).await {
+            Ok(x) => x,
+            Err(e) => {
+                // The core is lost with its thread; still tell the primary.
+                let _ = tx.send(Out::Error(frame::encode(frame::ERROR, 0, format!("{e:#}").as_bytes(), false))).await;
+                drop(tx);
+                let _ = writer.await;
+                return Err(e);
+            }
+        };
         core = c;
         match r {
             Ok(Some(RecvAction::Ack { end, seq, frames })) => {

@@ -86,7 +86,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let (mut rd, mut wr) = tokio::io::split(stream);
     let origin = Instant::now();
     let now = || Now { mono_ns: origin.elapsed().as_nanos() as u64, wall_ns: crate::util::now_ns() };
-    let cfg = SenderConfig { site: st.site.clone(), peer: peer.name.clone(), lz4: peer.lz4, heartbeat_interval: st.heartbeat_interval, periodic_interval: st.periodic_interval };
+    let cfg = SenderConfig { site: st.site.clone(), peer: peer.name.clone(), lz4: peer.lz4, heartbeat_interval: st.heartbeat_interval, periodic_interval: st.periodic_interval, window_bytes: limits::REPL_WINDOW_BYTES };
     let mut core = Sender::new(group.clone(), cfg);
     wr.write_all(&core.hello()?).await?;
     wr.flush().await?;
@@ -155,8 +155,25 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
         };
         match action {
             Action::Send(f) => {
-                wr.write_all(&f).await?;
-                wr.flush().await?;
+                // Acks keep coming while a big batch is on its way (sync
+                // writers wait for them).
+                let write = async {
+                    wr.write_all(&f).await?;
+                    wr.flush().await
+                };
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        r = &mut write => {
+                            r?;
+                            break;
+                        }
+                        f = rx.recv() => {
+                            let (h, body) = f.ok_or_else(|| anyhow!("acknowledgement stream ended"))??;
+                            core.as_mut().unwrap().on_frame(now(), &h, &body)?;
+                        }
+                    }
+                }
             }
             Action::SavePins => group.save_pins_async().await,
             Action::Idle { until, on_append } => {

@@ -50,6 +50,8 @@ pub struct SenderConfig {
     pub lz4: bool,
     pub heartbeat_interval: Duration,
     pub periodic_interval: Duration,
+    /// Unacknowledged bytes in flight before the sender waits for an ack.
+    pub window_bytes: u64,
 }
 
 /// What the sender asks its driver to do next.
@@ -147,8 +149,7 @@ impl Sender {
         match h.kind {
             frame::ACK => {
                 let (durable, frames) = frame::parse_two_u64(body)?;
-                self.on_ack(now, durable, frames);
-                Ok(())
+                self.on_ack(now, durable, frames)
             }
             frame::ERROR => bail!("{peer} reported: {}", String::from_utf8_lossy(body)),
             k => bail!("{peer} sent unexpected frame kind {k}"),
@@ -192,13 +193,16 @@ impl Sender {
         self.phase = if resyncing {
             Phase::Resync(Resync { dr_last: reply.next_seq.saturating_sub(1), attempt: None, index: SentIndex::default(), taken: false, commit: None, started_ns: now.mono_ns })
         } else {
-            let at = g.locate_seq(self.next).ok_or_else(|| anyhow!("seq {} left the log during HELLO", self.next))?;
+            let Some(at) = g.locate_seq(self.next) else {
+                g.enter_dirty(peer, None)?;
+                bail!("{peer} needs seq {}, which the log no longer holds; resyncing", self.next);
+            };
             Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None })
         };
         Ok(())
     }
 
-    fn on_ack(&mut self, now: Now, durable: u64, frames: u64) {
+    fn on_ack(&mut self, now: Now, durable: u64, frames: u64) -> Result<()> {
         let (g, peer) = (&self.group, &self.cfg.peer);
         let oldest = self.window.ack(durable, frames);
         let resyncing = g.in_dirty_mode(peer);
@@ -222,6 +226,47 @@ impl Sender {
         if durable >= last && !resyncing {
             g.replication.clear_degraded();
         }
+        // The ack of a resync commit ends the resync here and now, even if
+        // the connection fails before the next poll.
+        self.finish_commit(now)
+    }
+
+    /// If the DR acknowledged this session's resync commit: leave dirty
+    /// mode and stream from the seq after it.
+    fn finish_commit(&mut self, now: Now) -> Result<()> {
+        let Phase::Resync(rs) = &mut self.phase else { return Ok(()) };
+        let Some((seq, want)) = rs.commit else { return Ok(()) };
+        if self.window.frames_acked < want {
+            return Ok(());
+        }
+        let (g, peer) = (&self.group, &self.cfg.peer);
+        let took = now.mono_ns.saturating_sub(rs.started_ns);
+        rs.taken = false;
+        let attempt = rs.attempt.unwrap_or(0);
+        if !g.leave_dirty(peer, attempt)? {
+            bail!("resync of {peer} committed at seq {seq}, but a newer attempt has begun; that one finishes it");
+        }
+        tracing::info!(event = "dr-resynced", "replication of {} to {peer}: resync committed at seq {seq} after {:?}", g.name, Duration::from_nanos(took));
+        // The commit's ack came while still in dirty mode: if nothing
+        // was written since, the DR is caught up now (no later ack may come).
+        let last = g.last_seq();
+        g.replication.update(peer, |r| {
+            r.acked_seq = r.acked_seq.max(seq);
+            r.sent_seq = seq;
+            if r.acked_seq >= last {
+                tracing::info!(event = "dr-caught-up", "replication of {} to {peer}: caught up at seq {}", g.name, r.acked_seq);
+                r.state = "replicating".into();
+            } else {
+                r.state = "catching-up".into();
+            }
+        });
+        self.next = seq + 1;
+        let Some(at) = g.locate_seq(self.next) else {
+            g.enter_dirty(peer, None)?;
+            bail!("{peer} needs seq {}, which the log no longer holds; resyncing", self.next);
+        };
+        self.phase = Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None });
+        Ok(())
     }
 
     /// The next thing to do. Call again after doing it; after `Idle`, when
@@ -234,7 +279,7 @@ impl Sender {
         }
         match self.phase {
             Phase::Hello => Ok(Action::Idle { until: None, on_append: false }),
-            Phase::Resync(_) => self.resync_step(now),
+            Phase::Resync(_) => self.resync_step(),
             Phase::Stream(_) => self.stream_step(now),
         }
     }
@@ -242,7 +287,7 @@ impl Sender {
     /// Dirty-region resync (see `group::resync`): RESYNC_BEGIN, the current
     /// content of every dirty block, then RESYNC_COMMIT at the seq where
     /// the dirty set was found empty; streaming resumes after its ack.
-    fn resync_step(&mut self, now: Now) -> Result<Action> {
+    fn resync_step(&mut self) -> Result<Action> {
         let Phase::Resync(rs) = &mut self.phase else { unreachable!() };
         let (g, peer) = (&self.group, &self.cfg.peer);
         let Some(attempt) = rs.attempt else {
@@ -252,35 +297,9 @@ impl Sender {
             rs.attempt = Some(g.begin_attempt(peer));
             return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &begin, self.cfg.lz4)));
         };
-        if let Some((seq, want)) = rs.commit {
-            if self.window.frames_acked < want {
-                return Ok(Action::Idle { until: None, on_append: false });
-            }
-            // The DR holds the commit durably.
-            let took = now.mono_ns.saturating_sub(rs.started_ns);
-            rs.taken = false;
-            g.leave_dirty(peer)?;
-            tracing::info!(event = "dr-resynced", "replication of {} to {peer}: resync committed at seq {seq} after {:?}", g.name, Duration::from_nanos(took));
-            // The commit's ack came while still in dirty mode: if nothing
-            // was written since, the DR is caught up now (no later ack may come).
-            let last = g.last_seq();
-            g.replication.update(peer, |r| {
-                r.acked_seq = r.acked_seq.max(seq);
-                r.sent_seq = seq;
-                if r.acked_seq >= last {
-                    tracing::info!(event = "dr-caught-up", "replication of {} to {peer}: caught up at seq {}", g.name, r.acked_seq);
-                    r.state = "replicating".into();
-                } else {
-                    r.state = "catching-up".into();
-                }
-            });
-            self.next = seq + 1;
-            let Some(at) = g.locate_seq(self.next) else {
-                g.enter_dirty(peer, None)?;
-                bail!("{peer} needs seq {}, which the log no longer holds; resyncing", self.next);
-            };
-            self.phase = Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None });
-            return self.poll(now);
+        if rs.commit.is_some() {
+            // Waiting for the commit's ack (`on_ack` finishes it).
+            return Ok(Action::Idle { until: None, on_append: false });
         }
         loop {
             let runs = g.take_dirty(peer, attempt, limits::RESYNC_BATCH_BLOCKS);
@@ -337,7 +356,7 @@ impl Sender {
         if !may_ship {
             return Ok(Action::Idle { until: Some(period_end.min(hb_due)), on_append: true });
         }
-        if self.window.full(limits::REPL_WINDOW_BYTES) {
+        if self.window.full(self.cfg.window_bytes) {
             // Room comes with an ack (a frame wakes the driver).
             return Ok(Action::Idle { until: Some(hb_due), on_append: false });
         }
@@ -617,7 +636,7 @@ mod tests {
     }
 
     fn sender(g: &Arc<Group>, dr_last: u64) -> Sender {
-        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100) };
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
         let mut s = Sender::new(g.clone(), cfg);
         let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq: dr_last + 1, durable_seq: dr_last };
         let f = frame::encode(frame::HELLO_REPLY, 1, &serde_json::to_vec(&reply).unwrap(), false);
@@ -718,7 +737,7 @@ mod tests {
     fn a_dr_ahead_of_the_primary_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let g = primary(dir.path(), "async");
-        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100) };
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
         let mut s = Sender::new(g.clone(), cfg);
         let last = g.last_seq();
         let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 5, durable_seq: last + 4 };
@@ -766,6 +785,45 @@ mod tests {
         assert!(!g.in_dirty_mode("b"));
         drop(s);
         assert!(!g.in_dirty_mode("b"));
+        g.abandon();
+    }
+
+    /// Found by the deterministic simulation: session A's resync commit is
+    /// acknowledged after a newer session B began its own attempt (and
+    /// committed at a later seq, which moved the pin past what the DR
+    /// holds). A must not end dirty mode: that left the pin at B's seq and
+    /// the writes between A's and B's commits unprotected.
+    #[test]
+    fn a_superseded_commit_ack_leaves_the_newer_attempt_in_charge() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let v = g.volume("v").unwrap().id;
+        g.write(v, 0, &vec![5u8; 64 << 10]).unwrap();
+        g.enter_dirty("b", None).unwrap();
+        let drain = |s: &mut Sender| {
+            let mut n = 0;
+            while let Action::Send(_) = s.poll(at(1)).unwrap() {
+                n += 1;
+            }
+            n
+        };
+        let mut a = sender(&g, 0);
+        let fa = drain(&mut a);
+        g.write(v, 1 << 16, &vec![6u8; 4096]).unwrap();
+        let mut b = sender(&g, 0);
+        let fb = drain(&mut b);
+        assert!(fa >= 3 && fb >= 3, "{fa} {fb}");
+        let e = {
+            let f = frame::encode(frame::ACK, 1, &frame::two_u64(0, fa), false);
+            let h = FrameHeader::decode(f[..frame::HEADER_BYTES].try_into().unwrap()).unwrap();
+            a.on_frame(at(2), &h, &f[frame::HEADER_BYTES..]).unwrap_err()
+        };
+        assert!(format!("{e:#}").contains("newer attempt"), "{e:#}");
+        assert!(g.in_dirty_mode("b"), "the older commit's ack ended the newer attempt");
+        drop(a);
+        ack(&mut b, at(3), 0, fb);
+        assert!(!g.in_dirty_mode("b"));
+        assert_eq!(kind(&b.poll(at(3)).unwrap()), frame::HEARTBEAT);
         g.abandon();
     }
 }
