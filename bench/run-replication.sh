@@ -3,6 +3,8 @@
 # a tidemark site without DR, in one run, with the fio jobs in bench/jobs/.
 #
 #   ROUNDS=3 RUNTIME=20 SIZE=1g bench/run-replication.sh
+#   TIDEMARK_BIN=/path/to/other/tidemark bench/run-replication.sh   # another build
+#   JOBS=seqwrite CONFIGS="solo asyncshm" ROUNDS=1 bench/run-replication.sh   # a subset, no report
 #
 # Configurations (each measured run gets a fresh deployment, started for that
 # run and stopped with SIGTERM after it; every configuration has its own port
@@ -38,7 +40,7 @@ RES=$OUT/replication
 WORK=$OUT/work-replication
 JSON=$RES/json
 LOGS=$RES/logs
-BIN=$REPO/target/release/tidemark
+BIN=${TIDEMARK_BIN:-$REPO/target/release/tidemark}   # TIDEMARK_BIN: compare another build
 CMDLINE="ROUNDS=$ROUNDS RUNTIME=$RUNTIME SIZE=$SIZE bench/run-replication.sh"
 
 for tool in fio qemu-nbd python3 curl; do
@@ -50,7 +52,11 @@ if [[ ! -x $BIN ]]; then
     echo "== building release binary"
     (cd "$REPO" && cargo build --release --quiet)
 fi
-BIN_INFO="$(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC'), HEAD $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+if [[ -n ${TIDEMARK_BIN:-} ]]; then
+    BIN_INFO="$(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC'), TIDEMARK_BIN=$BIN"
+else
+    BIN_INFO="$(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC'), HEAD $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+fi
 echo "== using $BIN (built $BIN_INFO)"
 
 # --- dirs ----------------------------------------------------------------------
@@ -312,10 +318,16 @@ run_one() { # job cfg round
 # --- run -------------------------------------------------------------------------
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A TARGETS=([seqwrite]="qemu solo async asyncshm" [randwrite]="solo async" [synclat]="qemu sync")
+# JOBS / CONFIGS narrow a run (e.g. an A/B of two builds on one job); such a
+# run prints each measurement and writes no report.
+JOBS=${JOBS:-seqwrite randwrite synclat}
 n=0
-for job in seqwrite randwrite synclat; do
+for job in $JOBS; do
     echo "== $job"
     read -r -a cfgs <<<"${TARGETS[$job]}"
+    if [[ -n ${CONFIGS:-} ]]; then
+        read -r -a cfgs < <(for c in "${cfgs[@]}"; do [[ " $CONFIGS " == *" $c "* ]] && printf '%s ' "$c"; done; echo)
+    fi
     k=${#cfgs[@]}
     for ((r = 1; r <= ROUNDS; r++)); do
         for ((i = 0; i < k; i++)); do
@@ -325,6 +337,16 @@ for job in seqwrite randwrite synclat; do
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+if [[ $JOBS != "seqwrite randwrite synclat" || -n ${CONFIGS:-} ]]; then
+    python3 - "$JSON" <<'PY'
+import glob, json, os, sys
+for f in sorted(glob.glob(f"{sys.argv[1]}/*.json")):
+    j = json.load(open(f))["jobs"][0]
+    w = j["write"]
+    print(f"{os.path.basename(f)[:-5]}: {w['bw_bytes'] / 2**20:.0f} MiB/s, {w['iops']:.0f} IOPS")
+PY
+    exit 0
+fi
 
 # --- report ------------------------------------------------------------------------
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')

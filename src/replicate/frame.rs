@@ -106,20 +106,21 @@ impl FrameHeader {
 /// Builds a frame (header + payload), compressing RECORDS payloads with lz4
 /// when asked and when it actually saves space.
 pub fn encode(kind: u8, epoch: u64, payload: &[u8], lz4: bool) -> Vec<u8> {
-    let (flags, body) = if lz4 && kind == RECORDS {
+    if lz4 && kind == RECORDS {
         let c = lz4_flex::compress_prepend_size(payload);
         if c.len() < payload.len() {
-            (FLAG_LZ4, c)
-        } else {
-            (0, payload.to_vec())
+            return assemble(kind, FLAG_LZ4, epoch, &c);
         }
-    } else {
-        (0, payload.to_vec())
-    };
-    let h = FrameHeader { kind, flags, epoch, len: body.len() as u32, crc: crc32c::crc32c(&body) };
+    }
+    // One copy of the payload (batches are up to 4 MiB).
+    assemble(kind, 0, epoch, payload)
+}
+
+fn assemble(kind: u8, flags: u16, epoch: u64, body: &[u8]) -> Vec<u8> {
+    let h = FrameHeader { kind, flags, epoch, len: body.len() as u32, crc: crc32c::crc32c(body) };
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
     out.extend_from_slice(&h.encode());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 
