@@ -3,10 +3,17 @@
 //!
 //! - `frame`: the wire format (versioned, length-limited frames; log records
 //!   travel verbatim inside them).
-//! - `send`: the primary side, one task per (group, DR site): reads records
-//!   from the group's log and ships them, pipelined, within a window.
-//! - `receive`: the DR side: checks, appends byte for byte to its own log,
-//!   applies strictly in sequence order, acknowledges what is durable.
+//! - `session`: the session logic without I/O: `Sender` (primary side:
+//!   HELLO, resync, records pipelined within a window, heartbeats) and
+//!   `Receiver` (DR side: checks, appends byte for byte to its own log,
+//!   applies strictly in sequence order, says what to acknowledge once
+//!   durable). Frames in, frames out, time as an argument.
+//! - `decide`: the single-function decisions both use (record verdicts,
+//!   session plan, window).
+//! - `send` / `receive`: the tokio drivers of those cores (TLS, tasks,
+//!   timers), one sender task per (group, DR site).
+//! - `dsim` (tests): the deterministic simulation of the cores; `sim`
+//!   (tests): the seeded simulation of the tokio drivers.
 //! - `heartbeat`: the DR's private, crash-safe region for the latest heartbeat.
 //! - `tls`: the per-deployment CA and site certificates.
 //!
