@@ -134,11 +134,11 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => bail!("acknowledgement stream ended"),
             }
         }
-        // Registered before the core looks at the log: an append between
-        // its look and our wait still wakes us.
+        // Created before the core looks at the log: an append between its
+        // look and our wait still wakes us (a `Notified` receives
+        // `notify_waiters` from its creation on, polled or not).
         let appended = group.appended.notified();
         tokio::pin!(appended);
-        appended.as_mut().enable();
         let action = if core.as_ref().unwrap().blocking_step() {
             // A resync step reads dirty blocks from the log: off the reactor.
             let mut c = core.take().unwrap();

@@ -122,11 +122,6 @@ impl Sender {
         Ok(frame::encode(frame::HELLO, self.epoch, &serde_json::to_vec(&hello)?, false))
     }
 
-    /// Has the session been answered (HELLO_REPLY taken)?
-    pub fn started(&self) -> bool {
-        !matches!(self.phase, Phase::Hello)
-    }
-
     /// Will the next `poll` read log data in bulk (a resync)? A driver that
     /// must not block runs it on a blocking thread.
     pub fn blocking_step(&self) -> bool {
@@ -193,11 +188,7 @@ impl Sender {
         self.phase = if resyncing {
             Phase::Resync(Resync { dr_last: reply.next_seq.saturating_sub(1), attempt: None, index: SentIndex::default(), taken: false, commit: None, started_ns: now.mono_ns })
         } else {
-            let Some(at) = g.locate_seq(self.next) else {
-                g.enter_dirty(peer, None)?;
-                bail!("{peer} needs seq {}, which the log no longer holds; resyncing", self.next);
-            };
-            Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None })
+            self.stream_from_next()?
         };
         Ok(())
     }
@@ -261,12 +252,18 @@ impl Sender {
             }
         });
         self.next = seq + 1;
-        let Some(at) = g.locate_seq(self.next) else {
-            g.enter_dirty(peer, None)?;
-            bail!("{peer} needs seq {}, which the log no longer holds; resyncing", self.next);
-        };
-        self.phase = Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None });
+        self.phase = self.stream_from_next()?;
         Ok(())
+    }
+
+    /// Streaming from `self.next`; if the log no longer holds it, the DR
+    /// goes to a full dirty-region resync and this session ends.
+    fn stream_from_next(&self) -> Result<Phase> {
+        let Some(at) = self.group.locate_seq(self.next) else {
+            self.group.enter_dirty(&self.cfg.peer, None)?;
+            bail!("{} needs seq {}, which the log no longer holds; resyncing", self.cfg.peer, self.next);
+        };
+        Ok(Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None }))
     }
 
     /// The next thing to do. Call again after doing it; after `Idle`, when
@@ -635,15 +632,36 @@ mod tests {
         g
     }
 
-    fn sender(g: &Arc<Group>, dr_last: u64) -> Sender {
+    /// A primary whose volume has 16 written blocks, its DR in dirty mode
+    /// (a full resync).
+    fn dirty_primary(dir: &std::path::Path) -> Arc<Group> {
+        let g = primary(dir, "async");
+        let v = g.volume("v").unwrap().id;
+        g.write(v, 0, &vec![5u8; 64 << 10]).unwrap();
+        g.enter_dirty("b", None).unwrap();
+        g
+    }
+
+    /// A frame as the DR would send it, through the decoder.
+    fn deliver(s: &mut Sender, now: Now, kind: u8, body: &[u8]) -> Result<()> {
+        let mut d = frame::Decoder::default();
+        d.push(&frame::encode(kind, 1, body, false));
+        let (h, body) = d.next_frame().unwrap().unwrap();
+        s.on_frame(now, &h, &body)
+    }
+
+    /// A session whose DR answered HELLO with `next_seq` / `durable_seq`.
+    fn answered(g: &Arc<Group>, next_seq: u64, durable_seq: u64) -> (Sender, Result<()>) {
         let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
         let mut s = Sender::new(g.clone(), cfg);
-        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq: dr_last + 1, durable_seq: dr_last };
-        let f = frame::encode(frame::HELLO_REPLY, 1, &serde_json::to_vec(&reply).unwrap(), false);
-        let mut d = frame::Decoder::default();
-        d.push(&f);
-        let (h, body) = d.next_frame().unwrap().unwrap();
-        s.on_frame(at(0), &h, &body).unwrap();
+        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq };
+        let r = deliver(&mut s, at(0), frame::HELLO_REPLY, &serde_json::to_vec(&reply).unwrap());
+        (s, r)
+    }
+
+    fn sender(g: &Arc<Group>, dr_last: u64) -> Sender {
+        let (mut s, r) = answered(g, dr_last + 1, dr_last);
+        r.unwrap();
         assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
         s
     }
@@ -655,10 +673,8 @@ mod tests {
         }
     }
 
-    fn ack(s: &mut Sender, now: Now, seq: u64, frames: u64) {
-        let f = frame::encode(frame::ACK, 1, &frame::two_u64(seq, frames), false);
-        let h = FrameHeader::decode(f[..frame::HEADER_BYTES].try_into().unwrap()).unwrap();
-        s.on_frame(now, &h, &f[frame::HEADER_BYTES..]).unwrap();
+    fn ack(s: &mut Sender, now: Now, seq: u64, frames: u64) -> Result<()> {
+        deliver(s, now, frame::ACK, &frame::two_u64(seq, frames))
     }
 
     #[test]
@@ -728,7 +744,7 @@ mod tests {
             assert!(frames < 1000, "the window never filled");
         }
         // The DR acknowledges everything sent: records flow again.
-        ack(&mut s, at(2), g.last_seq() - 1, frames);
+        ack(&mut s, at(2), g.last_seq() - 1, frames).unwrap();
         assert_eq!(kind(&s.poll(at(2)).unwrap()), frame::RECORDS);
         g.abandon();
     }
@@ -737,13 +753,8 @@ mod tests {
     fn a_dr_ahead_of_the_primary_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let g = primary(dir.path(), "async");
-        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
-        let mut s = Sender::new(g.clone(), cfg);
         let last = g.last_seq();
-        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 5, durable_seq: last + 4 };
-        let body = serde_json::to_vec(&reply).unwrap();
-        let h = FrameHeader { kind: frame::HELLO_REPLY, flags: 0, epoch: 1, len: body.len() as u32, crc: 0 };
-        let e = s.on_frame(at(0), &h, &body).unwrap_err();
+        let e = answered(&g, last + 5, last + 4).1.unwrap_err();
         assert!(format!("{e:#}").contains("ahead"), "{e:#}");
         g.abandon();
     }
@@ -751,10 +762,7 @@ mod tests {
     #[test]
     fn resync_blocks_taken_go_back_when_the_session_ends_uncommitted() {
         let dir = tempfile::tempdir().unwrap();
-        let g = primary(dir.path(), "async");
-        let v = g.volume("v").unwrap().id;
-        g.write(v, 0, &vec![5u8; 64 << 10]).unwrap();
-        g.enter_dirty("b", None).unwrap();
+        let g = dirty_primary(dir.path());
         let dirty = g.dirty_blocks("b");
         assert!(dirty >= 16);
         let mut s = sender(&g, 0);
@@ -780,7 +788,7 @@ mod tests {
             }
         }
         assert!(g.in_dirty_mode("b"));
-        ack(&mut s, at(3), 0, frames);
+        ack(&mut s, at(3), 0, frames).unwrap();
         assert_eq!(kind(&s.poll(at(3)).unwrap()), frame::HEARTBEAT, "streaming after the commit");
         assert!(!g.in_dirty_mode("b"));
         drop(s);
@@ -796,10 +804,8 @@ mod tests {
     #[test]
     fn a_superseded_commit_ack_leaves_the_newer_attempt_in_charge() {
         let dir = tempfile::tempdir().unwrap();
-        let g = primary(dir.path(), "async");
+        let g = dirty_primary(dir.path());
         let v = g.volume("v").unwrap().id;
-        g.write(v, 0, &vec![5u8; 64 << 10]).unwrap();
-        g.enter_dirty("b", None).unwrap();
         let drain = |s: &mut Sender| {
             let mut n = 0;
             while let Action::Send(_) = s.poll(at(1)).unwrap() {
@@ -813,15 +819,11 @@ mod tests {
         let mut b = sender(&g, 0);
         let fb = drain(&mut b);
         assert!(fa >= 3 && fb >= 3, "{fa} {fb}");
-        let e = {
-            let f = frame::encode(frame::ACK, 1, &frame::two_u64(0, fa), false);
-            let h = FrameHeader::decode(f[..frame::HEADER_BYTES].try_into().unwrap()).unwrap();
-            a.on_frame(at(2), &h, &f[frame::HEADER_BYTES..]).unwrap_err()
-        };
+        let e = ack(&mut a, at(2), 0, fa).unwrap_err();
         assert!(format!("{e:#}").contains("newer attempt"), "{e:#}");
         assert!(g.in_dirty_mode("b"), "the older commit's ack ended the newer attempt");
         drop(a);
-        ack(&mut b, at(3), 0, fb);
+        ack(&mut b, at(3), 0, fb).unwrap();
         assert!(!g.in_dirty_mode("b"));
         assert_eq!(kind(&b.poll(at(3)).unwrap()), frame::HEARTBEAT);
         g.abandon();
