@@ -39,6 +39,8 @@ pub fn write_file_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 
 /// Fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    // `Path::new("site.toml").parent()` is "", which means the current directory.
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("failed to fsync directory {}", dir.display()))

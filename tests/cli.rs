@@ -243,3 +243,33 @@ fn bad_input_gets_one_line_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("endpoints.json"));
 }
+
+/// `tidemark site --config site.toml` run from the site's own directory: the
+/// config path has no directory part, and every crash-safe write (whose
+/// directory fsync once got "" as the directory) must still work.
+#[test]
+fn site_runs_with_a_bare_config_file_name() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let s = common::Site::configure(tmp.path(), &[("vol0", "16M")]);
+    let log = std::fs::File::create(tmp.path().join("site.log")).unwrap();
+    let mut child = Command::new(bin())
+        .current_dir(tmp.path())
+        .args(["site", "--config", "site.toml"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", s.nbd_port)).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("site exited during start ({st}); log:\n{}", s.log());
+        }
+        assert!(Instant::now() < deadline, "site did not start; log:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let uri = s.uri("vol0");
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "flush", &uri]);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "site exited with {st} on SIGTERM; log:\n{}", s.log());
+}

@@ -203,6 +203,19 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let site = Site::open(cfg)?;
     let res = rt.block_on(async {
+        // Every listener is bound before any is served, the replication
+        // listener first: once a client can reach the NBD port, a primary's
+        // first connect reaches the DR listener too (tests and scripts wait
+        // for the NBD port only).
+        let tls_files = crate::replicate::tls::TlsFiles { ca: site.cfg.tls.ca.clone(), cert: site.cfg.tls.cert.clone(), key: site.cfg.tls.key.clone() };
+        let mut repl_listener = None;
+        if !site.cfg.peers.is_empty() && site.read_only() {
+            let addr = site.cfg.repl_listen.context("a DR site with peers needs repl_listen")?;
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to listen for replication on {addr}"))?;
+            let server = crate::replicate::tls::server_config(&tls_files)?;
+            tracing::info!("site {}: replication listener on {addr}", site.cfg.name);
+            repl_listener = Some((l, server));
+        }
         let nbd = tokio::net::TcpListener::bind(site.cfg.nbd_listen)
             .await
             .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
@@ -210,26 +223,19 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen for the API on {}", site.cfg.api_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
+        // Replication: a DR site listens; a primary sends to every peer.
+        let mut repl_task = None;
+        if let Some((l, server)) = repl_listener {
+            repl_task = Some(tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
+        } else if !site.cfg.peers.is_empty() {
+            *site.client_tls.lock().unwrap() = Some(crate::replicate::tls::client_config(&tls_files)?);
+            for g in site.group_list() {
+                site.start_senders(&g);
+            }
+        }
         let exports: Arc<dyn Exports> = site.clone();
         let nbd_task = tokio::spawn(crate::nbd::server::serve(nbd, exports, site.metrics.clone()));
         let api_task = tokio::spawn(api::serve(api, site.clone()));
-        // Replication: a DR site listens; a primary sends to every peer.
-        let tls_files = crate::replicate::tls::TlsFiles { ca: site.cfg.tls.ca.clone(), cert: site.cfg.tls.cert.clone(), key: site.cfg.tls.key.clone() };
-        let mut repl_task = None;
-        if !site.cfg.peers.is_empty() {
-            if site.read_only() {
-                let addr = site.cfg.repl_listen.context("a DR site with peers needs repl_listen")?;
-                let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to listen for replication on {addr}"))?;
-                let server = crate::replicate::tls::server_config(&tls_files)?;
-                tracing::info!("site {}: replication listener on {addr}", site.cfg.name);
-                repl_task = Some(tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
-            } else {
-                *site.client_tls.lock().unwrap() = Some(crate::replicate::tls::client_config(&tls_files)?);
-                for g in site.group_list() {
-                    site.start_senders(&g);
-                }
-            }
-        }
         let repl_wait = async move {
             match repl_task {
                 Some(t) => t.await,
