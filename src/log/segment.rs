@@ -140,6 +140,35 @@ impl Segment {
             .read_exact_at(buf, off)
             .with_context(|| format!("failed to read {} bytes at offset {off} of log segment {}", buf.len(), self.path.display()))
     }
+
+    /// Appends `n` bytes from `off` to `buf`, reading straight into its
+    /// spare capacity: no zeroing of memory the read overwrites (the
+    /// replication sender reads every shipped byte this way).
+    pub fn read_append(&self, buf: &mut Vec<u8>, n: usize, off: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        buf.reserve(n);
+        let mut done = 0usize;
+        while done < n {
+            let spare = &mut buf.spare_capacity_mut()[..n - done];
+            // SAFETY: pread writes at most `spare.len()` bytes into memory
+            // this Vec owns; the length grows only by what it wrote.
+            let got = unsafe { libc::pread(self.file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), (off + done as u64) as libc::off_t) };
+            if got < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).with_context(|| format!("failed to read {n} bytes at offset {off} of log segment {}", self.path.display()));
+            }
+            if got == 0 {
+                anyhow::bail!("log segment {} ends at {} while reading {n} bytes at offset {off}", self.path.display(), off + done as u64);
+            }
+            // SAFETY: the kernel initialized `got` more bytes.
+            unsafe { buf.set_len(buf.len() + got as usize) };
+            done += got as usize;
+        }
+        Ok(())
+    }
 }
 
 /// A record as found when scanning a segment.
@@ -226,5 +255,28 @@ where
         let s = Scanned { off: off as u32, header, checked };
         f(&s, data)?;
         off += total;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_append_appends_what_the_file_holds_and_refuses_to_read_past_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 3, 9).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        seg.file.write_all_at(&data, SEGMENT_HEADER_BYTES).unwrap();
+        let mut buf = b"room".to_vec();
+        seg.read_append(&mut buf, 200_000, SEGMENT_HEADER_BYTES + 1000).unwrap();
+        assert_eq!(&buf[..4], b"room");
+        assert_eq!(&buf[4..], &data[1000..201_000]);
+        let before = buf.clone();
+        let e = seg.read_append(&mut buf, 2000, SEGMENT_HEADER_BYTES + 299_000).unwrap_err().to_string();
+        assert!(e.contains("ends at") && e.contains(&seg.path.display().to_string()), "{e}");
+        // What was read before the end stays; nothing past it was invented.
+        assert_eq!(&buf[..before.len()], &before[..]);
+        assert_eq!(&buf[before.len()..], &data[299_000..]);
     }
 }

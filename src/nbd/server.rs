@@ -181,8 +181,13 @@ async fn transmission(
                 if req.length > limits::NBD_REQUEST_BYTES_MAX {
                     anyhow::bail!("write of {} bytes exceeds the {} byte request limit", req.length, limits::NBD_REQUEST_BYTES_MAX);
                 }
-                payload = vec![0u8; req.length as usize];
-                rd.read_exact(&mut payload).await?;
+                // Read into spare capacity: no zeroing of a buffer the
+                // payload overwrites anyway (up to 32 MiB per request).
+                payload = Vec::with_capacity(req.length as usize);
+                let got = (&mut rd).take(req.length as u64).read_to_end(&mut payload).await?;
+                if got != req.length as usize {
+                    anyhow::bail!("connection closed {got} bytes into a {} byte write payload", req.length);
+                }
             }
             let cmd = match checked {
                 Ok(c) => c,

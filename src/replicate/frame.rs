@@ -7,6 +7,12 @@
 //! payload: `len` bytes; with FLAG_LZ4 an lz4 block whose first 4 bytes are
 //!          the decompressed length (capped like `len`).
 //! ```
+//! A RECORDS frame's crc field is 0: its payload is log records, each with
+//! its own header CRC and one CRC per 4 KiB block, and the receiver checks
+//! all of them before it applies a record (`Group::append_replicated`). A
+//! frame CRC over the same bytes would be a third pass over all replicated
+//! data on each side, for nothing the record CRCs and TLS do not already
+//! catch.
 //! Kinds: HELLO and HELLO_REPLY (JSON, small), RECORDS (log records
 //! concatenated, byte for byte as in the primary's log), ACK and HEARTBEAT
 //! (two u64), ERROR (UTF-8 reason, then the sender closes).
@@ -116,8 +122,34 @@ pub fn encode(kind: u8, epoch: u64, payload: &[u8], lz4: bool) -> Vec<u8> {
     assemble(kind, 0, epoch, payload)
 }
 
+/// Like `encode`, for a payload already in place: `buf` holds
+/// `HEADER_BYTES` of room, then the payload; the header is written into the
+/// room, so the payload is not copied (unless lz4 shrinks it).
+pub fn seal(kind: u8, epoch: u64, mut buf: Vec<u8>, lz4: bool) -> Vec<u8> {
+    assert!(buf.len() >= HEADER_BYTES, "seal: no room for the frame header");
+    let body = &buf[HEADER_BYTES..];
+    if lz4 && kind == RECORDS {
+        let c = lz4_flex::compress_prepend_size(body);
+        if c.len() < body.len() {
+            return assemble(kind, FLAG_LZ4, epoch, &c);
+        }
+    }
+    let h = FrameHeader { kind, flags: 0, epoch, len: body.len() as u32, crc: frame_crc(kind, body) };
+    buf[..HEADER_BYTES].copy_from_slice(&h.encode());
+    buf
+}
+
+/// The header's crc field: 0 for RECORDS (see the module docs).
+fn frame_crc(kind: u8, body: &[u8]) -> u32 {
+    if kind == RECORDS {
+        0
+    } else {
+        crc32c::crc32c(body)
+    }
+}
+
 fn assemble(kind: u8, flags: u16, epoch: u64, body: &[u8]) -> Vec<u8> {
-    let h = FrameHeader { kind, flags, epoch, len: body.len() as u32, crc: crc32c::crc32c(body) };
+    let h = FrameHeader { kind, flags, epoch, len: body.len() as u32, crc: frame_crc(kind, body) };
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
     out.extend_from_slice(&h.encode());
     out.extend_from_slice(body);
@@ -129,7 +161,12 @@ pub fn open_payload(h: &FrameHeader, body: Vec<u8>) -> Result<Vec<u8>, FrameErro
     if body.len() != h.len as usize {
         return Err(FrameError::Malformed(format!("payload is {} bytes, header says {}", body.len(), h.len)));
     }
-    if crc32c::crc32c(&body) != h.crc {
+    if h.kind == RECORDS {
+        // Checked record by record by the receiver (see the module docs).
+        if h.crc != 0 {
+            return Err(FrameError::Malformed(format!("RECORDS frame with checksum {:#010x} (must be 0: records carry their own)", h.crc)));
+        }
+    } else if crc32c::crc32c(&body) != h.crc {
         return Err(FrameError::Checksum);
     }
     if h.flags & FLAG_LZ4 == 0 {
@@ -226,6 +263,17 @@ mod tests {
                 assert!(f.len() < 10_000);
             }
             assert_eq!(open_payload(&h, f[HEADER_BYTES..].to_vec()).unwrap(), payload);
+            // Built in place, the frame is byte for byte the same.
+            let mut room = vec![0xeeu8; HEADER_BYTES];
+            room.extend_from_slice(&payload);
+            assert_eq!(seal(RECORDS, 3, room, lz4), f);
+        }
+        let mut mixed: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        mixed.extend_from_slice(&[1u8; 300]);
+        for lz4 in [false, true] {
+            let mut room = vec![0u8; HEADER_BYTES];
+            room.extend_from_slice(&mixed);
+            assert_eq!(seal(RECORDS, 9, room, lz4), encode(RECORDS, 9, &mixed, lz4));
         }
     }
 
@@ -248,8 +296,23 @@ mod tests {
         // A compressed payload claiming a huge decompressed size.
         let mut body = (FRAME_BYTES_MAX + 1).to_le_bytes().to_vec();
         body.extend_from_slice(&[0u8; 16]);
-        let h = FrameHeader { kind: RECORDS, flags: FLAG_LZ4, epoch: 1, len: body.len() as u32, crc: crc32c::crc32c(&body) };
+        let h = FrameHeader { kind: RECORDS, flags: FLAG_LZ4, epoch: 1, len: body.len() as u32, crc: 0 };
         assert!(matches!(open_payload(&h, body), Err(FrameError::TooLong { .. })));
+    }
+
+    #[test]
+    fn frame_checksums_cover_control_frames_and_records_carry_their_own() {
+        let f = encode(HELLO, 1, b"{}", false);
+        let h = FrameHeader::decode(f[..HEADER_BYTES].try_into().unwrap()).unwrap();
+        assert_ne!(h.crc, 0);
+        let mut bad = f[HEADER_BYTES..].to_vec();
+        bad[0] ^= 1;
+        assert_eq!(open_payload(&h, bad), Err(FrameError::Checksum));
+        let f = encode(RECORDS, 1, &[5u8; 100], false);
+        let h = FrameHeader::decode(f[..HEADER_BYTES].try_into().unwrap()).unwrap();
+        assert_eq!(h.crc, 0);
+        let liar = FrameHeader { crc: 7, ..h };
+        assert!(matches!(open_payload(&liar, f[HEADER_BYTES..].to_vec()), Err(FrameError::Malformed(_))));
     }
 
     proptest! {
@@ -299,7 +362,7 @@ mod tests {
         #[test]
         fn valid_header_with_random_payload(kind in 1u8..7, lz4 in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..3000)) {
             let flags = if lz4 && kind == RECORDS { FLAG_LZ4 } else { 0 };
-            let h = FrameHeader { kind, flags, epoch: 1, len: payload.len() as u32, crc: crc32c::crc32c(&payload) };
+            let h = FrameHeader { kind, flags, epoch: 1, len: payload.len() as u32, crc: frame_crc(kind, &payload) };
             if let Ok(h) = FrameHeader::decode(&h.encode()) {
                 if let Ok(p) = open_payload(&h, payload) {
                     let _ = split_records(&p);

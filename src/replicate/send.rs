@@ -1,5 +1,5 @@
-//! Primary side of replication, the I/O half: one task per (group, DR
-//! site). It connects over TLS and drives a `session::Sender` (the
+//! Primary side of replication, the I/O half: one thread (with its own
+//! single-threaded runtime) per (group, DR site). It connects over TLS and drives a `session::Sender` (the
 //! decisions: HELLO / HELLO_REPLY, resync, batches pipelined within a window
 //! of unacknowledged bytes, heartbeats, pins moved by acknowledgements) with
 //! real time, the socket and the log's append notifications. On any error it
@@ -34,35 +34,48 @@ pub struct SendSettings {
     pub periodic_interval: Duration,
 }
 
-pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
+/// Starts the sender of `group` to `peer` on a thread of its own, with a
+/// single-threaded runtime: its blocking work (reading batches from the log,
+/// TLS encryption of megabytes at a time) never holds up the NBD tasks on the
+/// site's runtime workers (measured: ARCHITECTURE.md "Replication data
+/// path"). It runs for the life of the process.
+pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) -> Result<()> {
     group.replication.add_replica(&peer.name);
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let started = Instant::now();
-            let r = session(&group, &peer, &tls, &settings).await;
-            let msg = match r {
-                Ok(()) => "connection closed".to_string(),
-                Err(e) => format!("{e:#}"),
-            };
-            let was_connected = group.replication.replicas().iter().any(|x| x.site == peer.name && x.connected);
-            group.replication.update(&peer.name, |r| {
-                r.connected = false;
-                r.state = "disconnected".into();
-                r.last_error = Some(msg.clone());
-            });
-            if was_connected {
-                tracing::warn!(event = "dr-lost", "replication of {} to {}: lost: {msg}", group.name, peer.name);
-            } else {
-                tracing::debug!("replication of {} to {}: {msg}", group.name, peer.name);
-            }
-            if started.elapsed() > Duration::from_secs(5) {
-                backoff = Duration::from_millis(100);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(limits::REPL_RECONNECT_BACKOFF_MAX_MS));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("failed to build a sender runtime")?;
+    std::thread::Builder::new()
+        .name(format!("send-{}-{}", group.name, peer.name))
+        .spawn(move || rt.block_on(run_forever(group, peer, tls, settings)))
+        .context("failed to start a sender thread")?;
+    Ok(())
+}
+
+/// Connects, runs a session until it ends, and reconnects with backoff.
+async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let r = session(&group, &peer, &tls, &settings).await;
+        let msg = match r {
+            Ok(()) => "connection closed".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        let was_connected = group.replication.replicas().iter().any(|x| x.site == peer.name && x.connected);
+        group.replication.update(&peer.name, |r| {
+            r.connected = false;
+            r.state = "disconnected".into();
+            r.last_error = Some(msg.clone());
+        });
+        if was_connected {
+            tracing::warn!(event = "dr-lost", "replication of {} to {}: lost: {msg}", group.name, peer.name);
+        } else {
+            tracing::debug!("replication of {} to {}: {msg}", group.name, peer.name);
         }
-    });
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(limits::REPL_RECONNECT_BACKOFF_MAX_MS));
+    }
 }
 
 async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientConfig>, st: &SendSettings) -> Result<()> {
@@ -157,23 +170,26 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
             Action::Send(f) => {
                 // Acks keep coming while a big batch is on its way (sync
                 // writers wait for them).
-                let write = async {
-                    wr.write_all(&f).await?;
-                    wr.flush().await
-                };
-                tokio::pin!(write);
-                loop {
-                    tokio::select! {
-                        r = &mut write => {
-                            r?;
-                            break;
-                        }
-                        f = rx.recv() => {
-                            let (h, body) = f.ok_or_else(|| anyhow!("acknowledgement stream ended"))??;
-                            core.as_mut().unwrap().on_frame(now(), &h, &body)?;
+                {
+                    let write = async {
+                        wr.write_all(&f).await?;
+                        wr.flush().await
+                    };
+                    tokio::pin!(write);
+                    loop {
+                        tokio::select! {
+                            r = &mut write => {
+                                r?;
+                                break;
+                            }
+                            f = rx.recv() => {
+                                let (h, body) = f.ok_or_else(|| anyhow!("acknowledgement stream ended"))??;
+                                core.as_mut().unwrap().on_frame(now(), &h, &body)?;
+                            }
                         }
                     }
                 }
+                core.as_mut().unwrap().recycle(f);
             }
             Action::SavePins => group.save_pins_async().await,
             Action::Idle { until, on_append } => {

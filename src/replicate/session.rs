@@ -106,6 +106,8 @@ pub struct Sender {
     frames_sent: u64,
     pins_due: bool,
     pins_saved_ns: u64,
+    /// The next frame: RECORDS frames are built in place (header room, then
+    /// the records), and the driver hands the buffer back (`recycle`).
     buf: Vec<u8>,
 }
 
@@ -114,6 +116,14 @@ impl Sender {
     pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
         let epoch = group.epoch();
         Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new() }
+    }
+
+    /// Gives back a frame's buffer once it is written, so that the next
+    /// batch reuses its memory (optional: without it each batch allocates).
+    pub fn recycle(&mut self, frame: Vec<u8>) {
+        if frame.capacity() > self.buf.capacity() {
+            self.buf = frame;
+        }
     }
 
     pub fn hello(&self) -> Result<Vec<u8>> {
@@ -357,6 +367,8 @@ impl Sender {
             // Room comes with an ack (a frame wakes the driver).
             return Ok(Action::Idle { until: Some(hb_due), on_append: false });
         }
+        self.buf.clear();
+        self.buf.resize(frame::HEADER_BYTES, 0);
         let (n, first_ts, last_seq, data_bytes) = read_batch(g, &mut st.at, self.next, &mut self.buf)?;
         if n == 0 {
             if periodic {
@@ -367,10 +379,11 @@ impl Sender {
             // Caught up: wait for new records, an ack, or the heartbeat.
             return Ok(Action::Idle { until: Some(hb_due), on_append: true });
         }
-        let f = frame::encode(frame::RECORDS, self.epoch, &self.buf, self.cfg.lz4);
+        let batch_bytes = (self.buf.len() - frame::HEADER_BYTES) as u64;
+        let f = frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf), self.cfg.lz4);
         self.frames_sent += 1;
         self.next = last_seq + 1;
-        self.window.sent(last_seq, self.buf.len() as u64, first_ts);
+        self.window.sent(last_seq, batch_bytes, first_ts);
         let lag = self.window.bytes + g.bytes_after(st.at);
         g.replication.update(peer, |r| {
             r.sent_seq = last_seq;
@@ -398,19 +411,22 @@ impl Drop for Sender {
     }
 }
 
-/// Reads records from `at` onwards (up to the log tail) into `buf`, skipping
-/// GC relocations and records before `next`, up to `REPL_BATCH_BYTES`.
+/// Appends records from `at` onwards (up to the log tail) to `buf`, skipping
+/// GC relocations and records before `next`, up to `REPL_BATCH_BYTES` (or
+/// one record, if that is bigger). The log is read straight into `buf`.
 /// Returns (records, timestamp of the first, seq of the last, payload bytes
-/// of writes). Every record is checked (header and block CRCs) before it
-/// leaves the site.
+/// of writes). Every record's header (which holds its block CRCs) is checked
+/// here; the block data is checked by the receiver, which verifies every
+/// block before it applies a record.
 fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> Result<(usize, u64, u64, u64)> {
-    buf.clear();
+    let base = buf.len();
     let mut n = 0;
     let mut first_ts = 0;
     let mut last_seq = next.saturating_sub(1);
     let mut data = 0u64;
-    let mut chunk = Vec::new();
-    'outer: while (buf.len() as u64) < limits::REPL_BATCH_BYTES {
+    // Set when the record at `at` is bigger than the last read.
+    let mut big_record: Option<u64> = None;
+    'outer: while ((buf.len() - base) as u64) < limits::REPL_BATCH_BYTES {
         let tail = group.flush_target();
         if *at >= tail {
             break;
@@ -438,46 +454,64 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> R
                 None => break,
             }
         }
-        let want = (end - off).min(limits::REPL_BATCH_BYTES + limits::NBD_REQUEST_BYTES_MAX as u64 + 65536);
-        chunk.resize(want as usize, 0);
-        seg.read_at(&mut chunk, off)?;
+        // Read what the batch has room for (the log tail permitting); a
+        // record bigger than that is read whole on the next pass.
+        let room = limits::REPL_BATCH_BYTES - (buf.len() - base) as u64;
+        let mut want = (end - off).min(room.max(HEADER_BYTES as u64));
+        if let Some(need) = big_record {
+            want = want.max(need.min(end - off));
+        }
+        let want = want as usize;
+        // The read lands at `start`; shipped records are kept at `kept`
+        // (moved down over skipped ones), the rest is cut off below.
+        let start = buf.len();
+        seg.read_append(buf, want, off)?;
+        let mut kept = start;
         let mut p = 0usize;
-        while p + HEADER_BYTES <= chunk.len() {
-            let raw: [u8; HEADER_BYTES] = chunk[p..p + HEADER_BYTES].try_into().unwrap();
+        big_record = None;
+        while p + HEADER_BYTES <= want {
+            let r = start + p;
+            let raw: [u8; HEADER_BYTES] = buf[r..r + HEADER_BYTES].try_into().unwrap();
             let h = Header::decode(&raw).map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
             let total = h.total_len() as usize;
-            if p + total > chunk.len() {
+            let ship = h.flags & FLAG_RELOCATED == 0 && h.seq >= next;
+            if ship && n > 0 && kept - base + total > limits::REPL_BATCH_BYTES as usize {
+                buf.truncate(kept);
+                break 'outer; // the batch is full; this record starts the next
+            }
+            if p + total > want {
+                if p == 0 {
+                    big_record = Some(total as u64);
+                }
                 break; // continue with a fresh read from this record
             }
-            let checked = &chunk[p + HEADER_BYTES..p + HEADER_BYTES + h.checked_body_len()];
-            h.verify(&raw, checked).map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
-            if h.flags & FLAG_RELOCATED == 0 && h.seq >= next {
-                if buf.len() + total > limits::REPL_BATCH_BYTES as usize && n > 0 {
-                    break 'outer;
-                }
+            h.verify(&raw, &buf[r + HEADER_BYTES..r + HEADER_BYTES + h.checked_body_len()])
+                .map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
+            if ship {
                 if h.seq != last_seq + 1 {
                     bail!("log gap: expected seq {} at {} offset {}, found {}", last_seq + 1, seg.path.display(), off + p as u64, h.seq);
                 }
                 if h.kind == Kind::Write {
-                    let payload = &chunk[p + HEADER_BYTES + checked.len()..p + total];
-                    for (i, b) in payload.chunks(limits::BLOCK_BYTES as usize).enumerate() {
-                        if crc32c::crc32c(b) != crate::log::record::crc_at(checked, i) {
-                            bail!("checksum mismatch in log segment {} at offset {} (record seq {}, block {i}); not shipping it", seg.path.display(), off + p as u64, h.seq);
-                        }
-                    }
                     data += h.length as u64;
                 }
                 if n == 0 {
                     first_ts = h.timestamp_ns;
                 }
-                buf.extend_from_slice(&chunk[p..p + total]);
+                if kept != r {
+                    buf.copy_within(r..r + total, kept);
+                }
+                kept += total;
                 n += 1;
                 last_seq = h.seq;
             }
             p += total;
             *at = pos(seg.id, (off + p as u64) as u32);
         }
+        buf.truncate(kept);
         if p == 0 {
+            if big_record.is_some_and(|need| need > want as u64 && need <= end - off) {
+                continue; // read that record whole
+            }
             bail!("log segment {} offset {off}: record does not fit the read window", seg.path.display());
         }
     }
@@ -675,6 +709,52 @@ mod tests {
 
     fn ack(s: &mut Sender, now: Now, seq: u64, frames: u64) -> Result<()> {
         deliver(s, now, frame::ACK, &frame::two_u64(seq, frames))
+    }
+
+    /// RECORDS frames hold whole records, in seq order, at most
+    /// `REPL_BATCH_BYTES` each unless one record is bigger (then alone), and
+    /// byte for byte as in the log.
+    #[test]
+    fn batches_hold_whole_records_in_order_within_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let big = g.create_volume("big", 64 << 20).unwrap();
+        let start = g.last_seq();
+        let mut s = sender(&g, start);
+        let sizes = [4096usize, 6 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 4096, 9 << 20, 8192];
+        for (i, n) in sizes.iter().enumerate() {
+            g.write(big, (i as u64) << 20, &vec![i as u8 + 1; *n]).unwrap();
+        }
+        let last = g.last_seq();
+        let mut seqs = Vec::new();
+        let mut t = 1;
+        while seqs.last().copied().unwrap_or(start) < last {
+            t += 1;
+            let Action::Send(f) = s.poll(at(t)).unwrap() else { panic!("idle with records to ship") };
+            if f[5] != frame::RECORDS {
+                continue;
+            }
+            let mut d = frame::Decoder::default();
+            d.push(&f);
+            let (_, body) = d.next_frame().unwrap().unwrap();
+            let recs = frame::split_records(&body).unwrap();
+            assert!(body.len() as u64 <= limits::REPL_BATCH_BYTES || recs.len() == 1, "a {} byte batch of {} records", body.len(), recs.len());
+            for r in recs {
+                let h = Header::decode(r[..HEADER_BYTES].try_into().unwrap()).unwrap();
+                h.verify(r[..HEADER_BYTES].try_into().unwrap(), &r[HEADER_BYTES..HEADER_BYTES + h.checked_body_len()]).unwrap();
+                if h.kind == Kind::Write {
+                    let data = &r[HEADER_BYTES + h.checked_body_len()..];
+                    assert_eq!(data.len(), h.length as usize);
+                    for (i, b) in data.chunks(limits::BLOCK_BYTES as usize).enumerate() {
+                        assert_eq!(crc32c::crc32c(b), crate::log::record::crc_at(&r[HEADER_BYTES..], i));
+                    }
+                }
+                seqs.push(h.seq);
+            }
+            s.recycle(f);
+        }
+        assert_eq!(seqs, (start + 1..=last).collect::<Vec<_>>());
+        g.abandon();
     }
 
     #[test]

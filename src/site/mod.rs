@@ -161,7 +161,10 @@ impl Site {
                 heartbeat_interval: std::time::Duration::from_millis(self.cfg.heartbeat_interval_ms),
                 periodic_interval: std::time::Duration::from_secs(self.cfg.periodic_interval_s),
             };
-            crate::replicate::send::spawn(g.clone(), link, tls.clone(), settings);
+            if let Err(e) = crate::replicate::send::spawn(g.clone(), link, tls.clone(), settings) {
+                tracing::error!("replication of {} to {}: {e:#}", g.name, p.name);
+                g.replication.update(&p.name, |r| r.last_error = Some(format!("{e:#}")));
+            }
         }
     }
 
