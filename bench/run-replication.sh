@@ -16,7 +16,8 @@
 #   sync      primary + 1 DR site, sync mode, DR data on the repo's disk
 # Jobs: seqwrite (qemu solo async asyncshm), randwrite (solo async; the DR lag
 # is sampled every 250 ms from the primary's /status), synclat (qemu sync).
-# Every round runs a job once per configuration, rotating the order. After
+# Every round runs a job once per configuration, rotating the order; before
+# each run the script syncs and waits for dirty pages to drain. After
 # each run against a deployment with a DR site the script waits until the DR
 # reports lag_writes 0 before reading counters or stopping the sites. Link
 # efficiency (async, seqwrite): link_sent_bytes delta / link_data_bytes delta
@@ -278,11 +279,26 @@ with open(path, "w", buffering=1) as f:
 PY
 }
 
+# Before each measured run: the previous run's data (up to 2 GiB written and
+# then deleted with its directory) must not still be on its way to the disk,
+# or its writeback lands on whichever configuration runs next.
+settle() {
+    local i dirty
+    sync
+    for ((i = 0; i < 300; i++)); do
+        dirty=$(awk '/^(Dirty|Writeback):/ {s += $2} END {print s}' /proc/meminfo)
+        ((dirty < 65536)) && return 0   # kB
+        sleep 0.1
+    done
+    echo "run-replication.sh: ${dirty} kB still dirty or under writeback after 30 s" >&2
+}
+
 run_one() { # job cfg round
     local job=$1 cfg=$2 round=$3 tag=$1-$2-r$3
     local out=$JSON/$tag.json before after
     CUR_TAG=$tag
     echo "   $job round $round: $cfg"
+    settle
     start_cfg "$cfg" "$tag" || exit 1
     if [[ $cfg == async && $job == seqwrite ]]; then
         before=$(replica "$API")

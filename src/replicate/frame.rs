@@ -376,6 +376,14 @@ mod tests {
 /// grows with the bytes received, so a lying length costs nothing up front).
 /// `Ok(None)` at a clean end of stream before a header.
 pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
+    read_frame_into(r, Vec::new()).await
+}
+
+/// `read_frame` into `buf` (cleared first): a receiver hands back the last
+/// body so that a stream of 4 MiB frames does not regrow (and copy) a
+/// buffer from nothing for each one. `buf` only ever grew by bytes that
+/// arrived, so the no-allocation-on-claims property holds.
+pub async fn read_frame_into<R: tokio::io::AsyncRead + Unpin>(r: &mut R, mut buf: Vec<u8>) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
     use tokio::io::AsyncReadExt;
     let mut hb = [0u8; HEADER_BYTES];
     let mut got = 0;
@@ -390,7 +398,8 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::
         got += n;
     }
     let h = FrameHeader::decode(&hb).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut body = Vec::new();
+    buf.clear();
+    let mut body = buf;
     let n = r.take(h.len as u64).read_to_end(&mut body).await?;
     if n != h.len as usize {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("stream ended inside a frame payload ({n} of {} bytes)", h.len)));

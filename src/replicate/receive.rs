@@ -197,14 +197,18 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         anyhow::Ok(())
     });
 
+    let mut spare = Vec::new();
     let result = loop {
-        let (h, body) = match frame::read_frame(&mut rd).await.context("bad frame") {
+        let (h, body) = match frame::read_frame_into(&mut rd, std::mem::take(&mut spare)).await.context("bad frame") {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        let (c, r) = match step(core, h, body).await {
-            Ok(x) => x,
+        let (c, r) = match step_keeping(core, h, body).await {
+            Ok((c, r, body)) => {
+                spare = body;
+                (c, r)
+            }
             Err(e) => {
                 // The core is lost with its thread; still tell the primary.
                 let _ = tx.send(Out::Error(frame::encode(frame::ERROR, 0, format!("{e:#}").as_bytes(), false))).await;
@@ -236,10 +240,15 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
 }
 
 /// One frame through the core, on a blocking thread (it appends to the log).
-async fn step(mut core: Receiver, h: FrameHeader, body: Vec<u8>) -> Result<(Receiver, Result<Option<RecvAction>>)> {
+async fn step(core: Receiver, h: FrameHeader, body: Vec<u8>) -> Result<(Receiver, Result<Option<RecvAction>>)> {
+    step_keeping(core, h, body).await.map(|(c, r, _)| (c, r))
+}
+
+/// `step`, handing the body back for the next frame to be read into.
+async fn step_keeping(mut core: Receiver, h: FrameHeader, body: Vec<u8>) -> Result<(Receiver, Result<Option<RecvAction>>, Vec<u8>)> {
     tokio::task::spawn_blocking(move || {
         let r = core.on_frame(&h, &body);
-        (core, r)
+        (core, r, body)
     })
     .await
     .map_err(|e| anyhow!("replication receiver step failed: {e}"))
