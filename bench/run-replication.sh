@@ -293,6 +293,10 @@ settle() {
     echo "run-replication.sh: ${dirty} kB still dirty or under writeback after 30 s" >&2
 }
 
+cpu_s() { # pid -> user + system CPU seconds so far
+    awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f\n", ($14 + $15) / hz}' "/proc/$1/stat"
+}
+
 run_one() { # job cfg round
     local job=$1 cfg=$2 round=$3 tag=$1-$2-r$3
     local out=$JSON/$tag.json before after
@@ -322,6 +326,11 @@ run_one() { # job cfg round
         date +%s.%N >"$RES/$tag.caught-up"
     fi
     if [[ -n $SAMPLER ]]; then kill -TERM "$SAMPLER"; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=; fi
+    if [[ $job == seqwrite && $cfg != qemu ]]; then
+        # CPU seconds (user + system) each site used, start to caught up.
+        cpu_s "$APID" >"$RES/$tag.cpu-a"
+        [[ -n $BPID ]] && cpu_s "$BPID" >"$RES/$tag.cpu-b"
+    fi
     if [[ $cfg == async && $job == seqwrite ]]; then
         after=$(replica "$API")
         echo "$before" >"$RES/$tag.link"; echo "$after" >>"$RES/$tag.link"
@@ -422,6 +431,17 @@ for r in R:
     eff_data.append(sent / data if data else float("inf"))
     eff_app.append(sent / app)
 
+# CPU per GiB written and catch-up time (seqwrite): what replication costs,
+# apart from how the two CPUs happened to be shared during the run.
+def cpu(tag, side):
+    p = f"{res}/{tag}.cpu-{side}"
+    return float(open(p).read()) if os.path.exists(p) else None
+gib = {c: [job(f"seqwrite-{c}-r{r}")["write"]["io_bytes"] / 2**30 for r in R] for c in ("solo", "asyncshm")}
+cpu_solo = [cpu(f"seqwrite-solo-r{r}", "a") / g for r, g in zip(R, gib["solo"])]
+cpu_pa = [cpu(f"seqwrite-asyncshm-r{r}", "a") / g for r, g in zip(R, gib["asyncshm"])]
+cpu_dr = [cpu(f"seqwrite-asyncshm-r{r}", "b") / g for r, g in zip(R, gib["asyncshm"])]
+catch = [float(open(f"{res}/seqwrite-asyncshm-r{r}.caught-up").read()) - float(open(f"{res}/seqwrite-asyncshm-r{r}.fio-end").read()) for r in R]
+
 f0 = lambda x: f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 S = {c: med(v) for c, v in seq.items()}
 RW = {c: med(v) for c, v in rnd.items()}
@@ -471,9 +491,16 @@ L += ["", "Medians over rounds. Each measured run uses a fresh deployment (start
       "synclat parts (µs, median): qemu-nbd write p50 "
       f"{med(p[1] for p in syn['qemu']):.1f} + flush p50 {med(p[2] for p in syn['qemu']):.1f}; "
       f"sync DR write p50 {med(p[1] for p in syn['sync']):.1f} + flush p50 {med(p[2] for p in syn['sync']):.1f}",
+      "",
+      "seqwrite CPU per GiB written (user + system, site start to DR caught up, median): "
+      f"no DR: primary {med(cpu_solo):.2f} s; async DR tmpfs: primary {med(cpu_pa):.2f} s + DR site {med(cpu_dr):.2f} s "
+      f"(both sites share this machine's {os.cpu_count()} CPUs). The tmpfs DR caught up {med(catch):.2f} s after fio ended.",
       "", "Per round:", ""]
 for c, lab in (("qemu", "qemu-nbd"), ("solo", "no DR"), ("async", "async DR"), ("asyncshm", "async DR tmpfs")):
     L.append(f"- seqwrite {lab} (MiB/s): " + "; ".join(f0(x) for x in seq[c]))
+L.append("- seqwrite CPU s/GiB, no DR primary: " + "; ".join(f"{x:.2f}" for x in cpu_solo))
+L.append("- seqwrite CPU s/GiB, async DR tmpfs primary + DR site: " + "; ".join(f"{a:.2f} + {b:.2f}" for a, b in zip(cpu_pa, cpu_dr)))
+L.append("- seqwrite async DR tmpfs caught up after fio ended (s): " + "; ".join(f"{x:.2f}" for x in catch))
 for c, lab in (("solo", "no DR"), ("async", "async DR")):
     L.append(f"- randwrite {lab} (IOPS): " + "; ".join(f0(x) for x in rnd[c]))
 L.append("- randwrite async max DR lag during fio / drain (s), max lag_writes during fio: " +
