@@ -365,10 +365,20 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 if [[ $JOBS != "seqwrite randwrite synclat" || -n ${CONFIGS:-} ]]; then
     python3 - "$JSON" <<'PY'
 import glob, json, os, sys
+res = os.path.dirname(sys.argv[1])
 for f in sorted(glob.glob(f"{sys.argv[1]}/*.json")):
     j = json.load(open(f))["jobs"][0]
     w = j["write"]
-    print(f"{os.path.basename(f)[:-5]}: {w['bw_bytes'] / 2**20:.0f} MiB/s, {w['iops']:.0f} IOPS")
+    tag = os.path.basename(f)[:-5]
+    extra = ""
+    gib = w["io_bytes"] / 2**30
+    for side, name in (("a", "primary"), ("b", "DR")):
+        p = f"{res}/{tag}.cpu-{side}"
+        if os.path.exists(p) and gib:
+            extra += f", {name} {float(open(p).read()) / gib:.2f} CPU s/GiB"
+    if os.path.exists(f"{res}/{tag}.caught-up"):
+        extra += f", caught up {float(open(f'{res}/{tag}.caught-up').read()) - float(open(f'{res}/{tag}.fio-end').read()):.2f} s after fio"
+    print(f"{tag}: {w['bw_bytes'] / 2**20:.0f} MiB/s, {w['iops']:.0f} IOPS{extra}")
 PY
     exit 0
 fi
