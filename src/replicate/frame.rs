@@ -24,7 +24,10 @@
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TMRF");
-pub const VERSION: u8 = 1;
+/// 2: RECORDS frames carry no frame CRC (version 1 had one). A peer on the
+/// other version is refused as "unsupported frame version", not as a
+/// checksum error.
+pub const VERSION: u8 = 2;
 pub const HEADER_BYTES: usize = 24;
 /// Largest payload of one frame (a batch of records), before and after compression.
 pub const FRAME_BYTES_MAX: u32 = 40 * 1024 * 1024;
@@ -275,6 +278,13 @@ mod tests {
             room.extend_from_slice(&mixed);
             assert_eq!(seal(RECORDS, 9, room, lz4), encode(RECORDS, 9, &mixed, lz4));
         }
+    }
+
+    #[test]
+    fn refuses_another_frame_version() {
+        let mut b = FrameHeader { kind: RECORDS, flags: 0, epoch: 1, len: 0, crc: 0 }.encode();
+        b[4] = 1;
+        assert_eq!(FrameHeader::decode(&b), Err(FrameError::Version(1)));
     }
 
     #[test]

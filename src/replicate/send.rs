@@ -41,10 +41,19 @@ pub struct SendSettings {
 /// path"). It runs for the life of the process.
 pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) -> Result<()> {
     group.replication.add_replica(&peer.name);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("failed to build a sender runtime")?;
     std::thread::Builder::new()
         .name(format!("send-{}-{}", group.name, peer.name))
-        .spawn(move || rt.block_on(run_forever(group, peer, tls, settings)))
+        .spawn(move || {
+            // Built (and dropped) on this thread: a runtime may not be
+            // dropped inside another runtime's `block_on`.
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run_forever(group, peer, tls, settings)),
+                Err(e) => {
+                    tracing::error!("replication of {} to {}: failed to build a sender runtime: {e}", group.name, peer.name);
+                    group.replication.update(&peer.name, |r| r.last_error = Some(format!("failed to build a sender runtime: {e}")));
+                }
+            }
+        })
         .context("failed to start a sender thread")?;
     Ok(())
 }

@@ -380,7 +380,12 @@ impl Sender {
             return Ok(Action::Idle { until: Some(hb_due), on_append: true });
         }
         let batch_bytes = (self.buf.len() - frame::HEADER_BYTES) as u64;
-        let f = frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf), self.cfg.lz4);
+        let f = if self.cfg.lz4 {
+            // Compressed into a new buffer: keep this one for the next batch.
+            frame::encode(frame::RECORDS, self.epoch, &self.buf[frame::HEADER_BYTES..], true)
+        } else {
+            frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf), false)
+        };
         self.frames_sent += 1;
         self.next = last_seq + 1;
         self.window.sent(last_seq, batch_bytes, first_ts);

@@ -162,8 +162,10 @@ impl Site {
                 periodic_interval: std::time::Duration::from_secs(self.cfg.periodic_interval_s),
             };
             if let Err(e) = crate::replicate::send::spawn(g.clone(), link, tls.clone(), settings) {
+                // Not started: a later start_senders (a new group, a restart) tries again.
                 tracing::error!("replication of {} to {}: {e:#}", g.name, p.name);
                 g.replication.update(&p.name, |r| r.last_error = Some(format!("{e:#}")));
+                self.senders.lock().unwrap().remove(&(g.name.clone(), p.name.clone()));
             }
         }
     }
