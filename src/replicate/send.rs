@@ -1,8 +1,9 @@
 //! Primary side of replication, the I/O half: one thread (with its own
-//! single-threaded runtime) per (group, DR site). It connects over TLS and drives a `session::Sender` (the
-//! decisions: HELLO / HELLO_REPLY, resync, batches pipelined within a window
-//! of unacknowledged bytes, heartbeats, pins moved by acknowledgements) with
-//! real time, the socket and the log's append notifications. On any error it
+//! single-threaded runtime) per (group, DR site). It connects over TLS and
+//! drives a `session::Sender` (the decisions: HELLO / HELLO_REPLY, resync,
+//! batches pipelined within a window of unacknowledged bytes, heartbeats,
+//! pins moved by acknowledgements) with real time, the socket and the log's
+//! append notifications. On any error it
 //! reconnects with backoff and resumes from what the DR site holds; state
 //! and lag are published in `GroupReplication`.
 

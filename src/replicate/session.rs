@@ -384,7 +384,7 @@ impl Sender {
             // Compressed into a new buffer: keep this one for the next batch.
             frame::encode(frame::RECORDS, self.epoch, &self.buf[frame::HEADER_BYTES..], true)
         } else {
-            frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf), false)
+            frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf))
         };
         self.frames_sent += 1;
         self.next = last_seq + 1;

@@ -229,10 +229,8 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
             .with_context(|| format!("failed to listen for the API on {}", site.cfg.api_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
         // Replication: a DR site listens; a primary sends to every peer.
-        let mut repl_task = None;
-        if let Some((l, server)) = repl_listener {
-            repl_task = Some(tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
-        } else if !site.cfg.peers.is_empty() {
+        let repl_task = repl_listener.map(|(l, server)| tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
+        if !site.cfg.peers.is_empty() && !site.read_only() {
             *site.client_tls.lock().unwrap() = Some(crate::replicate::tls::client_config(&tls_files)?);
             for g in site.group_list() {
                 site.start_senders(&g);
