@@ -963,17 +963,21 @@ impl Group {
                 return Ok(());
             }
         }
-        {
-            let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
-            if req.0 < target {
-                req.0 = target;
-                self.sync_cv.notify_one();
-            }
-        }
+        self.request_durable(target);
         let r = rx.wait_for(|(d, failed)| *failed || *d >= target).await;
         match r {
             Ok(v) if !v.1 => Ok(()),
             _ => Err(IoError::Failed("log sync failed; group is failed".into())),
+        }
+    }
+
+    /// Asks the sync thread to make everything before `target` durable,
+    /// without waiting for it.
+    pub fn request_durable(&self, target: LogPos) {
+        let mut req = self.sync_req.lock().unwrap_or_else(|p| p.into_inner());
+        if req.0 < target {
+            req.0 = target;
+            self.sync_cv.notify_one();
         }
     }
 

@@ -172,6 +172,23 @@ fn flush_and_fua_wait_for_group_commit() {
 }
 
 #[test]
+fn requested_sync_runs_without_a_waiter() {
+    // Sync mode starts the local fdatasync while the DR round trip is under
+    // way; nobody waits on it until the FLUSH arrives.
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.create_volume("v", 1 << 20).unwrap();
+    let at = g.write(vol, 0, &vec![3u8; 4096]).unwrap().end;
+    assert!(g.durable_pos() < at);
+    g.request_durable(at);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while g.durable_pos() < at {
+        assert!(std::time::Instant::now() < deadline, "requested sync did not happen");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
 fn volume_ops_replay() {
     let dir = tempfile::tempdir().unwrap();
     {

@@ -193,8 +193,14 @@ impl GroupReplication {
     /// that has not acknowledged it within the sync timeout (gone, or
     /// stalled) fails the write (refuse) or is skipped with an event (async
     /// fallback) until it has caught up again.
+    /// Whether a write must wait for DR acknowledgements (sync mode, not
+    /// degraded to async).
+    pub fn waits_for_replicas(&self) -> bool {
+        self.mode() == Mode::Sync && !self.degraded()
+    }
+
     pub async fn wait_replicated(&self, seq: u64) -> Result<(), String> {
-        if self.mode() != Mode::Sync || self.degraded() {
+        if !self.waits_for_replicas() {
             return Ok(());
         }
         let mut rx = self.replicas.subscribe();
