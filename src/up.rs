@@ -208,6 +208,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
                 sync_timeout_ms: crate::limits::SYNC_TIMEOUT_MS_DEFAULT,
                 heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
                 periodic_interval_s: crate::limits::PERIODIC_INTERVAL_S_DEFAULT,
+                sender_nice: crate::limits::SENDER_NICE_DEFAULT,
                 replication_log_cap: "64GiB".into(),
                 protect_snapshots: false,
             };

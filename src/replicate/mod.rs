@@ -92,6 +92,8 @@ pub struct Replica {
     pub sent_bytes_total: u64,
     pub data_bytes_total: u64,
     pub last_error: Option<String>,
+    /// Nice value of the sender thread (`sender_nice` outside sync mode).
+    pub sender_nice: i32,
 }
 
 pub struct GroupReplication {

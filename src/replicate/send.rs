@@ -33,6 +33,73 @@ pub struct SendSettings {
     pub site: String,
     pub heartbeat_interval: Duration,
     pub periodic_interval: Duration,
+    /// Nice value of this sender's thread while its group is not in sync
+    /// mode (`sender_nice`; ARCHITECTURE.md "Sender priority").
+    pub nice: i32,
+}
+
+/// The scheduling priority of a sender thread, following its group's mode:
+/// the nice value it inherited in sync mode (a sync writer waits for this
+/// thread), at least `nice` in async and periodic mode (shipping is deferred
+/// work; under CPU saturation the application's I/O goes first).
+pub struct Priority {
+    tid: libc::pid_t,
+    base: i32,
+    nice: i32,
+    current: i32,
+    stuck: bool,
+}
+
+impl Priority {
+    /// For the calling thread.
+    pub fn of_this_thread(nice: i32) -> Priority {
+        // SAFETY: plain syscalls on this thread's id; errno is reset first
+        // because -1 is a valid nice value.
+        let (tid, base) = unsafe {
+            let tid = libc::gettid();
+            *libc::__errno_location() = 0;
+            let p = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            (tid, if p == -1 && *libc::__errno_location() != 0 { 0 } else { p })
+        };
+        Priority { tid, base, nice, current: base, stuck: false }
+    }
+
+    /// The value wanted in `mode`.
+    pub fn wanted(&self, mode: super::Mode) -> i32 {
+        if mode == super::Mode::Sync {
+            self.base
+        } else {
+            self.base.max(self.nice)
+        }
+    }
+
+    pub fn current(&self) -> i32 {
+        self.current
+    }
+
+    /// Sets the thread's nice value for `mode` if it differs. Raising the
+    /// priority back (async to sync) needs CAP_SYS_NICE; without it the
+    /// thread keeps its value and says so once.
+    /// Returns whether the value changed.
+    pub fn follow(&mut self, mode: super::Mode, what: &str) -> bool {
+        let want = self.wanted(mode);
+        if want == self.current || self.stuck {
+            return false;
+        }
+        let mut changed = false;
+        // SAFETY: setpriority on this thread's own id.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid as libc::id_t, want) };
+        if r == 0 {
+            tracing::debug!("{what}: sender nice {} -> {want} ({mode:?} mode)", self.current);
+            self.current = want;
+            changed = true;
+        } else {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("{what}: cannot set the sender's nice value from {} to {want} for {mode:?} mode: {e}; it stays at {} until the site restarts", self.current, self.current);
+            self.stuck = true;
+        }
+        changed
+    }
 }
 
 /// Starts the sender of `group` to `peer` on a thread of its own, with a
@@ -62,9 +129,10 @@ pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, 
 /// Connects, runs a session until it ends, and reconnects with backoff.
 async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
     let mut backoff = Duration::from_millis(100);
+    let mut prio = Priority::of_this_thread(settings.nice);
     loop {
         let started = Instant::now();
-        let r = session(&group, &peer, &tls, &settings).await;
+        let r = session(&group, &peer, &tls, &settings, &mut prio).await;
         let msg = match r {
             Ok(()) => "connection closed".to_string(),
             Err(e) => format!("{e:#}"),
@@ -88,7 +156,7 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
     }
 }
 
-async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientConfig>, st: &SendSettings) -> Result<()> {
+async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientConfig>, st: &SendSettings, prio: &mut Priority) -> Result<()> {
     let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer.addr))
         .await
         .map_err(|_| anyhow!("connect to {} timed out", peer.addr))?
@@ -100,12 +168,13 @@ async fn session(group: &Arc<Group>, peer: &PeerLink, tls: &Arc<rustls::ClientCo
         .await
         .map_err(|_| anyhow!("TLS handshake with {} timed out", peer.name))?
         .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
-    run(group, peer, st, stream).await
+    run(group, peer, st, stream, prio).await
 }
 
 /// Runs one replication session on an established (authenticated) stream:
 /// the `Sender` core decides, this loop does its I/O until an error.
-pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(group: &Arc<Group>, peer: &PeerLink, st: &SendSettings, stream: S) -> Result<()> {
+pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(group: &Arc<Group>, peer: &PeerLink, st: &SendSettings, stream: S, prio: &mut Priority) -> Result<()> {
+    let what = format!("replication of {} to {}", group.name, peer.name);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let origin = Instant::now();
     let now = || Now { mono_ns: origin.elapsed().as_nanos() as u64, wall_ns: crate::util::now_ns() };
@@ -145,7 +214,13 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let _reader = AbortOnDrop(reader);
 
     let mut core = Some(core);
+    let mut first = true;
     loop {
+        if prio.follow(group.replication.mode(), &what) || first {
+            first = false;
+            let nice = prio.current();
+            group.replication.update(&peer.name, |r| r.sender_nice = nice);
+        }
         // Frames that arrived meanwhile first (acks open the window).
         loop {
             match rx.try_recv() {
@@ -214,5 +289,46 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicate::Mode;
+
+    fn nice_of(tid: libc::pid_t) -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Field 19 (nice), counted after the ")" that ends the thread name.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn sender_priority_follows_the_mode() {
+        std::thread::spawn(|| {
+            let mut p = Priority::of_this_thread(10);
+            let tid = unsafe { libc::gettid() };
+            let base = nice_of(tid);
+            assert_eq!(p.current(), base);
+            p.follow(Mode::Async, "test");
+            assert_eq!(nice_of(tid), base.max(10), "async sender runs at nice 10");
+            p.follow(Mode::Periodic, "test");
+            assert_eq!(nice_of(tid), base.max(10));
+            p.follow(Mode::Sync, "test");
+            if unsafe { libc::geteuid() } == 0 {
+                assert_eq!(nice_of(tid), base, "sync sender is back at the inherited value");
+                assert_eq!(p.current(), base);
+            } else {
+                // Without CAP_SYS_NICE the value stays, and says so once.
+                assert_eq!(nice_of(tid), base.max(10));
+            }
+            // A policy of 0 never touches the thread.
+            let mut q = Priority::of_this_thread(0);
+            q.follow(Mode::Async, "test");
+            assert_eq!(q.current(), nice_of(tid));
+        })
+        .join()
+        .unwrap();
     }
 }

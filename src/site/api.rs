@@ -85,6 +85,7 @@ pub fn status_json(site: &Site) -> Value {
                         "link_sent_bytes": r.sent_bytes_total, "link_data_bytes": r.data_bytes_total, "last_error": r.last_error,
                         "dirty_bytes": g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES,
                         "dirty_tracking": g.in_dirty_mode(&r.site),
+                        "sender_nice": r.sender_nice,
                     })
                 })
                 .collect();

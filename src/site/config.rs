@@ -79,6 +79,10 @@ pub struct SiteConfig {
     pub heartbeat_interval_ms: u64,
     #[serde(default = "default_periodic_s")]
     pub periodic_interval_s: u64,
+    /// Nice value (0-19) of the sender threads of async and periodic
+    /// groups; sync senders always run at 0. 0 turns the policy off.
+    #[serde(default = "default_sender_nice")]
+    pub sender_nice: i32,
     /// Log bytes per group beyond which a lagging DR site stops holding the
     /// log and falls back to dirty-region resync (R3), e.g. "64GiB".
     #[serde(default = "default_log_cap")]
@@ -128,6 +132,9 @@ fn default_sync_timeout_ms() -> u64 {
 fn default_heartbeat_ms() -> u64 {
     crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT
 }
+fn default_sender_nice() -> i32 {
+    crate::limits::SENDER_NICE_DEFAULT
+}
 fn default_periodic_s() -> u64 {
     crate::limits::PERIODIC_INTERVAL_S_DEFAULT
 }
@@ -162,6 +169,9 @@ impl SiteConfig {
         crate::util::parse_size(&self.replication_log_cap).map_err(|e| anyhow::anyhow!("replication_log_cap: {e}"))?;
         if self.heartbeat_interval_ms == 0 || self.periodic_interval_s == 0 {
             bail!("heartbeat_interval_ms and periodic_interval_s must be positive");
+        }
+        if !(0..=19).contains(&self.sender_nice) {
+            bail!("sender_nice {} is not in 0..=19", self.sender_nice);
         }
         for p in &self.peers {
             crate::util::check_name("peer", &p.name).map_err(anyhow::Error::msg)?;
@@ -202,5 +212,11 @@ mod tests {
         std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n").unwrap();
         let c = SiteConfig::load(&p).unwrap();
         assert_eq!(c.data_dir, dir.path());
+        assert_eq!(c.sender_nice, crate::limits::SENDER_NICE_DEFAULT);
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nsender_nice = 20\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("site.toml") && e.contains("sender_nice 20 is not in 0..=19"), "{e}");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nsender_nice = 0\n").unwrap();
+        assert_eq!(SiteConfig::load(&p).unwrap().sender_nice, 0);
     }
 }
