@@ -177,8 +177,13 @@ impl Inner {
             self.volumes.insert(t.id, v);
             self.next_volume_id = self.next_volume_id.max(t.id + 1);
         }
+        // Only maps the primary's table lists take staged blocks: a snapshot
+        // this site retained (protect_snapshots) keeps its own content, even
+        // if the attempt staged blocks for it before the primary deleted it.
         for ((vol, block), e) in self.staging.take().unwrap_or_default() {
-            self.set_entry(vol, block, e);
+            if keep.contains(&vol) {
+                self.set_entry(vol, block, e);
+            }
         }
         self.next_seq = h.seq + 1;
     }

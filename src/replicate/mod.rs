@@ -198,7 +198,7 @@ impl GroupReplication {
     /// Whether a write must wait for DR acknowledgements (sync mode, not
     /// degraded to async).
     pub fn waits_for_replicas(&self) -> bool {
-        self.mode() == Mode::Sync && !self.degraded()
+        self.mode() == Mode::Sync && !self.degraded() && !self.replicas.borrow().is_empty()
     }
 
     pub async fn wait_replicated(&self, seq: u64) -> Result<(), String> {

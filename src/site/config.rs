@@ -80,7 +80,9 @@ pub struct SiteConfig {
     #[serde(default = "default_periodic_s")]
     pub periodic_interval_s: u64,
     /// Nice value (0-19) of the sender threads of async and periodic
-    /// groups; sync senders always run at 0. 0 turns the policy off.
+    /// groups; sync senders run at the nice value the site inherited. 0
+    /// turns the policy off; so does a site that lacks CAP_SYS_NICE (it
+    /// could not bring a sender back for sync mode).
     #[serde(default = "default_sender_nice")]
     pub sender_nice: i32,
     /// Log bytes per group beyond which a lagging DR site stops holding the
