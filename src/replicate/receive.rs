@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -199,10 +199,15 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
 
     let mut spare = Vec::new();
     let result = loop {
-        let (h, body) = match frame::read_frame_into(&mut rd, std::mem::take(&mut spare)).await.context("bad frame") {
+        let (h, body) = match frame::read_frame_into(&mut rd, std::mem::take(&mut spare)).await {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+            // Undecodable bytes (a frame, or a TLS record) are the peer's
+            // fault; an end without TLS close_notify is a primary that
+            // stopped or a link that broke, not a bad frame.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => break Err(anyhow::Error::new(e).context("bad frame")),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Err(anyhow::Error::new(e).context("connection ended mid-stream (the primary stopped or the link broke)")),
+            Err(e) => break Err(anyhow::Error::new(e).context("connection lost")),
         };
         let (c, r) = match step_keeping(core, h, body).await {
             Ok((c, r, body)) => {
