@@ -69,7 +69,7 @@ pub const SYNC_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Default interval of heartbeats in the replication stream.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Nice value of an async or periodic group's sender threads (sync senders
-/// run at 0): shipping is deferred work there, and under CPU saturation the
+/// keep the site's own): shipping is deferred work there, and under CPU saturation the
 /// application's I/O goes first (ARCHITECTURE.md "Sender priority").
 pub const SENDER_NICE_DEFAULT: i32 = 10;
 /// Default shipping interval of periodic mode.

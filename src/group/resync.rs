@@ -68,6 +68,13 @@ impl BlockRanges {
         self.r.insert(start, end);
     }
 
+    /// Adds every block of `other`.
+    pub fn insert_all(&mut self, other: &BlockRanges) {
+        for (s, e) in &other.r {
+            self.insert(*s, *e);
+        }
+    }
+
     /// Removes and returns up to `max` blocks from the front.
     pub fn pop_front(&mut self, max: u64) -> Option<(u64, u64)> {
         let (&s, &e) = self.r.iter().next()?;
@@ -133,6 +140,19 @@ impl Dirty {
         self.blocks.entry(vol).or_default().insert(first, end);
     }
 
+    fn mark_all(&mut self, vol: u32, r: &BlockRanges) {
+        if !r.is_empty() {
+            self.blocks.entry(vol).or_default().insert_all(r);
+        }
+    }
+
+    /// What the current attempt sent but did not commit is dirty again.
+    fn return_inflight(&mut self) {
+        for (vol, r) in std::mem::take(&mut self.inflight) {
+            self.mark_all(vol, &r);
+        }
+    }
+
     fn apply_op(&mut self, op: MapOp, sizes: &dyn Fn(u32) -> u64) {
         match op {
             MapOp::Copy { dst, src, seq } => {
@@ -141,18 +161,14 @@ impl Dirty {
                 }
                 let mut b = self.blocks.get(&src).cloned().unwrap_or_default();
                 if let Some(f) = self.inflight.get(&src) {
-                    for (s, e) in f.r.iter() {
-                        b.insert(*s, *e);
-                    }
+                    b.insert_all(f);
                 }
                 // Blocks of `dst` this attempt already sent sit in the DR's
                 // staging with `dst`'s old content, and the commit applies
                 // the staging on top of the map the DR builds for `dst`:
                 // they must be sent again with the new content.
                 if let Some(f) = self.inflight.remove(&dst) {
-                    for (s, e) in f.r {
-                        b.insert(s, e);
-                    }
+                    b.insert_all(&f);
                 }
                 if b.is_empty() {
                     self.blocks.remove(&dst);
@@ -363,9 +379,7 @@ impl Group {
                     set.apply_op(*op, &sizes);
                 }
                 for (vol, r) in &pending.blocks {
-                    for (s, e) in r.r.iter() {
-                        set.mark(*vol, *s, *e);
-                    }
+                    set.mark_all(*vol, r);
                 }
             }
             set.pending = false;
@@ -390,11 +404,7 @@ impl Group {
         let mut inner = self.lock_read();
         let Some(d) = inner.dirty.get_mut(peer) else { return 0 };
         d.attempt += 1;
-        for (vol, r) in std::mem::take(&mut d.inflight) {
-            for (s, e) in r.r {
-                d.mark(vol, s, e);
-            }
-        }
+        d.return_inflight();
         d.attempt
     }
 
@@ -438,11 +448,7 @@ impl Group {
     pub fn return_dirty(&self, peer: &str, attempt: u64) {
         let mut inner = self.lock_read();
         if let Some(d) = inner.dirty.get_mut(peer).filter(|d| d.attempt == attempt) {
-            for (vol, r) in std::mem::take(&mut d.inflight) {
-                for (s, e) in r.r {
-                    d.mark(vol, s, e);
-                }
-            }
+            d.return_inflight();
         }
     }
 

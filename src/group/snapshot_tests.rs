@@ -277,21 +277,27 @@ fn checkpoint_keeps_regions_shared() {
 /// primary; the CRC only proves it arrived as sent) is refused with its seq
 /// and kind named, and nothing is applied: an unreadable map table must not
 /// read as "no maps" and delete everything.
+/// A record as a primary ships it: header (epoch 1, offset 0), the
+/// checked body (block CRCs, or an operation's description), then `rest`.
+fn raw_record(kind: crate::log::record::Kind, flags: u16, seq: u64, volume: u32, length: u32, checked: &[u8], rest: &[u8]) -> Vec<u8> {
+    use crate::log::record::{Header, HEADER_BYTES};
+    let mut h = Header { kind, flags, epoch: 1, seq, timestamp_ns: 1, volume, length, offset: 0, body_len: (checked.len() + rest.len()) as u32, crc: 0 };
+    let mut hdr = [0u8; HEADER_BYTES];
+    h.encode(checked, &mut hdr);
+    let mut out = hdr.to_vec();
+    out.extend_from_slice(checked);
+    out.extend_from_slice(rest);
+    out
+}
+
 #[test]
 fn replicated_records_with_bad_bodies_are_refused() {
-    use crate::log::record::{Header, Kind, HEADER_BYTES};
+    use crate::log::record::Kind;
     let dir = tempfile::tempdir().unwrap();
     let g = Group::open(dir.path(), "cg0").unwrap();
     g.create_volume("v", 1 << 20).unwrap();
     let next = g.last_seq() + 1;
-    let raw = |kind: Kind, seq: u64, body: &[u8]| {
-        let mut h = Header { kind, flags: 0, epoch: 1, seq, timestamp_ns: 1, volume: 7, length: 0, offset: 0, body_len: body.len() as u32, crc: 0 };
-        let mut hdr = [0u8; HEADER_BYTES];
-        h.encode(body, &mut hdr);
-        let mut v = hdr.to_vec();
-        v.extend_from_slice(body);
-        v
-    };
+    let raw = |kind: Kind, seq: u64, body: &[u8]| raw_record(kind, 0, seq, 7, 0, body, &[]);
     let gen = g.receiver_gen.load(Ordering::Acquire);
     let e = g.append_replicated(&raw(Kind::SnapCreate, next, b"{not json"), gen).unwrap_err();
     assert!(e.contains(&format!("record seq {next}")) && e.contains("snapshot description"), "{e}");
@@ -307,32 +313,23 @@ fn replicated_records_with_bad_bodies_are_refused() {
 /// the retained copy at the commit (it would mix two points in time).
 #[test]
 fn a_retained_snapshot_takes_no_staged_blocks_at_the_commit() {
-    use crate::log::record::{self, Header, Kind, FLAG_RESYNC, HEADER_BYTES};
+    use crate::log::record::{self, Kind, FLAG_RESYNC};
     let dir = tempfile::tempdir().unwrap();
     let g = Group::open(dir.path(), "cg0").unwrap();
     g.protect_snapshots.store(true, Ordering::Relaxed);
     let v = g.create_volume("v", 1 << 20).unwrap();
     g.write(v, 0, &vec![7u8; 4096]).unwrap();
     let s = g.create_snapshot("v", "s", true).unwrap();
-    let raw = |kind: Kind, flags: u16, seq: u64, volume: u32, checked: &[u8], rest: &[u8], length: u32| {
-        let mut h = Header { kind, flags, epoch: 1, seq, timestamp_ns: 1, volume, length, offset: 0, body_len: (checked.len() + rest.len()) as u32, crc: 0 };
-        let mut hdr = [0u8; HEADER_BYTES];
-        h.encode(checked, &mut hdr);
-        let mut out = hdr.to_vec();
-        out.extend_from_slice(checked);
-        out.extend_from_slice(rest);
-        out
-    };
     let gen = g.receiver_gen.load(Ordering::Acquire);
     let last = g.last_seq();
-    g.append_replicated(&raw(Kind::ResyncBegin, 0, 0, 0, &[], &[], 0), gen).unwrap();
+    g.append_replicated(&raw_record(Kind::ResyncBegin, 0, 0, 0, 0, &[], &[]), gen).unwrap();
     // The attempt stages the primary's newer content of the snapshot ...
     let data = vec![9u8; 4096];
-    g.append_replicated(&raw(Kind::Write, FLAG_RESYNC, 0, s, &record::block_crcs(&data), &data, 4096), gen).unwrap();
+    g.append_replicated(&raw_record(Kind::Write, FLAG_RESYNC, 0, s, 4096, &record::block_crcs(&data), &data), gen).unwrap();
     // ... then the primary deletes it: its table lists only the volume.
     let table = vec![resync::CommitEntry { id: v, name: "v".into(), size: 1 << 20, snap: None, base: None }];
     let body = serde_json::to_vec(&table).unwrap();
-    g.append_replicated(&raw(Kind::ResyncCommit, 0, last + 5, 0, &body, &[], 0), gen).unwrap();
+    g.append_replicated(&raw_record(Kind::ResyncCommit, 0, last + 5, 0, 0, &body, &[]), gen).unwrap();
     let mut buf = vec![0u8; 4096];
     g.read(s, 0, &mut buf).expect("the snapshot is retained");
     assert!(buf.iter().all(|b| *b == 7), "the retained snapshot kept its own content");

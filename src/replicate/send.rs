@@ -114,28 +114,25 @@ impl Priority {
         self.current
     }
 
-    /// Sets the thread's nice value for `mode` if it differs. Raising the
-    /// priority back (async to sync) needs CAP_SYS_NICE; without it the
-    /// thread keeps its value and says so once.
-    /// Returns whether the value changed.
+    /// Sets the thread's nice value for `mode` if it differs, and returns
+    /// whether it changed. Should that fail (`of_this_thread` probed that
+    /// it would not), the thread keeps its value and says so once.
     pub fn follow(&mut self, mode: super::Mode, what: &str) -> bool {
         let want = self.wanted(mode);
         if want == self.current || self.stuck {
             return false;
         }
-        let mut changed = false;
         // SAFETY: setpriority on this thread's own id.
         let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid as libc::id_t, want) };
-        if r == 0 {
-            tracing::debug!("{what}: sender nice {} -> {want} ({mode:?} mode)", self.current);
-            self.current = want;
-            changed = true;
-        } else {
+        if r != 0 {
             let e = std::io::Error::last_os_error();
             tracing::warn!("{what}: cannot set the sender's nice value from {} to {want} for {mode:?} mode: {e}; it stays at {} until the site restarts", self.current, self.current);
             self.stuck = true;
+            return false;
         }
-        changed
+        tracing::debug!("{what}: sender nice {} -> {want} ({mode:?} mode)", self.current);
+        self.current = want;
+        true
     }
 }
 
@@ -253,10 +250,9 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let _reader = AbortOnDrop(reader);
 
     let mut core = Some(core);
-    let mut first = true;
     loop {
-        if prio.follow(group.replication.mode(), &what) || first {
-            first = false;
+        // `run_forever` published the starting value; changes follow here.
+        if prio.follow(group.replication.mode(), &what) {
             let nice = prio.current();
             group.replication.update(&peer.name, |r| r.sender_nice = nice);
         }
