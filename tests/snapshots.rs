@@ -203,7 +203,9 @@ fn identical_trees_after_seeded_mixed_operations() {
                     let writable: Vec<&String> = snaps.iter().filter(|s| s.1).map(|s| &s.0).collect();
                     let target = if writable.is_empty() || rng.random_bool(0.3) { vol.clone() } else { writable[rng.random_range(0..writable.len())].clone() };
                     let mut c = Client::connect(&d.sites[0].addr(), &target).unwrap();
-                    c.write(rng.random_range(0..1024u64) * 4096, &vec![op as u8; 8192], true).unwrap();
+                    // 8 KiB within the first 4 MiB: the smallest size any
+                    // target takes (resize goes down to 4 MiB).
+                    c.write(rng.random_range(0..1023u64) * 4096, &vec![op as u8; 8192], true).unwrap();
                 }
             }
         }
