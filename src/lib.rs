@@ -6,6 +6,7 @@
 //! whole local deployment; `cli` is the admin command line.
 
 pub mod crashsafe;
+pub mod crc;
 pub mod group;
 pub mod limits;
 pub mod log;

@@ -82,7 +82,7 @@ pub(crate) fn encode(inner: &Inner, group_id: u64) -> (LogPos, Vec<u8>) {
     let mut out = Vec::with_capacity(body.len() + 24);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&crate::crc::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&body);
     (at, out)
@@ -160,7 +160,7 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         bail!("body length {len} does not match file size {}", bytes.len());
     }
     let body = &bytes[24..];
-    if crc32c::crc32c(body) != crc {
+    if crate::crc::crc32c(body) != crc {
         bail!("checksum mismatch");
     }
     let mut c = Cursor { b: body, at: 0 };

@@ -156,7 +156,7 @@ impl Group {
                 seg.read_at(&mut data, off as u64 + h.block_payload_offset(i))?;
                 for j in 0..n {
                     let blk = &data[(j as u64 * BLOCK_BYTES) as usize..((j + 1) as u64 * BLOCK_BYTES) as usize];
-                    if crc32c::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) {
+                    if crate::crc::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) {
                         anyhow::bail!(
                             "checksum mismatch in log segment {} at offset {}; not cleaning it",
                             seg.path.display(),

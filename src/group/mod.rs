@@ -674,7 +674,7 @@ impl Group {
         if h.kind == Kind::Write {
             let payload = &raw[HEADER_BYTES + checked.len()..];
             for (i, b) in payload.chunks(BLOCK_BYTES as usize).enumerate() {
-                if crc32c::crc32c(b) != record::crc_at(checked, i) {
+                if crate::crc::crc32c(b) != record::crc_at(checked, i) {
                     return Err(format!("record seq {}: block {i} checksum mismatch", h.seq));
                 }
             }
@@ -884,7 +884,7 @@ impl Group {
             for j in 0..n {
                 let data = &block[j * bb..(j + 1) * bb];
                 let want = entries[i + j].crc;
-                let got = crc32c::crc32c(data);
+                let got = crate::crc::crc32c(data);
                 if got != want {
                     let msg = format!(
                         "checksum mismatch in log segment {} at offset {} (volume {vol}, block {}): stored {want:#010x}, computed {got:#010x}",

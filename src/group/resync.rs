@@ -552,7 +552,7 @@ impl Group {
                             let seg = segs.get(&e.seg).ok_or_else(|| anyhow::anyhow!("segment {} missing while resyncing", e.seg))?;
                             let mut blk = vec![0u8; BLOCK_BYTES as usize];
                             seg.read_at(&mut blk, e.off as u64)?;
-                            if crc32c::crc32c(&blk) != e.crc {
+                            if crate::crc::crc32c(&blk) != e.crc {
                                 bail!("checksum mismatch in log segment {} at offset {}; not sending it", seg.path.display(), e.off);
                             }
                             payload.extend_from_slice(&blk);

@@ -264,7 +264,7 @@ mod garbage_on_disk {
                 bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
                 let len = (bytes.len() - 24) as u64;
                 bytes[16..24].copy_from_slice(&len.to_le_bytes());
-                let crc = crc32c::crc32c(&bytes[24..]);
+                let crc = crate::crc::crc32c(&bytes[24..]);
                 bytes[12..16].copy_from_slice(&crc.to_le_bytes());
             }
             let _ = checkpoint::decode(&bytes, 7);

@@ -169,7 +169,7 @@ impl Header {
     pub fn encode(&mut self, checked_body: &[u8], out: &mut [u8; HEADER_BYTES]) {
         debug_assert_eq!(checked_body.len(), self.checked_body_len());
         self.encode_raw(out, 0);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..]), checked_body);
+        let crc = crate::crc::crc32c_append(crate::crc::crc32c(&out[..]), checked_body);
         self.crc = crc;
         out[52..56].copy_from_slice(&crc.to_le_bytes());
     }
@@ -264,7 +264,7 @@ impl Header {
     pub fn verify(&self, raw: &[u8; HEADER_BYTES], checked_body: &[u8]) -> Result<(), DecodeError> {
         let mut copy = *raw;
         copy[52..56].fill(0);
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&copy), checked_body);
+        let computed = crate::crc::crc32c_append(crate::crc::crc32c(&copy), checked_body);
         if computed != self.crc {
             return Err(DecodeError::Checksum { stored: self.crc, computed });
         }
@@ -277,7 +277,7 @@ pub fn block_crcs(payload: &[u8]) -> Vec<u8> {
     debug_assert!(payload.len() as u64 % BLOCK_BYTES == 0);
     let mut out = Vec::with_capacity(payload.len() / BLOCK_BYTES as usize * 4);
     for block in payload.chunks(BLOCK_BYTES as usize) {
-        out.extend_from_slice(&crc32c::crc32c(block).to_le_bytes());
+        out.extend_from_slice(&crate::crc::crc32c(block).to_le_bytes());
     }
     out
 }

@@ -60,7 +60,7 @@ fn header_bytes(id: u32, group_id: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     h[0..8].copy_from_slice(&SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&id.to_le_bytes());
     h[16..24].copy_from_slice(&group_id.to_le_bytes());
-    let crc = crc32c::crc32c(&h[0..60]);
+    let crc = crate::crc::crc32c(&h[0..60]);
     h[60..64].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -108,7 +108,7 @@ impl Segment {
             bail!("log segment {}: bad magic at offset 0", path.display());
         }
         let crc = u32::from_le_bytes(h[60..64].try_into().unwrap());
-        if crc != crc32c::crc32c(&h[0..60]) {
+        if crc != crate::crc::crc32c(&h[0..60]) {
             bail!("log segment {}: header checksum mismatch at offset 0", path.display());
         }
         let sid = u32::from_le_bytes(h[8..12].try_into().unwrap());
@@ -243,7 +243,7 @@ where
         if header.kind == Kind::Write && verify_payload {
             let p = &buf[rel + HEADER_BYTES + checked_len..rel + total as usize];
             for (i, block) in p.chunks(crate::limits::BLOCK_BYTES as usize).enumerate() {
-                if crc32c::crc32c(block) != super::record::crc_at(&checked, i) {
+                if crate::crc::crc32c(block) != super::record::crc_at(&checked, i) {
                     let e = DecodeError::BlockChecksum { index: i as u32 };
                     return Ok(Some(ScanStop { off, reason: e.to_string() }));
                 }

@@ -677,7 +677,7 @@ impl World {
                 if k == Some(self.writes) {
                     compare(&self.p, &d)?;
                     // The replay check compares outcomes, not only events.
-                    let digest = contents(&d).iter().fold(0u32, |c, (n, b)| crc32c::crc32c_append(crc32c::crc32c_append(c, n.as_bytes()), b));
+                    let digest = contents(&d).iter().fold(0u32, |c, (n, b)| crate::crc::crc32c_append(crate::crc::crc32c_append(c, n.as_bytes()), b));
                     self.note(format!("converged at seq {}: {} maps, content crc {digest:08x}", d.last_seq(), d.maps().len()));
                     return Ok(());
                 }

@@ -142,7 +142,7 @@ fn frame_crc(kind: u8, body: &[u8]) -> u32 {
     if kind == RECORDS {
         0
     } else {
-        crc32c::crc32c(body)
+        crate::crc::crc32c(body)
     }
 }
 
@@ -164,7 +164,7 @@ pub fn open_payload(h: &FrameHeader, body: Vec<u8>) -> Result<Vec<u8>, FrameErro
         if h.crc != 0 {
             return Err(FrameError::Malformed(format!("RECORDS frame with checksum {:#010x} (must be 0: records carry their own)", h.crc)));
         }
-    } else if crc32c::crc32c(&body) != h.crc {
+    } else if crate::crc::crc32c(&body) != h.crc {
         return Err(FrameError::Checksum);
     }
     if h.flags & FLAG_LZ4 == 0 {

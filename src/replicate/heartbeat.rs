@@ -38,7 +38,7 @@ fn decode(b: &[u8; SLOT as usize]) -> Option<Heartbeat> {
     if u32::from_le_bytes(b[0..4].try_into().unwrap()) != MAGIC {
         return None;
     }
-    if u32::from_le_bytes(b[60..64].try_into().unwrap()) != crc32c::crc32c(&b[0..60]) {
+    if u32::from_le_bytes(b[60..64].try_into().unwrap()) != crate::crc::crc32c(&b[0..60]) {
         return None;
     }
     Some(Heartbeat { gen: u64_at(4), seq: u64_at(12), sent_ns: u64_at(20), received_ns: u64_at(28), epoch: u64_at(36) })
@@ -52,7 +52,7 @@ fn encode(h: &Heartbeat) -> [u8; SLOT as usize] {
     b[20..28].copy_from_slice(&h.sent_ns.to_le_bytes());
     b[28..36].copy_from_slice(&h.received_ns.to_le_bytes());
     b[36..44].copy_from_slice(&h.epoch.to_le_bytes());
-    let crc = crc32c::crc32c(&b[0..60]);
+    let crc = crate::crc::crc32c(&b[0..60]);
     b[60..64].copy_from_slice(&crc.to_le_bytes());
     b
 }

@@ -751,7 +751,7 @@ mod tests {
                     let data = &r[HEADER_BYTES + h.checked_body_len()..];
                     assert_eq!(data.len(), h.length as usize);
                     for (i, b) in data.chunks(limits::BLOCK_BYTES as usize).enumerate() {
-                        assert_eq!(crc32c::crc32c(b), crate::log::record::crc_at(&r[HEADER_BYTES..], i));
+                        assert_eq!(crate::crc::crc32c(b), crate::log::record::crc_at(&r[HEADER_BYTES..], i));
                     }
                 }
                 seqs.push(h.seq);
