@@ -317,14 +317,12 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
 /// Completes a write: local durability for FUA, and in sync mode the
 /// acknowledgement of every sync DR site.
 ///
-/// In sync mode the local fdatasync is started before waiting for the DR
-/// sites, so that it overlaps their round trip: the FLUSH (or FUA) that
-/// follows then finds the log already durable instead of starting a second,
-/// serial fdatasync.
+/// In sync mode a write that is the only one waiting for the DR sites
+/// starts the local fdatasync first, so that it overlaps their round trip:
+/// the FLUSH (or FUA) that follows then finds the log already durable
+/// instead of starting a second, serial fdatasync (`Group::sync_write_waits`).
 async fn finish_write(g: &Group, at: crate::group::Appended, fua: bool) -> Result<(), IoError> {
-    if g.replication.waits_for_replicas() {
-        g.request_durable(at.end);
-    }
+    let _waiting = g.replication.waits_for_replicas().then(|| g.sync_write_waits(at.end));
     if fua {
         g.wait_durable(at.end).await?;
     }

@@ -232,12 +232,16 @@ fn check_leaf(roots: &Arc<RootCertStore>, chain: &[CertificateDer<'static>], sit
 /// TLS 1.3-only server config that REQUIRES a client certificate chaining to
 /// the CA in `files.ca`, and presents `files.cert`/`files.key`.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+    server_config_with(files, provider())
+}
+
+fn server_config_with(files: &TlsFiles, provider: Arc<CryptoProvider>) -> Result<Arc<ServerConfig>> {
     let roots = Arc::new(root_store(&read_certs(&files.ca, "CA certificate")?, &files.ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .with_context(|| format!("failed to build client verifier from {}", files.ca.display()))?;
     let (chain, key) = read_identity(files)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("ring provider does not support TLS 1.3")?
         .with_client_cert_verifier(verifier)
@@ -257,9 +261,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
 /// TLS 1.3-only client config presenting `files.cert`/`files.key`, trusting
 /// only `files.ca`.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
+    client_config_with(files, provider())
+}
+
+fn client_config_with(files: &TlsFiles, provider: Arc<CryptoProvider>) -> Result<Arc<ClientConfig>> {
     let roots = root_store(&read_certs(&files.ca, "CA certificate")?, &files.ca)?;
     let (chain, key) = read_identity(files)?;
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("ring provider does not support TLS 1.3")?
         .with_root_certificates(roots)
@@ -597,6 +605,27 @@ mod tests {
         assert_eq!(client.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
         for suite in [server.get_ref().1.negotiated_cipher_suite(), client.get_ref().1.negotiated_cipher_suite()] {
             assert_eq!(suite.map(|s| s.suite()), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_connects_with_a_peer_that_prefers_another_cipher() {
+        // A site built before AES-128-GCM went first (ring's default order:
+        // AES-256-GCM first) still links up, both ways; the client's order
+        // decides.
+        use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+        let dir = tempfile::tempdir().unwrap();
+        create_deployment_pki(dir.path(), "d1", &names(&["a", "b"])).unwrap();
+        let files = |s: &str| TlsFiles::in_dir(&dir.path().join(s));
+        let old = || Arc::new(rustls::crypto::ring::default_provider());
+        for (server, client, want) in [
+            (server_config(&files("a")).unwrap(), client_config_with(&files("b"), old()).unwrap(), TLS13_AES_256_GCM_SHA384),
+            (server_config_with(&files("a"), old()).unwrap(), client_config(&files("b")).unwrap(), TLS13_AES_128_GCM_SHA256),
+        ] {
+            let (s, c) = handshake(server, client, "a").await;
+            let (s, c) = (s.unwrap(), c.unwrap());
+            assert_eq!(s.get_ref().1.negotiated_cipher_suite().map(|x| x.suite()), Some(want));
+            assert_eq!(c.get_ref().1.negotiated_cipher_suite().map(|x| x.suite()), Some(want));
         }
     }
 
