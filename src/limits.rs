@@ -85,7 +85,7 @@ pub const SITE_STOP_TIMEOUT_MS: u64 = 30_000;
 pub const SITE_RESTARTS_PER_MINUTE_MAX: u32 = 5;
 
 const _: () = assert!(BLOCK_BYTES.is_power_of_two());
-const _: () = assert!(NBD_REQUEST_BYTES_MAX as u64 % BLOCK_BYTES == 0);
+const _: () = assert!((NBD_REQUEST_BYTES_MAX as u64).is_multiple_of(BLOCK_BYTES));
 // A maximal write record (header + one CRC per block + payload) fits a segment.
 const _: () = assert!(64 + (NBD_REQUEST_BYTES_MAX as u64) * 1025 / 1024 + 64 <= SEGMENT_BYTES);
 const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);

@@ -320,7 +320,7 @@ pub fn run(a: UpArgs) -> Result<()> {
     let mut tick = 0u64;
     loop {
         tick += 1;
-        if tick % 5 == 0 {
+        if tick.is_multiple_of(5) {
             if let Ok(st) = crate::client::call(&format!("http://{}", procs[0].api), "GET", "/status", None) {
                 for ev in replica_events(&st, &mut seen) {
                     emit(a.json, ev.clone(), &format!("{}", ev));

@@ -30,6 +30,12 @@ fn oracle_round(seed: u64, mode: &str) {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "8MiB")], mode);
     d.start_all();
     let dr_addr = d.sites[1].addr();
+    // The DR learns of vol0 from the stream. A primary killed before its
+    // first batch arrived leaves nothing to check (k = 0 trivially), and on
+    // a loaded machine that took longer than the shortest kill delay (a CI
+    // run timed out below waiting for vol0): the kill clock starts once the
+    // DR serves vol0.
+    wait_for_dr_vol0(&d, &format!("seed {seed} ({mode}), before the kill"));
     let pid = d.sites[0].pid();
     let kill_after = Duration::from_millis(rng.random_range(50..600));
     let killer = std::thread::spawn(move || {
@@ -49,7 +55,7 @@ fn oracle_round(seed: u64, mode: &str) {
     d.sites[0].kill9();
     // The DR export must show a prefix; give in-flight records a moment to land.
     let what = format!("seed {seed} ({mode})");
-    wait_until(20, "the DR site to serve vol0", || Client::connect(&dr_addr, "vol0").is_ok());
+    wait_for_dr_vol0(&d, &what);
     let mut last_k = 0;
     let deadline = Instant::now() + Duration::from_millis(500);
     loop {
@@ -68,6 +74,23 @@ fn oracle_round(seed: u64, mode: &str) {
     }
     eprintln!("{what}: acknowledged {acked}, DR shows 1..{last_k}");
     assert!(!d.sites[1].log().contains("panicked"));
+}
+
+/// Waits up to 20 s for the DR site (site 1) to serve vol0; on timeout the
+/// panic shows the DR's log and status.
+fn wait_for_dr_vol0(d: &Deployment, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Client::connect(&d.sites[1].addr(), "vol0").is_err() {
+        if Instant::now() > deadline {
+            let status = cmd("curl", &["-s", &format!("{}/status", d.sites[1].api())]);
+            panic!(
+                "{what}: the DR site does not serve vol0 after 20 s\nDR status: {}\nDR log:\n{}",
+                String::from_utf8_lossy(&status.stdout),
+                d.sites[1].log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -519,7 +519,7 @@ impl Group {
     }
 
     fn check_size(size: u64) -> Result<()> {
-        if size == 0 || size % BLOCK_BYTES != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_BYTES) {
             bail!("size {size} must be a positive multiple of {BLOCK_BYTES} bytes");
         }
         if size > crate::limits::VOLUME_BYTES_MAX {
@@ -749,7 +749,7 @@ impl Group {
             return Ok(Appended { end: inner.tail_pos(), seq: inner.next_seq - 1 });
         }
         let len = data.len() as u64;
-        let aligned = offset % BLOCK_BYTES == 0 && len % BLOCK_BYTES == 0;
+        let aligned = offset.is_multiple_of(BLOCK_BYTES) && len.is_multiple_of(BLOCK_BYTES);
         if aligned {
             // Checksums outside the lock: the common case holds the lock only
             // for the append itself.

@@ -211,7 +211,7 @@ impl Header {
         }
         match kind {
             Kind::Write => {
-                if h.length as u64 % BLOCK_BYTES != 0 || h.offset % BLOCK_BYTES != 0 || h.length == 0 {
+                if !(h.length as u64).is_multiple_of(BLOCK_BYTES) || !h.offset.is_multiple_of(BLOCK_BYTES) || h.length == 0 {
                     return Err(DecodeError::Inconsistent("write not block aligned"));
                 }
                 if h.body_len as u64 != h.blocks() as u64 * 4 + h.length as u64 {
@@ -219,7 +219,7 @@ impl Header {
                 }
             }
             Kind::Zero | Kind::Trim => {
-                if h.body_len != 0 || h.offset % BLOCK_BYTES != 0 || h.length as u64 % BLOCK_BYTES != 0 {
+                if h.body_len != 0 || !h.offset.is_multiple_of(BLOCK_BYTES) || !(h.length as u64).is_multiple_of(BLOCK_BYTES) {
                     return Err(DecodeError::Inconsistent("zero/trim record not block aligned or has a body"));
                 }
             }
@@ -274,7 +274,7 @@ impl Header {
 
 /// CRC32C of each 4 KiB block of `payload`, little-endian, concatenated.
 pub fn block_crcs(payload: &[u8]) -> Vec<u8> {
-    debug_assert!(payload.len() as u64 % BLOCK_BYTES == 0);
+    debug_assert!((payload.len() as u64).is_multiple_of(BLOCK_BYTES));
     let mut out = Vec::with_capacity(payload.len() / BLOCK_BYTES as usize * 4);
     for block in payload.chunks(BLOCK_BYTES as usize) {
         out.extend_from_slice(&crate::crc::crc32c(block).to_le_bytes());
