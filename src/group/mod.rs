@@ -17,7 +17,7 @@ pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -102,9 +102,6 @@ pub struct Group {
     sync_lock: Mutex<()>,
     sync_req: Mutex<(LogPos, bool)>,
     sync_cv: Condvar,
-    /// Sync-mode writes waiting for their DR acknowledgements
-    /// (`sync_write_waits`).
-    sync_writes_waiting: AtomicUsize,
     /// (durable position, failed)
     durable_tx: watch::Sender<(LogPos, bool)>,
     /// Tail position after the last completed append (for FLUSH).
@@ -415,16 +412,6 @@ impl Inner {
     }
 }
 
-/// Counts a sync-mode write while it waits for its DR acknowledgements
-/// (`Group::sync_write_waits`); dropped when the wait ends, however it ends.
-pub struct SyncWriteWaiting<'a>(&'a AtomicUsize);
-
-impl Drop for SyncWriteWaiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Group {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         let t = std::time::Instant::now();
@@ -455,7 +442,6 @@ impl Group {
             sync_lock: Mutex::new(()),
             sync_req: Mutex::new((0, false)),
             sync_cv: Condvar::new(),
-            sync_writes_waiting: AtomicUsize::new(0),
             durable_tx,
             tail_pos: AtomicU64::new(tail),
             stop: AtomicBool::new(false),
@@ -993,23 +979,6 @@ impl Group {
             req.0 = target;
             self.sync_cv.notify_one();
         }
-    }
-
-    /// A sync-mode write that ends at `end` is about to wait for its DR
-    /// acknowledgements; the returned guard counts it until dropped.
-    ///
-    /// If it is the only such write, the local fdatasync starts now, so that
-    /// it overlaps the DR round trip: a latency-bound client (a database
-    /// commit: write, then FLUSH) then finds the log durable when its FLUSH
-    /// arrives. With other writes waiting, a FLUSH will cover them all, and
-    /// starting a sync for each only multiplies fdatasyncs (about six times
-    /// as many in a sync-mode randwrite at queue depth 16; ARCHITECTURE.md
-    /// "Modes").
-    pub fn sync_write_waits(&self, end: LogPos) -> SyncWriteWaiting<'_> {
-        if self.sync_writes_waiting.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.request_durable(end);
-        }
-        SyncWriteWaiting(&self.sync_writes_waiting)
     }
 
     /// The position the sync thread was last asked to make durable.

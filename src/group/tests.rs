@@ -189,25 +189,6 @@ fn requested_sync_runs_without_a_waiter() {
 }
 
 #[test]
-fn only_a_lone_sync_write_starts_the_sync_early() {
-    let dir = tempfile::tempdir().unwrap();
-    let g = Group::open(dir.path(), "cg0").unwrap();
-    let vol = g.create_volume("v", 1 << 20).unwrap();
-    let a = g.write(vol, 0, &vec![1u8; 4096]).unwrap().end;
-    let b = g.write(vol, 4096, &vec![2u8; 4096]).unwrap().end;
-    let c = g.write(vol, 8192, &vec![3u8; 4096]).unwrap().end;
-    let first = g.sync_write_waits(a);
-    assert_eq!(g.requested_durable(), a, "a lone waiting write asks for the sync");
-    {
-        let _second = g.sync_write_waits(b);
-        assert_eq!(g.requested_durable(), a, "a write behind another waits for the FLUSH");
-    }
-    drop(first);
-    let _third = g.sync_write_waits(c);
-    assert_eq!(g.requested_durable(), c, "once the others are done, a lone write asks again");
-}
-
-#[test]
 fn volume_ops_replay() {
     let dir = tempfile::tempdir().unwrap();
     {

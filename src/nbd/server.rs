@@ -3,6 +3,7 @@
 //! requests and spawns one task per request; a writer task sends replies as
 //! they complete, so replies go out of order.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -157,6 +158,7 @@ async fn transmission(
         wr.flush().await?;
         anyhow::Ok(())
     });
+    let sync_waiters = Arc::new(SyncWaiters::default());
     let inflight = Arc::new(Semaphore::new(limits::NBD_INFLIGHT_PER_CONNECTION_MAX));
     let inflight_bytes = Arc::new(Semaphore::new(limits::NBD_INFLIGHT_BYTES_PER_CONNECTION_MAX));
     let counters = metrics.export_counters(&export.name);
@@ -211,8 +213,9 @@ async fn transmission(
             let export = export.clone();
             let counters = counters.clone();
             let metrics = metrics.clone();
+            let sync_waiters = sync_waiters.clone();
             tokio::spawn(async move {
-                let reply = execute(&export, cmd, req.handle, payload, structured).await;
+                let reply = execute(&export, cmd, req.handle, payload, structured, &sync_waiters).await;
                 counters.record(cmd);
                 metrics.observe_request(started.elapsed());
                 let _ = tx.send(reply).await;
@@ -238,7 +241,7 @@ fn io_errno(e: &IoError) -> u32 {
     }
 }
 
-async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, structured: bool) -> Vec<u8> {
+async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, structured: bool, sync_waiters: &SyncWaiters) -> Vec<u8> {
     let g = &export.group;
     let v = export.volume;
     let res: Result<Vec<u8>, IoError> = async {
@@ -268,7 +271,7 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
             Command::Write { offset, fua, .. } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = g.write(v, offset, &payload)?;
-                finish_write(g, at, fua).await?;
+                finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::Flush => {
@@ -278,13 +281,13 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua, no_hole: false } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = g.zero(v, offset, len as u64, false)?;
-                finish_write(g, at, fua).await?;
+                finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::WriteZeroes { offset, len, fua, no_hole: true } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = g.zero(v, offset, len as u64, true)?;
-                finish_write(g, at, fua).await?;
+                finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::BlockStatus { offset, len, req_one } => {
@@ -317,16 +320,50 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
 /// Completes a write: local durability for FUA, and in sync mode the
 /// acknowledgement of every sync DR site.
 ///
-/// In sync mode a write that is the only one waiting for the DR sites
-/// starts the local fdatasync first, so that it overlaps their round trip:
-/// the FLUSH (or FUA) that follows then finds the log already durable
-/// instead of starting a second, serial fdatasync (`Group::sync_write_waits`).
-async fn finish_write(g: &Group, at: crate::group::Appended, fua: bool) -> Result<(), IoError> {
-    let _waiting = g.replication.waits_for_replicas().then(|| g.sync_write_waits(at.end));
+/// In sync mode a write that is the only one of its connection waiting for
+/// the DR sites starts the local fdatasync first, so that it overlaps their
+/// round trip: the FLUSH (or FUA) that follows then finds the log already
+/// durable instead of starting a second, serial fdatasync (`SyncWaiters`).
+async fn finish_write(g: &Group, at: crate::group::Appended, fua: bool, sync_waiters: &SyncWaiters) -> Result<(), IoError> {
+    let _waiting = g.replication.waits_for_replicas().then(|| sync_waiters.enter(g, at.end));
     if fua {
         g.wait_durable(at.end).await?;
     }
     g.replication.wait_replicated(at.seq).await.map_err(IoError::Failed)
+}
+
+/// The sync-mode writes of one NBD connection that are waiting for their
+/// DR acknowledgements.
+///
+/// A write that finds none of its connection's other writes waiting starts
+/// the group's local fdatasync at once: its client is latency-bound (a
+/// database commit: write, then FLUSH), and the sync overlaps the DR round
+/// trip. A write behind others of its connection does not: that client's
+/// next FLUSH covers them all, and a sync started for each write kept the
+/// sync thread in back-to-back fdatasyncs (about six times as many at queue
+/// depth 16; ARCHITECTURE.md "Modes"). Counted per connection, not per
+/// group, so that one busy client does not take the overlap from another
+/// client's commits in the same group.
+#[derive(Default)]
+struct SyncWaiters(AtomicUsize);
+
+impl SyncWaiters {
+    /// A write ending at `end` starts waiting; the guard ends the wait
+    /// however the write ends (reply, error, dropped connection).
+    fn enter<'a>(&'a self, g: &Group, end: crate::log::segment::LogPos) -> SyncWaiting<'a> {
+        if self.0.fetch_add(1, Ordering::AcqRel) == 0 {
+            g.request_durable(end);
+        }
+        SyncWaiting(&self.0)
+    }
+}
+
+struct SyncWaiting<'a>(&'a AtomicUsize);
+
+impl Drop for SyncWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn ok_reply(handle: u64) -> Vec<u8> {
@@ -348,5 +385,30 @@ impl OpCounters {
             Command::Disconnect => return,
         };
         self.ops[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_connections_lone_sync_write_starts_the_sync_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        let end: Vec<_> = (0..4u64).map(|i| g.write(vol, i * 4096, &vec![i as u8; 4096]).unwrap().end).collect();
+        let (one, two) = (SyncWaiters::default(), SyncWaiters::default());
+        let first = one.enter(&g, end[0]);
+        assert_eq!(g.requested_durable(), end[0], "a lone waiting write asks for the sync");
+        {
+            let _behind = one.enter(&g, end[1]);
+            assert_eq!(g.requested_durable(), end[0], "a write behind another of its connection leaves it to the FLUSH");
+            let _other = two.enter(&g, end[2]);
+            assert_eq!(g.requested_durable(), end[2], "another connection's lone write still asks");
+        }
+        drop(first);
+        let _again = one.enter(&g, end[3]);
+        assert_eq!(g.requested_durable(), end[3], "once its others are done, a lone write asks again");
     }
 }
