@@ -212,3 +212,66 @@ fn dr_restart_resumes_and_heartbeats_persist() {
     let age = d.sites[1].status()["groups"][0]["heartbeat"]["age_seconds"].as_f64().unwrap();
     assert!(age >= 1.0, "heartbeat age {age} s after the primary died");
 }
+
+/// The primary's view of its one DR site: streaming with nothing to send.
+fn caught_up(d: &Deployment) -> bool {
+    let s = d.sites[0].status();
+    let r = &s["groups"][0]["replicas"][0];
+    r["state"] == "replicating" && r["lag_writes"] == 0
+}
+
+/// `qemu-io` writing `n` 64 KiB blocks of byte `pattern` from `offset`, one
+/// request (so one record) each.
+fn write_blocks(uri: &str, pattern: u8, offset: u64, n: u64) {
+    let cmds: Vec<String> = (0..n).map(|i| format!("write -P {pattern:#x} {} 64k", offset + i * 65536)).collect();
+    let mut args = vec!["-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(uri);
+    cmd_ok("qemu-io", &args);
+}
+
+/// A primary that lost writes it had already shipped (its disk rolled back,
+/// as a power loss does to records still in the page cache), then wrote
+/// past the DR's seq while the DR was away: the DR's history is no longer a
+/// prefix of the primary's. Streaming from the DR's next seq would leave
+/// the lost writes on the DR, mixed with the new ones (a state the primary
+/// never had); the HELLO check must find the mismatch and resync in full.
+#[test]
+fn a_dr_that_holds_writes_the_primary_lost_is_resynced_in_full() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x11, 0, 8);
+    wait_until(20, "catch-up", || caught_up(&d));
+    // The primary's disk as it is now (stopped, so the copy is whole).
+    d.sites[0].stop();
+    let saved = d.dir.join("a-saved");
+    cmd_ok("cp", &["-a", d.sites[0].dir.to_str().unwrap(), saved.to_str().unwrap()]);
+    d.sites[0].spawn();
+    // Writes the primary is about to lose, shipped to the DR.
+    write_blocks(&p, 0x22, 4 << 20, 8);
+    wait_until(20, "catch-up with the writes to be lost", || caught_up(&d));
+    let dr_last = dr_applied(&d, 1);
+    d.sites[1].stop();
+    d.sites[0].kill9();
+    // Roll the primary back: those 8 writes are gone from its log.
+    std::fs::remove_dir_all(&d.sites[0].dir).unwrap();
+    cmd_ok("cp", &["-a", saved.to_str().unwrap(), d.sites[0].dir.to_str().unwrap()]);
+    d.sites[0].spawn();
+    // A new history while the DR is away, longer than what was lost, so
+    // the primary's seq passes the DR's.
+    write_blocks(&p, 0x33, 8 << 20, 16);
+    let last = d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap();
+    assert!(last > dr_last, "the primary's seq {last} must pass the DR's {dr_last} for this test");
+    d.sites[1].spawn();
+    wait_until(30, "catch-up after the resync", || caught_up(&d) && dr_applied(&d, 1) >= last);
+    let a = cmd_ok("nbdcopy", &[&p, "-"]).stdout;
+    let b = cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout;
+    assert!(a[4 << 20..6 << 20].iter().all(|&x| x == 0), "the primary still shows the writes it lost");
+    assert!(a == b, "the DR copy differs from the primary (lost writes kept: {})", b[4 << 20..6 << 20].contains(&0x22));
+    assert!(d.sites[0].log().contains("is not this primary's"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
+    assert_eq!(d.sites[0].status()["groups"][0]["replicas"][0]["diverged_resyncs"], 1);
+    assert_eq!(d.sites[0].metric("tidemark_replication_diverged_resyncs_total"), 1.0);
+}

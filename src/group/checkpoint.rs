@@ -12,7 +12,10 @@
 //!       0: never written | 1: u32 id of an earlier map sharing it (stored once) |
 //!       2: u64 runs, per run: u64 first_block | u32 count | count x (u32 seg | u32 off | u32 crc)
 //!   u32 segments | per segment: u32 id | u64 first seq | u64 last seq
+//!   (version 3) u8 1 | u32 identity of the last record (`Inner::last_ident`), or u8 0
 //! ```
+//!
+//! Version 2 files (no identity) still load, with the identity unknown.
 
 use std::path::Path;
 
@@ -24,13 +27,14 @@ use crate::volume::map::{Entry, REGION_BLOCKS};
 use crate::volume::Volume;
 
 const MAGIC: &[u8; 8] = b"TMCKPT01";
-/// 2: snapshot metadata and shared regions.
-const VERSION: u32 = 2;
+/// 2: snapshot metadata and shared regions. 3: the last record's identity.
+const VERSION: u32 = 3;
 pub const FILE_NAME: &str = "checkpoint";
 
 pub struct Checkpoint {
     pub replay_pos: LogPos,
     pub next_seq: u64,
+    pub last_ident: Option<u32>,
     pub epoch: u64,
     pub next_volume_id: u32,
     pub volumes: Vec<Volume>,
@@ -78,6 +82,13 @@ pub(crate) fn encode(inner: &Inner, group_id: u64) -> (LogPos, Vec<u8>) {
         body.extend_from_slice(&seg.to_le_bytes());
         body.extend_from_slice(&lo.to_le_bytes());
         body.extend_from_slice(&hi.to_le_bytes());
+    }
+    match inner.last_ident {
+        Some(c) => {
+            body.push(1);
+            body.extend_from_slice(&c.to_le_bytes());
+        }
+        None => body.push(0),
     }
     let mut out = Vec::with_capacity(body.len() + 24);
     out.extend_from_slice(MAGIC);
@@ -151,7 +162,7 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         bail!("bad magic");
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != VERSION {
+    if version != VERSION && version != 2 {
         bail!("unsupported version {version}");
     }
     let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
@@ -235,10 +246,19 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         let hi = c.u64("segment last seq")?;
         seg_seqs.insert(seg, (lo, hi));
     }
+    let last_ident = if version >= 3 {
+        match c.take(1, "last record identity tag")?[0] {
+            0 => None,
+            1 => Some(c.u32("last record identity")?),
+            t => bail!("unknown last record identity tag {t}"),
+        }
+    } else {
+        None
+    };
     if c.at != body.len() {
         bail!("{} trailing bytes", body.len() - c.at);
     }
-    Ok(Checkpoint { replay_pos, next_seq, epoch, next_volume_id, volumes, seg_seqs })
+    Ok(Checkpoint { replay_pos, next_seq, last_ident, epoch, next_volume_id, volumes, seg_seqs })
 }
 
 pub fn load(dir: &Path, group_id: u64) -> Result<Option<Checkpoint>> {

@@ -61,6 +61,12 @@ fn default_mode() -> String {
 pub(crate) struct Inner {
     pub epoch: u64,
     pub next_seq: u64,
+    /// Identity of the record at seq `next_seq - 1` (its header CRC, which
+    /// covers its seq, epoch, time and block CRCs), or for a resync commit
+    /// the identity of the primary's record it stands for; `None` if
+    /// unknown. A DR site names it in its HELLO reply, so that a primary
+    /// can tell whether the DR's history is a prefix of its own.
+    pub last_ident: Option<u32>,
     pub next_volume_id: u32,
     pub volumes: BTreeMap<u32, Volume>,
     pub segments: BTreeMap<u32, Arc<Segment>>,
@@ -246,6 +252,9 @@ impl Inner {
             }
         }
         if h.flags & FLAG_RELOCATED == 0 {
+            if h.seq + 1 >= self.next_seq {
+                self.last_ident = if h.kind == Kind::ResyncCommit { record::commit_ident(h) } else { Some(h.crc) };
+            }
             self.next_seq = self.next_seq.max(h.seq + 1);
             let r = self.seg_seqs.entry(pos_seg(at)).or_insert((h.seq, h.seq));
             r.0 = r.0.min(h.seq);
@@ -606,6 +615,42 @@ impl Group {
 
     pub fn segment(&self, id: u32) -> Option<Arc<Segment>> {
         self.lock_read().segments.get(&id).cloned()
+    }
+
+    /// The last seq and the identity of its record (`Inner::last_ident`),
+    /// read together.
+    pub fn last_seq_ident(&self) -> (u64, Option<u32>) {
+        let inner = self.lock_read();
+        (inner.next_seq.saturating_sub(1), inner.last_ident)
+    }
+
+    /// The identity of this site's record at `seq` (as `Inner::last_ident`
+    /// defines it), if the log still holds that record. The newest is
+    /// known without I/O; an older one costs a scan of its segment.
+    pub fn record_ident(&self, seq: u64) -> Result<Option<u32>> {
+        let seg_id = {
+            let inner = self.lock_read();
+            if seq == 0 || seq >= inner.next_seq {
+                return Ok(None);
+            }
+            if seq + 1 == inner.next_seq {
+                return Ok(inner.last_ident);
+            }
+            match inner.seg_seqs.iter().find(|(_, (lo, hi))| *lo <= seq && seq <= *hi) {
+                Some((id, _)) => *id,
+                None => return Ok(None),
+            }
+        };
+        let Some(seg) = self.segment(seg_id) else { return Ok(None) };
+        let mut found = None;
+        segment::scan(&seg, 0, false, |r, _| {
+            let h = &r.header;
+            if h.seq == seq && h.flags & (FLAG_RELOCATED | record::FLAG_RESYNC) == 0 && h.kind != Kind::ResyncBegin {
+                found = if h.kind == Kind::ResyncCommit { record::commit_ident(h) } else { Some(h.crc) };
+            }
+            Ok(())
+        })?;
+        Ok(found)
     }
 
     /// The first segment with an id above `id`.

@@ -78,9 +78,9 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         }
     }
 
-    let (replay_from, mut inner_volumes, next_seq, epoch, next_volume_id, seg_seqs) = match ckpt {
-        Some(c) => (c.replay_pos, c.volumes, c.next_seq, c.epoch, c.next_volume_id, c.seg_seqs),
-        None => (0, Vec::new(), 1, meta.epoch, 1, BTreeMap::new()),
+    let (replay_from, mut inner_volumes, next_seq, last_ident, epoch, next_volume_id, seg_seqs) = match ckpt {
+        Some(c) => (c.replay_pos, c.volumes, c.next_seq, c.last_ident, c.epoch, c.next_volume_id, c.seg_seqs),
+        None => (0, Vec::new(), 1, None, meta.epoch, 1, BTreeMap::new()),
     };
 
     // A placeholder tail; replaced below once segments are known.
@@ -100,6 +100,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     let mut inner = Inner {
         epoch: epoch.max(meta.epoch),
         next_seq,
+        last_ident,
         next_volume_id,
         volumes: inner_volumes.drain(..).map(|v| (v.id, v)).collect(),
         segments: BTreeMap::new(),

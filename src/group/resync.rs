@@ -394,6 +394,21 @@ impl Group {
         Ok(())
     }
 
+    /// A full resync for `peer`, whatever it was doing: every block of every
+    /// map becomes dirty (also in a dirty set that only held some).
+    pub fn resync_everything(&self, peer: &str) -> Result<()> {
+        self.enter_dirty(peer, None)?;
+        let mut inner = self.lock_read();
+        let all = inner.whole_volumes_dirty();
+        let inner = &mut *inner;
+        for d in [inner.dirty.get_mut(peer), inner.dirty_pending.get_mut(peer)].into_iter().flatten() {
+            for (vol, r) in &all.blocks {
+                d.mark_all(*vol, r);
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a resync attempt for `peer` (after its RESYNC_BEGIN, which
     /// empties the DR's staging): whatever earlier attempts sent is dirty
     /// again, and only this attempt may take blocks or commit from now on.
@@ -456,7 +471,7 @@ impl Group {
     /// after the commit and the map table as of that seq, and pins the
     /// log from the next seq on (normal streaming resumes there). `dr_last`
     /// is the last seq the DR holds (from its HELLO reply).
-    pub fn resync_point(&self, peer: &str, attempt: u64, dr_last: u64) -> Option<(u64, Vec<CommitEntry>)> {
+    pub fn resync_point(&self, peer: &str, attempt: u64, dr_last: u64) -> Option<(u64, Option<u32>, Vec<CommitEntry>)> {
         let mut inner = self.lock_read();
         let d = inner.dirty.get(peer)?;
         if d.attempt != attempt || d.blocks.values().any(|s| !s.is_empty()) {
@@ -469,8 +484,10 @@ impl Group {
             .values()
             .map(|v| CommitEntry { id: v.id, name: v.name.clone(), size: v.size, snap: v.snap.clone(), base: bases.get(&v.id).copied() })
             .collect();
-        inner.pins.insert(peer.to_string(), seq + 1);
-        Some((seq, table))
+        // The pin keeps the record at `seq`: the next HELLO checks the DR's
+        // history against it.
+        inner.pins.insert(peer.to_string(), seq.max(1));
+        Some((seq, inner.last_ident, table))
     }
 
     /// The DR acknowledged the commit of resync attempt `attempt`: back to
@@ -596,8 +613,9 @@ impl Group {
         Ok(data_bytes)
     }
 
-    /// A RESYNC control record (begin, or commit at `seq` with the volume table).
-    pub fn resync_control(&self, kind: Kind, seq: u64, table: &[CommitEntry]) -> Vec<u8> {
+    /// A RESYNC control record (begin, or commit at `seq` with the volume
+    /// table, naming the identity of this primary's record at `seq`).
+    pub fn resync_control(&self, kind: Kind, seq: u64, ident: Option<u32>, table: &[CommitEntry]) -> Vec<u8> {
         let body = if kind == Kind::ResyncCommit { serde_json::to_vec(table).unwrap_or_default() } else { Vec::new() };
         let mut h = Header {
             kind,
@@ -607,7 +625,7 @@ impl Group {
             timestamp_ns: crate::util::now_ns(),
             volume: 0,
             length: 0,
-            offset: 0,
+            offset: if kind == Kind::ResyncCommit { record::commit_offset(ident) } else { 0 },
             body_len: body.len() as u32,
             crc: 0,
         };

@@ -30,6 +30,20 @@ pub const FLAG_RELOCATED: u16 = 1;
 pub const FLAG_RESYNC: u16 = 2;
 /// Largest body of a `ResyncCommit` (the volume table as JSON).
 pub const RESYNC_COMMIT_BODY_MAX: u32 = 1024 * 1024;
+/// A `ResyncCommit` at seq S names the primary's record at S in its header's
+/// `offset`: this bit set, and in the low 32 bits that record's identity
+/// (its header CRC). 0 (commits written before this) means unknown.
+pub const COMMIT_IDENT_PRESENT: u64 = 1 << 32;
+
+/// The `offset` of a resync commit that names `ident`.
+pub fn commit_offset(ident: Option<u32>) -> u64 {
+    ident.map(|c| COMMIT_IDENT_PRESENT | c as u64).unwrap_or(0)
+}
+
+/// The identity of the primary record a resync commit stands for.
+pub fn commit_ident(h: &Header) -> Option<u32> {
+    (h.offset & COMMIT_IDENT_PRESENT != 0).then_some(h.offset as u32)
+}
 
 /// Largest body a record may declare (a maximal write plus its CRC array).
 pub const BODY_BYTES_MAX: u32 = crate::limits::NBD_REQUEST_BYTES_MAX + crate::limits::NBD_REQUEST_BYTES_MAX / 1024;
@@ -237,6 +251,9 @@ impl Header {
                 if h.body_len > RESYNC_COMMIT_BODY_MAX {
                     return Err(DecodeError::Inconsistent("resync commit body too long"));
                 }
+                if h.offset & !(COMMIT_IDENT_PRESENT | u32::MAX as u64) != 0 || (h.offset != 0 && h.offset & COMMIT_IDENT_PRESENT == 0) {
+                    return Err(DecodeError::Inconsistent("resync commit identity field"));
+                }
             }
             Kind::SnapCreate | Kind::MapCopy => {
                 if h.body_len == 0 || h.body_len as usize > 4 * crate::limits::NAME_BYTES_MAX {
@@ -333,6 +350,26 @@ mod tests {
         h.offset = 3;
         h.encode_raw(&mut raw, 0);
         assert!(Header::decode(&raw).is_err());
+    }
+
+    #[test]
+    fn a_resync_commit_names_the_record_it_stands_for() {
+        let mut raw = [0u8; HEADER_BYTES];
+        for ident in [None, Some(0), Some(0xdead_beef), Some(u32::MAX)] {
+            let mut h = sample(Kind::ResyncCommit);
+            h.length = 0;
+            h.offset = commit_offset(ident);
+            h.encode(&[], &mut raw);
+            assert_eq!(commit_ident(&Header::decode(&raw).unwrap()), ident);
+        }
+        // Anything else in the field is refused: an identity without its
+        // flag, or bits above it.
+        for offset in [5, COMMIT_IDENT_PRESENT << 1, (COMMIT_IDENT_PRESENT << 1) | COMMIT_IDENT_PRESENT] {
+            let mut h = sample(Kind::ResyncCommit);
+            h.offset = offset;
+            h.encode_raw(&mut raw, 0);
+            assert!(Header::decode(&raw).is_err(), "offset {offset:#x}");
+        }
     }
 
     proptest! {

@@ -84,12 +84,36 @@ pub enum Start {
     Resync { full: bool },
     /// Refuse: the DR claims records this primary never wrote.
     Refuse(String),
+    /// The DR's history is not (provably) a prefix of this primary's: a
+    /// full resync replaces its copy (the reason says why).
+    Diverged(String),
 }
 
-pub fn plan_session(dr_next: u64, dr_durable: u64, primary_last: u64, log_holds_next: bool, in_dirty_mode: bool) -> Start {
+/// What the primary found when it compared the DR's last record (named in
+/// its HELLO reply) with its own record at that seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum History {
+    /// Nothing to compare: the DR holds no record, or did not name it.
+    Unchecked,
+    /// The same record: the DR's history is a prefix of this primary's.
+    Same,
+    /// A different record. The DR holds writes this primary lost (its page
+    /// cache went with a power loss after they were shipped) and its own
+    /// history went on without them.
+    Differs,
+    /// This primary's log no longer holds that seq.
+    Unknown,
+}
+
+/// Where a session starts. `history` matters only where the DR's seq is
+/// one this primary has (a DR ahead is refused before).
+pub fn plan_session(dr_next: u64, dr_durable: u64, primary_last: u64, log_holds_next: bool, in_dirty_mode: bool, history: History) -> Start {
     let next = dr_next.max(1);
     if next > primary_last + 1 {
-        return Start::Refuse(format!("the DR site holds seq {} but this primary's last is {primary_last}: the DR copy is ahead (split brain?)", next - 1));
+        return Start::Refuse(format!("the DR site holds seq {} but this primary's last is {primary_last}: the DR copy is ahead (split brain, or this primary lost writes it had shipped)", next - 1));
+    }
+    if history == History::Differs {
+        return Start::Diverged(format!("its record at seq {} is not this primary's (this primary lost writes it had shipped, or the DR followed another primary)", next - 1));
     }
     if in_dirty_mode {
         return Start::Resync { full: false };
@@ -97,7 +121,12 @@ pub fn plan_session(dr_next: u64, dr_durable: u64, primary_last: u64, log_holds_
     if !log_holds_next {
         return Start::Resync { full: true };
     }
-    Start::Stream { from: next, pin: dr_durable + 1 }
+    if history == History::Unknown {
+        return Start::Diverged(format!("this primary's log no longer holds seq {} to check the DR's record against", next - 1));
+    }
+    // The pin keeps the DR's last durable record, which the next HELLO
+    // checks against.
+    Start::Stream { from: next, pin: dr_durable.max(1) }
 }
 
 /// Batches sent and not yet acknowledged.
@@ -198,13 +227,30 @@ mod tests {
 
     #[test]
     fn session_plans() {
-        assert_eq!(plan_session(5, 4, 10, true, false), Start::Stream { from: 5, pin: 5 });
-        assert_eq!(plan_session(5, 3, 10, true, false), Start::Stream { from: 5, pin: 4 });
-        assert_eq!(plan_session(11, 10, 10, true, false), Start::Stream { from: 11, pin: 11 });
-        assert!(matches!(plan_session(12, 11, 10, true, false), Start::Refuse(_)));
-        assert_eq!(plan_session(5, 4, 10, false, false), Start::Resync { full: true });
-        assert_eq!(plan_session(5, 4, 10, true, true), Start::Resync { full: false });
-        assert_eq!(plan_session(0, 0, 0, true, false), Start::Stream { from: 1, pin: 1 });
+        use History::*;
+        for h in [Unchecked, Same] {
+            assert_eq!(plan_session(5, 4, 10, true, false, h), Start::Stream { from: 5, pin: 4 });
+            assert_eq!(plan_session(5, 3, 10, true, false, h), Start::Stream { from: 5, pin: 3 });
+            assert_eq!(plan_session(11, 10, 10, true, false, h), Start::Stream { from: 11, pin: 10 });
+            assert_eq!(plan_session(5, 4, 10, false, false, h), Start::Resync { full: true });
+            assert_eq!(plan_session(5, 4, 10, true, true, h), Start::Resync { full: false });
+        }
+        assert_eq!(plan_session(0, 0, 0, true, false, Unchecked), Start::Stream { from: 1, pin: 1 });
+        // A DR ahead is refused whatever the history says.
+        for h in [Unchecked, Same, Differs, Unknown] {
+            assert!(matches!(plan_session(12, 11, 10, true, false, h), Start::Refuse(_)));
+        }
+        // A DR whose last record differs is resynced in full, even where
+        // the log or a dirty set could have served it.
+        for (holds, dirty) in [(true, false), (false, false), (true, true)] {
+            assert!(matches!(plan_session(5, 4, 10, holds, dirty, Differs), Start::Diverged(_)));
+            assert!(matches!(plan_session(11, 10, 10, holds, dirty, Differs), Start::Diverged(_)));
+        }
+        // An unverifiable record: never streamed; a dirty set or a full
+        // resync covers it.
+        assert!(matches!(plan_session(5, 4, 10, true, false, Unknown), Start::Diverged(_)));
+        assert_eq!(plan_session(5, 4, 10, false, false, Unknown), Start::Resync { full: true });
+        assert_eq!(plan_session(5, 4, 10, true, true, Unknown), Start::Resync { full: false });
     }
 
     #[test]

@@ -238,6 +238,10 @@ pub struct HelloReply {
     pub next_seq: u64,
     /// Highest sequence number it holds durably.
     pub durable_seq: u64,
+    /// Identity of its record at `next_seq - 1` (`Inner::last_ident`): the
+    /// primary checks it against its own. Absent from older sites.
+    #[serde(default)]
+    pub last_ident: Option<u32>,
 }
 
 pub fn decode_json<T: for<'de> Deserialize<'de>>(p: &[u8]) -> Result<T, FrameError> {

@@ -94,6 +94,9 @@ pub struct Replica {
     pub last_error: Option<String>,
     /// Nice value of the sender thread (`sender_nice` outside sync mode).
     pub sender_nice: i32,
+    /// Full resyncs started because the DR's last record was not this
+    /// primary's (since this process started).
+    pub diverged_resyncs: u64,
 }
 
 pub struct GroupReplication {

@@ -168,9 +168,26 @@ impl Sender {
         }
         self.next = reply.next_seq.max(1);
         let last = g.last_seq();
-        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer));
+        // Is the DR's history a prefix of ours? Compare its last record
+        // with ours at that seq (a DR ahead of us is refused anyway).
+        let dr_last = self.next - 1;
+        let history = match reply.last_ident {
+            Some(theirs) if dr_last >= 1 && dr_last <= last => match g.record_ident(dr_last)? {
+                Some(ours) if ours == theirs => decide::History::Same,
+                Some(_) => decide::History::Differs,
+                None => decide::History::Unknown,
+            },
+            _ => decide::History::Unchecked,
+        };
+        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer), history);
         let resyncing = match plan {
             decide::Start::Refuse(reason) => bail!("{peer}: {reason}; refusing to replicate"),
+            decide::Start::Diverged(reason) => {
+                tracing::warn!(event = "dr-diverged", "replication of {} to {peer}: {reason}; full resync (the DR keeps showing its last consistent state until it completes)", g.name);
+                g.resync_everything(peer)?;
+                g.replication.update(peer, |r| r.diverged_resyncs += 1);
+                true
+            }
             decide::Start::Resync { full } => {
                 if full {
                     tracing::warn!("replication of {} to {peer}: it needs seq {} but the log starts at seq {}; full resync", g.name, self.next, g.oldest_seq().unwrap_or(0));
@@ -208,7 +225,8 @@ impl Sender {
         let oldest = self.window.ack(durable, frames);
         let resyncing = g.in_dirty_mode(peer);
         if !resyncing {
-            g.set_pin(peer, durable + 1);
+            // Keeps the DR's last durable record for the next HELLO's check.
+            g.set_pin(peer, durable.max(1));
         }
         if now.mono_ns.saturating_sub(self.pins_saved_ns) > 1_000_000_000 {
             self.pins_due = true;
@@ -299,7 +317,7 @@ impl Sender {
         let (g, peer) = (&self.group, &self.cfg.peer);
         let Some(attempt) = rs.attempt else {
             tracing::info!(event = "dr-resyncing", "replication of {} to {peer}: resync of {} dirty blocks", g.name, g.dirty_blocks(peer));
-            let begin = g.resync_control(Kind::ResyncBegin, 0, &[]);
+            let begin = g.resync_control(Kind::ResyncBegin, 0, None, &[]);
             self.frames_sent += 1;
             rs.attempt = Some(g.begin_attempt(peer));
             return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &begin, self.cfg.lz4)));
@@ -311,14 +329,14 @@ impl Sender {
         loop {
             let runs = g.take_dirty(peer, attempt, limits::RESYNC_BATCH_BLOCKS);
             if runs.is_empty() {
-                let Some((seq, table)) = g.resync_point(peer, attempt, rs.dr_last) else {
+                let Some((seq, ident, table)) = g.resync_point(peer, attempt, rs.dr_last) else {
                     if g.resync_attempt(peer) != Some(attempt) {
                         bail!("resync of {peer} superseded by a newer attempt");
                     }
                     // Written meanwhile: take those blocks too.
                     continue;
                 };
-                let commit = g.resync_control(Kind::ResyncCommit, seq, &table);
+                let commit = g.resync_control(Kind::ResyncCommit, seq, ident, &table);
                 self.frames_sent += 1;
                 rs.commit = Some((seq, self.frames_sent));
                 return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &commit, self.cfg.lz4)));
@@ -577,8 +595,8 @@ impl Receiver {
             let gen = group.receiver_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
             // Make what we hold durable, then say where to resume.
             group.sync_to(group.flush_target())?;
-            let last = group.last_seq();
-            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last };
+            let (last, last_ident) = group.last_seq_ident();
+            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident };
             let epoch = group.epoch();
             tracing::info!(event = "primary-connected", "replication: {peer} connected for group {} (resuming at seq {})", group.name, last + 1);
             self.host.dr().update(&group.name, |d| {
@@ -691,9 +709,14 @@ mod tests {
 
     /// A session whose DR answered HELLO with `next_seq` / `durable_seq`.
     fn answered(g: &Arc<Group>, next_seq: u64, durable_seq: u64) -> (Sender, Result<()>) {
+        answered_naming(g, next_seq, durable_seq, None)
+    }
+
+    /// `answered`, the DR naming its last record's identity.
+    fn answered_naming(g: &Arc<Group>, next_seq: u64, durable_seq: u64, last_ident: Option<u32>) -> (Sender, Result<()>) {
         let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
         let mut s = Sender::new(g.clone(), cfg);
-        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq };
+        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident };
         let r = deliver(&mut s, at(0), frame::HELLO_REPLY, &serde_json::to_vec(&reply).unwrap());
         (s, r)
     }
@@ -841,6 +864,44 @@ mod tests {
         let last = g.last_seq();
         let e = answered(&g, last + 5, last + 4).1.unwrap_err();
         assert!(format!("{e:#}").contains("ahead"), "{e:#}");
+        g.abandon();
+    }
+
+    /// A DR whose last record is not the primary's record at that seq (the
+    /// primary lost writes it had shipped, then went on) gets a full
+    /// resync, never the stream; one with the same record streams.
+    #[test]
+    fn a_dr_with_another_history_is_resynced_in_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let v = g.volume("v").unwrap().id;
+        for i in 0..40u64 {
+            g.write(v, (i % 8) * 4096, &vec![i as u8; 4096]).unwrap();
+        }
+        let last = g.last_seq();
+        let older = last - 20;
+        let ours_last = g.record_ident(last).unwrap().expect("the newest record is known");
+        let ours_older = g.record_ident(older).unwrap().expect("an older record is found in the log");
+        assert_ne!(ours_last, ours_older);
+        assert_eq!(g.record_ident(last + 1).unwrap(), None, "no record past the last");
+        // The same history (newest or older): streaming, no dirty set.
+        for (seq, ident) in [(last, Some(ours_last)), (older, Some(ours_older)), (older, None)] {
+            let (_s, r) = answered_naming(&g, seq + 1, seq, ident);
+            r.unwrap();
+            assert!(!g.in_dirty_mode("b"), "seq {seq}: a DR on this primary's history streams");
+        }
+        // Another history at the same seq: every block of the volume is dirty.
+        for seq in [older, last] {
+            let (_s, r) = answered_naming(&g, seq + 1, seq, Some(ours_older ^ 0x5a5a));
+            r.unwrap();
+            assert!(g.in_dirty_mode("b"), "seq {seq}: a diverged DR is not streamed");
+            assert_eq!(g.dirty_blocks("b"), (1 << 20) / 4096, "seq {seq}: the whole volume is resynced");
+            let attempt = g.begin_attempt("b");
+            g.take_dirty("b", attempt, u64::MAX);
+            assert!(g.resync_point("b", attempt, seq).is_some());
+            assert!(g.leave_dirty("b", attempt).unwrap());
+        }
+        assert_eq!(g.replication.replicas()[0].diverged_resyncs, 2, "each counted");
         g.abandon();
     }
 

@@ -3,15 +3,24 @@
 //! in-memory link that is cut at
 //! random byte counts and stalled now and then, with DR power cuts (the DR's
 //! files copied as a power loss would leave them, then reopened), primary
-//! process crashes (reopened from its files), primary-side switches to
+//! process crashes (reopened from its files), primary power cuts (the same
+//! copy: records it had shipped may be gone, so the DR can be ahead of it,
+//! or hold writes its new history does not have), primary-side switches to
 //! dirty-region resync, and writes and snapshot operations (create,
 //! snapshot of snapshot, refresh, sync, delete) interleaved at random.
 //!
 //! Safety, checked after every step: the DR's volume and every snapshot it
 //! holds show exactly writes 1..k of the primary for some k (never a state
-//! the primary never had), and a DR power cut never loses a seq the DR had
-//! acknowledged. Liveness, after the faults stop: the DR converges to the
-//! primary's state, snapshots included, byte for byte.
+//! the primary never had), a DR power cut never loses a seq the DR had
+//! acknowledged, and (until the primary's first power cut) the DR is never
+//! ahead of the primary. Writes are stamped by number, so a write lost in a
+//! primary power cut and the new write with its number hold the same
+//! bytes: the content check cannot see a DR left on the lost history, but
+//! the HELLO history check sees the records differ. Hence also: a schedule
+//! without a primary power cut never takes a "diverged" full resync.
+//! Liveness, after the faults stop (and the primary's seq has passed a DR
+//! left ahead of it): the DR converges to the primary's state, snapshots
+//! included, byte for byte.
 //!
 //! Each schedule is generated from its seed; a failure prints the seed, and
 //! `SIM_SEED=<seed> cargo test --release --lib sim` replays that schedule
@@ -117,7 +126,8 @@ fn schedule(seed: u64) -> Result<(), String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::Builder::new().prefix("tidemark-sim").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
-    let mut p = Group::open(&dir.path().join("p"), "cg0").map_err(|e| e.to_string())?;
+    let mut p_dir = dir.path().join("p");
+    let mut p = Group::open(&p_dir, "cg0").map_err(|e| e.to_string())?;
     let vol = p.create_volume("v", BLOCKS * 4096).map_err(|e| e.to_string())?;
     p.replication.add_replica("b");
     let create = Create { id: Some(p.id), mode: "async".into() };
@@ -126,11 +136,16 @@ fn schedule(seed: u64) -> Result<(), String> {
     let mut link: Option<Link> = None;
     let mut writes = 0u64;
     let mut dr_gen = 0;
+    // Primary power cuts so far, and full resyncs for a diverged DR by
+    // earlier incarnations of the primary.
+    let mut primary_cuts = 0;
+    let mut diverged = 0;
+    let diverged_of = |p: &Group| p.replication.replicas().first().map(|r| r.diverged_resyncs).unwrap_or(0);
     let steps = rng.random_range(10..30);
     let trace = std::env::var("SIM_TRACE").is_ok();
     for step in 0..steps {
         let ctx = |e: String| format!("step {step}: {e}");
-        let action = rng.random_range(0..12);
+        let action = rng.random_range(0..13);
         if trace {
             let d = host.group.lock().unwrap().clone();
             eprintln!("step {step}: action {action}; primary seq {} writes {writes}; DR seq {} shows {:?}; dirty {}", p.last_seq(), d.last_seq(), dr_state(&d, true), p.in_dirty_mode("b"));
@@ -181,9 +196,29 @@ fn schedule(seed: u64) -> Result<(), String> {
                 if let Some(mut l) = link.take() {
                     l.cut();
                 }
+                diverged += diverged_of(&p);
                 p.abandon();
-                p = Group::open(&dir.path().join("p"), "cg0").map_err(|e| ctx(format!("primary log does not open after a crash: {e:#}")))?;
+                p = Group::open(&p_dir, "cg0").map_err(|e| ctx(format!("primary log does not open after a crash: {e:#}")))?;
                 p.replication.add_replica("b");
+            }
+            12 => {
+                // Primary power cut: its page cache goes, with records the
+                // sender may already have shipped. The DR may then be
+                // ahead, or (once the primary writes on) hold writes the
+                // primary's new history does not have; the HELLO check
+                // must resync it in full rather than stream past them.
+                if let Some(mut l) = link.take() {
+                    l.cut();
+                }
+                diverged += diverged_of(&p);
+                p.abandon();
+                primary_cuts += 1;
+                p_dir = dir.path().join(format!("p{primary_cuts}"));
+                crate::group::tests::power_cut::cut_copy(&p, &p_dir, &mut rng);
+                p = Group::open(&p_dir, "cg0").map_err(|e| ctx(format!("primary log does not open after a power cut: {e:#}")))?;
+                p.replication.add_replica("b");
+                // Writes are numbered on from what survived.
+                writes = dr_state(&p, true).map_err(|e| ctx(format!("primary shows an inconsistent state after a power cut: {e}")))?.unwrap_or(0);
             }
             8 => {
                 // The log cap (or a lost log) sends the DR to dirty-region resync.
@@ -203,14 +238,21 @@ fn schedule(seed: u64) -> Result<(), String> {
         let pause = Duration::from_micros(rng.random_range(0..3000));
         rt.block_on(async { tokio::time::sleep(pause).await });
         let d = host.group.lock().unwrap().clone();
-        if d.last_seq() > p.last_seq() {
+        if d.last_seq() > p.last_seq() && primary_cuts == 0 {
             return Err(ctx(format!("DR is ahead: seq {} > primary's {}", d.last_seq(), p.last_seq())));
         }
         dr_state(&d, true).map_err(|e| ctx(format!("DR shows an inconsistent state: {e}")))?;
     }
-    // Liveness: heal and converge.
+    // Liveness: heal and converge. A DR ahead of a primary that lost
+    // records is refused until the primary's seq passes it: write on.
     if let Some(mut l) = link.take() {
         l.cut();
+    }
+    let dr_last = host.group.lock().unwrap().last_seq();
+    while p.last_seq() <= dr_last {
+        writes += 1;
+        let b = (writes - 1) % BLOCKS;
+        p.write(vol, b * 4096, &stamp(writes, b)).map_err(|e| e.to_string())?;
     }
     let _live = connect(&rt, &p, &host, None);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -219,6 +261,10 @@ fn schedule(seed: u64) -> Result<(), String> {
         let k = dr_state(&d, true).map_err(|e| format!("while converging: {e}"))?;
         if d.last_seq() == p.last_seq() && !p.in_dirty_mode("b") && k == Some(writes) {
             compare(&p, &d)?;
+            diverged += diverged_of(&p);
+            if primary_cuts == 0 && diverged > 0 {
+                return Err(format!("{diverged} full resyncs for a diverged DR, but the primary never lost a record"));
+            }
             break;
         }
         if Instant::now() > deadline {

@@ -86,6 +86,7 @@ pub fn status_json(site: &Site) -> Value {
                         "dirty_bytes": g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES,
                         "dirty_tracking": g.in_dirty_mode(&r.site),
                         "sender_nice": r.sender_nice,
+                        "diverged_resyncs": r.diverged_resyncs,
                     })
                 })
                 .collect();

@@ -91,13 +91,14 @@ impl Metrics {
             let us = g.stats.write_lock_wait_max_us.load(Ordering::Relaxed);
             let _ = writeln!(o, "tidemark_group_lock_wait_max_seconds{{group=\"{}\"}} {}", g.name, us as f64 / 1e6);
         }
-        let repl: [(&str, &str, &str); 6] = [
+        let repl: [(&str, &str, &str); 7] = [
             ("tidemark_link_sent_bytes_total", "counter", "Every byte written to the replication link."),
             ("tidemark_link_data_bytes_total", "counter", "Application write payload bytes sent on the link."),
             ("tidemark_replication_lag_bytes", "gauge", "Bytes the DR site does not hold durably yet."),
             ("tidemark_replication_lag_seconds", "gauge", "Age of the oldest write the DR site does not hold durably yet."),
             ("tidemark_replication_lag_writes", "gauge", "Writes the DR site does not hold durably yet."),
             ("tidemark_replication_connected", "gauge", "1 while the link to the DR site is up."),
+            ("tidemark_replication_diverged_resyncs_total", "counter", "Full resyncs because the DR site's last record was not this primary's."),
         ];
         let now = crate::util::now_ns();
         for (name, kind, help) in repl {
@@ -115,6 +116,7 @@ impl Metrics {
                             if lag_writes == 0 || r.oldest_unacked_ns == 0 { 0.0 } else { now.saturating_sub(r.oldest_unacked_ns) as f64 / 1e9 }
                         }
                         "tidemark_replication_lag_writes" => lag_writes as f64,
+                        "tidemark_replication_diverged_resyncs_total" => r.diverged_resyncs as f64,
                         _ => if r.connected { 1.0 } else { 0.0 },
                     };
                     let _ = writeln!(o, "{name}{{group=\"{}\",peer=\"{}\"}} {v}", g.name, r.site);
