@@ -87,6 +87,12 @@ pub(crate) struct Inner {
     pub seg_seqs: BTreeMap<u32, (u64, u64)>,
     /// Lowest sequence number some DR site still needs, per peer (pins).
     pub pins: BTreeMap<String, u64>,
+    /// Per DR site: a record it holds at or after this seq may be one this
+    /// primary shipped and then lost (set when the group opens, to the
+    /// first seq its recovered log lacks; cleared once the DR's history is
+    /// verified at HELLO). Where the primary cannot check such a record,
+    /// the DR gets a full resync.
+    pub unverified: BTreeMap<String, u64>,
     /// Primary: blocks changed since a DR site left the log behind (R3),
     /// per peer and volume. Every write marks them while present.
     pub dirty: BTreeMap<String, resync::Dirty>,
@@ -153,6 +159,9 @@ pub(crate) struct PinsFile {
     pub pins: BTreeMap<String, u64>,
     #[serde(default)]
     pub dirty: Vec<String>,
+    /// `Inner::unverified`.
+    #[serde(default)]
+    pub unverified: BTreeMap<String, u64>,
 }
 
 pub(crate) fn load_pins(dir: &Path) -> Result<PinsFile> {
@@ -595,7 +604,7 @@ impl Group {
         let _g = self.pins_lock.lock().unwrap_or_else(|p| p.into_inner());
         let state = {
             let inner = self.lock_read();
-            PinsFile { pins: inner.pins.clone(), dirty: inner.dirty.keys().cloned().collect() }
+            PinsFile { pins: inner.pins.clone(), dirty: inner.dirty.keys().cloned().collect(), unverified: inner.unverified.clone() }
         };
         crate::crashsafe::write_file(&self.dir.join(PINS_FILE), &serde_json::to_vec_pretty(&state)?)
     }
@@ -609,6 +618,17 @@ impl Group {
         }
     }
 
+    /// `Inner::unverified` for `peer`.
+    pub fn unverified_from(&self, peer: &str) -> Option<u64> {
+        self.lock_read().unverified.get(peer).copied()
+    }
+
+    /// `peer`'s history was checked against this primary's (or replaced by
+    /// a full resync): nothing it holds is suspect any more.
+    pub fn mark_verified(&self, peer: &str) {
+        self.lock_read().unverified.remove(peer);
+    }
+
     pub fn remove_pin(&self, peer: &str) {
         self.lock_read().pins.remove(peer);
     }
@@ -618,10 +638,17 @@ impl Group {
     }
 
     /// The last seq and the identity of its record (`Inner::last_ident`),
-    /// read together.
+    /// read together; found in the log if a version 2 checkpoint left it
+    /// unknown.
     pub fn last_seq_ident(&self) -> (u64, Option<u32>) {
-        let inner = self.lock_read();
-        (inner.next_seq.saturating_sub(1), inner.last_ident)
+        let (last, ident) = {
+            let inner = self.lock_read();
+            (inner.next_seq.saturating_sub(1), inner.last_ident)
+        };
+        match ident {
+            Some(c) => (last, Some(c)),
+            None => (last, self.record_ident(last).ok().flatten()),
+        }
     }
 
     /// The identity of this site's record at `seq` (as `Inner::last_ident`
@@ -633,7 +660,7 @@ impl Group {
             if seq == 0 || seq >= inner.next_seq {
                 return Ok(None);
             }
-            if seq + 1 == inner.next_seq {
+            if seq + 1 == inner.next_seq && inner.last_ident.is_some() {
                 return Ok(inner.last_ident);
             }
             match inner.seg_seqs.iter().find(|(_, (lo, hi))| *lo <= seq && seq <= *hi) {

@@ -115,6 +115,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         failed: None,
         seg_seqs,
         pins: BTreeMap::new(),
+        unverified: BTreeMap::new(),
         dirty: BTreeMap::new(),
         dirty_pending: BTreeMap::new(),
         staging: None,
@@ -185,6 +186,20 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // acknowledged, so never too little kept).
     let pf = super::load_pins(dir)?;
     inner.pins = pf.pins;
+    // Anything after the recovered log may have been shipped and lost (a
+    // power loss takes the page cache, not what the sender already sent):
+    // each DR site this primary shipped to is suspect from here on until
+    // its history is checked (`Inner::unverified`).
+    inner.unverified = pf.unverified;
+    let mut suspects_changed = false;
+    for peer in inner.pins.keys().cloned().collect::<Vec<_>>() {
+        let from = inner.next_seq;
+        let e = inner.unverified.entry(peer).or_insert(u64::MAX);
+        if from < *e {
+            *e = from;
+            suspects_changed = true;
+        }
+    }
     for peer in pf.dirty {
         // Was in dirty-region mode when we stopped: the set is gone, so
         // every mapped block is dirty (a full, still consistent, resync).
@@ -201,5 +216,11 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         inner.segments.len(),
         inner.next_seq - 1
     );
-    Ok(Group::from_parts(&meta, dir.to_path_buf(), inner))
+    let g = Group::from_parts(&meta, dir.to_path_buf(), inner);
+    if suspects_changed {
+        // Durable before anything is shipped: a second crash must not
+        // forget where the first one may have cut the history.
+        g.save_pins()?;
+    }
+    Ok(g)
 }

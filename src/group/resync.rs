@@ -503,6 +503,8 @@ impl Group {
                 return Ok(false);
             }
             inner.dirty.remove(peer);
+            // The commit made the DR's copy this primary's.
+            inner.unverified.remove(peer);
         }
         self.save_pins()?;
         Ok(true)

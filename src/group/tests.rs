@@ -126,6 +126,52 @@ fn last_record_identity_survives_reopen() {
     bytes[12..16].copy_from_slice(&crc.to_le_bytes());
     let c = checkpoint::decode(&bytes, g.id).unwrap();
     assert_eq!((c.next_seq, c.last_ident), (after.0 + 1, None));
+    // A group opened from it finds the identity in its log.
+    g.close().unwrap();
+    drop(g);
+    crate::crashsafe::write_file(&dir.path().join(checkpoint::FILE_NAME), &bytes).unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    assert_eq!(g.inner.lock().unwrap().last_ident, None, "a version 2 checkpoint has no identity");
+    assert_eq!(g.last_seq_ident(), after, "found in the log");
+    assert_eq!(g.record_ident(after.0).unwrap(), after.1);
+}
+
+/// A primary that shipped to a DR site suspects it from the first seq its
+/// recovered log lacks, at every open, keeping the earliest such point
+/// until the DR's history is verified; the suspicion is on disk before
+/// anything is shipped.
+#[test]
+fn each_open_marks_dr_sites_unverified_from_the_end_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        g.write(vol, 0, &vec![1u8; 4096]).unwrap();
+        g.set_pin("b", 1);
+        g.save_pins().unwrap();
+        assert_eq!(g.unverified_from("b"), None);
+        g.close().unwrap();
+        g.last_seq() + 1
+    };
+    {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        assert_eq!(g.unverified_from("b"), Some(first));
+        assert_eq!(g.unverified_from("c"), None, "a site never shipped to is not suspect");
+        let vol = g.volume("v").unwrap().id;
+        g.write(vol, 0, &vec![2u8; 4096]).unwrap();
+        std::mem::forget(g);
+    }
+    {
+        // Reopened further on: the earlier point stays.
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        assert!(g.last_seq() + 1 > first);
+        assert_eq!(g.unverified_from("b"), Some(first));
+        g.mark_verified("b");
+        g.save_pins().unwrap();
+        std::mem::forget(g);
+    }
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    assert_eq!(g.unverified_from("b"), Some(g.last_seq() + 1), "verified, then suspect from this open only");
 }
 
 #[test]
@@ -366,7 +412,9 @@ pub(crate) mod power_cut {
 
     pub(crate) fn cut_copy(g: &Group, to: &Path, rng: &mut rand::rngs::StdRng) {
         std::fs::create_dir_all(to).unwrap();
-        for f in ["group.json", "checkpoint"] {
+        // Written crash-safely (fsynced before rename), so a power cut keeps
+        // their last version.
+        for f in ["group.json", "checkpoint", "replicas.json"] {
             if g.dir.join(f).exists() {
                 std::fs::copy(g.dir.join(f), to.join(f)).unwrap();
             }

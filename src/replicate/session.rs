@@ -179,7 +179,11 @@ impl Sender {
             },
             _ => decide::History::Unchecked,
         };
-        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer), history);
+        let suspect = g.unverified_from(peer).is_some_and(|from| dr_last >= from);
+        if history == decide::History::Same || dr_last == 0 {
+            g.mark_verified(peer);
+        }
+        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer), history, suspect);
         let resyncing = match plan {
             decide::Start::Refuse(reason) => bail!("{peer}: {reason}; refusing to replicate"),
             decide::Start::Diverged(reason) => {
@@ -902,6 +906,12 @@ mod tests {
             assert!(g.leave_dirty("b", attempt).unwrap());
         }
         assert_eq!(g.replication.replicas()[0].diverged_resyncs, 2, "each counted");
+        // A dirty set that only held the latest writes becomes whole too.
+        g.enter_dirty("b", Some(last)).unwrap();
+        let partial = g.dirty_blocks("b");
+        assert!(partial < (1 << 20) / 4096, "{partial}");
+        answered_naming(&g, older + 1, older, Some(ours_older ^ 0x5a5a)).1.unwrap();
+        assert_eq!(g.dirty_blocks("b"), (1 << 20) / 4096, "a partial dirty set is filled for a diverged DR");
         g.abandon();
     }
 
