@@ -647,7 +647,13 @@ impl Group {
         };
         match ident {
             Some(c) => (last, Some(c)),
-            None => (last, self.record_ident(last).ok().flatten()),
+            None => match self.record_ident(last) {
+                Ok(i) => (last, i),
+                Err(e) => {
+                    tracing::warn!("group {}: cannot read the record at seq {last} to name it: {e:#}", self.name);
+                    (last, None)
+                }
+            },
         }
     }
 

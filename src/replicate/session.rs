@@ -180,7 +180,9 @@ impl Sender {
             _ => decide::History::Unchecked,
         };
         let suspect = g.unverified_from(peer).is_some_and(|from| dr_last >= from);
-        if history == decide::History::Same || dr_last == 0 {
+        // Checked, empty, or holding only seqs this primary kept through
+        // every restart since: nothing it holds is suspect.
+        if history == decide::History::Same || dr_last == 0 || !suspect {
             g.mark_verified(peer);
         }
         let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer), history, suspect);
