@@ -344,3 +344,37 @@ fn a_dr_that_holds_lost_writes_past_the_log_cap_is_resynced_in_full() {
     assert!(a == b, "the DR copy differs from the primary (lost writes kept: {})", b[4 << 20..5 << 20].contains(&0x22));
     assert!(d.sites[0].log().contains("restarted before seq"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
 }
+
+/// A DR site that comes back without its data (a replaced disk) while the
+/// primary holds a dirty set from the log cap: that set has only the blocks
+/// written since the DR's pin, so a dirty-region resync would leave the DR
+/// with everything older missing. It must be resynced in full.
+#[test]
+fn a_dr_that_lost_its_data_during_dirty_mode_is_resynced_in_full() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "32MiB")], "async");
+    d.sites[0].edit_config(|c| c.replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"64MiB\""));
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x11, 0, 8);
+    wait_until(20, "catch-up", || caught_up(&d));
+    d.sites[1].stop();
+    // 224 MiB past the first MiB: the log passes the cap, and the dirty set
+    // starts after the blocks the DR held.
+    let cmds: Vec<String> = (0..224u64).map(|i| format!("write -P 0x44 {}M 1M", 1 + i % 31)).collect();
+    let mut args = vec!["-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(&p);
+    cmd_ok("qemu-io", &args);
+    wait_until(60, "dirty-region mode for b", || d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true);
+    // The DR's data is gone.
+    std::fs::remove_dir_all(d.sites[1].dir.join("groups")).unwrap();
+    d.sites[1].spawn();
+    wait_until(60, "catch-up after the resync", || caught_up(&d) && dr_applied(&d, 1) >= d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap());
+    let a = cmd_ok("nbdcopy", &[&p, "-"]).stdout;
+    let b = cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout;
+    assert!(a[..512 << 10].iter().all(|&x| x == 0x11));
+    assert!(a == b, "the DR copy differs from the primary (its first 512 KiB right: {})", a[..512 << 10] == b[..512 << 10]);
+    assert!(d.sites[0].log().contains("the dirty set starts at seq"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
+}

@@ -123,6 +123,9 @@ pub struct Dirty {
     /// The resync attempt that may take blocks (see `begin_attempt`).
     attempt: u64,
     pending: bool,
+    /// The set holds the blocks of records from this seq on: it serves a DR
+    /// that holds every record before it. `None`: every block is marked.
+    pub from_seq: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -306,6 +309,12 @@ impl Group {
         self.lock_read().dirty.contains_key(peer)
     }
 
+    /// `peer`'s dirty set, if in dirty mode: the seq it starts at
+    /// (`Dirty::from_seq`; `None` if every block is marked).
+    pub fn dirty_from(&self, peer: &str) -> Option<Option<u64>> {
+        self.lock_read().dirty.get(peer).map(|d| d.from_seq)
+    }
+
     /// Blocks still to resync for `peer`.
     pub fn dirty_blocks(&self, peer: &str) -> u64 {
         self.lock_read().dirty.get(peer).map(|d| d.dirty_blocks()).unwrap_or(0)
@@ -384,6 +393,7 @@ impl Group {
             }
             set.pending = false;
             set.ops.clear();
+            set.from_seq = from_seq;
             let n = set.dirty_blocks();
             inner.dirty.insert(peer.to_string(), set);
             inner.pins.remove(peer);
@@ -405,6 +415,7 @@ impl Group {
             for (vol, r) in &all.blocks {
                 d.mark_all(*vol, r);
             }
+            d.from_seq = None;
         }
         Ok(())
     }

@@ -105,12 +105,26 @@ pub enum History {
     Unknown,
 }
 
+/// The primary's dirty set for a DR site (dirty-region mode), if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtySet {
+    /// Not in dirty-region mode.
+    Absent,
+    /// It covers what the DR lacks: every block written after what the DR
+    /// holds (or every block).
+    Covers,
+    /// It began after a seq the DR does not hold (a DR site that lost its
+    /// data, or was restored from an older copy): the blocks written
+    /// between are in neither the set nor, any more, the log.
+    Short,
+}
+
 /// Where a session starts. `history` matters only where the DR's seq is
 /// one this primary has (a DR ahead is refused before). `suspect`: the
 /// DR's last seq is at or after a point where this primary's log was cut
 /// by a restart (`Inner::unverified`), so a record there that cannot be
 /// checked may be one it lost.
-pub fn plan_session(dr_next: u64, dr_durable: u64, primary_last: u64, log_holds_next: bool, in_dirty_mode: bool, history: History, suspect: bool) -> Start {
+pub fn plan_session(dr_next: u64, dr_durable: u64, primary_last: u64, log_holds_next: bool, dirty: DirtySet, history: History, suspect: bool) -> Start {
     let next = dr_next.max(1);
     if next > primary_last + 1 {
         return Start::Refuse(format!("the DR site holds seq {} but this primary's last is {primary_last}: the DR copy is ahead (split brain, or this primary lost writes it had shipped)", next - 1));
@@ -122,8 +136,8 @@ pub fn plan_session(dr_next: u64, dr_durable: u64, primary_last: u64, log_holds_
         // A dirty set covers what this primary wrote, not what it lost.
         return Start::Diverged(format!("this primary restarted before seq {} and its log no longer holds that seq to check the DR's record against", next - 1));
     }
-    if in_dirty_mode {
-        return Start::Resync { full: false };
+    if dirty != DirtySet::Absent {
+        return Start::Resync { full: dirty == DirtySet::Short };
     }
     if !log_holds_next {
         return Start::Resync { full: true };
@@ -236,36 +250,41 @@ mod tests {
     fn session_plans() {
         use History::*;
         for h in [Unchecked, Same] {
-            assert_eq!(plan_session(5, 4, 10, true, false, h, false), Start::Stream { from: 5, pin: 4 });
-            assert_eq!(plan_session(5, 3, 10, true, false, h, false), Start::Stream { from: 5, pin: 3 });
-            assert_eq!(plan_session(11, 10, 10, true, false, h, false), Start::Stream { from: 11, pin: 10 });
-            assert_eq!(plan_session(5, 4, 10, false, false, h, false), Start::Resync { full: true });
-            assert_eq!(plan_session(5, 4, 10, true, true, h, false), Start::Resync { full: false });
+            assert_eq!(plan_session(5, 4, 10, true, DirtySet::Absent, h, false), Start::Stream { from: 5, pin: 4 });
+            assert_eq!(plan_session(5, 3, 10, true, DirtySet::Absent, h, false), Start::Stream { from: 5, pin: 3 });
+            assert_eq!(plan_session(11, 10, 10, true, DirtySet::Absent, h, false), Start::Stream { from: 11, pin: 10 });
+            assert_eq!(plan_session(5, 4, 10, false, DirtySet::Absent, h, false), Start::Resync { full: true });
+            assert_eq!(plan_session(5, 4, 10, true, DirtySet::Covers, h, false), Start::Resync { full: false });
         }
-        assert_eq!(plan_session(0, 0, 0, true, false, Unchecked, false), Start::Stream { from: 1, pin: 1 });
+        assert_eq!(plan_session(0, 0, 0, true, DirtySet::Absent, Unchecked, false), Start::Stream { from: 1, pin: 1 });
         // A DR ahead is refused whatever the history says.
         for h in [Unchecked, Same, Differs, Unknown] {
-            assert!(matches!(plan_session(12, 11, 10, true, false, h, false), Start::Refuse(_)));
+            assert!(matches!(plan_session(12, 11, 10, true, DirtySet::Absent, h, false), Start::Refuse(_)));
         }
         // A DR whose last record differs is resynced in full, even where
         // the log or a dirty set could have served it.
-        for (holds, dirty) in [(true, false), (false, false), (true, true)] {
+        for (holds, dirty) in [(true, DirtySet::Absent), (false, DirtySet::Absent), (true, DirtySet::Covers), (true, DirtySet::Short)] {
             assert!(matches!(plan_session(5, 4, 10, holds, dirty, Differs, false), Start::Diverged(_)));
             assert!(matches!(plan_session(11, 10, 10, holds, dirty, Differs, false), Start::Diverged(_)));
         }
         // An unverifiable record: never streamed; a dirty set or a full
         // resync covers it.
-        assert!(matches!(plan_session(5, 4, 10, true, false, Unknown, false), Start::Diverged(_)));
-        assert_eq!(plan_session(5, 4, 10, false, false, Unknown, false), Start::Resync { full: true });
-        assert_eq!(plan_session(5, 4, 10, true, true, Unknown, false), Start::Resync { full: false });
+        assert!(matches!(plan_session(5, 4, 10, true, DirtySet::Absent, Unknown, false), Start::Diverged(_)));
+        assert_eq!(plan_session(5, 4, 10, false, DirtySet::Absent, Unknown, false), Start::Resync { full: true });
+        assert_eq!(plan_session(5, 4, 10, true, DirtySet::Covers, Unknown, false), Start::Resync { full: false });
         // ... unless this primary restarted before that seq: then the DR may
         // hold writes it lost, which no dirty set covers.
-        for (holds, dirty) in [(true, false), (false, false), (true, true)] {
+        for (holds, dirty) in [(true, DirtySet::Absent), (false, DirtySet::Absent), (true, DirtySet::Covers), (true, DirtySet::Short)] {
             assert!(matches!(plan_session(5, 4, 10, holds, dirty, Unknown, true), Start::Diverged(_)));
         }
         // Suspect but checked: the check decides.
-        assert_eq!(plan_session(5, 4, 10, true, false, Same, true), Start::Stream { from: 5, pin: 4 });
-        assert_eq!(plan_session(5, 4, 10, true, true, Same, true), Start::Resync { full: false });
+        assert_eq!(plan_session(5, 4, 10, true, DirtySet::Absent, Same, true), Start::Stream { from: 5, pin: 4 });
+        assert_eq!(plan_session(5, 4, 10, true, DirtySet::Covers, Same, true), Start::Resync { full: false });
+        // A dirty set that began after a seq the DR does not hold cannot
+        // serve it (the DR lost its data): everything is resent.
+        for h in [Unchecked, Same, Unknown] {
+            assert_eq!(plan_session(1, 0, 10, true, DirtySet::Short, h, false), Start::Resync { full: true });
+        }
     }
 
     #[test]

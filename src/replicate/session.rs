@@ -185,7 +185,13 @@ impl Sender {
         if history == decide::History::Same || dr_last == 0 || !suspect {
             g.mark_verified(peer);
         }
-        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), g.in_dirty_mode(peer), history, suspect);
+        // A dirty set that began after a seq the DR lacks cannot serve it.
+        let dirty = match g.dirty_from(peer) {
+            None => decide::DirtySet::Absent,
+            Some(Some(from)) if dr_last + 1 < from => decide::DirtySet::Short,
+            Some(_) => decide::DirtySet::Covers,
+        };
+        let plan = decide::plan_session(reply.next_seq, reply.durable_seq, last, g.locate_seq(self.next).is_some(), dirty, history, suspect);
         let resyncing = match plan {
             decide::Start::Refuse(reason) => bail!("{peer}: {reason}; refusing to replicate"),
             decide::Start::Diverged(reason) => {
@@ -196,8 +202,12 @@ impl Sender {
             }
             decide::Start::Resync { full } => {
                 if full {
-                    tracing::warn!("replication of {} to {peer}: it needs seq {} but the log starts at seq {}; full resync", g.name, self.next, g.oldest_seq().unwrap_or(0));
-                    g.enter_dirty(peer, None)?;
+                    if dirty == decide::DirtySet::Short {
+                        tracing::warn!("replication of {} to {peer}: it holds seq {dr_last} but the dirty set starts at seq {} (the DR lost data, or was restored from an older copy); full resync", g.name, g.dirty_from(peer).flatten().unwrap_or(0));
+                    } else {
+                        tracing::warn!("replication of {} to {peer}: it needs seq {} but the log starts at seq {}; full resync", g.name, self.next, g.oldest_seq().unwrap_or(0));
+                    }
+                    g.resync_everything(peer)?;
                 }
                 true
             }
@@ -914,6 +924,31 @@ mod tests {
         assert!(partial < (1 << 20) / 4096, "{partial}");
         answered_naming(&g, older + 1, older, Some(ours_older ^ 0x5a5a)).1.unwrap();
         assert_eq!(g.dirty_blocks("b"), (1 << 20) / 4096, "a partial dirty set is filled for a diverged DR");
+        g.abandon();
+    }
+
+    /// A DR site that comes back empty (its data lost, or a new disk) while
+    /// the primary holds a dirty set from some seq on: the set lacks every
+    /// block written before, so everything is resent.
+    #[test]
+    fn an_empty_dr_against_a_partial_dirty_set_is_resynced_in_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let v = g.volume("v").unwrap().id;
+        for i in 0..8u64 {
+            g.write(v, i * 4096, &vec![i as u8; 4096]).unwrap();
+        }
+        let last = g.last_seq();
+        g.enter_dirty("b", Some(last)).unwrap();
+        assert_eq!(g.dirty_from("b"), Some(Some(last)));
+        assert!(g.dirty_blocks("b") < (1 << 20) / 4096);
+        // A DR holding everything before the set: the set serves it.
+        answered(&g, last, last - 1).1.unwrap();
+        assert!(g.dirty_blocks("b") < (1 << 20) / 4096, "the set covers a DR at seq {}", last - 1);
+        // An empty one: everything.
+        answered(&g, 1, 0).1.unwrap();
+        assert_eq!(g.dirty_blocks("b"), (1 << 20) / 4096);
+        assert_eq!(g.dirty_from("b"), Some(None));
         g.abandon();
     }
 
