@@ -220,27 +220,44 @@ fn caught_up(d: &Deployment) -> bool {
     r["state"] == "replicating" && r["lag_writes"] == 0
 }
 
-/// `qemu-io` writing `n` 64 KiB blocks of byte `pattern` from `offset`, one
-/// request (so one record) each.
-fn write_blocks(uri: &str, pattern: u8, offset: u64, n: u64) {
-    let cmds: Vec<String> = (0..n).map(|i| format!("write -P {pattern:#x} {} 64k", offset + i * 65536)).collect();
+/// The primary's last seq.
+fn primary_last(d: &Deployment) -> u64 {
+    d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap()
+}
+
+/// One `qemu-io` run of `cmds` against `uri`.
+fn qemu_io(uri: &str, cmds: &[String]) {
     let mut args = vec!["-f", "raw"];
-    for c in &cmds {
+    for c in cmds {
         args.extend(["-c", c.as_str()]);
     }
     args.push(uri);
     cmd_ok("qemu-io", &args);
 }
 
-/// A primary that lost writes it had already shipped (its disk rolled back,
-/// as a power loss does to records still in the page cache), then wrote
-/// past the DR's seq while the DR was away: the DR's history is no longer a
-/// prefix of the primary's. Streaming from the DR's next seq would leave
-/// the lost writes on the DR, mixed with the new ones (a state the primary
-/// never had); the HELLO check must find the mismatch and resync in full.
-#[test]
-fn a_dr_that_holds_writes_the_primary_lost_is_resynced_in_full() {
-    let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
+/// `qemu-io` writing `n` 64 KiB blocks of byte `pattern` from `offset`, one
+/// request (so one record) each.
+fn write_blocks(uri: &str, pattern: u8, offset: u64, n: u64) {
+    qemu_io(uri, &(0..n).map(|i| format!("write -P {pattern:#x} {} 64k", offset + i * 65536)).collect::<Vec<_>>());
+}
+
+/// 224 one-MiB writes of 0x44, one to each slot in turn: enough log to pass
+/// a 64 MiB log cap and to overwrite every block of the slots many times.
+fn write_224_mib(uri: &str, slots: &[u64]) {
+    qemu_io(uri, &(0..224).map(|i| format!("write -P 0x44 {}M 1M", slots[i % slots.len()])).collect::<Vec<_>>());
+}
+
+/// A deployment (DR log cap `cap`, `vol0` of `size`) whose primary has lost
+/// 8 writes of 0x22 at 4 MiB that it had shipped to the DR, as a power loss
+/// loses records still in the page cache: 0x11 at 0 is written and caught
+/// up, the primary's files are saved, the 0x22 writes reach the DR, then
+/// both sites stop and the primary's files are rolled back. Both sites are
+/// left stopped; returns the deployment and the DR's last seq.
+fn primary_that_lost_shipped_writes(size: &str, cap: Option<&str>) -> (Deployment, u64) {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", size)], "async");
+    if let Some(cap) = cap {
+        d.sites[0].edit_config(|c| c.replace("replication_log_cap = \"64GiB\"", &format!("replication_log_cap = \"{cap}\"")));
+    }
     d.start_all();
     let p = d.sites[0].uri("vol0");
     write_blocks(&p, 0x11, 0, 8);
@@ -259,16 +276,37 @@ fn a_dr_that_holds_writes_the_primary_lost_is_resynced_in_full() {
     // Roll the primary back: those 8 writes are gone from its log.
     std::fs::remove_dir_all(&d.sites[0].dir).unwrap();
     cmd_ok("cp", &["-a", saved.to_str().unwrap(), d.sites[0].dir.to_str().unwrap()]);
+    (d, dr_last)
+}
+
+/// Waits for the DR to hold the primary's last seq, streaming again, and
+/// returns `vol0` as the primary and the DR show it.
+fn converged_copies(d: &Deployment, secs: u64) -> (Vec<u8>, Vec<u8>) {
+    wait_until(secs, "catch-up after the resync", || caught_up(d) && dr_applied(d, 1) >= primary_last(d));
+    (cmd_ok("nbdcopy", &[&d.sites[0].uri("vol0"), "-"]).stdout, cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout)
+}
+
+fn dirty_tracking(d: &Deployment) -> bool {
+    d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true
+}
+
+/// A primary that lost writes it had already shipped (its disk rolled back,
+/// as a power loss does to records still in the page cache), then wrote
+/// past the DR's seq while the DR was away: the DR's history is no longer a
+/// prefix of the primary's. Streaming from the DR's next seq would leave
+/// the lost writes on the DR, mixed with the new ones (a state the primary
+/// never had); the HELLO check must find the mismatch and resync in full.
+#[test]
+fn a_dr_that_holds_writes_the_primary_lost_is_resynced_in_full() {
+    let (mut d, dr_last) = primary_that_lost_shipped_writes("16MiB", None);
     d.sites[0].spawn();
     // A new history while the DR is away, longer than what was lost, so
     // the primary's seq passes the DR's.
-    write_blocks(&p, 0x33, 8 << 20, 16);
-    let last = d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap();
+    write_blocks(&d.sites[0].uri("vol0"), 0x33, 8 << 20, 16);
+    let last = primary_last(&d);
     assert!(last > dr_last, "the primary's seq {last} must pass the DR's {dr_last} for this test");
     d.sites[1].spawn();
-    wait_until(30, "catch-up after the resync", || caught_up(&d) && dr_applied(&d, 1) >= last);
-    let a = cmd_ok("nbdcopy", &[&p, "-"]).stdout;
-    let b = cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout;
+    let (a, b) = converged_copies(&d, 30);
     assert!(a[4 << 20..6 << 20].iter().all(|&x| x == 0), "the primary still shows the writes it lost");
     assert!(a == b, "the DR copy differs from the primary (lost writes kept: {})", b[4 << 20..6 << 20].contains(&0x22));
     assert!(d.sites[0].log().contains("is not this primary's"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
@@ -299,47 +337,23 @@ fn segment_ids(dir: &std::path::Path) -> Vec<u32> {
 /// where its log was cut at the restart, so the DR gets a full resync.
 #[test]
 fn a_dr_that_holds_lost_writes_past_the_log_cap_is_resynced_in_full() {
-    let mut d = Deployment::init(&["a", "b"], &[("vol0", "32MiB")], "async");
-    d.sites[0].edit_config(|c| c.replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"64MiB\""));
-    d.start_all();
-    let p = d.sites[0].uri("vol0");
-    write_blocks(&p, 0x11, 0, 8);
-    wait_until(20, "catch-up", || caught_up(&d));
-    d.sites[0].stop();
-    let saved = d.dir.join("a-saved");
-    cmd_ok("cp", &["-a", d.sites[0].dir.to_str().unwrap(), saved.to_str().unwrap()]);
-    d.sites[0].spawn();
-    write_blocks(&p, 0x22, 4 << 20, 8);
-    wait_until(20, "catch-up with the writes to be lost", || caught_up(&d));
-    let dr_last = dr_applied(&d, 1);
-    d.sites[1].stop();
-    d.sites[0].kill9();
-    std::fs::remove_dir_all(&d.sites[0].dir).unwrap();
-    cmd_ok("cp", &["-a", saved.to_str().unwrap(), d.sites[0].dir.to_str().unwrap()]);
+    let (mut d, dr_last) = primary_that_lost_shipped_writes("32MiB", Some("64MiB"));
     let gdir = group_dir(&d, 0);
     let cut_tail = *segment_ids(&gdir).last().unwrap();
     d.sites[0].spawn();
+    let p = d.sites[0].uri("vol0");
     // The new history passes the DR's seq...
     write_blocks(&p, 0x33, 0, 16);
-    let last = d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap();
+    let last = primary_last(&d);
     assert!(last > dr_last, "the primary's seq {last} must pass the DR's {dr_last} for this test");
     // ...then 224 MiB more, never touching 4-5 MiB: the log passes the cap
     // (dirty-region mode) and every block of the segments holding the
     // DR's seq is overwritten, so GC frees them.
-    let slots: Vec<u64> = (0..32u64).filter(|s| *s != 4).collect();
-    let cmds: Vec<String> = (0..224).map(|i| format!("write -P 0x44 {}M 1M", slots[i % slots.len()])).collect();
-    let mut args = vec!["-f", "raw"];
-    for c in &cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(&p);
-    cmd_ok("qemu-io", &args);
-    wait_until(60, "dirty-region mode for b", || d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true);
+    write_224_mib(&p, &(0..32u64).filter(|s| *s != 4).collect::<Vec<_>>());
+    wait_until(60, "dirty-region mode for b", || dirty_tracking(&d));
     wait_until(60, "GC to free the segments holding the DR's seq", || segment_ids(&gdir).first().is_some_and(|id| *id > cut_tail));
     d.sites[1].spawn();
-    wait_until(60, "catch-up after the resync", || caught_up(&d) && dr_applied(&d, 1) >= d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap());
-    let a = cmd_ok("nbdcopy", &[&p, "-"]).stdout;
-    let b = cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout;
+    let (a, b) = converged_copies(&d, 60);
     assert!(a[4 << 20..5 << 20].iter().all(|&x| x == 0), "the primary still shows the writes it lost");
     assert!(a == b, "the DR copy differs from the primary (lost writes kept: {})", b[4 << 20..5 << 20].contains(&0x22));
     assert!(d.sites[0].log().contains("restarted before seq"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
@@ -360,20 +374,12 @@ fn a_dr_that_lost_its_data_during_dirty_mode_is_resynced_in_full() {
     d.sites[1].stop();
     // 224 MiB past the first MiB: the log passes the cap, and the dirty set
     // starts after the blocks the DR held.
-    let cmds: Vec<String> = (0..224u64).map(|i| format!("write -P 0x44 {}M 1M", 1 + i % 31)).collect();
-    let mut args = vec!["-f", "raw"];
-    for c in &cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(&p);
-    cmd_ok("qemu-io", &args);
-    wait_until(60, "dirty-region mode for b", || d.sites[0].status()["groups"][0]["replicas"][0]["dirty_tracking"] == true);
+    write_224_mib(&p, &(1..32u64).collect::<Vec<_>>());
+    wait_until(60, "dirty-region mode for b", || dirty_tracking(&d));
     // The DR's data is gone.
     std::fs::remove_dir_all(d.sites[1].dir.join("groups")).unwrap();
     d.sites[1].spawn();
-    wait_until(60, "catch-up after the resync", || caught_up(&d) && dr_applied(&d, 1) >= d.sites[0].status()["groups"][0]["last_seq"].as_u64().unwrap());
-    let a = cmd_ok("nbdcopy", &[&p, "-"]).stdout;
-    let b = cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout;
+    let (a, b) = converged_copies(&d, 60);
     assert!(a[..512 << 10].iter().all(|&x| x == 0x11));
     assert!(a == b, "the DR copy differs from the primary (its first 512 KiB right: {})", a[..512 << 10] == b[..512 << 10]);
     assert!(d.sites[0].log().contains("the dirty set starts at seq"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
