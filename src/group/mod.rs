@@ -262,7 +262,7 @@ impl Inner {
         }
         if h.flags & FLAG_RELOCATED == 0 {
             if h.seq + 1 >= self.next_seq {
-                self.last_ident = if h.kind == Kind::ResyncCommit { record::commit_ident(h) } else { Some(h.crc) };
+                self.last_ident = record::ident(h);
             }
             self.next_seq = self.next_seq.max(h.seq + 1);
             let r = self.seg_seqs.entry(pos_seg(at)).or_insert((h.seq, h.seq));
@@ -661,7 +661,7 @@ impl Group {
     /// defines it), if the log still holds that record. The newest is
     /// known without I/O; an older one costs a scan of its segment.
     pub fn record_ident(&self, seq: u64) -> Result<Option<u32>> {
-        let seg_id = {
+        {
             let inner = self.lock_read();
             if seq == 0 || seq >= inner.next_seq {
                 return Ok(None);
@@ -669,17 +669,14 @@ impl Group {
             if seq + 1 == inner.next_seq && inner.last_ident.is_some() {
                 return Ok(inner.last_ident);
             }
-            match inner.seg_seqs.iter().find(|(_, (lo, hi))| *lo <= seq && seq <= *hi) {
-                Some((id, _)) => *id,
-                None => return Ok(None),
-            }
-        };
-        let Some(seg) = self.segment(seg_id) else { return Ok(None) };
+        }
+        // The segment holding `seq` (or a later one, where it is not found).
+        let Some(seg) = self.locate_seq(seq).and_then(|at| self.segment(pos_seg(at))) else { return Ok(None) };
         let mut found = None;
         segment::scan(&seg, 0, false, |r, _| {
             let h = &r.header;
-            if h.seq == seq && h.flags & (FLAG_RELOCATED | record::FLAG_RESYNC) == 0 && h.kind != Kind::ResyncBegin {
-                found = if h.kind == Kind::ResyncCommit { record::commit_ident(h) } else { Some(h.crc) };
+            if h.seq == seq && h.flags & (FLAG_RELOCATED | FLAG_RESYNC) == 0 && h.kind != Kind::ResyncBegin {
+                found = record::ident(h);
             }
             Ok(())
         })?;

@@ -45,6 +45,16 @@ pub fn commit_ident(h: &Header) -> Option<u32> {
     (h.offset & COMMIT_IDENT_PRESENT != 0).then_some(h.offset as u32)
 }
 
+/// The identity of an ordered record, as a DR names its last one at HELLO:
+/// its header CRC, or for a resync commit the record it stands for.
+pub fn ident(h: &Header) -> Option<u32> {
+    if h.kind == Kind::ResyncCommit {
+        commit_ident(h)
+    } else {
+        Some(h.crc)
+    }
+}
+
 /// Largest body a record may declare (a maximal write plus its CRC array).
 pub const BODY_BYTES_MAX: u32 = crate::limits::NBD_REQUEST_BYTES_MAX + crate::limits::NBD_REQUEST_BYTES_MAX / 1024;
 

@@ -186,7 +186,8 @@ impl Sender {
             g.mark_verified(peer);
         }
         // A dirty set that began after a seq the DR lacks cannot serve it.
-        let dirty = match g.dirty_from(peer) {
+        let dirty_from = g.dirty_from(peer);
+        let dirty = match dirty_from {
             None => decide::DirtySet::Absent,
             Some(Some(from)) if dr_last + 1 < from => decide::DirtySet::Short,
             Some(_) => decide::DirtySet::Covers,
@@ -203,7 +204,7 @@ impl Sender {
             decide::Start::Resync { full } => {
                 if full {
                     if dirty == decide::DirtySet::Short {
-                        tracing::warn!("replication of {} to {peer}: it holds seq {dr_last} but the dirty set starts at seq {} (the DR lost data, or was restored from an older copy); full resync", g.name, g.dirty_from(peer).flatten().unwrap_or(0));
+                        tracing::warn!("replication of {} to {peer}: it holds seq {dr_last} but the dirty set starts at seq {} (the DR lost data, or was restored from an older copy); full resync", g.name, dirty_from.flatten().unwrap_or(0));
                     } else {
                         tracing::warn!("replication of {} to {peer}: it needs seq {} but the log starts at seq {}; full resync", g.name, self.next, g.oldest_seq().unwrap_or(0));
                     }
