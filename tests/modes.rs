@@ -1,6 +1,7 @@
 //! Replication modes (R2): sync with `sync_loss = refuse` fails writes while
 //! the DR site is gone and resumes after; sync with the default async
 //! fallback keeps writing and says so in status; periodic ships in batches;
+//! lag_seconds counts writes not shipped yet;
 //! lz4 on a link carries the same data in fewer bytes.
 
 mod common;
@@ -73,6 +74,58 @@ fn periodic_mode_ships_in_batches() {
     wait_until(10, "the next period", || d.sites[0].status()["groups"][0]["replicas"][0]["lag_writes"] == 0);
     eprintln!("shipped after {:?}", t.elapsed());
     assert!(t.elapsed() <= Duration::from_secs(5));
+}
+
+/// `lag_seconds` is the age of the oldest write the DR lacks, whether or
+/// not the sender has shipped it: between two periodic shipments, and with
+/// the DR site down. (It used to count only records in flight, and read 0
+/// in both cases once the last shipment was acknowledged.)
+#[test]
+fn lag_seconds_counts_writes_not_shipped_yet() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "periodic");
+    d.sites[0].edit_config(|c| c.replace("periodic_interval_s = 10", "periodic_interval_s = 3"));
+    d.start_all();
+    let uri = d.sites[0].uri("vol0");
+    let replica = |d: &Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
+    wait_until(20, "connected", || replica(&d)["state"] != "disconnected");
+    // A first write shipped marks the start of a period.
+    let (ok, out) = qemu_write(&uri, 4, "0");
+    assert!(ok, "{out}");
+    wait_until(10, "the first write shipped", || replica(&d)["lag_writes"] == 0);
+    // Write, then watch the lag until the next period ships it: every
+    // sample with the write pending is at least as old as the write.
+    let before = Instant::now();
+    let (ok, out) = qemu_write(&uri, 5, "0");
+    assert!(ok, "{out}");
+    let written = Instant::now();
+    let mut pending_samples = 0;
+    loop {
+        let (t_min, t_max) = (written.elapsed().as_secs_f64(), before.elapsed().as_secs_f64());
+        // The metric first: if the status after it still has the write
+        // pending, so did the metric.
+        let secs = d.sites[0].metric("tidemark_replication_lag_seconds{");
+        let r = replica(&d);
+        if r["lag_writes"] == 0 {
+            break;
+        }
+        pending_samples += 1;
+        let lag = r["lag_seconds"].as_f64().unwrap();
+        assert!(lag >= t_min - 0.01 && lag <= t_max + 0.5, "lag_seconds {lag} for a write made {t_min:.3}..{t_max:.3} s ago");
+        assert!(secs >= t_min - 0.2, "metric lag_seconds {secs} for a write made {t_min:.3} s ago");
+        assert!(before.elapsed() < Duration::from_secs(10), "not shipped within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pending_samples >= 3, "the write was shipped before the lag could be seen ({pending_samples} samples)");
+    // The DR site down: the lag of a new write grows while it is away.
+    d.sites[1].stop();
+    wait_until(20, "disconnected", || replica(&d)["state"] == "disconnected");
+    let (ok, out) = qemu_write(&uri, 6, "64k");
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = replica(&d);
+    assert_eq!(r["lag_writes"], 1, "{r}");
+    let lag = r["lag_seconds"].as_f64().unwrap();
+    assert!((1.5..5.0).contains(&lag), "lag_seconds {lag} with the DR site away 1.5 s after the write");
 }
 
 #[test]

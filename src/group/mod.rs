@@ -14,6 +14,7 @@ pub mod gc;
 pub mod open;
 pub mod resync;
 pub mod snapshot;
+pub mod times;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -104,6 +105,9 @@ pub(crate) struct Inner {
     pub protected: std::collections::BTreeSet<u32>,
     /// DR site: blocks of a resync in progress, visible only at its commit.
     pub staging: Option<BTreeMap<(u32, u64), Entry>>,
+    /// When recent records were written (sampled): the age of the oldest
+    /// write a DR site lacks.
+    pub times: times::SeqTimes,
 }
 
 pub struct Group {
@@ -265,6 +269,7 @@ impl Inner {
                 self.last_ident = record::ident(h);
             }
             self.next_seq = self.next_seq.max(h.seq + 1);
+            self.times.note(h.seq, h.timestamp_ns);
             let r = self.seg_seqs.entry(pos_seg(at)).or_insert((h.seq, h.seq));
             r.0 = r.0.min(h.seq);
             r.1 = r.1.max(h.seq);
@@ -670,17 +675,35 @@ impl Group {
                 return Ok(inner.last_ident);
             }
         }
+        Ok(self.record_header(seq)?.and_then(|h| record::ident(&h)))
+    }
+
+    /// The header of original record `seq` (not a relocated copy, not part
+    /// of a resync), read from the log; `None` if the log no longer holds it.
+    pub fn record_header(&self, seq: u64) -> Result<Option<Header>> {
         // The segment holding `seq` (or a later one, where it is not found).
         let Some(seg) = self.locate_seq(seq).and_then(|at| self.segment(pos_seg(at))) else { return Ok(None) };
         let mut found = None;
         segment::scan(&seg, 0, false, |r, _| {
             let h = &r.header;
             if h.seq == seq && h.flags & (FLAG_RELOCATED | FLAG_RESYNC) == 0 && h.kind != Kind::ResyncBegin {
-                found = record::ident(h);
+                found = Some(*h);
             }
             Ok(())
         })?;
         Ok(found)
+    }
+
+    /// When write `seq` was made, to within `times::MIN_GAP_NS` for recent
+    /// ones (never later than it was: see `times`); `None` if unknown.
+    pub fn written_at(&self, seq: u64) -> Option<u64> {
+        self.lock_read().times.time_of(seq)
+    }
+
+    /// Every DR site holds everything up to `seq`: the write times before it
+    /// are no longer needed.
+    pub fn trim_written_at(&self, seq: u64) {
+        self.lock_read().times.trim_below(seq);
     }
 
     /// The first segment with an id above `id`.

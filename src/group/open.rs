@@ -119,6 +119,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         dirty: BTreeMap::new(),
         dirty_pending: BTreeMap::new(),
         staging: None,
+        times: Default::default(),
     };
 
     // Replay.
@@ -216,7 +217,15 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         inner.segments.len(),
         inner.next_seq - 1
     );
+    let lacking: std::collections::BTreeSet<u64> = inner.pins.values().map(|p| p + 1).filter(|&s| s < inner.next_seq).collect();
     let g = Group::from_parts(&meta, dir.to_path_buf(), inner);
+    // The write times of what DR sites lack from before the replay start
+    // (replay sampled the rest): their lag in seconds counts from there.
+    for seq in lacking.into_iter().rev() {
+        if let Ok(Some(h)) = g.record_header(seq) {
+            g.lock_read().times.note_older(seq, h.timestamp_ns);
+        }
+    }
     if suspects_changed {
         // Durable before anything is shipped: a second crash must not
         // forget where the first one may have cut the history.

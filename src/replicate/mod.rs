@@ -99,6 +99,26 @@ pub struct Replica {
     pub diverged_resyncs: u64,
 }
 
+/// Age in seconds of the oldest write DR site `r` does not hold durably
+/// (`lag_seconds` in status and metrics), `last` being the group's newest
+/// seq and `now_ns` the wall clock. Counted from the write time of record
+/// `acked_seq + 1` as the group sampled it (`Group::written_at`), so writes
+/// not shipped yet count too: a disconnected DR site, a periodic one between
+/// shipments, a sender that has not run. Only when the group has no sample
+/// at all (opened without replaying a record, and the DR site has no pin)
+/// does it fall back to the oldest record in flight, or 0.
+pub fn lag_seconds(g: &crate::group::Group, r: &Replica, last: u64, now_ns: u64) -> f64 {
+    if r.acked_seq >= last {
+        return 0.0;
+    }
+    let since = g.written_at(r.acked_seq + 1).unwrap_or(r.oldest_unacked_ns);
+    if since == 0 {
+        0.0
+    } else {
+        now_ns.saturating_sub(since) as f64 / 1e9
+    }
+}
+
 pub struct GroupReplication {
     mode: Mutex<Mode>,
     /// How long a sync write waits for a DR site that has not acknowledged

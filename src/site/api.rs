@@ -78,7 +78,7 @@ pub fn status_json(site: &Site) -> Value {
                 .iter()
                 .map(|r| {
                     let lag_writes = last.saturating_sub(r.acked_seq);
-                    let lag_seconds = if lag_writes == 0 || r.oldest_unacked_ns == 0 { 0.0 } else { now.saturating_sub(r.oldest_unacked_ns) as f64 / 1e9 };
+                    let lag_seconds = crate::replicate::lag_seconds(g, r, last, now);
                     json!({
                         "site": r.site, "state": r.state, "applied_seq": r.acked_seq, "sent_seq": r.sent_seq,
                         "lag_writes": lag_writes, "lag_bytes": if lag_writes == 0 { 0 } else { r.lag_bytes }, "lag_seconds": lag_seconds,

@@ -112,9 +112,7 @@ impl Metrics {
                         "tidemark_link_sent_bytes_total" => r.sent_bytes_total as f64,
                         "tidemark_link_data_bytes_total" => r.data_bytes_total as f64,
                         "tidemark_replication_lag_bytes" => if lag_writes == 0 { 0.0 } else { r.lag_bytes as f64 },
-                        "tidemark_replication_lag_seconds" => {
-                            if lag_writes == 0 || r.oldest_unacked_ns == 0 { 0.0 } else { now.saturating_sub(r.oldest_unacked_ns) as f64 / 1e9 }
-                        }
+                        "tidemark_replication_lag_seconds" => crate::replicate::lag_seconds(g, &r, last, now),
                         "tidemark_replication_lag_writes" => lag_writes as f64,
                         "tidemark_replication_diverged_resyncs_total" => r.diverged_resyncs as f64,
                         _ => if r.connected { 1.0 } else { 0.0 },
