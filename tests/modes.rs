@@ -1,7 +1,7 @@
 //! Replication modes (R2): sync with `sync_loss = refuse` fails writes while
 //! the DR site is gone and resumes after; sync with the default async
 //! fallback keeps writing and says so in status; periodic ships in batches;
-//! lag_seconds counts writes not shipped yet;
+//! lag_seconds and lag_bytes count writes not shipped yet;
 //! lz4 on a link carries the same data in fewer bytes.
 
 mod common;
@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use common::{cmd, cmd_ok, wait_until, Deployment};
 
 fn qemu_write(uri: &str, pattern: u8, off: &str) -> (bool, String) {
-    let o = cmd("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} {off} 64k"), uri]);
+    qemu_write_len(uri, pattern, off, "64k")
+}
+
+fn qemu_write_len(uri: &str, pattern: u8, off: &str, len: &str) -> (bool, String) {
+    let o = cmd("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} {off} {len}"), uri]);
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     (o.status.success() && !out.contains("failed"), out)
 }
@@ -76,26 +80,28 @@ fn periodic_mode_ships_in_batches() {
     assert!(t.elapsed() <= Duration::from_secs(5));
 }
 
-/// `lag_seconds` is the age of the oldest write the DR lacks, whether or
-/// not the sender has shipped it: between two periodic shipments, and with
-/// the DR site down. (It used to count only records in flight, and read 0
-/// in both cases once the last shipment was acknowledged.)
+/// `lag_seconds` is the age of the oldest write the DR lacks and
+/// `lag_bytes` the log from it on, whether or not the sender has shipped
+/// it: between two periodic shipments, and with the DR site down. (Both
+/// used to count only what the sender had read, and read 0 in both cases
+/// once the last shipment was acknowledged.)
 #[test]
-fn lag_seconds_counts_writes_not_shipped_yet() {
+fn lag_counts_writes_not_shipped_yet() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "periodic");
     d.sites[0].edit_config(|c| c.replace("periodic_interval_s = 10", "periodic_interval_s = 3"));
     d.start_all();
     let uri = d.sites[0].uri("vol0");
     let replica = |d: &Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
     wait_until(20, "connected", || replica(&d)["state"] != "disconnected");
-    // A first write shipped marks the start of a period.
+    // A first write shipped marks the start of a period. (Each write here
+    // has its own size, so a figure left over from the one before shows.)
     let (ok, out) = qemu_write(&uri, 4, "0");
     assert!(ok, "{out}");
     wait_until(10, "the first write shipped", || replica(&d)["lag_writes"] == 0);
     // Write, then watch the lag until the next period ships it: every
     // sample with the write pending is at least as old as the write.
     let before = Instant::now();
-    let (ok, out) = qemu_write(&uri, 5, "0");
+    let (ok, out) = qemu_write_len(&uri, 5, "0", "512k");
     assert!(ok, "{out}");
     let written = Instant::now();
     let mut pending_samples = 0;
@@ -111,6 +117,8 @@ fn lag_seconds_counts_writes_not_shipped_yet() {
         pending_samples += 1;
         let lag = r["lag_seconds"].as_f64().unwrap();
         assert!(lag >= t_min - 0.01 && lag <= t_max + 0.5, "lag_seconds {lag} for a write made {t_min:.3}..{t_max:.3} s ago");
+        let bytes = r["lag_bytes"].as_u64().unwrap();
+        assert!((512 << 10..576 << 10).contains(&bytes), "lag_bytes {bytes} with one 512 KiB write pending");
         assert!(secs >= t_min - 0.2, "metric lag_seconds {secs} for a write made {t_min:.3} s ago");
         assert!(before.elapsed() < Duration::from_secs(10), "not shipped within 10 s");
         std::thread::sleep(Duration::from_millis(100));
@@ -119,13 +127,17 @@ fn lag_seconds_counts_writes_not_shipped_yet() {
     // The DR site down: the lag of a new write grows while it is away.
     d.sites[1].stop();
     wait_until(20, "disconnected", || replica(&d)["state"] == "disconnected");
-    let (ok, out) = qemu_write(&uri, 6, "64k");
+    let (ok, out) = qemu_write_len(&uri, 6, "1m", "2m");
     assert!(ok, "{out}");
     std::thread::sleep(Duration::from_millis(1500));
     let r = replica(&d);
     assert_eq!(r["lag_writes"], 1, "{r}");
     let lag = r["lag_seconds"].as_f64().unwrap();
     assert!((1.5..5.0).contains(&lag), "lag_seconds {lag} with the DR site away 1.5 s after the write");
+    let bytes = r["lag_bytes"].as_u64().unwrap();
+    assert!((2 << 20..(2 << 20) + (64 << 10)).contains(&bytes), "lag_bytes {bytes} with one 2 MiB write and the DR site away");
+    let metric = d.sites[0].metric("tidemark_replication_lag_bytes{");
+    assert_eq!(metric, bytes as f64, "metrics and status agree");
 }
 
 #[test]

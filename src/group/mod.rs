@@ -269,7 +269,7 @@ impl Inner {
                 self.last_ident = record::ident(h);
             }
             self.next_seq = self.next_seq.max(h.seq + 1);
-            self.times.note(h.seq, h.timestamp_ns);
+            self.times.note(h.seq, h.timestamp_ns, at);
             let r = self.seg_seqs.entry(pos_seg(at)).or_insert((h.seq, h.seq));
             r.0 = r.0.min(h.seq);
             r.1 = r.1.max(h.seq);
@@ -675,29 +675,31 @@ impl Group {
                 return Ok(inner.last_ident);
             }
         }
-        Ok(self.record_header(seq)?.and_then(|h| record::ident(&h)))
+        Ok(self.record_header(seq)?.and_then(|(h, _)| record::ident(&h)))
     }
 
-    /// The header of original record `seq` (not a relocated copy, not part
-    /// of a resync), read from the log; `None` if the log no longer holds it.
-    pub fn record_header(&self, seq: u64) -> Result<Option<Header>> {
+    /// The header and position of original record `seq` (not a relocated
+    /// copy, not part of a resync), read from the log; `None` if the log no
+    /// longer holds it.
+    pub fn record_header(&self, seq: u64) -> Result<Option<(Header, LogPos)>> {
         // The segment holding `seq` (or a later one, where it is not found).
         let Some(seg) = self.locate_seq(seq).and_then(|at| self.segment(pos_seg(at))) else { return Ok(None) };
         let mut found = None;
         segment::scan(&seg, 0, false, |r, _| {
             let h = &r.header;
             if h.seq == seq && h.flags & (FLAG_RELOCATED | FLAG_RESYNC) == 0 && h.kind != Kind::ResyncBegin {
-                found = Some(*h);
+                found = Some((*h, pos(seg.id, r.off)));
             }
             Ok(())
         })?;
         Ok(found)
     }
 
-    /// When write `seq` was made, to within `times::MIN_GAP_NS` for recent
-    /// ones (never later than it was: see `times`); `None` if unknown.
-    pub fn written_at(&self, seq: u64) -> Option<u64> {
-        self.lock_read().times.time_of(seq)
+    /// When and where write `seq` was made: a sample at or before it, to
+    /// within `times::MIN_GAP_NS` for recent ones (never later: see
+    /// `times`); `None` if unknown.
+    pub fn written_at(&self, seq: u64) -> Option<times::Sample> {
+        self.lock_read().times.sample_for(seq)
     }
 
     /// Every DR site holds everything up to `seq`: the write times before it

@@ -222,8 +222,8 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // The write times of what DR sites lack from before the replay start
     // (replay sampled the rest): their lag in seconds counts from there.
     for seq in lacking.into_iter().rev() {
-        if let Ok(Some(h)) = g.record_header(seq) {
-            g.lock_read().times.note_older(seq, h.timestamp_ns);
+        if let Ok(Some((h, at))) = g.record_header(seq) {
+            g.lock_read().times.note_older(seq, h.timestamp_ns, at);
         }
     }
     if suspects_changed {

@@ -23,29 +23,40 @@
 
 use std::collections::VecDeque;
 
-/// Samples kept at most (16 bytes each).
+use crate::log::segment::LogPos;
+
+/// Samples kept at most (24 bytes each).
 pub const CAP: usize = 4096;
 /// Least time between two samples.
 pub const MIN_GAP_NS: u64 = 1_000_000;
 /// Thinning keeps the gap around a sample under 1/THIN_RATIO of its age.
 const THIN_RATIO: u64 = 8;
 
+/// One record: its seq, write time (ns since the epoch) and log position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub seq: u64,
+    pub time_ns: u64,
+    pub at: LogPos,
+}
+
 #[derive(Debug, Default)]
 pub struct SeqTimes {
-    /// (seq, write time in ns since the epoch), increasing in seq.
-    samples: VecDeque<(u64, u64)>,
+    /// Increasing in seq.
+    samples: VecDeque<Sample>,
 }
 
 impl SeqTimes {
-    /// Record `seq` was written at `time_ns`. Records come in seq order
-    /// (appends, and replay of the log at open); an older seq is ignored.
-    pub fn note(&mut self, seq: u64, time_ns: u64) {
-        if let Some(&(s, t)) = self.samples.back() {
-            if seq <= s || time_ns < t.saturating_add(MIN_GAP_NS) {
+    /// Record `seq`, at `at` in the log, was written at `time_ns`. Records
+    /// come in seq order (appends, and replay of the log at open); an older
+    /// seq is ignored.
+    pub fn note(&mut self, seq: u64, time_ns: u64, at: LogPos) {
+        if let Some(b) = self.samples.back() {
+            if seq <= b.seq || time_ns < b.time_ns.saturating_add(MIN_GAP_NS) {
                 return;
             }
         }
-        self.samples.push_back((seq, time_ns));
+        self.samples.push_back(Sample { seq, time_ns, at });
         if self.samples.len() > CAP {
             self.thin();
         }
@@ -54,9 +65,9 @@ impl SeqTimes {
     /// Record `seq`, older than every sample, was written at `time_ns`
     /// (read from the log at open for a DR site that lacks records from
     /// before the replay start); ignored if not older.
-    pub fn note_older(&mut self, seq: u64, time_ns: u64) {
-        if self.samples.front().is_none_or(|&(s, t)| seq < s && time_ns <= t) {
-            self.samples.push_front((seq, time_ns));
+    pub fn note_older(&mut self, seq: u64, time_ns: u64, at: LogPos) {
+        if self.samples.front().is_none_or(|f| seq < f.seq && time_ns <= f.time_ns) {
+            self.samples.push_front(Sample { seq, time_ns, at });
             if self.samples.len() > CAP {
                 self.thin();
             }
@@ -69,36 +80,41 @@ impl SeqTimes {
     /// geometrically further apart with age: a few hundred samples span a
     /// year, and the error of `time_of` stays under an eighth of the age.
     fn thin(&mut self) {
-        let Some(&(_, newest)) = self.samples.back() else { return };
+        let Some(newest) = self.samples.back().map(|b| b.time_ns) else { return };
         let old = std::mem::take(&mut self.samples);
         let last = old.len() - 1;
-        for (i, &(seq, t)) in old.iter().enumerate() {
+        for (i, &sample) in old.iter().enumerate() {
             if i > 0 && i < last {
-                let (_, prev) = *self.samples.back().expect("the oldest sample is kept");
-                let next = old[i + 1].1;
+                let prev = self.samples.back().expect("the oldest sample is kept").time_ns;
+                let next = old[i + 1].time_ns;
                 if next.saturating_sub(prev) <= newest.saturating_sub(next) / THIN_RATIO {
                     continue;
                 }
             }
-            self.samples.push_back((seq, t));
+            self.samples.push_back(sample);
         }
     }
 
     /// Forgets samples only needed for seqs below `seq` (the newest sample
-    /// at or below it stays: it answers `time_of(seq)`).
+    /// at or below it stays: it answers `sample_for(seq)`).
     pub fn trim_below(&mut self, seq: u64) {
-        while self.samples.len() >= 2 && self.samples[1].0 <= seq {
+        while self.samples.len() >= 2 && self.samples[1].seq <= seq {
             self.samples.pop_front();
         }
     }
 
-    /// The write time of the newest sample at or before `seq` (see the
-    /// module comment), or of the oldest sample if `seq` is older than all
-    /// of them (records from before the replay start of the last open);
-    /// `None` if nothing was sampled.
+    /// The newest sample at or before `seq` (see the module comment), or
+    /// the oldest sample if `seq` is older than all of them (records from
+    /// before the replay start of the last open); `None` if nothing was
+    /// sampled.
+    pub fn sample_for(&self, seq: u64) -> Option<Sample> {
+        let i = self.samples.partition_point(|s| s.seq <= seq);
+        self.samples.get(i.saturating_sub(1)).copied()
+    }
+
+    /// `sample_for(seq)`'s write time.
     pub fn time_of(&self, seq: u64) -> Option<u64> {
-        let i = self.samples.partition_point(|&(s, _)| s <= seq);
-        self.samples.get(i.saturating_sub(1)).map(|&(_, t)| t)
+        self.sample_for(seq).map(|s| s.time_ns)
     }
 
     pub fn len(&self) -> usize {
@@ -126,7 +142,7 @@ mod tests {
                 0 => rng.random_range(0..50 * MS),
                 _ => rng.random_range(0..MS / 8),
             };
-            t.note(seq, now);
+            t.note(seq, now, seq);
             truth.push((seq, now));
             assert!(t.len() <= CAP, "seed {seed}: {} samples", t.len());
         }
@@ -148,7 +164,7 @@ mod tests {
         // One write per millisecond for 100 s: 100 000 records, 4096 samples.
         let n = 100_000u64;
         for seq in 1..=n {
-            t.note(seq, seq * MS);
+            t.note(seq, seq * MS, seq);
         }
         assert!(t.len() <= CAP);
         assert_eq!(t.time_of(1), Some(MS), "the oldest sample stays");
@@ -166,24 +182,25 @@ mod tests {
     fn trimming_keeps_what_answers_the_lowest_seq_still_needed() {
         let mut t = SeqTimes::default();
         for seq in 1..=100u64 {
-            t.note(seq, seq * 10 * MS);
+            t.note(seq, seq * 10 * MS, seq * 100);
         }
         t.trim_below(40);
         assert_eq!(t.time_of(40), Some(400 * MS));
         assert_eq!(t.time_of(41), Some(410 * MS));
+        assert_eq!(t.sample_for(41), Some(Sample { seq: 41, time_ns: 410 * MS, at: 4_100 }), "with its log position");
         assert_eq!(t.len(), 61);
         // Below the samples: the oldest one kept.
         assert_eq!(t.time_of(3), Some(400 * MS));
         // Out of order, or within a millisecond of the last: not sampled.
-        t.note(50, 5_000 * MS);
-        t.note(101, 1_000 * MS + MS / 2);
+        t.note(50, 5_000 * MS, 0);
+        t.note(101, 1_000 * MS + MS / 2, 0);
         assert_eq!(t.time_of(101), Some(1_000 * MS));
         assert_eq!(SeqTimes::default().time_of(1), None);
         // Older than every sample (read from the log at open).
-        t.note_older(7, 70 * MS);
+        t.note_older(7, 70 * MS, 700);
         assert_eq!(t.time_of(8), Some(70 * MS));
         assert_eq!(t.time_of(40), Some(400 * MS));
-        t.note_older(8, 60 * MS);
+        t.note_older(8, 60 * MS, 800);
         assert_eq!(t.time_of(8), Some(70 * MS), "not older: ignored");
     }
 }

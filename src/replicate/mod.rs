@@ -87,7 +87,9 @@ pub struct Replica {
     pub sent_seq: u64,
     /// Timestamp of the oldest sent-but-unacknowledged record (0 if none).
     pub oldest_unacked_ns: u64,
-    /// Bytes sent and not yet acknowledged, plus bytes not yet sent.
+    /// Bytes sent and not yet acknowledged, plus bytes not yet sent, as the
+    /// sender last counted them (status and metrics count from the log:
+    /// `lag`).
     pub lag_bytes: u64,
     pub sent_bytes_total: u64,
     pub data_bytes_total: u64,
@@ -99,24 +101,34 @@ pub struct Replica {
     pub diverged_resyncs: u64,
 }
 
-/// Age in seconds of the oldest write DR site `r` does not hold durably
-/// (`lag_seconds` in status and metrics), `last` being the group's newest
-/// seq and `now_ns` the wall clock. Counted from the write time of record
-/// `acked_seq + 1` as the group sampled it (`Group::written_at`), so writes
-/// not shipped yet count too: a disconnected DR site, a periodic one between
-/// shipments, a sender that has not run. Only when the group has no sample
-/// at all (opened without replaying a record, and the DR site has no pin)
-/// does it fall back to the oldest record in flight, or 0.
-pub fn lag_seconds(g: &crate::group::Group, r: &Replica, last: u64, now_ns: u64) -> f64 {
+/// What DR site `r` lacks, as status and metrics report it: (`lag_seconds`,
+/// `lag_bytes`), `last` being the group's newest seq and `now_ns` the wall
+/// clock.
+///
+/// * Seconds: the age of the oldest write it does not hold durably, from
+///   the write time of record `acked_seq + 1` as the group sampled it
+///   (`Group::written_at`), so writes not shipped yet count too: a
+///   disconnected DR site, a periodic one between shipments, a sender that
+///   has not run.
+/// * Bytes: the log from that record on (`Group::bytes_after`), or in
+///   dirty-region mode the dirty blocks (what a resync will copy).
+///
+/// Only when the group has no sample at all (opened without replaying a
+/// record, and the DR site has no pin) do both fall back to what the sender
+/// last published (the oldest record in flight, its own byte count).
+pub fn lag(g: &crate::group::Group, r: &Replica, last: u64, now_ns: u64) -> (f64, u64) {
     if r.acked_seq >= last {
-        return 0.0;
+        return (0.0, 0);
     }
-    let since = g.written_at(r.acked_seq + 1).unwrap_or(r.oldest_unacked_ns);
-    if since == 0 {
-        0.0
+    let sample = g.written_at(r.acked_seq + 1);
+    let since = sample.map_or(r.oldest_unacked_ns, |s| s.time_ns);
+    let seconds = if since == 0 { 0.0 } else { now_ns.saturating_sub(since) as f64 / 1e9 };
+    let bytes = if g.in_dirty_mode(&r.site) {
+        g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES
     } else {
-        now_ns.saturating_sub(since) as f64 / 1e9
-    }
+        sample.map_or(r.lag_bytes, |s| g.bytes_after(s.at))
+    };
+    (seconds, bytes)
 }
 
 pub struct GroupReplication {

@@ -78,10 +78,10 @@ pub fn status_json(site: &Site) -> Value {
                 .iter()
                 .map(|r| {
                     let lag_writes = last.saturating_sub(r.acked_seq);
-                    let lag_seconds = crate::replicate::lag_seconds(g, r, last, now);
+                    let (lag_seconds, lag_bytes) = crate::replicate::lag(g, r, last, now);
                     json!({
                         "site": r.site, "state": r.state, "applied_seq": r.acked_seq, "sent_seq": r.sent_seq,
-                        "lag_writes": lag_writes, "lag_bytes": if lag_writes == 0 { 0 } else { r.lag_bytes }, "lag_seconds": lag_seconds,
+                        "lag_writes": lag_writes, "lag_bytes": lag_bytes, "lag_seconds": lag_seconds,
                         "link_sent_bytes": r.sent_bytes_total, "link_data_bytes": r.data_bytes_total, "last_error": r.last_error,
                         "dirty_bytes": g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES,
                         "dirty_tracking": g.in_dirty_mode(&r.site),

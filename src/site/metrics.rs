@@ -111,8 +111,8 @@ impl Metrics {
                     let v = match name {
                         "tidemark_link_sent_bytes_total" => r.sent_bytes_total as f64,
                         "tidemark_link_data_bytes_total" => r.data_bytes_total as f64,
-                        "tidemark_replication_lag_bytes" => if lag_writes == 0 { 0.0 } else { r.lag_bytes as f64 },
-                        "tidemark_replication_lag_seconds" => crate::replicate::lag_seconds(g, &r, last, now),
+                        "tidemark_replication_lag_bytes" => crate::replicate::lag(g, &r, last, now).1 as f64,
+                        "tidemark_replication_lag_seconds" => crate::replicate::lag(g, &r, last, now).0,
                         "tidemark_replication_lag_writes" => lag_writes as f64,
                         "tidemark_replication_diverged_resyncs_total" => r.diverged_resyncs as f64,
                         _ => if r.connected { 1.0 } else { 0.0 },
