@@ -18,15 +18,34 @@ pub fn bin() -> PathBuf {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
-/// A loopback port that is free now (ports are handed out from a per-process
-/// range so parallel tests do not race for the same one).
-pub fn free_port() -> u16 {
+/// Test ports stay in PORTS_FROM..PORTS_TO, below the kernel's ephemeral
+/// range (32768–60999 here): a site restarted on its port after kill -9
+/// must not find it taken as the local port of some outgoing connection
+/// (it happened: "failed to listen for NBD on 127.0.0.1:36902").
+const PORTS_FROM: u16 = 10000;
+const PORTS_TO: u16 = 32000;
+
+/// `n` consecutive ports from this process's range (each test binary starts
+/// at its own place in it, so parallel tests do not race for the same one).
+fn next_ports(n: u16) -> u16 {
     if NEXT_PORT.load(Ordering::Relaxed) == 0 {
-        let base = 20000 + (std::process::id() % 400) as u16 * 100;
+        let base = PORTS_FROM + (std::process::id() % 200) as u16 * 100;
         let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
     }
     loop {
-        let p = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let p = NEXT_PORT.fetch_add(n, Ordering::Relaxed);
+        if p.checked_add(n).is_some_and(|end| end <= PORTS_TO) {
+            return p;
+        }
+        // Wrapped: start over at the bottom (binds are checked anyway).
+        let _ = NEXT_PORT.compare_exchange(p.wrapping_add(n), PORTS_FROM, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// A loopback port that is free now.
+pub fn free_port() -> u16 {
+    loop {
+        let p = next_ports(1);
         if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
@@ -36,9 +55,8 @@ pub fn free_port() -> u16 {
 /// A base port P with P..P+40 free and reserved for this test (for `up`,
 /// which uses P+i, P+10+i, P+20+i and P+30).
 pub fn free_port_block() -> u16 {
-    free_port();
     loop {
-        let p = NEXT_PORT.fetch_add(40, Ordering::Relaxed);
+        let p = next_ports(40);
         if (p..p + 40).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
             return p;
         }
