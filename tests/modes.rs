@@ -88,7 +88,10 @@ fn periodic_mode_ships_in_batches() {
 #[test]
 fn lag_counts_writes_not_shipped_yet() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "periodic");
-    d.sites[0].edit_config(|c| c.replace("periodic_interval_s = 10", "periodic_interval_s = 3"));
+    d.sites[0].edit_config(|c| {
+        assert!(c.contains("periodic_interval_s = 10"), "config format changed:\n{c}");
+        c.replace("periodic_interval_s = 10", "periodic_interval_s = 3")
+    });
     d.start_all();
     let uri = d.sites[0].uri("vol0");
     let replica = |d: &Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
@@ -116,7 +119,7 @@ fn lag_counts_writes_not_shipped_yet() {
         }
         pending_samples += 1;
         let lag = r["lag_seconds"].as_f64().unwrap();
-        assert!(lag >= t_min - 0.01 && lag <= t_max + 0.5, "lag_seconds {lag} for a write made {t_min:.3}..{t_max:.3} s ago");
+        assert!(lag >= t_min - 0.01 && lag <= t_max + 1.0, "lag_seconds {lag} for a write made {t_min:.3}..{t_max:.3} s ago");
         let bytes = r["lag_bytes"].as_u64().unwrap();
         assert!((512 << 10..576 << 10).contains(&bytes), "lag_bytes {bytes} with one 512 KiB write pending");
         assert!(secs >= t_min - 0.2, "metric lag_seconds {secs} for a write made {t_min:.3} s ago");

@@ -702,6 +702,22 @@ impl Group {
         self.lock_read().times.sample_for(seq)
     }
 
+    /// Makes sure `written_at(seq)` answers for `seq` itself, not for a later
+    /// record: if `seq` is older than every sample (from before the replay
+    /// start of the last open), its header is read from the log, where it
+    /// still is. For a DR site whose lag counts from `seq`: at open (its pin)
+    /// and when it names its last record at HELLO. A segment scan, once.
+    pub fn sample_from_log(&self, seq: u64) {
+        if seq == 0 || seq > self.last_seq() || self.written_at(seq).is_some_and(|s| s.seq <= seq) {
+            return;
+        }
+        match self.record_header(seq) {
+            Ok(Some((h, at))) => self.lock_read().times.note_older(seq, h.timestamp_ns, at),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("group {}: reading record {seq} for its write time: {e:#}", self.name),
+        }
+    }
+
     /// Every DR site holds everything up to `seq`: the write times before it
     /// are no longer needed.
     pub fn trim_written_at(&self, seq: u64) {

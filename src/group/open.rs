@@ -222,9 +222,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // The write times of what DR sites lack from before the replay start
     // (replay sampled the rest): their lag in seconds counts from there.
     for seq in lacking.into_iter().rev() {
-        if let Ok(Some((h, at))) = g.record_header(seq) {
-            g.lock_read().times.note_older(seq, h.timestamp_ns, at);
-        }
+        g.sample_from_log(seq);
     }
     if suspects_changed {
         // Durable before anything is shipped: a second crash must not

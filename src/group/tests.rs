@@ -533,3 +533,35 @@ pub(crate) mod power_cut {
         }
     }
 }
+
+#[test]
+fn write_times_of_what_a_dr_site_lacks_survive_a_clean_reopen() {
+    // A clean close leaves nothing to replay, so the samples come from the
+    // log: the record after each pin at open, another one when asked.
+    let dir = tempfile::tempdir().unwrap();
+    let time = |g: &Group, seq: u64| g.record_header(seq).unwrap().expect("in the log").0.timestamp_ns;
+    let last = {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        for i in 0..10u64 {
+            g.write(vol, i * 4096, &vec![i as u8; 4096]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        g.set_pin("b", 4);
+        g.save_pins().unwrap();
+        let last = g.last_seq();
+        g.close().unwrap();
+        last
+    };
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let s = g.written_at(5).expect("sampled at open");
+    assert_eq!((s.seq, s.time_ns), (5, time(&g, 5)), "the record after the pin, from the log");
+    let s = g.written_at(last).unwrap();
+    assert_eq!(s.seq, 5, "a later record: the sample before it (never later than it)");
+    assert!(s.time_ns <= time(&g, last));
+    g.sample_from_log(3);
+    let s = g.written_at(3).unwrap();
+    assert_eq!((s.seq, s.time_ns), (3, time(&g, 3)), "older than every sample: read from the log");
+    g.sample_from_log(7);
+    assert_eq!(g.written_at(7).unwrap().seq, 5, "not older than the samples: nothing to read");
+}

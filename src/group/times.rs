@@ -50,9 +50,29 @@ impl SeqTimes {
     /// Record `seq`, at `at` in the log, was written at `time_ns`. Records
     /// come in seq order (appends, and replay of the log at open); an older
     /// seq is ignored.
+    ///
+    /// A sample's time is the earliest of every record from its seq on, so
+    /// that a wall clock that stepped back (or had been ahead) never makes
+    /// a lag look smaller than it is: a record older than the newest
+    /// samples replaces them, at the first of their seqs.
     pub fn note(&mut self, seq: u64, time_ns: u64, at: LogPos) {
+        let mut from = None;
+        while let Some(b) = self.samples.back() {
+            if seq <= b.seq {
+                return;
+            }
+            if b.time_ns <= time_ns {
+                break;
+            }
+            from = Some((b.seq, b.at));
+            self.samples.pop_back();
+        }
+        if let Some((seq, at)) = from {
+            self.samples.push_back(Sample { seq, time_ns, at });
+            return;
+        }
         if let Some(b) = self.samples.back() {
-            if seq <= b.seq || time_ns < b.time_ns.saturating_add(MIN_GAP_NS) {
+            if time_ns < b.time_ns.saturating_add(MIN_GAP_NS) {
                 return;
             }
         }
@@ -63,10 +83,12 @@ impl SeqTimes {
     }
 
     /// Record `seq`, older than every sample, was written at `time_ns`
-    /// (read from the log at open for a DR site that lacks records from
-    /// before the replay start); ignored if not older.
+    /// (read from the log for a DR site that lacks records from before the
+    /// replay start); ignored if not older. Its time is capped by the
+    /// oldest sample's, as in `note`.
     pub fn note_older(&mut self, seq: u64, time_ns: u64, at: LogPos) {
-        if self.samples.front().is_none_or(|f| seq < f.seq && time_ns <= f.time_ns) {
+        if self.samples.front().is_none_or(|f| seq < f.seq) {
+            let time_ns = self.samples.front().map_or(time_ns, |f| f.time_ns.min(time_ns));
             self.samples.push_front(Sample { seq, time_ns, at });
             if self.samples.len() > CAP {
                 self.thin();
@@ -105,8 +127,8 @@ impl SeqTimes {
 
     /// The newest sample at or before `seq` (see the module comment), or
     /// the oldest sample if `seq` is older than all of them (records from
-    /// before the replay start of the last open); `None` if nothing was
-    /// sampled.
+    /// before the replay start of the last open: check `seq`); `None` if
+    /// nothing was sampled.
     pub fn sample_for(&self, seq: u64) -> Option<Sample> {
         let i = self.samples.partition_point(|s| s.seq <= seq);
         self.samples.get(i.saturating_sub(1)).copied()
@@ -179,6 +201,34 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_that_steps_back_never_makes_a_lag_smaller() {
+        let mut t = SeqTimes::default();
+        for seq in 1..=100u64 {
+            t.note(seq, seq * 10 * MS, seq);
+        }
+        // A record written while the clock was a day ahead, then the clock
+        // is right again (and steps back 0.5 s on top).
+        t.note(101, 86_400_000 * MS, 101);
+        t.note(102, 1_010 * MS, 102);
+        t.note(103, 500 * MS, 103);
+        for seq in 101..=103 {
+            assert_eq!(t.time_of(seq), Some(500 * MS), "seq {seq}: the earliest time from it on");
+        }
+        // Samples before the step that are later than it are cut back too.
+        assert_eq!(t.time_of(50), Some(500 * MS));
+        assert_eq!(t.sample_for(50).unwrap().seq, 50, "at the first of the seqs it replaced");
+        assert_eq!(t.time_of(49), Some(490 * MS));
+        // Times stay in order, so thinning and lookups keep working.
+        for seq in 104..=20_000u64 {
+            t.note(seq, 500 * MS + seq * MS, seq);
+        }
+        assert!(t.len() <= CAP);
+        let got = t.time_of(49).unwrap();
+        assert!(got <= 490 * MS && 490 * MS - got < (20_500 - 490) * MS / THIN_RATIO, "{got}");
+        assert_eq!(t.time_of(20_000), Some(20_500 * MS));
+    }
+
+    #[test]
     fn trimming_keeps_what_answers_the_lowest_seq_still_needed() {
         let mut t = SeqTimes::default();
         for seq in 1..=100u64 {
@@ -202,5 +252,7 @@ mod tests {
         assert_eq!(t.time_of(40), Some(400 * MS));
         t.note_older(8, 60 * MS, 800);
         assert_eq!(t.time_of(8), Some(70 * MS), "not older: ignored");
+        t.note_older(6, 90 * MS, 600);
+        assert_eq!(t.time_of(6), Some(70 * MS), "capped by the oldest sample's time");
     }
 }

@@ -113,9 +113,15 @@ pub struct Replica {
 /// * Bytes: the log from that record on (`Group::bytes_after`), or in
 ///   dirty-region mode the dirty blocks (what a resync will copy).
 ///
-/// Only when the group has no sample at all (opened without replaying a
-/// record, and the DR site has no pin) do both fall back to what the sender
-/// last published (the oldest record in flight, its own byte count).
+/// Where the samples cannot say: with no sample at all (opened without
+/// replaying a record, and no DR site has a pin) both fall back to what the
+/// sender last published (the oldest record in flight, its own byte count);
+/// for a seq older than every sample (a DR site that has not reconnected
+/// since this site started counts from seq 1, and the log may no longer
+/// hold the record) the oldest sample stands in, the oldest write this site
+/// knows of. Samples are never later than the records they stand for
+/// (`group/times.rs`), and `Group::sample_from_log` adds the DR's own
+/// record from the log at open (its pin) and at HELLO.
 pub fn lag(g: &crate::group::Group, r: &Replica, last: u64, now_ns: u64) -> (f64, u64) {
     if r.acked_seq >= last {
         return (0.0, 0);

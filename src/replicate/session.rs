@@ -227,6 +227,9 @@ impl Sender {
             r.state = if resyncing { "resyncing".into() } else if next > last { "replicating".into() } else { "catching-up".into() };
             r.last_error = None;
         });
+        // Its lag counts from the record after its last: known to the
+        // samples unless it is older than what the last open replayed.
+        g.sample_from_log(reply.durable_seq + 1);
         self.window = Window::new(reply.durable_seq);
         self.pins_due = true;
         self.phase = if resyncing {
