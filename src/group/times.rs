@@ -142,6 +142,10 @@ impl SeqTimes {
     pub fn len(&self) -> usize {
         self.samples.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
 }
 
 #[cfg(test)]
