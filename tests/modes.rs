@@ -88,10 +88,7 @@ fn periodic_mode_ships_in_batches() {
 #[test]
 fn lag_counts_writes_not_shipped_yet() {
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "periodic");
-    d.sites[0].edit_config(|c| {
-        assert!(c.contains("periodic_interval_s = 10"), "config format changed:\n{c}");
-        c.replace("periodic_interval_s = 10", "periodic_interval_s = 3")
-    });
+    d.sites[0].edit_config(|c| c.replace("periodic_interval_s = 10", "periodic_interval_s = 3"));
     d.start_all();
     let uri = d.sites[0].uri("vol0");
     let replica = |d: &Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();

@@ -217,7 +217,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         inner.segments.len(),
         inner.next_seq - 1
     );
-    let lacking: std::collections::BTreeSet<u64> = inner.pins.values().map(|p| p + 1).filter(|&s| s < inner.next_seq).collect();
+    let lacking: std::collections::BTreeSet<u64> = inner.pins.values().map(|p| p + 1).collect();
     let g = Group::from_parts(&meta, dir.to_path_buf(), inner);
     // The write times of what DR sites lack from before the replay start
     // (replay sampled the rest): their lag in seconds counts from there.

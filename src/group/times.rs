@@ -16,7 +16,7 @@
 //! of an hour to minutes. Samples below what every DR site holds are
 //! dropped (`trim_below`).
 //!
-//! `time_of(seq)` returns the time of the newest sample at or before `seq`:
+//! `sample_for(seq)` returns the newest sample at or before `seq`, whose time is
 //! never later than the record's own time, so the age it gives is never
 //! below the true one (a DR site is never reported closer than it is), and
 //! above it by less than the gap to the next sample.
@@ -100,7 +100,7 @@ impl SeqTimes {
     /// of their age of each other (measured from the newest sample), oldest
     /// first. What stays is spaced 1 ms apart among the newest and
     /// geometrically further apart with age: a few hundred samples span a
-    /// year, and the error of `time_of` stays under an eighth of the age.
+    /// year, and the error of `sample_for` stays under an eighth of the age.
     fn thin(&mut self) {
         let Some(newest) = self.samples.back().map(|b| b.time_ns) else { return };
         let old = std::mem::take(&mut self.samples);
@@ -135,16 +135,14 @@ impl SeqTimes {
     }
 
     /// `sample_for(seq)`'s write time.
-    pub fn time_of(&self, seq: u64) -> Option<u64> {
+    #[cfg(test)]
+    fn time_of(&self, seq: u64) -> Option<u64> {
         self.sample_for(seq).map(|s| s.time_ns)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.samples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
     }
 }
 

@@ -208,6 +208,12 @@ impl GroupReplication {
         });
     }
 
+    /// The lowest seq every DR site holds (0 if one holds nothing or there
+    /// are none), read in place.
+    pub fn min_acked(&self) -> u64 {
+        self.replicas.borrow().values().map(|r| r.acked_seq).min().unwrap_or(0)
+    }
+
     pub fn replicas(&self) -> Vec<Replica> {
         self.replicas.borrow().values().cloned().collect()
     }

@@ -264,8 +264,7 @@ impl Sender {
         });
         // Write times older than what every DR site holds are not needed
         // for anyone's lag.
-        let held_by_all = g.replication.replicas().iter().map(|r| r.acked_seq).min().unwrap_or(durable);
-        g.trim_written_at(held_by_all + 1);
+        g.trim_written_at(g.replication.min_acked() + 1);
         if durable >= last && !resyncing {
             g.replication.clear_degraded();
         }

@@ -328,10 +328,14 @@ impl Site {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// Rewrites this site's config with `f`.
+    /// Rewrites this site's config with `f`, which must change it (a
+    /// `replace` whose text is no longer in the config would otherwise
+    /// leave the test running with the default).
     pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
         let c = std::fs::read_to_string(&self.config).unwrap();
-        std::fs::write(&self.config, f(c)).unwrap();
+        let edited = f(c.clone());
+        assert_ne!(edited, c, "the edit left {} unchanged:\n{c}", self.config.display());
+        std::fs::write(&self.config, edited).unwrap();
     }
 }
 
