@@ -57,6 +57,8 @@ pub const REPL_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 /// Replication: acknowledgements queued at a DR site before reading pauses.
 pub const REPL_ACK_QUEUE_MAX: usize = 64;
+/// Replication: connections a DR site serves at once (each has a thread).
+pub const REPL_RECV_CONNECTIONS_MAX: usize = 256;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// Default log cap per group: beyond it a lagging DR site's pin gives way to
@@ -70,8 +72,12 @@ pub const SYNC_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Nice value of an async or periodic group's sender threads (sync senders
 /// keep the site's own): shipping is deferred work there, and under CPU saturation the
-/// application's I/O goes first (ARCHITECTURE.md "Sender priority").
+/// application's I/O goes first (ARCHITECTURE.md "Replication priority").
 pub const SENDER_NICE_DEFAULT: i32 = 10;
+/// Nice value of the thread a DR site takes an async or periodic group's
+/// records in on (a sync group's keeps the site's own), for the same reason
+/// (ARCHITECTURE.md "Replication priority").
+pub const RECEIVER_NICE_DEFAULT: i32 = 10;
 /// Default shipping interval of periodic mode.
 pub const PERIODIC_INTERVAL_S_DEFAULT: u64 = 10;
 

@@ -209,6 +209,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
                 heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
                 periodic_interval_s: crate::limits::PERIODIC_INTERVAL_S_DEFAULT,
                 sender_nice: crate::limits::SENDER_NICE_DEFAULT,
+                receiver_nice: crate::limits::RECEIVER_NICE_DEFAULT,
                 replication_log_cap: "64GiB".into(),
                 protect_snapshots: false,
             };

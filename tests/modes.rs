@@ -2,13 +2,14 @@
 //! the DR site is gone and resumes after; sync with the default async
 //! fallback keeps writing and says so in status; periodic ships in batches;
 //! lag_seconds and lag_bytes count writes not shipped yet;
-//! lz4 on a link carries the same data in fewer bytes.
+//! lz4 on a link carries the same data in fewer bytes; the replication
+//! threads on both sites run at lower priority outside sync mode.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cmd, cmd_ok, wait_until, Deployment};
+use common::{cmd, cmd_ok, tidemark, wait_until, Deployment};
 
 fn qemu_write(uri: &str, pattern: u8, off: &str) -> (bool, String) {
     qemu_write_len(uri, pattern, off, "64k")
@@ -155,4 +156,66 @@ fn lz4_link_carries_the_same_data_in_fewer_bytes() {
     let a = common::sha256_of(&cmd_ok("nbdcopy", &[&uri, "-"]).stdout);
     let b = common::sha256_of(&cmd_ok("nbdcopy", &[&d.sites[1].uri("vol0"), "-"]).stdout);
     assert_eq!(a, b);
+}
+
+/// Nice values of the threads of process `pid` whose name starts with
+/// `prefix` (as `/proc` shows them).
+fn nices(pid: u32, prefix: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Field 19 (nice), counted after the ")" that ends the thread name.
+        if let Some(n) = stat.rfind(')').and_then(|i| stat[i + 2..].split(' ').nth(16)).and_then(|n| n.parse().ok()) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// Outside sync mode the primary's sender and the DR site's receiver run
+/// at nice 10 (`sender_nice`, `receiver_nice`); `group set --mode sync`
+/// brings both back to the site's own value, the DR's by a MODE frame
+/// before the next records, and `--mode async` lowers them again. The DR's
+/// status shows the mode it was told and its receiver's nice value.
+#[test]
+fn replication_threads_follow_the_mode_on_both_sites() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
+    d.start_all();
+    let uri = d.sites[0].uri("vol0");
+    let api = d.sites[0].api();
+    wait_until(20, "replicating", || d.sites[0].status()["groups"][0]["replicas"][0]["state"] == "replicating");
+    let (pa, pb) = (d.sites[0].pid(), d.sites[1].pid());
+    // The sites' own value: what their main threads run at.
+    let main_nice = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap();
+        stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(16).unwrap().parse::<i32>().unwrap()
+    };
+    let base = main_nice(pb);
+    assert_eq!(main_nice(pa), base);
+    let low = base.max(10);
+    let check = |mode: &str, want: i32, d: &Deployment| {
+        wait_until(10, &format!("{mode}: both replication threads at nice {want}"), || {
+            let (send, recv) = (nices(pa, "send-"), nices(pb, "recv-"));
+            let s = d.sites[1].status();
+            let p = &s["groups"][0]["primary"];
+            send == [want] && recv == [want] && p["mode"] == mode && p["receiver_nice"] == want
+        });
+    };
+    check("async", low, &d);
+    for (i, (mode, want)) in [("sync", base), ("async", low), ("periodic", low), ("sync", base)].into_iter().enumerate() {
+        let o = tidemark(&["--api", &api, "group", "set", "cg0", "--mode", mode]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // A write wakes the sender, which says the new mode first.
+        let (ok, out) = qemu_write(&uri, i as u8 + 1, &format!("{}k", i * 64));
+        assert!(ok, "{out}");
+        check(mode, want, &d);
+    }
+    // Sync writes still reach the DR before they are acknowledged.
+    let (ok, out) = qemu_write(&uri, 9, "1M");
+    assert!(ok, "{out}");
+    assert_eq!(d.sites[0].status()["groups"][0]["replicas"][0]["lag_writes"], 0);
 }

@@ -15,7 +15,10 @@
 //! catch.
 //! Kinds: HELLO and HELLO_REPLY (JSON, small), RECORDS (log records
 //! concatenated, byte for byte as in the primary's log), ACK and HEARTBEAT
-//! (two u64), ERROR (UTF-8 reason, then the sender closes).
+//! (two u64), ERROR (UTF-8 reason, then the sender closes), MODE (the
+//! group's replication mode by name, sent when it changes, only to a DR site
+//! whose HELLO_REPLY says `mode_frames`: a DR site takes records in at lower
+//! priority outside sync mode, ARCHITECTURE.md "Replication priority").
 //!
 //! Every frame carries the sender's epoch; a receiver refuses a frame whose
 //! epoch is older than its own. Decoding never allocates more than the bytes
@@ -42,6 +45,7 @@ pub const RECORDS: u8 = 3;
 pub const ACK: u8 = 4;
 pub const HEARTBEAT: u8 = 5;
 pub const ERROR: u8 = 6;
+pub const MODE: u8 = 7;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -85,7 +89,7 @@ impl FrameHeader {
         let max = match kind {
             HELLO | HELLO_REPLY | ERROR => CONTROL_BYTES_MAX,
             RECORDS => FRAME_BYTES_MAX,
-            ACK | HEARTBEAT => 16,
+            ACK | HEARTBEAT | MODE => 16,
             k => return Err(FrameError::Kind(k)),
         };
         let flags = u16::from_le_bytes([b[6], b[7]]);
@@ -242,6 +246,16 @@ pub struct HelloReply {
     /// primary checks it against its own. Absent from older sites.
     #[serde(default)]
     pub last_ident: Option<u32>,
+    /// The DR site takes MODE frames (absent from older sites: none are
+    /// sent to them).
+    #[serde(default)]
+    pub mode_frames: bool,
+}
+
+/// A MODE frame's payload: the mode by name.
+pub fn parse_mode(p: &[u8]) -> Result<super::Mode, FrameError> {
+    let s = std::str::from_utf8(p).map_err(|_| FrameError::Malformed(format!("MODE payload of {} bytes is not UTF-8", p.len())))?;
+    super::Mode::parse(s).map_err(|e| FrameError::Malformed(format!("MODE frame: {e}")))
 }
 
 pub fn decode_json<T: for<'de> Deserialize<'de>>(p: &[u8]) -> Result<T, FrameError> {
@@ -274,6 +288,23 @@ mod tests {
             room.extend_from_slice(payload);
             assert_eq!(seal(kind, 9, room), encode(kind, 9, payload, false));
         }
+    }
+
+    #[test]
+    fn mode_frames_name_a_mode_and_older_replies_lack_the_flag() {
+        for m in [super::super::Mode::Async, super::super::Mode::Sync, super::super::Mode::Periodic] {
+            let f = encode(MODE, 2, m.as_str().as_bytes(), false);
+            let h = FrameHeader::decode(f[..HEADER_BYTES].try_into().unwrap()).unwrap();
+            assert_eq!(parse_mode(&open_payload(&h, f[HEADER_BYTES..].to_vec()).unwrap()), Ok(m));
+        }
+        assert!(matches!(parse_mode(b"fast"), Err(FrameError::Malformed(e)) if e.contains("\"fast\"")));
+        assert!(matches!(parse_mode(&[0xff, 0xfe]), Err(FrameError::Malformed(e)) if e.contains("not UTF-8")));
+        // A longer payload is refused by its header, before it is read.
+        let b = FrameHeader { kind: MODE, flags: 0, epoch: 1, len: 17, crc: 0 }.encode();
+        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::TooLong { .. })));
+        // A reply from a site before MODE frames existed.
+        let old: HelloReply = decode_json(br#"{"site":"b","group":"cg0","next_seq":5,"durable_seq":4,"last_ident":7}"#).unwrap();
+        assert!(!old.mode_frames);
     }
 
     #[test]

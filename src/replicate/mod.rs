@@ -23,6 +23,7 @@
 pub mod decide;
 pub mod frame;
 pub mod heartbeat;
+pub mod priority;
 pub mod receive;
 pub mod send;
 pub mod session;

@@ -10,6 +10,7 @@
 //! Nothing from a refused connection is applied.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 
 use super::frame::{self, FrameHeader, Hello};
 use super::heartbeat::{Heartbeat, Region};
+use super::priority::Priority;
 use super::session::{RecvAction, Receiver};
 use crate::log::segment::LogPos;
 use crate::group::Group;
@@ -34,6 +36,10 @@ pub struct DrGroup {
     pub heartbeat: Heartbeat,
     pub last_error: Option<String>,
     pub received_bytes_total: u64,
+    /// The group's mode at the primary (its HELLO, then MODE frames).
+    pub mode: String,
+    /// Nice value of the thread that takes this group's records in.
+    pub receiver_nice: i32,
 }
 
 #[derive(Default)]
@@ -108,24 +114,69 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
     Ok(())
 }
 
+/// Accepts replication connections. Each runs on a thread of its own, with
+/// a single-threaded runtime: the thread's priority follows its group's
+/// mode (`receiver_nice` outside sync mode; ARCHITECTURE.md "Replication
+/// priority"), and its decryption and appends never hold up the NBD tasks
+/// on the site's runtime workers. At most `REPL_RECV_CONNECTIONS_MAX` run at
+/// once (a connection holds its thread from before its handshake).
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let live = Arc::new(AtomicUsize::new(0));
     loop {
         let (sock, addr) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        let site = site.clone();
-        tokio::spawn(async move {
-            let _ = sock.set_nodelay(true);
-            if let Err(e) = connection(sock, acceptor, site).await {
-                // A primary that stops or loses the link just hangs up.
-                let hangup = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof));
-                if hangup {
-                    tracing::info!("replication: connection from {addr} closed: {e:#}");
-                } else {
-                    tracing::warn!("replication: connection from {addr} ended: {e:#}");
+        if live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
+            tracing::warn!("replication: refused a connection from {addr}: {} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX);
+            continue;
+        }
+        let _ = sock.set_nodelay(true);
+        // Off this runtime's reactor, onto the connection thread's.
+        let sock = match sock.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("replication: connection from {addr} dropped: {e}");
+                continue;
+            }
+        };
+        let (acceptor, site, count) = (acceptor.clone(), site.clone(), live.clone());
+        live.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new().name(format!("recv-{}", addr.port())).spawn(move || {
+            struct Live(Arc<AtomicUsize>);
+            impl Drop for Live {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::AcqRel);
                 }
             }
+            let _live = Live(count);
+            // Built (and dropped) on this thread: a runtime may not be
+            // dropped inside another runtime's `block_on`.
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("replication: connection from {addr} dropped: failed to build its runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let r = match TcpStream::from_std(sock) {
+                    Ok(sock) => connection(sock, acceptor, site).await,
+                    Err(e) => Err(anyhow!("cannot register the socket: {e}")),
+                };
+                if let Err(e) = r {
+                    // A primary that stops or loses the link just hangs up.
+                    let hangup = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof));
+                    if hangup {
+                        tracing::info!("replication: connection from {addr} closed: {e:#}");
+                    } else {
+                        tracing::warn!("replication: connection from {addr} ended: {e:#}");
+                    }
+                }
+            });
         });
+        if let Err(e) = spawned {
+            live.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!("replication: connection from {addr} dropped: cannot start its thread: {e}");
+        }
     }
 }
 
@@ -137,22 +188,35 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     let allowed: Vec<String> = site.cfg.peers.iter().map(|p| p.name.clone()).collect();
     let peer = super::tls::peer_site(tls.get_ref().1.peer_certificates(), &allowed)
         .ok_or_else(|| anyhow!("refused: the client certificate names none of the configured peer sites {allowed:?}"))?;
+    let nice = site.cfg.receiver_nice;
     let host: Arc<dyn Host> = site;
-    receive(tls, host, peer).await
+    receive(tls, host, peer, Intake::OwnThread { nice }).await
+}
+
+/// Where `receive` runs the core's steps (each appends to the log).
+#[derive(Clone, Copy, Debug)]
+pub enum Intake {
+    /// On the calling thread, which is this connection's alone (`serve`):
+    /// its priority follows the group's mode, at nice `nice` (at least)
+    /// outside sync mode.
+    OwnThread { nice: i32 },
+    /// On the runtime's blocking pool (a shared runtime); priorities are
+    /// left alone.
+    BlockingPool,
 }
 
 /// Runs the receiving side on an authenticated stream from site `peer`: the
-/// `Receiver` core decides (on a blocking thread: it appends to the log),
+/// `Receiver` core decides (where `intake` says: it appends to the log),
 /// this loop reads frames and sends each acknowledgement once durable.
-pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(stream: S, site: Arc<dyn Host>, peer: String) -> Result<()> {
+pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(stream: S, site: Arc<dyn Host>, peer: String, intake: Intake) -> Result<()> {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut core = Receiver::new(site, peer.clone());
+    let mut core = Receiver::new(site.clone(), peer.clone());
 
     let (h, body) = tokio::time::timeout(Duration::from_secs(10), frame::read_frame(&mut rd))
         .await
         .map_err(|_| anyhow!("refused {peer}: no HELLO within 10 s"))??
         .ok_or_else(|| anyhow!("refused {peer}: closed before HELLO"))?;
-    let (c, r) = step(core, h, body).await?;
+    let (c, r, _) = step_keeping(core, h, body, intake).await?;
     core = c;
     match r {
         Ok(Some(RecvAction::Send(f))) => {
@@ -167,6 +231,23 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         }
     }
     let group = core.group().cloned().ok_or_else(|| anyhow!("HELLO accepted without a group"))?;
+    let what = format!("replication of {} from {peer}", group.name);
+    let mut prio = match intake {
+        Intake::OwnThread { nice } => {
+            name_this_thread(&format!("recv-{}-{peer}", group.name));
+            Some(Priority::of_this_thread(nice, "receiver"))
+        }
+        Intake::BlockingPool => None,
+    };
+    let mut follow = |mode| {
+        if let Some(p) = prio.as_mut() {
+            p.follow(mode, &what);
+            let nice = p.current();
+            site.dr().update(&group.name, |d| d.receiver_nice = nice);
+        }
+    };
+    follow(core.mode());
+    let group = group.clone();
 
     // Acknowledgements go out from one task, each once its records are durable.
     enum Out {
@@ -209,7 +290,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Err(anyhow::Error::new(e).context("connection ended mid-stream (the primary stopped or the link broke)")),
             Err(e) => break Err(anyhow::Error::new(e).context("connection lost")),
         };
-        let (c, r) = match step_keeping(core, h, body).await {
+        let (c, r) = match step_keeping(core, h, body, intake).await {
             Ok((c, r, body)) => {
                 spare = body;
                 (c, r)
@@ -223,6 +304,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
             }
         };
         core = c;
+        if h.kind == frame::MODE {
+            follow(core.mode());
+        }
         match r {
             Ok(Some(RecvAction::Ack { end, seq, frames })) => {
                 let frame = core.ack_frame(seq, frames);
@@ -244,17 +328,32 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     result
 }
 
-/// One frame through the core, on a blocking thread (it appends to the log).
-async fn step(core: Receiver, h: FrameHeader, body: Vec<u8>) -> Result<(Receiver, Result<Option<RecvAction>>)> {
-    step_keeping(core, h, body).await.map(|(c, r, _)| (c, r))
+/// One frame through the core, where `intake` says (it appends to the
+/// log), handing the body back for the next frame to be read into.
+async fn step_keeping(mut core: Receiver, h: FrameHeader, body: Vec<u8>, intake: Intake) -> Result<(Receiver, Result<Option<RecvAction>>, Vec<u8>)> {
+    match intake {
+        // The thread is this connection's: blocking it holds up nobody else.
+        Intake::OwnThread { .. } => {
+            let r = core.on_frame(&h, &body);
+            Ok((core, r, body))
+        }
+        Intake::BlockingPool => tokio::task::spawn_blocking(move || {
+            let r = core.on_frame(&h, &body);
+            (core, r, body)
+        })
+        .await
+        .map_err(|e| anyhow!("replication receiver step failed: {e}")),
+    }
 }
 
-/// `step`, handing the body back for the next frame to be read into.
-async fn step_keeping(mut core: Receiver, h: FrameHeader, body: Vec<u8>) -> Result<(Receiver, Result<Option<RecvAction>>, Vec<u8>)> {
-    tokio::task::spawn_blocking(move || {
-        let r = core.on_frame(&h, &body);
-        (core, r, body)
-    })
-    .await
-    .map_err(|e| anyhow!("replication receiver step failed: {e}"))
+/// Names the calling thread (as `top -H` and `/proc/*/task/*/comm` show it;
+/// Linux keeps the first 15 bytes).
+fn name_this_thread(name: &str) {
+    let mut b: Vec<u8> = name.bytes().filter(|&c| c != 0).take(15).collect();
+    b.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from a pointer that is valid for the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, b.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
 }

@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::frame;
+use super::priority::Priority;
 use super::session::{Action, Now, Sender, SenderConfig};
 use crate::group::Group;
 use crate::limits;
@@ -34,106 +35,8 @@ pub struct SendSettings {
     pub heartbeat_interval: Duration,
     pub periodic_interval: Duration,
     /// Nice value of this sender's thread while its group is not in sync
-    /// mode (`sender_nice`; ARCHITECTURE.md "Sender priority").
+    /// mode (`sender_nice`; ARCHITECTURE.md "Replication priority").
     pub nice: i32,
-}
-
-/// The scheduling priority of a sender thread, following its group's mode:
-/// the nice value it inherited in sync mode (a sync writer waits for this
-/// thread), at least `nice` in async and periodic mode (shipping is deferred
-/// work; under CPU saturation the application's I/O goes first).
-pub struct Priority {
-    tid: libc::pid_t,
-    base: i32,
-    nice: i32,
-    current: i32,
-    stuck: bool,
-}
-
-/// The calling thread's id and nice value.
-fn this_thread() -> (libc::pid_t, i32) {
-    // SAFETY: plain syscalls about the calling thread; errno is reset first
-    // because -1 is a valid nice value. (`SYS_gettid` rather than
-    // `gettid()`, which needs glibc 2.30.)
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
-        *libc::__errno_location() = 0;
-        let p = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-        (tid, if p == -1 && *libc::__errno_location() != 0 { 0 } else { p })
-    }
-}
-
-/// Whether this process may lower a thread's nice value again once it has
-/// raised it (CAP_SYS_NICE, or an RLIMIT_NICE that allows it). Probed once,
-/// on a throwaway thread, so that a failed probe changes no thread that
-/// matters.
-pub fn can_restore_priority() -> bool {
-    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CAN.get_or_init(|| {
-        std::thread::spawn(|| {
-            let (tid, base) = this_thread();
-            if base >= 19 {
-                return false;
-            }
-            // SAFETY: setpriority on the probe thread's own id.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, base + 1) == 0 && libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, base) == 0 }
-        })
-        .join()
-        .unwrap_or(false)
-    })
-}
-
-impl Priority {
-    /// For the calling thread. If this process could not bring the thread
-    /// back to its inherited value for sync mode, the policy is off: a sync
-    /// writer must never wait on a deprioritised sender.
-    pub fn of_this_thread(nice: i32) -> Priority {
-        let (tid, base) = this_thread();
-        let nice = if nice > base && !can_restore_priority() {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                tracing::warn!("sender_nice = {nice} not applied: bringing a sender back to normal priority when its group turns sync needs CAP_SYS_NICE, which this process lacks; senders run at nice {base}");
-            });
-            base
-        } else {
-            nice
-        };
-        Priority { tid, base, nice, current: base, stuck: false }
-    }
-
-    /// The value wanted in `mode`.
-    pub fn wanted(&self, mode: super::Mode) -> i32 {
-        if mode == super::Mode::Sync {
-            self.base
-        } else {
-            self.base.max(self.nice)
-        }
-    }
-
-    pub fn current(&self) -> i32 {
-        self.current
-    }
-
-    /// Sets the thread's nice value for `mode` if it differs, and returns
-    /// whether it changed. Should that fail (`of_this_thread` probed that
-    /// it would not), the thread keeps its value and says so once.
-    pub fn follow(&mut self, mode: super::Mode, what: &str) -> bool {
-        let want = self.wanted(mode);
-        if want == self.current || self.stuck {
-            return false;
-        }
-        // SAFETY: setpriority on this thread's own id.
-        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid as libc::id_t, want) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            tracing::warn!("{what}: cannot set the sender's nice value from {} to {want} for {mode:?} mode: {e}; it stays at {} until the site restarts", self.current, self.current);
-            self.stuck = true;
-            return false;
-        }
-        tracing::debug!("{what}: sender nice {} -> {want} ({mode:?} mode)", self.current);
-        self.current = want;
-        true
-    }
 }
 
 /// Starts the sender of `group` to `peer` on a thread of its own, with a
@@ -163,7 +66,7 @@ pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, 
 /// Connects, runs a session until it ends, and reconnects with backoff.
 async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
     let mut backoff = Duration::from_millis(100);
-    let mut prio = Priority::of_this_thread(settings.nice);
+    let mut prio = Priority::of_this_thread(settings.nice, "sender");
     let nice = prio.current();
     group.replication.update(&peer.name, |r| r.sender_nice = nice);
     loop {
@@ -324,46 +227,5 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::replicate::Mode;
-
-    fn nice_of(tid: libc::pid_t) -> i32 {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        // Field 19 (nice), counted after the ")" that ends the thread name.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        rest.split(' ').nth(16).unwrap().parse().unwrap()
-    }
-
-    #[test]
-    fn sender_priority_follows_the_mode() {
-        std::thread::spawn(|| {
-            let mut p = Priority::of_this_thread(10);
-            let (tid, _) = this_thread();
-            let base = nice_of(tid);
-            if unsafe { libc::geteuid() } == 0 {
-                assert!(can_restore_priority(), "root may restore a thread's priority");
-            }
-            assert_eq!(p.current(), base);
-            // Without CAP_SYS_NICE the policy is off (see `of_this_thread`).
-            let lowered = if can_restore_priority() { base.max(10) } else { base };
-            p.follow(Mode::Async, "test");
-            assert_eq!(nice_of(tid), lowered, "async sender runs at nice 10");
-            p.follow(Mode::Periodic, "test");
-            assert_eq!(nice_of(tid), lowered);
-            p.follow(Mode::Sync, "test");
-            assert_eq!(nice_of(tid), base, "sync sender is back at the inherited value");
-            assert_eq!(p.current(), base);
-            // A policy of 0 never touches the thread.
-            let mut q = Priority::of_this_thread(0);
-            q.follow(Mode::Async, "test");
-            assert_eq!(q.current(), nice_of(tid));
-        })
-        .join()
-        .unwrap();
     }
 }

@@ -109,13 +109,18 @@ pub struct Sender {
     /// The next frame: RECORDS frames are built in place (header room, then
     /// the records), and the driver hands the buffer back (`recycle`).
     buf: Vec<u8>,
+    /// The mode HELLO names.
+    hello_mode: Mode,
+    /// The mode the DR site was last told, if it takes MODE frames.
+    told: Option<Mode>,
 }
 
 impl Sender {
     /// A new session; `hello()` is its first frame.
     pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
         let epoch = group.epoch();
-        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new() }
+        let hello_mode = group.replication.mode();
+        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None }
     }
 
     /// Gives back a frame's buffer once it is written, so that the next
@@ -128,7 +133,7 @@ impl Sender {
 
     pub fn hello(&self) -> Result<Vec<u8>> {
         let g = &self.group;
-        let hello = Hello { site: self.cfg.site.clone(), group: g.name.clone(), group_id: g.id, epoch: self.epoch, last_seq: g.last_seq(), mode: g.replication.mode().as_str().into() };
+        let hello = Hello { site: self.cfg.site.clone(), group: g.name.clone(), group_id: g.id, epoch: self.epoch, last_seq: g.last_seq(), mode: self.hello_mode.as_str().into() };
         Ok(frame::encode(frame::HELLO, self.epoch, &serde_json::to_vec(&hello)?, false))
     }
 
@@ -231,6 +236,7 @@ impl Sender {
         // samples unless it is older than what the last open replayed.
         g.sample_from_log(reply.durable_seq + 1);
         self.window = Window::new(reply.durable_seq);
+        self.told = reply.mode_frames.then_some(self.hello_mode);
         self.pins_due = true;
         self.phase = if resyncing {
             Phase::Resync(Resync { dr_last: reply.next_seq.saturating_sub(1), attempt: None, index: SentIndex::default(), taken: false, commit: None, started_ns: now.mono_ns })
@@ -324,6 +330,18 @@ impl Sender {
             self.pins_due = false;
             self.pins_saved_ns = now.mono_ns;
             return Ok(Action::SavePins);
+        }
+        // A DR site that takes MODE frames learns of a mode change before
+        // the records that follow it (it takes records in at lower priority
+        // outside sync mode).
+        if let Some(told) = self.told {
+            let mode = self.group.replication.mode();
+            if mode != told {
+                self.told = Some(mode);
+                let f = frame::encode(frame::MODE, self.epoch, mode.as_str().as_bytes(), false);
+                self.group.replication.update(&self.cfg.peer, |r| r.sent_bytes_total += f.len() as u64);
+                return Ok(Action::Send(f));
+            }
         }
         match self.phase {
             Phase::Hello => Ok(Action::Idle { until: None, on_append: false }),
@@ -582,6 +600,8 @@ struct Accepted {
     gen: u64,
     frames: u64,
     epoch: u64,
+    /// The group's mode at the primary (HELLO, then MODE frames).
+    mode: Option<Mode>,
 }
 
 /// The DR site's side of one connection from primary site `peer` (already
@@ -619,16 +639,19 @@ impl Receiver {
             // Make what we hold durable, then say where to resume.
             group.sync_to(group.flush_target())?;
             let (last, last_ident) = group.last_seq_ident();
-            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident };
+            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident, mode_frames: true };
+            // A mode this site does not know is taken as sync: full priority.
+            let mode = Mode::parse(&hello.mode).ok();
             let epoch = group.epoch();
             tracing::info!(event = "primary-connected", "replication: {peer} connected for group {} (resuming at seq {})", group.name, last + 1);
             self.host.dr().update(&group.name, |d| {
                 d.primary = peer.clone();
                 d.connected = true;
                 d.last_error = None;
+                d.mode = hello.mode.clone();
             });
             let f = frame::encode(frame::HELLO_REPLY, epoch, &serde_json::to_vec(&reply)?, false);
-            self.conn = Some(Accepted { group, region, gen, frames: 0, epoch });
+            self.conn = Some(Accepted { group, region, gen, frames: 0, epoch, mode });
             return Ok(Some(RecvAction::Send(f)));
         };
         if h.epoch < c.epoch {
@@ -654,6 +677,13 @@ impl Receiver {
                 self.host.dr().update(&c.group.name, |d| d.heartbeat = hb);
                 Ok(None)
             }
+            frame::MODE => {
+                let mode = frame::parse_mode(body)?;
+                tracing::debug!("replication: {peer} says group {} is now {}", c.group.name, mode.as_str());
+                c.mode = Some(mode);
+                self.host.dr().update(&c.group.name, |d| d.mode = mode.as_str().into());
+                Ok(None)
+            }
             k => bail!("unexpected frame kind {k} from {peer}"),
         }
     }
@@ -661,6 +691,12 @@ impl Receiver {
     /// The ACK frame for an `RecvAction::Ack` that is now durable.
     pub fn ack_frame(&self, seq: u64, frames: u64) -> Vec<u8> {
         frame::encode(frame::ACK, self.epoch(), &frame::two_u64(seq, frames), false)
+    }
+
+    /// The group's mode at the primary as far as this connection knows it,
+    /// taken as sync (records are waited for) while unknown.
+    pub fn mode(&self) -> Mode {
+        self.conn.as_ref().and_then(|c| c.mode).unwrap_or(Mode::Sync)
     }
 
     /// The group of this connection, once accepted.
@@ -737,9 +773,12 @@ mod tests {
 
     /// `answered`, the DR naming its last record's identity.
     fn answered_naming(g: &Arc<Group>, next_seq: u64, durable_seq: u64, last_ident: Option<u32>) -> (Sender, Result<()>) {
+        answered_with(g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident, mode_frames: false })
+    }
+
+    fn answered_with(g: &Arc<Group>, reply: HelloReply) -> (Sender, Result<()>) {
         let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
         let mut s = Sender::new(g.clone(), cfg);
-        let reply = HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident };
         let r = deliver(&mut s, at(0), frame::HELLO_REPLY, &serde_json::to_vec(&reply).unwrap());
         (s, r)
     }
@@ -846,6 +885,47 @@ mod tests {
         g.write(v, 0, &[2u8; 4096]).unwrap();
         assert_eq!(kind(&s.poll(at(100)).unwrap()), frame::HEARTBEAT);
         assert_eq!(kind(&s.poll(at(100)).unwrap()), frame::RECORDS, "the period ended");
+        g.abandon();
+    }
+
+    /// A DR site that says it takes MODE frames hears of each mode change
+    /// before the records written after it; an older one never gets one.
+    #[test]
+    fn mode_changes_reach_a_dr_that_takes_mode_frames_before_later_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let v = g.volume("v").unwrap().id;
+        for mode_frames in [true, false] {
+            g.set_mode(Mode::Async).unwrap();
+            let last = g.last_seq();
+            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames });
+            r.unwrap();
+            assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
+            assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
+            assert!(matches!(s.poll(at(0)).unwrap(), Action::Idle { .. }), "nothing changed, nothing to say");
+            let mut said = Vec::new();
+            for (t, mode) in [(1, Mode::Sync), (2, Mode::Sync), (3, Mode::Periodic), (4, Mode::Async)] {
+                g.set_mode(mode).unwrap();
+                g.replication.ship_through(g.last_seq() + 1);
+                g.write(v, 0, &[t as u8; 4096]).unwrap();
+                let mut a = s.poll(at(t)).unwrap();
+                if let Action::Send(f) = &a {
+                    if f[5] == frame::MODE {
+                        let mut d = frame::Decoder::default();
+                        d.push(f);
+                        let (_, body) = d.next_frame().unwrap().unwrap();
+                        said.push(frame::parse_mode(&body).unwrap());
+                        a = s.poll(at(t)).unwrap();
+                    }
+                }
+                assert_eq!(kind(&a), frame::RECORDS, "mode {mode:?}: the write follows");
+            }
+            if mode_frames {
+                assert_eq!(said, [Mode::Sync, Mode::Periodic, Mode::Async], "one frame per change, none for a repeat");
+            } else {
+                assert!(said.is_empty(), "an older DR gets no MODE frames");
+            }
+        }
         g.abandon();
     }
 

@@ -114,10 +114,10 @@ fn connect(rt: &tokio::runtime::Runtime, p: &Arc<Group>, host: &Arc<DrHost>, cut
     let h: Arc<dyn Host> = host.clone();
     let _g = rt.enter();
     let t1 = tokio::spawn(async move {
-        let _ = send::run(&pg, &peer, &st, a, &mut send::Priority::of_this_thread(0)).await;
+        let _ = send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await;
     });
     let t2 = tokio::spawn(async move {
-        let _ = receive::receive(b, h, "a".into()).await;
+        let _ = receive::receive(b, h, "a".into(), receive::Intake::BlockingPool).await;
     });
     Link { tasks: vec![t1, t2] }
 }

@@ -126,6 +126,7 @@ pub fn status_json(site: &Site) -> Value {
                 gj["primary"] = json!({
                     "site": d.primary, "connected": d.connected, "last_error": d.last_error,
                     "received_bytes": d.received_bytes_total,
+                    "mode": d.mode, "receiver_nice": d.receiver_nice,
                 });
                 gj["heartbeat"] = json!({
                     "seq": hb.seq, "sent_ns": hb.sent_ns, "received_ns": hb.received_ns,

@@ -85,6 +85,11 @@ pub struct SiteConfig {
     /// could not bring a sender back for sync mode).
     #[serde(default = "default_sender_nice")]
     pub sender_nice: i32,
+    /// DR site: nice value (0-19) of the thread that takes in an async or
+    /// periodic group's records; a sync group's runs at the nice value the
+    /// site inherited. 0 turns the policy off, as for `sender_nice`.
+    #[serde(default = "default_receiver_nice")]
+    pub receiver_nice: i32,
     /// Log bytes per group beyond which a lagging DR site stops holding the
     /// log and falls back to dirty-region resync (R3), e.g. "64GiB".
     #[serde(default = "default_log_cap")]
@@ -137,6 +142,9 @@ fn default_heartbeat_ms() -> u64 {
 fn default_sender_nice() -> i32 {
     crate::limits::SENDER_NICE_DEFAULT
 }
+fn default_receiver_nice() -> i32 {
+    crate::limits::RECEIVER_NICE_DEFAULT
+}
 fn default_periodic_s() -> u64 {
     crate::limits::PERIODIC_INTERVAL_S_DEFAULT
 }
@@ -174,6 +182,9 @@ impl SiteConfig {
         }
         if !(0..=19).contains(&self.sender_nice) {
             bail!("sender_nice {} is not in 0..=19", self.sender_nice);
+        }
+        if !(0..=19).contains(&self.receiver_nice) {
+            bail!("receiver_nice {} is not in 0..=19", self.receiver_nice);
         }
         for p in &self.peers {
             crate::util::check_name("peer", &p.name).map_err(anyhow::Error::msg)?;
@@ -220,5 +231,9 @@ mod tests {
         assert!(e.contains("site.toml") && e.contains("sender_nice 20 is not in 0..=19"), "{e}");
         std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nsender_nice = 0\n").unwrap();
         assert_eq!(SiteConfig::load(&p).unwrap().sender_nice, 0);
+        assert_eq!(SiteConfig::load(&p).unwrap().receiver_nice, crate::limits::RECEIVER_NICE_DEFAULT);
+        std::fs::write(&p, "name = \"b\"\nrole = \"secondary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nreceiver_nice = -1\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("site.toml") && e.contains("receiver_nice -1 is not in 0..=19"), "{e}");
     }
 }
