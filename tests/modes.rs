@@ -128,8 +128,10 @@ fn lag_counts_writes_not_shipped_yet() {
     // The DR site down: the lag of a new write grows while it is away.
     d.sites[1].stop();
     wait_until(20, "disconnected", || replica(&d)["state"] == "disconnected");
+    let before = Instant::now();
     let (ok, out) = qemu_write_len(&uri, 6, "1m", "2m");
     assert!(ok, "{out}");
+    let written = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
     let r = replica(&d);
     assert_eq!(r["lag_writes"], 1, "{r}");
@@ -139,6 +141,19 @@ fn lag_counts_writes_not_shipped_yet() {
     assert!((2 << 20..(2 << 20) + (64 << 10)).contains(&bytes), "lag_bytes {bytes} with one 2 MiB write and the DR site away");
     let metric = d.sites[0].metric("tidemark_replication_lag_bytes{");
     assert_eq!(metric, bytes as f64, "metrics and status agree");
+    // The primary restarts with the DR site still away: the DR's lag still
+    // counts from that write (its place was saved with the pins), not from
+    // the group's first record, seconds older.
+    d.sites[0].stop();
+    d.sites[0].spawn();
+    let r = replica(&d);
+    assert_eq!(r["state"], "disconnected", "{r}");
+    assert_eq!(r["lag_writes"], 1, "after a restart: {r}");
+    let lag = r["lag_seconds"].as_f64().unwrap();
+    let (t_min, t_max) = (written.elapsed().as_secs_f64(), before.elapsed().as_secs_f64());
+    assert!(lag >= t_min - 0.01 && lag <= t_max + 1.0, "after a restart, lag_seconds {lag} for a write made {t_min:.3}..{t_max:.3} s ago");
+    let bytes = r["lag_bytes"].as_u64().unwrap();
+    assert!((2 << 20..(2 << 20) + (64 << 10)).contains(&bytes), "after a restart, lag_bytes {bytes} with one 2 MiB write pending");
 }
 
 #[test]

@@ -1204,6 +1204,11 @@ impl Group {
             self.sync_cv.notify_all();
         }
         self.sync_to(self.flush_target())?;
+        // The latest acknowledgements: after a restart, less log is kept and
+        // each DR's lag counts from where it really is.
+        if !self.lock_read().pins.is_empty() {
+            self.save_pins()?;
+        }
         self.checkpoint()
     }
 

@@ -565,3 +565,44 @@ fn write_times_of_what_a_dr_site_lacks_survive_a_clean_reopen() {
     g.sample_from_log(7);
     assert_eq!(g.written_at(7).unwrap().seq, 5, "not older than the samples: nothing to read");
 }
+
+/// After a restart a DR site's replica starts from the pin saved for it
+/// (its last durable record; `close` saves the latest), so its lag counts
+/// from the first write it lacks, not from seq 1; a pin of 1 (an empty DR)
+/// and a DR in dirty-region mode start from nothing.
+#[test]
+fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let time = |g: &Group, seq: u64| g.record_header(seq).unwrap().expect("in the log").0.timestamp_ns;
+    let last = {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        for i in 0..10u64 {
+            g.write(vol, i * 4096, &vec![i as u8; 4096]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        g.set_pin("b", 4);
+        g.set_pin("c", 1);
+        g.set_pin("d", 3);
+        g.save_pins().unwrap();
+        g.enter_dirty("d", None).unwrap();
+        // Acknowledged after the last save: `close` saves it.
+        g.set_pin("b", 6);
+        let last = g.last_seq();
+        g.close().unwrap();
+        last
+    };
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    for peer in ["b", "c", "d"] {
+        g.replication.add_replica(peer);
+    }
+    let rs = g.replication.replicas();
+    let acked: Vec<u64> = rs.iter().map(|r| r.acked_seq).collect();
+    assert_eq!(acked, [6, 0, 0], "b from its pin as close saved it; c holds nothing; d was resyncing");
+    let now = crate::util::now_ns();
+    let (secs, bytes) = crate::replicate::lag(&g, &rs[0], last, now);
+    let want = (now - time(&g, 7)) as f64 / 1e9;
+    assert!((secs - want).abs() < 0.001, "lag {secs} s, the record after the pin was written {want} s ago");
+    assert!(bytes >= 4 * 4096 && bytes < 4 * 8192, "lag_bytes {bytes} for 4 writes of 4 KiB");
+    assert!(crate::replicate::lag(&g, &rs[1], last, now).0 > secs, "an empty DR lacks older writes");
+}

@@ -151,6 +151,10 @@ pub struct GroupReplication {
     /// Periodic mode: a storage operation (snapshot, restore, ...) at this
     /// seq ships now, with the batch pending before it.
     ship_through: std::sync::atomic::AtomicU64,
+    /// What each DR site held when this group last saved its pins (set at
+    /// open): a replica starts from there, not from 0, until its DR site
+    /// says more at HELLO.
+    known_acked: Mutex<BTreeMap<String, u64>>,
 }
 
 impl GroupReplication {
@@ -162,7 +166,16 @@ impl GroupReplication {
             degraded: AtomicBool::new(false),
             replicas: watch::channel(BTreeMap::new()).0,
             ship_through: std::sync::atomic::AtomicU64::new(0),
+            known_acked: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// `site` is known to hold every seq up to `seq` durably (from the
+    /// saved pins at open): its replica starts there, so its lag after a
+    /// restart counts from the first write it lacks, not from seq 1.
+    pub fn seed_acked(&self, site: &str, seq: u64) {
+        self.known_acked.lock().unwrap().insert(site.to_string(), seq);
+        self.update(site, |r| r.acked_seq = r.acked_seq.max(seq));
     }
 
     /// Asks periodic-mode senders to ship everything up to `seq` now.
@@ -196,8 +209,9 @@ impl GroupReplication {
 
     /// Registers a configured DR site (disconnected until its sender connects).
     pub fn add_replica(&self, site: &str) {
+        let acked = self.known_acked.lock().unwrap().get(site).copied().unwrap_or(0);
         self.replicas.send_modify(|m| {
-            m.entry(site.to_string()).or_insert_with(|| Replica { site: site.to_string(), state: "disconnected".into(), ..Default::default() });
+            m.entry(site.to_string()).or_insert_with(|| Replica { site: site.to_string(), state: "disconnected".into(), acked_seq: acked, sent_seq: acked, ..Default::default() });
         });
     }
 
