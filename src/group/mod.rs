@@ -1205,9 +1205,13 @@ impl Group {
         }
         self.sync_to(self.flush_target())?;
         // The latest acknowledgements: after a restart, less log is kept and
-        // each DR's lag counts from where it really is.
+        // each DR's lag counts from where it really is. A failure keeps the
+        // older file (more log kept, a larger lag shown), not the checkpoint
+        // from being written.
         if !self.lock_read().pins.is_empty() {
-            self.save_pins()?;
+            if let Err(e) = self.save_pins() {
+                tracing::warn!("group {}: failed to save replication pins at close: {e:#}", self.name);
+            }
         }
         self.checkpoint()
     }

@@ -220,9 +220,19 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     let lacking: std::collections::BTreeSet<u64> = inner.pins.values().map(|p| p + 1).collect();
     // A pin is the DR's last durable record as last saved (1 for a DR that
     // holds nothing, or only seq 1: taken as nothing, so its lag is never
-    // under-counted), never past this log's end. Not for a DR that was in
-    // dirty-region mode: its pin may be a resync commit it never took.
-    let held: Vec<(String, u64)> = inner.pins.iter().filter(|(peer, _)| !inner.dirty.contains_key(*peer)).map(|(peer, &pin)| (peer.clone(), if pin > 1 { pin.min(inner.next_seq.saturating_sub(1)) } else { 0 })).collect();
+    // under-counted), never past this log's end, nor past where its history
+    // is suspect (`unverified`: after a crash, what it holds beyond that
+    // may be records this log lost and then wrote anew). Not for a DR that
+    // was in dirty-region mode: its pin may be a resync commit it never took.
+    let held: Vec<(String, u64)> = inner
+        .pins
+        .iter()
+        .filter(|(peer, _)| !inner.dirty.contains_key(*peer))
+        .map(|(peer, &pin)| {
+            let cap = inner.unverified.get(peer).map_or(u64::MAX, |from| from.saturating_sub(1)).min(inner.next_seq.saturating_sub(1));
+            (peer.clone(), if pin > 1 { pin.min(cap) } else { 0 })
+        })
+        .collect();
     let g = Group::from_parts(&meta, dir.to_path_buf(), inner);
     for (peer, seq) in held {
         g.replication.seed_acked(&peer, seq);

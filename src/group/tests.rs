@@ -569,7 +569,8 @@ fn write_times_of_what_a_dr_site_lacks_survive_a_clean_reopen() {
 /// After a restart a DR site's replica starts from the pin saved for it
 /// (its last durable record; `close` saves the latest), so its lag counts
 /// from the first write it lacks, not from seq 1; a pin of 1 (an empty DR)
-/// and a DR in dirty-region mode start from nothing.
+/// and a DR in dirty-region mode start from nothing, and a DR whose history
+/// is suspect from some seq on starts below it (never over-stated).
 #[test]
 fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
     let dir = tempfile::tempdir().unwrap();
@@ -586,6 +587,12 @@ fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
         g.set_pin("d", 3);
         g.save_pins().unwrap();
         g.enter_dirty("d", None).unwrap();
+        // As a resync commit point pins it, before the DR takes it.
+        g.set_pin("d", 8);
+        // Holds seq 8, but what it holds from seq 5 on may be records a
+        // crash took from this log (`unverified`).
+        g.set_pin("e", 8);
+        g.lock_read().unverified.insert("e".into(), 5);
         // Acknowledged after the last save: `close` saves it.
         g.set_pin("b", 6);
         let last = g.last_seq();
@@ -593,12 +600,12 @@ fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
         last
     };
     let g = Group::open(dir.path(), "cg0").unwrap();
-    for peer in ["b", "c", "d"] {
+    for peer in ["b", "c", "d", "e"] {
         g.replication.add_replica(peer);
     }
     let rs = g.replication.replicas();
     let acked: Vec<u64> = rs.iter().map(|r| r.acked_seq).collect();
-    assert_eq!(acked, [6, 0, 0], "b from its pin as close saved it; c holds nothing; d was resyncing");
+    assert_eq!(acked, [6, 0, 0, 4], "b from its pin as close saved it; c holds nothing; d was resyncing; e is suspect from seq 5");
     let now = crate::util::now_ns();
     let (secs, bytes) = crate::replicate::lag(&g, &rs[0], last, now);
     let want = (now - time(&g, 7)) as f64 / 1e9;

@@ -247,7 +247,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         }
     };
     follow(core.mode());
-    let group = group.clone();
+    let writer_group = group.clone();
 
     // Acknowledgements go out from one task, each once its records are durable.
     enum Out {
@@ -264,7 +264,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                         end = e;
                         frame = f;
                     }
-                    group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
+                    writer_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
                     wr.write_all(&frame).await?;
                     wr.flush().await?;
                 }
@@ -309,9 +309,17 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         }
         match r {
             Ok(Some(RecvAction::Ack { end, seq, frames })) => {
+                // The sync thread starts on it now, not when the writer
+                // task next runs (on a thread of its own that is after
+                // the frames already buffered have been appended).
+                group.request_durable(end);
                 let frame = core.ack_frame(seq, frames);
                 if tx.send(Out::Ack { end, frame }).await.is_err() {
                     break Err(anyhow!("acknowledgement writer stopped"));
+                }
+                if matches!(intake, Intake::OwnThread { .. }) {
+                    // Let the writer send what is durable before the next append.
+                    tokio::task::yield_now().await;
                 }
             }
             Ok(Some(RecvAction::Send(f))) => break Err(anyhow!("unexpected reply of {} bytes after HELLO", f.len())),
