@@ -182,13 +182,18 @@ fn nices(pid: u32, prefix: &str) -> Vec<i32> {
         if !comm.starts_with(prefix) {
             continue;
         }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        // Field 19 (nice), counted after the ")" that ends the thread name.
-        if let Some(n) = stat.rfind(')').and_then(|i| stat[i + 2..].split(' ').nth(16)).and_then(|n| n.parse().ok()) {
+        if let Some(n) = nice_in_stat(&t.path().join("stat")) {
             out.push(n);
         }
     }
     out
+}
+
+/// The nice value in a `/proc/.../stat` file: field 19, counted after the
+/// ")" that ends the thread name. None if the task is gone.
+fn nice_in_stat(path: &std::path::Path) -> Option<i32> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat.rfind(')').and_then(|i| stat[i + 2..].split(' ').nth(16)).and_then(|n| n.parse().ok())
 }
 
 /// Outside sync mode the primary's sender and the DR site's receiver run
@@ -205,10 +210,7 @@ fn replication_threads_follow_the_mode_on_both_sites() {
     wait_until(20, "replicating", || d.sites[0].status()["groups"][0]["replicas"][0]["state"] == "replicating");
     let (pa, pb) = (d.sites[0].pid(), d.sites[1].pid());
     // The sites' own value: what their main threads run at.
-    let main_nice = |pid: u32| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap();
-        stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(16).unwrap().parse::<i32>().unwrap()
-    };
+    let main_nice = |pid: u32| nice_in_stat(std::path::Path::new(&format!("/proc/{pid}/task/{pid}/stat"))).expect("the site runs");
     let base = main_nice(pb);
     assert_eq!(main_nice(pa), base);
     let low = base.max(10);

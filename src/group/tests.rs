@@ -534,19 +534,30 @@ pub(crate) mod power_cut {
     }
 }
 
+/// A new group in `dir` with a volume and ten 4 KiB writes 2 ms apart (so
+/// each has a write time of its own).
+fn ten_writes_2ms_apart(dir: &std::path::Path) -> Arc<Group> {
+    let g = Group::open(dir, "cg0").unwrap();
+    let vol = g.create_volume("v", 1 << 20).unwrap();
+    for i in 0..10u64 {
+        g.write(vol, i * 4096, &vec![i as u8; 4096]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    g
+}
+
+/// The write time in the header of record `seq`, read from the log.
+fn record_time(g: &Group, seq: u64) -> u64 {
+    g.record_header(seq).unwrap().expect("in the log").0.timestamp_ns
+}
+
 #[test]
 fn write_times_of_what_a_dr_site_lacks_survive_a_clean_reopen() {
     // A clean close leaves nothing to replay, so the samples come from the
     // log: the record after each pin at open, another one when asked.
     let dir = tempfile::tempdir().unwrap();
-    let time = |g: &Group, seq: u64| g.record_header(seq).unwrap().expect("in the log").0.timestamp_ns;
     let last = {
-        let g = Group::open(dir.path(), "cg0").unwrap();
-        let vol = g.create_volume("v", 1 << 20).unwrap();
-        for i in 0..10u64 {
-            g.write(vol, i * 4096, &vec![i as u8; 4096]).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        let g = ten_writes_2ms_apart(dir.path());
         g.set_pin("b", 4);
         g.save_pins().unwrap();
         let last = g.last_seq();
@@ -555,13 +566,13 @@ fn write_times_of_what_a_dr_site_lacks_survive_a_clean_reopen() {
     };
     let g = Group::open(dir.path(), "cg0").unwrap();
     let s = g.written_at(5).expect("sampled at open");
-    assert_eq!((s.seq, s.time_ns), (5, time(&g, 5)), "the record after the pin, from the log");
+    assert_eq!((s.seq, s.time_ns), (5, record_time(&g, 5)), "the record after the pin, from the log");
     let s = g.written_at(last).unwrap();
     assert_eq!(s.seq, 5, "a later record: the sample before it (never later than it)");
-    assert!(s.time_ns <= time(&g, last));
+    assert!(s.time_ns <= record_time(&g, last));
     g.sample_from_log(3);
     let s = g.written_at(3).unwrap();
-    assert_eq!((s.seq, s.time_ns), (3, time(&g, 3)), "older than every sample: read from the log");
+    assert_eq!((s.seq, s.time_ns), (3, record_time(&g, 3)), "older than every sample: read from the log");
     g.sample_from_log(7);
     assert_eq!(g.written_at(7).unwrap().seq, 5, "not older than the samples: nothing to read");
 }
@@ -574,14 +585,8 @@ fn write_times_of_what_a_dr_site_lacks_survive_a_clean_reopen() {
 #[test]
 fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
     let dir = tempfile::tempdir().unwrap();
-    let time = |g: &Group, seq: u64| g.record_header(seq).unwrap().expect("in the log").0.timestamp_ns;
     let last = {
-        let g = Group::open(dir.path(), "cg0").unwrap();
-        let vol = g.create_volume("v", 1 << 20).unwrap();
-        for i in 0..10u64 {
-            g.write(vol, i * 4096, &vec![i as u8; 4096]).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        let g = ten_writes_2ms_apart(dir.path());
         g.set_pin("b", 4);
         g.set_pin("c", 1);
         g.set_pin("d", 3);
@@ -608,7 +613,7 @@ fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
     assert_eq!(acked, [6, 0, 0, 4], "b from its pin as close saved it; c holds nothing; d was resyncing; e is suspect from seq 5");
     let now = crate::util::now_ns();
     let (secs, bytes) = crate::replicate::lag(&g, &rs[0], last, now);
-    let want = (now - time(&g, 7)) as f64 / 1e9;
+    let want = (now - record_time(&g, 7)) as f64 / 1e9;
     assert!((secs - want).abs() < 0.001, "lag {secs} s, the record after the pin was written {want} s ago");
     assert!((4 * 4096..4 * 8192).contains(&bytes), "lag_bytes {bytes} for 4 writes of 4 KiB");
     assert!(crate::replicate::lag(&g, &rs[1], last, now).0 > secs, "an empty DR lacks older writes");
