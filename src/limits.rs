@@ -70,6 +70,13 @@ pub const RESYNC_BATCH_BLOCKS: u64 = 1024;
 pub const SYNC_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Default interval of heartbeats in the replication stream.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Default silence after which a replication link is declared dead: no
+/// frame from the DR site at the primary (which expects an answer to every
+/// heartbeat), no byte from the primary at the DR site (ARCHITECTURE.md
+/// "Silent links are dead links").
+pub const LINK_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Longest `link_timeout_ms` accepted (a day).
+pub const LINK_TIMEOUT_MS_MAX: u64 = 86_400_000;
 /// Nice value of an async or periodic group's sender threads (sync senders
 /// keep the site's own): shipping is deferred work there, and under CPU saturation the
 /// application's I/O goes first (ARCHITECTURE.md "Replication priority").

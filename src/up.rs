@@ -207,6 +207,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
                 sync_loss: "async".into(),
                 sync_timeout_ms: crate::limits::SYNC_TIMEOUT_MS_DEFAULT,
                 heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
+                link_timeout_ms: crate::limits::LINK_TIMEOUT_MS_DEFAULT,
                 periodic_interval_s: crate::limits::PERIODIC_INTERVAL_S_DEFAULT,
                 sender_nice: crate::limits::SENDER_NICE_DEFAULT,
                 receiver_nice: crate::limits::RECEIVER_NICE_DEFAULT,

@@ -384,3 +384,62 @@ fn a_dr_that_lost_its_data_during_dirty_mode_is_resynced_in_full() {
     assert!(a == b, "the DR copy differs from the primary (its first 512 KiB right: {})", a[..512 << 10] == b[..512 << 10]);
     assert!(d.sites[0].log().contains("the dirty set starts at seq"), "the primary did not say why it resynced:\n{}", d.sites[0].log());
 }
+
+/// The primary's view of its one DR site: (state, last_error).
+fn replica_state(d: &Deployment) -> (String, String) {
+    let s = d.sites[0].status();
+    let r = &s["groups"][0]["replicas"][0];
+    (r["state"].as_str().unwrap_or("").to_string(), r["last_error"].as_str().unwrap_or("").to_string())
+}
+
+/// A link that goes silent (the fault proxy drops one direction, as a
+/// broken route or a stateful firewall that forgot the connection does)
+/// is not a connected link: each end notices within `link_timeout_ms`,
+/// the primary reports the DR site lost with the reason, and once the
+/// route is back the DR catches up. Without the silence check the primary
+/// kept showing a connected DR while its lag grew, and a DR whose primary
+/// had gone silent kept the connection open forever.
+#[test]
+fn a_silent_link_is_noticed_at_both_ends_and_recovers() {
+    use common::proxy::{Dir, Proxy};
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
+    let direct = format!("127.0.0.1:{}", d.repl_port(1));
+    d.sites[0].edit_config(|c| c.replace(&direct, &proxy.addr().to_string()));
+    for s in &d.sites {
+        s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 2000"));
+    }
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x11, 0, 4);
+    wait_until(20, "catch-up", || caught_up(&d));
+    // Quiet but alive: heartbeats and their answers keep the link up.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(caught_up(&d), "a quiet link was dropped: {:?}", replica_state(&d));
+
+    // The DR's answers are lost: the primary hears nothing.
+    proxy.blackhole(Dir::Down);
+    let t = Instant::now();
+    write_blocks(&p, 0x22, 1 << 20, 4);
+    wait_until(10, "the primary to call the silent link lost", || replica_state(&d).0 == "disconnected");
+    let took = t.elapsed();
+    let (_, err) = replica_state(&d);
+    assert!(err.contains("no frame from b") && err.contains("silent"), "last_error: {err}");
+    assert!(took >= Duration::from_millis(1500), "declared lost after {took:?}, before link_timeout");
+    assert!(d.sites[0].log().contains("dr-lost"), "no dr-lost event in the primary's log");
+    proxy.clear_blackhole();
+    wait_until(40, "catch-up after the answers came back", || caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d));
+
+    // The primary's frames are lost: the DR hears nothing, and says so.
+    proxy.blackhole(Dir::Up);
+    write_blocks(&p, 0x33, 2 << 20, 4);
+    wait_until(10, "the DR to call the silent link lost", || {
+        let s = d.sites[1].status();
+        s["groups"][0]["primary"]["connected"] == false
+            && s["groups"][0]["primary"]["last_error"].as_str().is_some_and(|e| e.contains("no byte from a") && e.contains("silent"))
+    });
+    wait_until(10, "the primary to call it lost too", || replica_state(&d).0 == "disconnected");
+    proxy.clear_blackhole();
+    let (a, b) = converged_copies(&d, 40);
+    assert!(a == b, "the DR copy differs from the primary after the silent link recovered");
+}

@@ -60,6 +60,10 @@ use crate::log::segment::LogPos;
 use crate::oracle::stamp;
 
 pub(super) const BLOCKS: u64 = 64;
+/// Virtual silence after which a sender gives up on its link: events
+/// advance time by up to 30 ms and the DR's acks wait for its fsyncs, so
+/// some sessions end this way (then the sender reconnects, as for a cut).
+const LINK_TIMEOUT_MS: u64 = 60;
 const GROUP_ID: u64 = 0x7e57_0000_0000_0001;
 /// Virtual wall clock origin (2026-01-01).
 const WALL0: u64 = 1_767_225_600_000_000_000;
@@ -271,7 +275,7 @@ impl World {
     fn connect(&mut self, budget: Option<u64>) -> Result<(), String> {
         let lz4 = self.rng.random_bool(0.3);
         let window_bytes = if self.rng.random_bool(0.5) { self.rng.random_range(4096..256 << 10) } else { crate::limits::REPL_WINDOW_BYTES };
-        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(50), window_bytes };
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(50), window_bytes, link_timeout: Duration::from_millis(LINK_TIMEOUT_MS) };
         let s = Sender::new(self.p.clone(), cfg);
         let hello = s.hello().map_err(|e| e.to_string())?;
         let host: Arc<dyn Host> = self.host.clone();

@@ -250,6 +250,11 @@ pub struct HelloReply {
     /// sent to them).
     #[serde(default)]
     pub mode_frames: bool,
+    /// The DR site answers every HEARTBEAT with an ACK, so the primary can
+    /// tell a silent link from a quiet one (absent from older sites: the
+    /// primary then expects frames only while records are unacknowledged).
+    #[serde(default)]
+    pub heartbeat_acks: bool,
 }
 
 /// A MODE frame's payload: the mode by name.
@@ -305,6 +310,9 @@ mod tests {
         // A reply from a site before MODE frames existed.
         let old: HelloReply = decode_json(br#"{"site":"b","group":"cg0","next_seq":5,"durable_seq":4,"last_ident":7}"#).unwrap();
         assert!(!old.mode_frames);
+        // Nor did answers to heartbeats: the primary then expects frames
+        // only while records are unacknowledged.
+        assert!(!old.heartbeat_acks);
     }
 
     #[test]

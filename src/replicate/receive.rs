@@ -10,13 +10,15 @@
 //! Nothing from a refused connection is applied.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -189,8 +191,9 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     let peer = super::tls::peer_site(tls.get_ref().1.peer_certificates(), &allowed)
         .ok_or_else(|| anyhow!("refused: the client certificate names none of the configured peer sites {allowed:?}"))?;
     let nice = site.cfg.receiver_nice;
+    let link_timeout = Duration::from_millis(site.cfg.link_timeout_ms);
     let host: Arc<dyn Host> = site;
-    receive(tls, host, peer, Intake::OwnThread { nice }).await
+    receive(tls, host, peer, Intake::OwnThread { nice }, link_timeout).await
 }
 
 /// Where `receive` runs the core's steps (each appends to the log).
@@ -205,11 +208,37 @@ pub enum Intake {
     BlockingPool,
 }
 
+/// A reader that notes when bytes last arrived, for the silence check.
+struct Watched<R> {
+    inner: R,
+    origin: Instant,
+    /// Nanoseconds after `origin` of the last read that returned bytes.
+    last: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Watched<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.last.store(self.origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 /// Runs the receiving side on an authenticated stream from site `peer`: the
 /// `Receiver` core decides (where `intake` says: it appends to the log),
 /// this loop reads frames and sends each acknowledgement once durable.
-pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(stream: S, site: Arc<dyn Host>, peer: String, intake: Intake) -> Result<()> {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+/// After HELLO, `link_timeout` without a byte from the primary (which sends
+/// a heartbeat every interval) ends the connection: the link is silent.
+/// Bytes, not frames: over a slow link one big frame may take longer than
+/// that to arrive, and it is still alive.
+pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(stream: S, site: Arc<dyn Host>, peer: String, intake: Intake, link_timeout: Duration) -> Result<()> {
+    let (rd, mut wr) = tokio::io::split(stream);
+    let origin = Instant::now();
+    let last_byte = Arc::new(AtomicU64::new(0));
+    let mut rd = Watched { inner: rd, origin, last: last_byte.clone() };
     let mut core = Receiver::new(site.clone(), peer.clone());
 
     let (h, body) = tokio::time::timeout(Duration::from_secs(10), frame::read_frame(&mut rd))
@@ -255,7 +284,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         Error(Vec<u8>),
     }
     let (tx, mut rx) = mpsc::channel::<Out>(crate::limits::REPL_ACK_QUEUE_MAX);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             match m {
                 Out::Ack { mut end, mut frame } => {
@@ -280,7 +309,30 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
 
     let mut spare = Vec::new();
     let result = loop {
-        let (h, body) = match frame::read_frame_into(&mut rd, std::mem::take(&mut spare)).await {
+        let read = frame::read_frame_into(&mut rd, std::mem::take(&mut spare));
+        tokio::pin!(read);
+        let got = loop {
+            let silent_at = origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed)) + link_timeout;
+            tokio::select! {
+                // Bytes that are there count before the clock does.
+                biased;
+                r = &mut read => break Some(r),
+                _ = tokio::time::sleep_until(silent_at.into()) => {
+                    let heard = origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed));
+                    if heard.elapsed() >= link_timeout {
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(got) = got else {
+            let heard = origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed));
+            break Err(anyhow!(
+                "no byte from {peer} for {:.1} s (link_timeout {link_timeout:?}): the link is silent (blackholed, or the primary stalled); closing it",
+                heard.elapsed().as_secs_f64()
+            ));
+        };
+        let (h, body) = match got {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             // Undecodable bytes (a frame, or a TLS record) are the peer's
@@ -299,7 +351,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 // The core is lost with its thread; still tell the primary.
                 let _ = tx.send(Out::Error(frame::encode(frame::ERROR, 0, format!("{e:#}").as_bytes(), false))).await;
                 drop(tx);
-                let _ = writer.await;
+                finish_writer(&mut writer, link_timeout).await;
                 return Err(e);
             }
         };
@@ -331,9 +383,18 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         let _ = tx.send(Out::Error(core.farewell(e))).await;
     }
     drop(tx);
-    let _ = writer.await;
+    finish_writer(&mut writer, link_timeout).await;
     drop(core);
     result
+}
+
+/// Waits for the acknowledgement writer to send what it has (the farewell
+/// last), but not past `limit`: a link that takes nothing more (full
+/// buffers, nobody reading) must not hold the connection open.
+async fn finish_writer(writer: &mut tokio::task::JoinHandle<Result<()>>, limit: Duration) {
+    if tokio::time::timeout(limit, &mut *writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// One frame through the core, where `intake` says (it appends to the

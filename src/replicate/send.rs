@@ -34,6 +34,8 @@ pub struct SendSettings {
     pub site: String,
     pub heartbeat_interval: Duration,
     pub periodic_interval: Duration,
+    /// Silence that ends a session (`link_timeout_ms`; `Sender::check_link`).
+    pub link_timeout: Duration,
     /// Nice value of this sender's thread while its group is not in sync
     /// mode (`sender_nice`; ARCHITECTURE.md "Replication priority").
     pub nice: i32,
@@ -117,13 +119,15 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let (mut rd, mut wr) = tokio::io::split(stream);
     let origin = Instant::now();
     let now = || Now { mono_ns: origin.elapsed().as_nanos() as u64, wall_ns: crate::util::now_ns() };
-    let cfg = SenderConfig { site: st.site.clone(), peer: peer.name.clone(), lz4: peer.lz4, heartbeat_interval: st.heartbeat_interval, periodic_interval: st.periodic_interval, window_bytes: limits::REPL_WINDOW_BYTES };
+    // Until the core's link deadline (monotonic ns), or an hour if none.
+    let until = |deadline: Option<u64>| Duration::from_nanos(deadline.map_or(3_600_000_000_000, |d| d.saturating_sub(now().mono_ns)));
+    let cfg = SenderConfig { site: st.site.clone(), peer: peer.name.clone(), lz4: peer.lz4, heartbeat_interval: st.heartbeat_interval, periodic_interval: st.periodic_interval, window_bytes: limits::REPL_WINDOW_BYTES, link_timeout: st.link_timeout };
     let mut core = Sender::new(group.clone(), cfg);
     wr.write_all(&core.hello()?).await?;
     wr.flush().await?;
-    let (h, body) = tokio::time::timeout(Duration::from_secs(30), frame::read_frame(&mut rd))
+    let (h, body) = tokio::time::timeout(st.link_timeout, frame::read_frame(&mut rd))
         .await
-        .map_err(|_| anyhow!("{} did not answer HELLO", peer.name))??
+        .map_err(|_| anyhow!("{} did not answer HELLO within {:?} (link_timeout)", peer.name, st.link_timeout))??
         .ok_or_else(|| anyhow!("{} closed the connection after HELLO", peer.name))?;
     core.on_frame(now(), &h, &body).with_context(|| format!("at {}", peer.addr))?;
 
@@ -208,6 +212,12 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                             f = rx.recv() => {
                                 let (h, body) = f.ok_or_else(|| anyhow!("acknowledgement stream ended"))??;
                                 core.as_mut().unwrap().on_frame(now(), &h, &body)?;
+                            }
+                            // A write the DR site never takes (it stopped
+                            // reading, or the link dropped its answers and
+                            // the window is not full yet) still ends.
+                            _ = tokio::time::sleep(until(core.as_ref().unwrap().link_deadline())) => {
+                                core.as_ref().unwrap().check_link(now())?;
                             }
                         }
                     }

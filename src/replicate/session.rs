@@ -52,6 +52,9 @@ pub struct SenderConfig {
     pub periodic_interval: Duration,
     /// Unacknowledged bytes in flight before the sender waits for an ack.
     pub window_bytes: u64,
+    /// Silence from the DR site, while an answer is due, that ends the
+    /// session (`Sender::check_link`).
+    pub link_timeout: Duration,
 }
 
 /// What the sender asks its driver to do next.
@@ -113,6 +116,13 @@ pub struct Sender {
     hello_mode: Mode,
     /// The mode the DR site was last told, if it takes MODE frames.
     told: Option<Mode>,
+    /// When the last frame from the DR site arrived (monotonic ns).
+    heard_ns: u64,
+    /// The DR site answers heartbeats (HELLO_REPLY `heartbeat_acks`).
+    hb_acks: bool,
+    /// When an answer last became due after none was (monotonic ns): the
+    /// silence clock starts at the later of this and `heard_ns`.
+    due_since: u64,
 }
 
 impl Sender {
@@ -120,7 +130,41 @@ impl Sender {
     pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
         let epoch = group.epoch();
         let hello_mode = group.replication.mode();
-        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None }
+        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0 }
+    }
+
+    /// When the link counts as dead if nothing arrives from the DR site
+    /// before (monotonic ns): `link_timeout` after the last frame heard,
+    /// while an answer is due. One is due always from a DR site that
+    /// answers heartbeats (one goes out every interval), and from an older
+    /// one while RECORDS frames are unacknowledged. None before the HELLO
+    /// reply (the driver times that wait itself).
+    pub fn link_deadline(&self) -> Option<u64> {
+        self.answer_due().then(|| self.heard_ns.max(self.due_since).saturating_add(self.cfg.link_timeout.as_nanos() as u64))
+    }
+
+    fn answer_due(&self) -> bool {
+        !matches!(self.phase, Phase::Hello) && (self.hb_acks || self.frames_sent > self.window.frames_acked)
+    }
+
+    /// Fails once the link has been silent past `link_deadline`: a link
+    /// that drops what the DR site sends (or everything), or a DR site that
+    /// stopped reading, ends the session like a broken connection (`dr-lost`,
+    /// reconnect with backoff) instead of looking connected while the lag
+    /// grows.
+    pub fn check_link(&self, now: Now) -> Result<()> {
+        if let Some(d) = self.link_deadline() {
+            if now.mono_ns >= d {
+                let silent = Duration::from_nanos(now.mono_ns.saturating_sub(self.heard_ns));
+                bail!(
+                    "no frame from {} for {:.1} s (link_timeout {:?}): the link is silent (blackholed, or the DR site stalled); reconnecting",
+                    self.cfg.peer,
+                    silent.as_secs_f64(),
+                    self.cfg.link_timeout
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Gives back a frame's buffer once it is written, so that the next
@@ -146,6 +190,7 @@ impl Sender {
     /// A frame from the DR site. An error ends the session.
     pub fn on_frame(&mut self, now: Now, h: &FrameHeader, body: &[u8]) -> Result<()> {
         let peer = self.cfg.peer.clone();
+        self.heard_ns = now.mono_ns;
         if matches!(self.phase, Phase::Hello) {
             if h.kind == frame::ERROR {
                 bail!("{peer} refused: {}", String::from_utf8_lossy(body));
@@ -237,6 +282,7 @@ impl Sender {
         g.sample_from_log(reply.durable_seq + 1);
         self.window = Window::new(reply.durable_seq);
         self.told = reply.mode_frames.then_some(self.hello_mode);
+        self.hb_acks = reply.heartbeat_acks;
         self.pins_due = true;
         self.phase = if resyncing {
             Phase::Resync(Resync { dr_last: reply.next_seq.saturating_sub(1), attempt: None, index: SentIndex::default(), taken: false, commit: None, started_ns: now.mono_ns })
@@ -326,6 +372,20 @@ impl Sender {
     /// The next thing to do. Call again after doing it; after `Idle`, when
     /// its condition holds (calling early is harmless).
     pub fn poll(&mut self, now: Now) -> Result<Action> {
+        self.check_link(now)?;
+        let was_due = self.answer_due();
+        let a = self.next_action(now)?;
+        if !was_due && self.answer_due() {
+            self.due_since = now.mono_ns;
+        }
+        // An idle sender still wakes up in time to notice a silent link.
+        Ok(match (a, self.link_deadline()) {
+            (Action::Idle { until, on_append }, Some(d)) => Action::Idle { until: Some(until.map_or(d, |u| u.min(d))), on_append },
+            (a, _) => a,
+        })
+    }
+
+    fn next_action(&mut self, now: Now) -> Result<Action> {
         if self.pins_due {
             self.pins_due = false;
             self.pins_saved_ns = now.mono_ns;
@@ -639,7 +699,7 @@ impl Receiver {
             // Make what we hold durable, then say where to resume.
             group.sync_to(group.flush_target())?;
             let (last, last_ident) = group.last_seq_ident();
-            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident, mode_frames: true };
+            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident, mode_frames: true, heartbeat_acks: true };
             // A mode this site does not know is taken as sync: full priority.
             let mode = Mode::parse(&hello.mode).ok();
             let epoch = group.epoch();
@@ -675,7 +735,10 @@ impl Receiver {
                 let (seq, sent_ns) = frame::parse_two_u64(body)?;
                 let hb = c.region.lock().unwrap().store(seq, sent_ns, h.epoch)?;
                 self.host.dr().update(&c.group.name, |d| d.heartbeat = hb);
-                Ok(None)
+                // Answered (HELLO_REPLY `heartbeat_acks`) with what this
+                // site holds, so the primary hears from a live link even
+                // when no records flow.
+                Ok(Some(RecvAction::Ack { end: c.group.flush_target(), seq: c.group.last_seq(), frames: c.frames }))
             }
             frame::MODE => {
                 let mode = frame::parse_mode(body)?;
@@ -773,11 +836,11 @@ mod tests {
 
     /// `answered`, the DR naming its last record's identity.
     fn answered_naming(g: &Arc<Group>, next_seq: u64, durable_seq: u64, last_ident: Option<u32>) -> (Sender, Result<()>) {
-        answered_with(g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident, mode_frames: false })
+        answered_with(g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident, mode_frames: false, heartbeat_acks: false })
     }
 
     fn answered_with(g: &Arc<Group>, reply: HelloReply) -> (Sender, Result<()>) {
-        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES };
+        let cfg = SenderConfig { site: "a".into(), peer: "b".into(), lz4: false, heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_millis(100), window_bytes: limits::REPL_WINDOW_BYTES, link_timeout: Duration::from_secs(2) };
         let mut s = Sender::new(g.clone(), cfg);
         let r = deliver(&mut s, at(0), frame::HELLO_REPLY, &serde_json::to_vec(&reply).unwrap());
         (s, r)
@@ -799,6 +862,65 @@ mod tests {
 
     fn ack(s: &mut Sender, now: Now, seq: u64, frames: u64) -> Result<()> {
         deliver(s, now, frame::ACK, &frame::two_u64(seq, frames))
+    }
+
+    /// A DR site that answers heartbeats is expected to be heard from all
+    /// the time: any frame moves the deadline, and silence past
+    /// `link_timeout` ends the session (an idle sender wakes up for it).
+    #[test]
+    fn a_silent_link_ends_the_session_and_any_frame_keeps_it_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let last = g.last_seq();
+        let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames: true, heartbeat_acks: true });
+        r.unwrap();
+        assert_eq!(s.link_deadline(), Some(2000 * MS));
+        // Caught up and idle: it still wakes by the deadline.
+        let until = loop {
+            if let Action::Idle { until, .. } = s.poll(at(10)).unwrap() {
+                break until;
+            }
+        };
+        assert!(until.is_some_and(|u| u <= 2000 * MS), "idle until {until:?}");
+        ack(&mut s, at(1500), last, 0).unwrap();
+        assert_eq!(s.link_deadline(), Some(3500 * MS));
+        s.poll(at(3499)).unwrap();
+        let e = format!("{:#}", s.poll(at(3500)).unwrap_err());
+        assert!(e.contains("no frame from b for 2.0 s") && e.contains("silent"), "{e}");
+        g.abandon();
+    }
+
+    /// An older DR site does not answer heartbeats: silence counts only
+    /// while a RECORDS frame waits for its ack.
+    #[test]
+    fn an_older_dr_is_expected_to_answer_only_unacknowledged_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let mut s = sender(&g, g.last_seq());
+        let idle = |s: &mut Sender, t: u64| loop {
+            if let Action::Idle { until, .. } = s.poll(at(t)).unwrap() {
+                return until;
+            }
+        };
+        idle(&mut s, 1);
+        assert_eq!(s.link_deadline(), None);
+        idle(&mut s, 60_000); // a minute of quiet is fine
+        let v = g.volume("v").unwrap().id;
+        g.write(v, 0, &[1u8; 4096]).unwrap();
+        let f = loop {
+            match s.poll(at(60_001)).unwrap() {
+                Action::Send(f) if f[5] == frame::RECORDS => break f,
+                Action::Send(_) => {}
+                a => panic!("{a:?} with a record to ship"),
+            }
+        };
+        s.recycle(f);
+        // The clock starts when the answer became due, not at the last frame.
+        assert_eq!(s.link_deadline(), Some(62_001 * MS));
+        s.poll(at(62_000)).unwrap();
+        let e = format!("{:#}", s.poll(at(62_001)).unwrap_err());
+        assert!(e.contains("no frame from b for 62.0 s"), "{e}");
+        g.abandon();
     }
 
     /// RECORDS frames hold whole records, in seq order, at most
@@ -898,7 +1020,7 @@ mod tests {
         for mode_frames in [true, false] {
             g.set_mode(Mode::Async).unwrap();
             let last = g.last_seq();
-            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames });
+            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames, heartbeat_acks: false });
             r.unwrap();
             assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
             assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
@@ -1063,7 +1185,12 @@ mod tests {
         loop {
             match s.poll(at(2)).unwrap() {
                 Action::Send(_) => frames += 1,
-                Action::Idle { on_append: false, until: None } => break,
+                // Waiting for the commit's ack, and no later than the
+                // link deadline (the frames are unacknowledged).
+                Action::Idle { on_append: false, until } => {
+                    assert_eq!(until, Some(2002 * MS), "frames first sent at 2 ms, unacknowledged");
+                    break;
+                }
                 a => panic!("{a:?}"),
             }
         }

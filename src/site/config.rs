@@ -79,6 +79,13 @@ pub struct SiteConfig {
     pub heartbeat_interval_ms: u64,
     #[serde(default = "default_periodic_s")]
     pub periodic_interval_s: u64,
+    /// A replication link that stays silent this long is closed and
+    /// reconnected, with a `dr-lost` event: at the primary, no frame from a
+    /// DR site (which answers every heartbeat); at a DR site, no byte from
+    /// the primary. At least twice `heartbeat_interval_ms` (the primary's,
+    /// on a DR site). A link slower than about 1 MiB per 10 s needs more.
+    #[serde(default = "default_link_timeout_ms")]
+    pub link_timeout_ms: u64,
     /// Nice value (0-19) of the sender threads of async and periodic
     /// groups; sync senders run at the nice value the site inherited. 0
     /// turns the policy off; so does a site that lacks CAP_SYS_NICE (it
@@ -139,6 +146,9 @@ fn default_sync_timeout_ms() -> u64 {
 fn default_heartbeat_ms() -> u64 {
     crate::limits::HEARTBEAT_INTERVAL_MS_DEFAULT
 }
+fn default_link_timeout_ms() -> u64 {
+    crate::limits::LINK_TIMEOUT_MS_DEFAULT
+}
 fn default_sender_nice() -> i32 {
     crate::limits::SENDER_NICE_DEFAULT
 }
@@ -179,6 +189,14 @@ impl SiteConfig {
         crate::util::parse_size(&self.replication_log_cap).map_err(|e| anyhow::anyhow!("replication_log_cap: {e}"))?;
         if self.heartbeat_interval_ms == 0 || self.periodic_interval_s == 0 {
             bail!("heartbeat_interval_ms and periodic_interval_s must be positive");
+        }
+        let floor = self.heartbeat_interval_ms.saturating_mul(2);
+        if self.link_timeout_ms < floor || self.link_timeout_ms > crate::limits::LINK_TIMEOUT_MS_MAX {
+            bail!(
+                "link_timeout_ms {} is not between twice heartbeat_interval_ms ({floor}) and {}",
+                self.link_timeout_ms,
+                crate::limits::LINK_TIMEOUT_MS_MAX
+            );
         }
         if !(0..=19).contains(&self.sender_nice) {
             bail!("sender_nice {} is not in 0..=19", self.sender_nice);
@@ -235,5 +253,11 @@ mod tests {
         std::fs::write(&p, "name = \"b\"\nrole = \"secondary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nreceiver_nice = -1\n").unwrap();
         let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
         assert!(e.contains("site.toml") && e.contains("receiver_nice -1 is not in 0..=19"), "{e}");
+        assert_eq!(c.link_timeout_ms, crate::limits::LINK_TIMEOUT_MS_DEFAULT);
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nheartbeat_interval_ms = 1000\nlink_timeout_ms = 1500\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("site.toml") && e.contains("link_timeout_ms 1500 is not between twice heartbeat_interval_ms (2000)"), "{e}");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nlink_timeout_ms = 2000\n").unwrap();
+        assert_eq!(SiteConfig::load(&p).unwrap().link_timeout_ms, 2000);
     }
 }

@@ -160,6 +160,7 @@ impl Site {
                 site: self.cfg.name.clone(),
                 heartbeat_interval: std::time::Duration::from_millis(self.cfg.heartbeat_interval_ms),
                 periodic_interval: std::time::Duration::from_secs(self.cfg.periodic_interval_s),
+                link_timeout: std::time::Duration::from_millis(self.cfg.link_timeout_ms),
                 nice: self.cfg.sender_nice,
             };
             if let Err(e) = crate::replicate::send::spawn(g.clone(), link, tls.clone(), settings) {
