@@ -406,9 +406,12 @@ fn a_silent_link_is_noticed_at_both_ends_and_recovers() {
     let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
     let direct = format!("127.0.0.1:{}", d.repl_port(1));
     d.sites[0].edit_config(|c| c.replace(&direct, &proxy.addr().to_string()));
-    for s in &d.sites {
-        s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 2000"));
-    }
+    // The DR's clock is the shorter, so that when the primary's frames
+    // are lost it is the DR that notices first (the primary notices too,
+    // by the missing answers, and its hang-up would otherwise end the
+    // DR's connection before its own check).
+    d.sites[0].edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 3000"));
+    d.sites[1].edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 1500"));
     d.start_all();
     let p = d.sites[0].uri("vol0");
     write_blocks(&p, 0x11, 0, 4);
@@ -425,7 +428,7 @@ fn a_silent_link_is_noticed_at_both_ends_and_recovers() {
     let took = t.elapsed();
     let (_, err) = replica_state(&d);
     assert!(err.contains("no frame from b") && err.contains("silent"), "last_error: {err}");
-    assert!(took >= Duration::from_millis(1500), "declared lost after {took:?}, before link_timeout");
+    assert!(took >= Duration::from_millis(2500), "declared lost after {took:?}, before link_timeout");
     assert!(d.sites[0].log().contains("dr-lost"), "no dr-lost event in the primary's log");
     proxy.clear_blackhole();
     wait_until(40, "catch-up after the answers came back", || caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d));
@@ -442,4 +445,43 @@ fn a_silent_link_is_noticed_at_both_ends_and_recovers() {
     proxy.clear_blackhole();
     let (a, b) = converged_copies(&d, 40);
     assert!(a == b, "the DR copy differs from the primary after the silent link recovered");
+}
+
+/// A slow link is not a silent one: over a 1 MiB/s route each 4 MiB batch
+/// takes 4 s, longer than the 1 s link timeout on both ends, and the
+/// primary's heartbeats queue behind it. The DR repeats its last answer
+/// while bytes arrive, so the session survives and catches up; without
+/// that, every session ended before its first batch landed and the DR
+/// never caught up (the same batch resent forever).
+#[test]
+fn a_slow_link_is_not_a_silent_one() {
+    use common::proxy::Proxy;
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
+    let direct = format!("127.0.0.1:{}", d.repl_port(1));
+    d.sites[0].edit_config(|c| c.replace(&direct, &proxy.addr().to_string()));
+    for s in &d.sites {
+        s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 1000"));
+    }
+    d.start_all();
+    wait_until(20, "connected", || caught_up(&d));
+    proxy.set_bandwidth(Some(1 << 20));
+    let p = d.sites[0].uri("vol0");
+    qemu_io(&p, &(0..12).map(|i| format!("write -P 0x5a {i}M 1M")).collect::<Vec<_>>());
+    let t = Instant::now();
+    let mut lost = None;
+    while !(caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d)) {
+        let (state, err) = replica_state(&d);
+        if state == "disconnected" {
+            lost = Some(err);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(40), "no catch-up over the slow link in 40 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lost, None, "the slow link was taken for a silent one");
+    assert!(!d.sites[0].log().contains("dr-lost"), "dr-lost over a slow but live link");
+    proxy.set_bandwidth(None);
+    let (a, b) = converged_copies(&d, 20);
+    assert!(a == b, "the DR copy differs from the primary after the slow link");
 }

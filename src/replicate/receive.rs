@@ -284,23 +284,63 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         Error(Vec<u8>),
     }
     let (tx, mut rx) = mpsc::channel::<Out>(crate::limits::REPL_ACK_QUEUE_MAX);
+    // The newest acknowledgement sent (at first: what this site held at
+    // HELLO), repeated as a sign of life while bytes arrive and no frame
+    // completes: over a slow link one big frame takes longer than the
+    // primary's link_timeout, and its heartbeats queue behind it.
+    let mut last_ack = core.ack_frame(group.last_seq(), 0);
+    let progress = last_byte.clone();
     let mut writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            match m {
-                Out::Ack { mut end, mut frame } => {
-                    // Coalesce: acknowledge the newest batch that is ready.
-                    while let Ok(Out::Ack { end: e, frame: f }) = rx.try_recv() {
-                        end = e;
-                        frame = f;
+        let mut tick = tokio::time::interval((link_timeout / 4).max(Duration::from_millis(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = progress.load(Ordering::Relaxed);
+        let mut wrote = false;
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    None => break,
+                    Some(Out::Ack { mut end, mut frame }) => {
+                        // Coalesce: acknowledge the newest batch that is
+                        // ready (a farewell behind it still goes out, last).
+                        let mut farewell = None;
+                        loop {
+                            match rx.try_recv() {
+                                Ok(Out::Ack { end: e, frame: f }) => {
+                                    end = e;
+                                    frame = f;
+                                }
+                                Ok(Out::Error(f)) => {
+                                    farewell = Some(f);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        writer_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
+                        wr.write_all(&frame).await?;
+                        wr.flush().await?;
+                        last_ack = frame;
+                        wrote = true;
+                        if let Some(f) = farewell {
+                            wr.write_all(&f).await.ok();
+                            wr.flush().await.ok();
+                            break;
+                        }
                     }
-                    writer_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
-                    wr.write_all(&frame).await?;
-                    wr.flush().await?;
-                }
-                Out::Error(f) => {
-                    wr.write_all(&f).await.ok();
-                    wr.flush().await.ok();
-                    break;
+                    Some(Out::Error(f)) => {
+                        wr.write_all(&f).await.ok();
+                        wr.flush().await.ok();
+                        break;
+                    }
+                },
+                _ = tick.tick() => {
+                    let now = progress.load(Ordering::Relaxed);
+                    if now != seen && !wrote {
+                        wr.write_all(&last_ack).await?;
+                        wr.flush().await?;
+                    }
+                    seen = now;
+                    wrote = false;
                 }
             }
         }
@@ -309,6 +349,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
 
     let mut spare = Vec::new();
     let result = loop {
+        // The clock runs while this site waits for the primary, not while
+        // it works on what arrived.
+        last_byte.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let read = frame::read_frame_into(&mut rd, std::mem::take(&mut spare));
         tokio::pin!(read);
         let got = loop {

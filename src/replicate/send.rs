@@ -125,9 +125,11 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let mut core = Sender::new(group.clone(), cfg);
     wr.write_all(&core.hello()?).await?;
     wr.flush().await?;
-    let (h, body) = tokio::time::timeout(st.link_timeout, frame::read_frame(&mut rd))
+    // The DR makes its log durable before it answers: at least 30 s.
+    let hello_wait = st.link_timeout.max(Duration::from_secs(30));
+    let (h, body) = tokio::time::timeout(hello_wait, frame::read_frame(&mut rd))
         .await
-        .map_err(|_| anyhow!("{} did not answer HELLO within {:?} (link_timeout)", peer.name, st.link_timeout))??
+        .map_err(|_| anyhow!("{} did not answer HELLO within {hello_wait:?}", peer.name))??
         .ok_or_else(|| anyhow!("{} closed the connection after HELLO", peer.name))?;
     core.on_frame(now(), &h, &body).with_context(|| format!("at {}", peer.addr))?;
 
@@ -205,6 +207,8 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                     tokio::pin!(write);
                     loop {
                         tokio::select! {
+                            // A frame that is there counts before the clock.
+                            biased;
                             r = &mut write => {
                                 r?;
                                 break;

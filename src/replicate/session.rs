@@ -92,7 +92,6 @@ struct Resync {
 
 struct Stream {
     at: LogPos,
-    last_heartbeat: Option<u64>,
     last_ship: Option<u64>,
 }
 
@@ -123,6 +122,10 @@ pub struct Sender {
     /// When an answer last became due after none was (monotonic ns): the
     /// silence clock starts at the later of this and `heard_ns`.
     due_since: u64,
+    /// When the last heartbeat went out (monotonic ns).
+    last_heartbeat: Option<u64>,
+    /// An ack moved the DR's pin since the pins were last saved.
+    pins_moved: bool,
 }
 
 impl Sender {
@@ -130,7 +133,7 @@ impl Sender {
     pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
         let epoch = group.epoch();
         let hello_mode = group.replication.mode();
-        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0 }
+        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0, last_heartbeat: None, pins_moved: false }
     }
 
     /// When the link counts as dead if nothing arrives from the DR site
@@ -155,7 +158,7 @@ impl Sender {
     pub fn check_link(&self, now: Now) -> Result<()> {
         if let Some(d) = self.link_deadline() {
             if now.mono_ns >= d {
-                let silent = Duration::from_nanos(now.mono_ns.saturating_sub(self.heard_ns));
+                let silent = Duration::from_nanos(now.mono_ns.saturating_sub(self.heard_ns.max(self.due_since)));
                 bail!(
                     "no frame from {} for {:.1} s (link_timeout {:?}): the link is silent (blackholed, or the DR site stalled); reconnecting",
                     self.cfg.peer,
@@ -285,6 +288,8 @@ impl Sender {
         self.hb_acks = reply.heartbeat_acks;
         self.pins_due = true;
         self.phase = if resyncing {
+            // RESYNC_BEGIN first; heartbeats follow at the interval.
+            self.last_heartbeat = Some(now.mono_ns);
             Phase::Resync(Resync { dr_last: reply.next_seq.saturating_sub(1), attempt: None, index: SentIndex::default(), taken: false, commit: None, started_ns: now.mono_ns })
         } else {
             self.stream_from_next()?
@@ -294,13 +299,17 @@ impl Sender {
 
     fn on_ack(&mut self, now: Now, durable: u64, frames: u64) -> Result<()> {
         let (g, peer) = (&self.group, &self.cfg.peer);
+        let advanced = durable > self.window.acked;
         let oldest = self.window.ack(durable, frames);
         let resyncing = g.in_dirty_mode(peer);
         if !resyncing {
             // Keeps the DR's last durable record for the next HELLO's check.
             g.set_pin(peer, durable.max(1));
+            self.pins_moved |= advanced;
         }
-        if now.mono_ns.saturating_sub(self.pins_saved_ns) > 1_000_000_000 {
+        // Saved at most once a second, and only when an ack moved the pin
+        // (an idle link's answers to heartbeats do not).
+        if self.pins_moved && now.mono_ns.saturating_sub(self.pins_saved_ns) > 1_000_000_000 {
             self.pins_due = true;
         }
         let last = g.last_seq();
@@ -366,7 +375,7 @@ impl Sender {
             self.group.enter_dirty(&self.cfg.peer, None)?;
             bail!("{} needs seq {}, which the log no longer holds; resyncing", self.cfg.peer, self.next);
         };
-        Ok(Phase::Stream(Stream { at, last_heartbeat: None, last_ship: None }))
+        Ok(Phase::Stream(Stream { at, last_ship: None }))
     }
 
     /// The next thing to do. Call again after doing it; after `Idle`, when
@@ -388,6 +397,7 @@ impl Sender {
     fn next_action(&mut self, now: Now) -> Result<Action> {
         if self.pins_due {
             self.pins_due = false;
+            self.pins_moved = false;
             self.pins_saved_ns = now.mono_ns;
             return Ok(Action::SavePins);
         }
@@ -405,7 +415,7 @@ impl Sender {
         }
         match self.phase {
             Phase::Hello => Ok(Action::Idle { until: None, on_append: false }),
-            Phase::Resync(_) => self.resync_step(),
+            Phase::Resync(_) => self.resync_step(now),
             Phase::Stream(_) => self.stream_step(now),
         }
     }
@@ -413,7 +423,13 @@ impl Sender {
     /// Dirty-region resync (see `group::resync`): RESYNC_BEGIN, the current
     /// content of every dirty block, then RESYNC_COMMIT at the seq where
     /// the dirty set was found empty; streaming resumes after its ack.
-    fn resync_step(&mut self) -> Result<Action> {
+    fn resync_step(&mut self, now: Now) -> Result<Action> {
+        // Heartbeats go on during a resync: the DR site's region (and its
+        // silence clock) must not read a resync as a primary gone.
+        let hb_due = match self.heartbeat(now) {
+            Ok(hb) => return Ok(hb),
+            Err(due) => due,
+        };
         let Phase::Resync(rs) = &mut self.phase else { unreachable!() };
         let (g, peer) = (&self.group, &self.cfg.peer);
         let Some(attempt) = rs.attempt else {
@@ -425,7 +441,7 @@ impl Sender {
         };
         if rs.commit.is_some() {
             // Waiting for the commit's ack (`on_ack` finishes it).
-            return Ok(Action::Idle { until: None, on_append: false });
+            return Ok(Action::Idle { until: Some(hb_due), on_append: false });
         }
         loop {
             let runs = g.take_dirty(peer, attempt, limits::RESYNC_BATCH_BLOCKS);
@@ -461,20 +477,29 @@ impl Sender {
     /// Streaming: a heartbeat every interval; records from the log in
     /// batches while the window has room (in periodic mode, once a period
     /// or when a storage operation asks for it).
+    /// A heartbeat if one is due (`Ok`), else when the next one is (`Err`).
+    fn heartbeat(&mut self, now: Now) -> std::result::Result<Action, u64> {
+        let hb_due = self.last_heartbeat.map_or(0, |t| t + self.cfg.heartbeat_interval.as_nanos() as u64);
+        if now.mono_ns < hb_due {
+            return Err(hb_due);
+        }
+        self.last_heartbeat = Some(now.mono_ns);
+        let g = &self.group;
+        let hb = frame::encode(frame::HEARTBEAT, self.epoch, &frame::two_u64(g.last_seq(), now.wall_ns), false);
+        g.replication.update(&self.cfg.peer, |r| r.sent_bytes_total += hb.len() as u64);
+        Ok(Action::Send(hb))
+    }
+
     fn stream_step(&mut self, now: Now) -> Result<Action> {
-        let Phase::Stream(st) = &mut self.phase else { unreachable!() };
-        let (g, peer) = (&self.group, &self.cfg.peer);
-        if g.in_dirty_mode(peer) {
+        if self.group.in_dirty_mode(&self.cfg.peer) {
             bail!("log cap reached: switching to dirty-region resync");
         }
-        let hb_every = self.cfg.heartbeat_interval.as_nanos() as u64;
-        let hb_due = st.last_heartbeat.map_or(0, |t| t + hb_every);
-        if now.mono_ns >= hb_due {
-            st.last_heartbeat = Some(now.mono_ns);
-            let hb = frame::encode(frame::HEARTBEAT, self.epoch, &frame::two_u64(g.last_seq(), now.wall_ns), false);
-            g.replication.update(peer, |r| r.sent_bytes_total += hb.len() as u64);
-            return Ok(Action::Send(hb));
-        }
+        let hb_due = match self.heartbeat(now) {
+            Ok(hb) => return Ok(hb),
+            Err(due) => due,
+        };
+        let Phase::Stream(st) = &mut self.phase else { unreachable!() };
+        let (g, peer) = (&self.group, &self.cfg.peer);
         let periodic = g.replication.mode() == Mode::Periodic;
         let period = self.cfg.periodic_interval.as_nanos() as u64;
         let period_end = st.last_ship.map_or(0, |t| t + period);
@@ -860,6 +885,16 @@ mod tests {
         }
     }
 
+    /// The kind of the next frame the sender sends at `now` (pins saved on the way).
+    fn first_frame(s: &mut Sender, now: Now) -> u8 {
+        loop {
+            match s.poll(now).unwrap() {
+                Action::SavePins => {}
+                a => return kind(&a),
+            }
+        }
+    }
+
     fn ack(s: &mut Sender, now: Now, seq: u64, frames: u64) -> Result<()> {
         deliver(s, now, frame::ACK, &frame::two_u64(seq, frames))
     }
@@ -919,7 +954,7 @@ mod tests {
         assert_eq!(s.link_deadline(), Some(62_001 * MS));
         s.poll(at(62_000)).unwrap();
         let e = format!("{:#}", s.poll(at(62_001)).unwrap_err());
-        assert!(e.contains("no frame from b for 62.0 s"), "{e}");
+        assert!(e.contains("no frame from b for 2.0 s"), "{e}");
         g.abandon();
     }
 
@@ -1185,18 +1220,20 @@ mod tests {
         loop {
             match s.poll(at(2)).unwrap() {
                 Action::Send(_) => frames += 1,
-                // Waiting for the commit's ack, and no later than the
-                // link deadline (the frames are unacknowledged).
+                // Waiting for the commit's ack, and no later than the next
+                // heartbeat (one goes out every interval during a resync
+                // too; the link deadline, 2 s on, is later).
                 Action::Idle { on_append: false, until } => {
-                    assert_eq!(until, Some(2002 * MS), "frames first sent at 2 ms, unacknowledged");
+                    assert_eq!(until, Some(20 * MS));
                     break;
                 }
                 a => panic!("{a:?}"),
             }
         }
         assert!(g.in_dirty_mode("b"));
-        ack(&mut s, at(3), 0, frames).unwrap();
-        assert_eq!(kind(&s.poll(at(3)).unwrap()), frame::HEARTBEAT, "streaming after the commit");
+        assert_eq!(first_frame(&mut s, at(25)), frame::HEARTBEAT, "heartbeats go on during a resync");
+        ack(&mut s, at(26), 0, frames).unwrap();
+        assert_eq!(first_frame(&mut s, at(50)), frame::HEARTBEAT, "streaming after the commit");
         assert!(!g.in_dirty_mode("b"));
         drop(s);
         assert!(!g.in_dirty_mode("b"));
@@ -1232,7 +1269,7 @@ mod tests {
         drop(a);
         ack(&mut b, at(3), 0, fb).unwrap();
         assert!(!g.in_dirty_mode("b"));
-        assert_eq!(kind(&b.poll(at(3)).unwrap()), frame::HEARTBEAT);
+        assert_eq!(first_frame(&mut b, at(30)), frame::HEARTBEAT);
         g.abandon();
     }
 }
