@@ -255,6 +255,10 @@ pub struct HelloReply {
     /// primary then expects frames only while records are unacknowledged).
     #[serde(default)]
     pub heartbeat_acks: bool,
+    /// The DR site's `link_timeout_ms`: the primary sends heartbeats at
+    /// least four times within it, whatever its own interval.
+    #[serde(default)]
+    pub link_timeout_ms: Option<u64>,
 }
 
 /// A MODE frame's payload: the mode by name.
@@ -313,6 +317,7 @@ mod tests {
         // Nor did answers to heartbeats: the primary then expects frames
         // only while records are unacknowledged.
         assert!(!old.heartbeat_acks);
+        assert_eq!(old.link_timeout_ms, None);
     }
 
     #[test]

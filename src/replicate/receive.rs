@@ -85,6 +85,11 @@ pub trait Host: Send + Sync + 'static {
     /// reason) a primary site, a mismatched group id or a stale epoch.
     fn accept_group(&self, hello: &Hello, epoch: u64) -> Result<Arc<Group>>;
     fn dr(&self) -> &DrState;
+    /// This site's `link_timeout_ms`, told to primaries in HELLO_REPLY so
+    /// that they send heartbeats often enough for it.
+    fn link_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl Host for Site {
@@ -102,6 +107,9 @@ impl Host for Site {
     }
     fn dr(&self) -> &DrState {
         &self.dr
+    }
+    fn link_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_millis(self.cfg.link_timeout_ms))
     }
 }
 
@@ -291,7 +299,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     let mut last_ack = core.ack_frame(group.last_seq(), 0);
     let progress = last_byte.clone();
     let mut writer = tokio::spawn(async move {
-        let mut tick = tokio::time::interval((link_timeout / 4).max(Duration::from_millis(50)));
+        // Often enough for a primary whose own timeout is shorter than
+        // ours (down to about 2 s), seldom enough to cost nothing.
+        let mut tick = tokio::time::interval((link_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen = progress.load(Ordering::Relaxed);
         let mut wrote = false;

@@ -124,6 +124,9 @@ pub struct Sender {
     due_since: u64,
     /// When the last heartbeat went out (monotonic ns).
     last_heartbeat: Option<u64>,
+    /// Between heartbeats: the configured interval, shorter if the DR
+    /// site's link timeout needs it (HELLO_REPLY `link_timeout_ms`).
+    hb_every: Duration,
     /// An ack moved the DR's pin since the pins were last saved.
     pins_moved: bool,
 }
@@ -133,7 +136,7 @@ impl Sender {
     pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
         let epoch = group.epoch();
         let hello_mode = group.replication.mode();
-        Sender { group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0, last_heartbeat: None, pins_moved: false }
+        Sender { hb_every: cfg.heartbeat_interval, group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0, last_heartbeat: None, pins_moved: false }
     }
 
     /// When the link counts as dead if nothing arrives from the DR site
@@ -286,6 +289,12 @@ impl Sender {
         self.window = Window::new(reply.durable_seq);
         self.told = reply.mode_frames.then_some(self.hello_mode);
         self.hb_acks = reply.heartbeat_acks;
+        // Four heartbeats (so four answers) within the DR's timeout: a DR
+        // configured with a shorter one than our interval suits would
+        // otherwise close a healthy, quiet link.
+        if let Some(ms) = reply.link_timeout_ms.filter(|&ms| ms > 0) {
+            self.hb_every = self.cfg.heartbeat_interval.min(Duration::from_millis(ms) / 4);
+        }
         self.pins_due = true;
         self.phase = if resyncing {
             // RESYNC_BEGIN first; heartbeats follow at the interval.
@@ -479,7 +488,7 @@ impl Sender {
     /// or when a storage operation asks for it).
     /// A heartbeat if one is due (`Ok`), else when the next one is (`Err`).
     fn heartbeat(&mut self, now: Now) -> std::result::Result<Action, u64> {
-        let hb_due = self.last_heartbeat.map_or(0, |t| t + self.cfg.heartbeat_interval.as_nanos() as u64);
+        let hb_due = self.last_heartbeat.map_or(0, |t| t + self.hb_every.as_nanos() as u64);
         if now.mono_ns < hb_due {
             return Err(hb_due);
         }
@@ -724,7 +733,7 @@ impl Receiver {
             // Make what we hold durable, then say where to resume.
             group.sync_to(group.flush_target())?;
             let (last, last_ident) = group.last_seq_ident();
-            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident, mode_frames: true, heartbeat_acks: true };
+            let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident, mode_frames: true, heartbeat_acks: true, link_timeout_ms: self.host.link_timeout().map(|d| d.as_millis() as u64) };
             // A mode this site does not know is taken as sync: full priority.
             let mode = Mode::parse(&hello.mode).ok();
             let epoch = group.epoch();
@@ -861,7 +870,7 @@ mod tests {
 
     /// `answered`, the DR naming its last record's identity.
     fn answered_naming(g: &Arc<Group>, next_seq: u64, durable_seq: u64, last_ident: Option<u32>) -> (Sender, Result<()>) {
-        answered_with(g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident, mode_frames: false, heartbeat_acks: false })
+        answered_with(g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident, mode_frames: false, heartbeat_acks: false, link_timeout_ms: None })
     }
 
     fn answered_with(g: &Arc<Group>, reply: HelloReply) -> (Sender, Result<()>) {
@@ -907,7 +916,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = primary(dir.path(), "async");
         let last = g.last_seq();
-        let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames: true, heartbeat_acks: true });
+        let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames: true, heartbeat_acks: true, link_timeout_ms: None });
         r.unwrap();
         assert_eq!(s.link_deadline(), Some(2000 * MS));
         // Caught up and idle: it still wakes by the deadline.
@@ -922,6 +931,32 @@ mod tests {
         s.poll(at(3499)).unwrap();
         let e = format!("{:#}", s.poll(at(3500)).unwrap_err());
         assert!(e.contains("no frame from b for 2.0 s") && e.contains("silent"), "{e}");
+        g.abandon();
+    }
+
+    /// A DR site whose link timeout is short for our heartbeat interval
+    /// gets heartbeats four times within it.
+    #[test]
+    fn heartbeats_come_often_enough_for_the_drs_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let last = g.last_seq();
+        for (dr_timeout, every) in [(None, 20), (Some(1000), 20), (Some(40), 10)] {
+            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames: true, heartbeat_acks: true, link_timeout_ms: dr_timeout });
+            r.unwrap();
+            let mut sent = Vec::new();
+            for t in 0..45 {
+                loop {
+                    match s.poll(at(t)).unwrap() {
+                        Action::Send(f) if f[5] == frame::HEARTBEAT => sent.push(t),
+                        Action::Send(_) | Action::SavePins => {}
+                        Action::Idle { .. } => break,
+                    }
+                }
+                ack(&mut s, at(t), last, 0).unwrap();
+            }
+            assert_eq!(sent, (0..45).step_by(every).collect::<Vec<_>>(), "DR timeout {dr_timeout:?}");
+        }
         g.abandon();
     }
 
@@ -1055,7 +1090,7 @@ mod tests {
         for mode_frames in [true, false] {
             g.set_mode(Mode::Async).unwrap();
             let last = g.last_seq();
-            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames, heartbeat_acks: false });
+            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames, heartbeat_acks: false, link_timeout_ms: None });
             r.unwrap();
             assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
             assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
