@@ -295,7 +295,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     // The newest acknowledgement sent (at first: what this site held at
     // HELLO), repeated as a sign of life while bytes arrive and no frame
     // completes: over a slow link one big frame takes longer than the
-    // primary's link_timeout, and its heartbeats queue behind it.
+    // primary's link_timeout, and its heartbeats queue behind it. (A frame
+    // that gets no ack of its own, MODE, also counts as progress: at most
+    // one repeat per such frame.)
     let mut last_ack = core.ack_frame(group.last_seq(), 0);
     let progress = last_byte.clone();
     let mut writer = tokio::spawn(async move {

@@ -483,9 +483,6 @@ impl Sender {
         }
     }
 
-    /// Streaming: a heartbeat every interval; records from the log in
-    /// batches while the window has room (in periodic mode, once a period
-    /// or when a storage operation asks for it).
     /// A heartbeat if one is due (`Ok`), else when the next one is (`Err`).
     fn heartbeat(&mut self, now: Now) -> std::result::Result<Action, u64> {
         let hb_due = self.last_heartbeat.map_or(0, |t| t + self.hb_every.as_nanos() as u64);
@@ -499,6 +496,9 @@ impl Sender {
         Ok(Action::Send(hb))
     }
 
+    /// Streaming: a heartbeat every interval; records from the log in
+    /// batches while the window has room (in periodic mode, once a period
+    /// or when a storage operation asks for it).
     fn stream_step(&mut self, now: Now) -> Result<Action> {
         if self.group.in_dirty_mode(&self.cfg.peer) {
             bail!("log cap reached: switching to dirty-region resync");
@@ -730,9 +730,11 @@ impl Receiver {
             let region = self.host.dr().region(&group)?;
             // This connection supersedes any older one still draining.
             let gen = group.receiver_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-            // Make what we hold durable, then say where to resume.
-            group.sync_to(group.flush_target())?;
+            // Make what we hold durable, then say where to resume. The seq
+            // is read first: the tail read after it covers it, even if a
+            // superseded connection's append lands in between.
             let (last, last_ident) = group.last_seq_ident();
+            group.sync_to(group.flush_target())?;
             let reply = HelloReply { site: self.host.site_name(), group: group.name.clone(), next_seq: last + 1, durable_seq: last, last_ident, mode_frames: true, heartbeat_acks: true, link_timeout_ms: self.host.link_timeout().map(|d| d.as_millis() as u64) };
             // A mode this site does not know is taken as sync: full priority.
             let mode = Mode::parse(&hello.mode).ok();
@@ -772,7 +774,9 @@ impl Receiver {
                 // Answered (HELLO_REPLY `heartbeat_acks`) with what this
                 // site holds, so the primary hears from a live link even
                 // when no records flow.
-                Ok(Some(RecvAction::Ack { end: c.group.flush_target(), seq: c.group.last_seq(), frames: c.frames }))
+                // The seq first: the tail read after it covers it.
+                let seq = c.group.last_seq();
+                Ok(Some(RecvAction::Ack { end: c.group.flush_target(), seq, frames: c.frames }))
             }
             frame::MODE => {
                 let mode = frame::parse_mode(body)?;

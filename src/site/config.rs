@@ -83,9 +83,9 @@ pub struct SiteConfig {
     /// reconnected, with a `dr-lost` event: at the primary, no frame from a
     /// DR site (which answers every heartbeat); at a DR site, no byte from
     /// the primary while waiting for one. At least twice
-    /// `heartbeat_interval_ms`; on a DR site, longer than its primaries'
-    /// heartbeat interval too. Slow links are fine: a DR site repeats its
-    /// last answer while bytes keep arriving.
+    /// `heartbeat_interval_ms`. A DR site tells its primaries its value,
+    /// and they send heartbeats four times within it. Slow links are fine:
+    /// a DR site repeats its last answer while bytes keep arriving.
     #[serde(default = "default_link_timeout_ms")]
     pub link_timeout_ms: u64,
     /// Nice value (0-19) of the sender threads of async and periodic
