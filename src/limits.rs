@@ -59,6 +59,11 @@ pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 pub const REPL_ACK_QUEUE_MAX: usize = 64;
 /// Replication: connections a DR site serves at once (each has a thread).
 pub const REPL_RECV_CONNECTIONS_MAX: usize = 256;
+/// Replication: connections from one source address a DR site lets wait for
+/// their TLS handshake and certificate check at once; more are closed at
+/// accept. Without it anyone who can reach the port could hold every
+/// connection slot with idle sockets and lock the primaries out.
+pub const REPL_PREAUTH_PER_SOURCE_MAX: usize = 8;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// Default log cap per group: beyond it a lagging DR site's pin gives way to

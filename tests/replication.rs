@@ -485,3 +485,73 @@ fn a_slow_link_is_not_a_silent_one() {
     let (a, b) = converged_copies(&d, 20);
     assert!(a == b, "the DR copy differs from the primary after the slow link");
 }
+
+/// Keeps up to `n` idle TCP connections (no TLS, no bytes) from source
+/// address `from` to `target`, opening new ones as the far end closes
+/// them, until `stop`; returns how many it opened.
+fn hold_idle_connections(target: std::net::SocketAddr, from: &'static str, n: usize, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let mut held: Vec<tokio::net::TcpStream> = Vec::new();
+            let mut opened = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                held.retain(|s| {
+                    let mut b = [0u8; 1];
+                    match s.try_read(&mut b) {
+                        Ok(0) => false,
+                        Ok(_) => true,
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    }
+                });
+                // At most 50 new ones per round: a flood, not a fork bomb.
+                for _ in 0..(n - held.len()).min(50) {
+                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+                    match sock.connect(target).await {
+                        Ok(s) => {
+                            held.push(s);
+                            opened += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            opened
+        })
+    })
+}
+
+/// Anyone who can reach a DR site's replication port could hold every
+/// connection slot (256, each a thread) with idle sockets that never start
+/// TLS, re-opened as the 10 s handshake timeout closes them, and so keep
+/// the primary out. Unauthenticated connections are now limited per
+/// source address: 300 idle sockets from 127.0.0.2 hold 8 slots, and the
+/// primary (from 127.0.0.1) connects and catches up at once.
+#[test]
+fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x11, 0, 4);
+    wait_until(20, "catch-up", || caught_up(&d));
+    d.sites[0].stop();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap();
+    let flood = hold_idle_connections(target, "127.0.0.2", 300, stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    d.sites[0].spawn();
+    write_blocks(&p, 0x22, 1 << 20, 4);
+    let t = Instant::now();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(6, "the primary to catch up past the idle connections", || caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d))
+    }));
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    assert!(r.is_ok(), "the primary was locked out ({} idle connections opened)", opened);
+    eprintln!("caught up {:?} after the restart, past {opened} idle connections", t.elapsed());
+    assert!(opened >= 300, "the flood opened only {opened} connections");
+    assert!(d.sites[1].log().contains("are not authenticated yet"), "no refusal logged at the DR:\n{}", d.sites[1].log());
+}

@@ -129,16 +129,24 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
 /// mode (`receiver_nice` outside sync mode; ARCHITECTURE.md "Replication
 /// priority"), and its decryption and appends never hold up the NBD tasks
 /// on the site's runtime workers. At most `REPL_RECV_CONNECTIONS_MAX` run at
-/// once (a connection holds its thread from before its handshake).
+/// once (a connection holds its thread from before its handshake), and at
+/// most `REPL_PREAUTH_PER_SOURCE_MAX` of them from one source address until
+/// they have authenticated.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let live = Arc::new(AtomicUsize::new(0));
+    let preauth = PreAuth::default();
+    let mut refusals = Refusals::default();
     loop {
         let (sock, addr) = listener.accept().await?;
         if live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
-            tracing::warn!("replication: refused a connection from {addr}: {} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX);
+            refusals.note(addr, format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
             continue;
         }
+        let Some(slot) = preauth.take(addr.ip()) else {
+            refusals.note(addr, format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         // Off this runtime's reactor, onto the connection thread's.
         let sock = match sock.into_std() {
@@ -169,7 +177,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
             };
             rt.block_on(async move {
                 let r = match TcpStream::from_std(sock) {
-                    Ok(sock) => connection(sock, acceptor, site).await,
+                    Ok(sock) => connection(sock, acceptor, site, slot).await,
                     Err(e) => Err(anyhow!("cannot register the socket: {e}")),
                 };
                 if let Err(e) = r {
@@ -190,7 +198,59 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     }
 }
 
-async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: Arc<Site>) -> Result<()> {
+/// Connections per source address that have not authenticated yet.
+#[derive(Clone, Default)]
+struct PreAuth(Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One unauthenticated connection's place in `PreAuth`, given back when
+/// dropped (authenticated, refused, or gone).
+struct PreAuthSlot(PreAuth, std::net::IpAddr);
+
+impl PreAuth {
+    fn take(&self, ip: std::net::IpAddr) -> Option<PreAuthSlot> {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(ip).or_default();
+        if *n >= crate::limits::REPL_PREAUTH_PER_SOURCE_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(PreAuthSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PreAuthSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Refused connections, logged at most once per 10 s (with how many were
+/// refused since), so that a flood does not flood the log too.
+#[derive(Default)]
+struct Refusals {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, addr: std::net::SocketAddr, why: String) {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        tracing::warn!("replication: refused a connection from {addr}: {why} ({} refused in the last 10 s)", self.since);
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: Arc<Site>, slot: PreAuthSlot) -> Result<()> {
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock))
         .await
         .map_err(|_| anyhow!("refused: TLS handshake timed out"))?
@@ -198,6 +258,8 @@ async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: 
     let allowed: Vec<String> = site.cfg.peers.iter().map(|p| p.name.clone()).collect();
     let peer = super::tls::peer_site(tls.get_ref().1.peer_certificates(), &allowed)
         .ok_or_else(|| anyhow!("refused: the client certificate names none of the configured peer sites {allowed:?}"))?;
+    // Authenticated: no longer counted against its source address.
+    drop(slot);
     let nice = site.cfg.receiver_nice;
     let link_timeout = Duration::from_millis(site.cfg.link_timeout_ms);
     let host: Arc<dyn Host> = site;
