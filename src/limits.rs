@@ -62,8 +62,10 @@ pub const REPL_RECV_CONNECTIONS_MAX: usize = 256;
 /// Replication: connections from one source address a DR site lets wait for
 /// their TLS handshake and certificate check at once; more are closed at
 /// accept. Without it anyone who can reach the port could hold every
-/// connection slot with idle sockets and lock the primaries out.
-pub const REPL_PREAUTH_PER_SOURCE_MAX: usize = 8;
+/// connection slot with idle sockets and lock the primaries out. Room for a
+/// primary reconnecting many groups at once (one connection each), or for
+/// several primaries behind one NAT address.
+pub const REPL_PREAUTH_PER_SOURCE_MAX: usize = 32;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// Default log cap per group: beyond it a lagging DR site's pin gives way to

@@ -64,6 +64,9 @@ pub(super) const BLOCKS: u64 = 64;
 /// advance time by up to 30 ms and the DR's acks wait for its fsyncs, so
 /// some sessions end this way (then the sender reconnects, as for a cut).
 const LINK_TIMEOUT_MS: u64 = 60;
+/// The DR's timeout as it tells the sender in HELLO_REPLY (the simulated
+/// DR does not time out itself: its end notices a dead link by the RNG).
+const DR_LINK_TIMEOUT_MS: u64 = 48;
 const GROUP_ID: u64 = 0x7e57_0000_0000_0001;
 /// Virtual wall clock origin (2026-01-01).
 const WALL0: u64 = 1_767_225_600_000_000_000;
@@ -166,6 +169,12 @@ impl Host for DrHost {
     }
     fn dr(&self) -> &DrState {
         &self.dr
+    }
+    /// Shorter than four of the sender's 20 ms heartbeat intervals, so the
+    /// sender adapts (heartbeats every 12 ms), as a real primary does for a
+    /// DR configured with a short timeout.
+    fn link_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_millis(DR_LINK_TIMEOUT_MS))
     }
 }
 

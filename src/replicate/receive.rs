@@ -136,15 +136,17 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let live = Arc::new(AtomicUsize::new(0));
     let preauth = PreAuth::default();
-    let mut refusals = Refusals::default();
+    // One throttle per reason: a flood from one address does not hide
+    // refusals at the connection cap.
+    let (mut at_cap, mut per_source) = (Refusals::default(), Refusals::default());
     loop {
         let (sock, addr) = listener.accept().await?;
         if live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
-            refusals.note(addr, format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
+            at_cap.note(addr, format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
             continue;
         }
         let Some(slot) = preauth.take(addr.ip()) else {
-            refusals.note(addr, format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
+            per_source.note(addr, format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
             continue;
         };
         let _ = sock.set_nodelay(true);
@@ -220,7 +222,7 @@ impl PreAuth {
 
 impl Drop for PreAuthSlot {
     fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap();
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
@@ -230,23 +232,28 @@ impl Drop for PreAuthSlot {
     }
 }
 
-/// Refused connections, logged at most once per 10 s (with how many were
-/// refused since), so that a flood does not flood the log too.
+/// Refused connections, logged at most once per 10 s, each line with how
+/// many were refused unlogged since the line before, so that a flood does
+/// not flood the log too.
 #[derive(Default)]
 struct Refusals {
     last: Option<Instant>,
-    since: u64,
+    unlogged: u64,
 }
 
 impl Refusals {
     fn note(&mut self, addr: std::net::SocketAddr, why: String) {
-        self.since += 1;
         if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            self.unlogged += 1;
             return;
         }
-        tracing::warn!("replication: refused a connection from {addr}: {why} ({} refused in the last 10 s)", self.since);
+        let more = match self.unlogged {
+            0 => String::new(),
+            n => format!(" ({n} more refused, unlogged, since the last such line)"),
+        };
+        tracing::warn!("replication: refused a connection from {addr}: {why}{more}");
         self.last = Some(Instant::now());
-        self.since = 0;
+        self.unlogged = 0;
     }
 }
 
