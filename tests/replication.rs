@@ -564,3 +564,28 @@ fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
     assert!(opened >= 300, "the flood opened only {opened} connections");
     assert!(d.sites[1].log().contains("are not authenticated yet"), "no refusal logged at the DR:\n{}", d.sites[1].log());
 }
+
+/// A primary that stops (SIGTERM) closes its replication links with TLS
+/// close_notify, so its DR sites can tell a stop from a broken link: the
+/// DR's status says the primary stopped, and its log has no "mid-stream"
+/// end. A primary killed with SIGKILL still reads as a broken link.
+#[test]
+fn a_stopping_primary_says_goodbye_and_a_killed_one_does_not() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x11, 0, 4);
+    wait_until(20, "catch-up", || caught_up(&d));
+    let dr_primary = |d: &Deployment| d.sites[1].status()["groups"][0]["primary"].clone();
+    d.sites[0].stop();
+    wait_until(5, "the DR to see the primary gone", || dr_primary(&d)["connected"] == false);
+    let err = dr_primary(&d)["last_error"].as_str().unwrap_or("").to_string();
+    assert!(err.contains("a closed the connection (it stopped)"), "DR last_error after a clean stop: {err}");
+    assert!(!d.sites[1].log().contains("mid-stream"), "a clean stop read as a broken link:\n{}", d.sites[1].log());
+    d.sites[0].spawn();
+    wait_until(20, "reconnected", || dr_primary(&d)["connected"] == true && caught_up(&d));
+    d.sites[0].kill9();
+    wait_until(10, "the DR to see the killed primary gone", || dr_primary(&d)["connected"] == false);
+    let err = dr_primary(&d)["last_error"].as_str().unwrap_or("").to_string();
+    assert!(!err.contains("it stopped"), "a killed primary read as a clean stop: {err}");
+}

@@ -458,7 +458,13 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         };
         let (h, body) = match got {
             Ok(Some(f)) => f,
-            Ok(None) => break Ok(()),
+            Ok(None) => {
+                // TLS close_notify: the primary stopped, as opposed to a
+                // link that broke (an end without it).
+                tracing::info!("replication: {peer} closed the connection for group {} (it stopped)", group.name);
+                site.dr().update(&group.name, |d| d.last_error = Some(format!("{peer} closed the connection (it stopped)")));
+                break Ok(());
+            }
             // Undecodable bytes (a frame, or a TLS record) are the peer's
             // fault; an end without TLS close_notify is a primary that
             // stopped or a link that broke, not a bad frame.

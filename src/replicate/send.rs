@@ -36,6 +36,11 @@ pub struct SendSettings {
     pub periodic_interval: Duration,
     /// Silence that ends a session (`link_timeout_ms`; `Sender::check_link`).
     pub link_timeout: Duration,
+    /// Turns true when the site stops: the session closes its link
+    /// cleanly (TLS close_notify) and the sender ends.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Running sender threads (this one counts until it ends).
+    pub running: Arc<std::sync::atomic::AtomicUsize>,
     /// Nice value of this sender's thread while its group is not in sync
     /// mode (`sender_nice`; ARCHITECTURE.md "Replication priority").
     pub nice: i32,
@@ -48,9 +53,19 @@ pub struct SendSettings {
 /// path"). It runs for the life of the process.
 pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) -> Result<()> {
     group.replication.add_replica(&peer.name);
+    let running = settings.running.clone();
+    running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    struct Running(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    let guard = Running(running);
     std::thread::Builder::new()
         .name(format!("send-{}-{}", group.name, peer.name))
         .spawn(move || {
+            let _running = guard;
             // Built (and dropped) on this thread: a runtime may not be
             // dropped inside another runtime's `block_on`.
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -65,15 +80,37 @@ pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, 
     Ok(())
 }
 
+/// Returns once the site stops (never, if nobody can tell it to).
+async fn stopping(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Connects, runs a session until it ends, and reconnects with backoff.
 async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) {
     let mut backoff = Duration::from_millis(100);
     let mut prio = Priority::of_this_thread(settings.nice, "sender");
     let nice = prio.current();
     group.replication.update(&peer.name, |r| r.sender_nice = nice);
+    let mut stop = settings.stop.clone();
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let started = Instant::now();
+        // Not raced against `stop`: a session that stands sees it itself
+        // and closes cleanly (dropping it here would not); one still
+        // connecting is cut short by the process exit.
         let r = session(&group, &peer, &tls, &settings, &mut prio).await;
+        if *stop.borrow() {
+            group.replication.update(&peer.name, |r| {
+                r.connected = false;
+                r.state = "disconnected".into();
+                r.last_error = Some("this site stopped".into());
+            });
+            return;
+        }
         let msg = match r {
             Ok(()) => "connection closed".to_string(),
             Err(e) => format!("{e:#}"),
@@ -92,7 +129,10 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
         if started.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(100);
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopping(&mut stop) => return,
+        }
         backoff = (backoff * 2).min(Duration::from_millis(limits::REPL_RECONNECT_BACKOFF_MAX_MS));
     }
 }
@@ -159,7 +199,13 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let _reader = AbortOnDrop(reader);
 
     let mut core = Some(core);
+    let mut stop = st.stop.clone();
     loop {
+        if *stop.borrow() {
+            // Goodbye: close_notify, so the DR site knows this was a stop.
+            let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+            return Ok(());
+        }
         // `run_forever` published the starting value; changes follow here.
         if prio.follow(group.replication.mode(), &what) {
             let nice = prio.current();
@@ -223,6 +269,8 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                             _ = tokio::time::sleep(until(core.as_ref().unwrap().link_deadline())) => {
                                 core.as_ref().unwrap().check_link(now())?;
                             }
+                            // A frame half written cannot be closed cleanly.
+                            _ = stopping(&mut stop) => return Ok(()),
                         }
                     }
                 }
@@ -238,6 +286,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                     }
                     _ = &mut appended, if on_append => {}
                     _ = tokio::time::sleep(wait) => {}
+                    _ = stopping(&mut stop) => {}
                 }
             }
         }

@@ -109,7 +109,7 @@ fn connect(rt: &tokio::runtime::Runtime, p: &Arc<Group>, host: &Arc<DrHost>, cut
     let (a, b) = tokio::io::duplex(64 * 1024);
     let a = CutAfter { inner: a, left: cut_after, rng: rand::rngs::StdRng::seed_from_u64(cut_after.unwrap_or(7) as u64), stall: None };
     let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: cut_after.is_some_and(|c| c % 2 == 0) };
-    let st = SendSettings { site: "a".into(), heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_secs(1), link_timeout: Duration::from_secs(2), nice: 0 };
+    let st = SendSettings { site: "a".into(), heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_secs(1), link_timeout: Duration::from_secs(2), stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
     let pg = p.clone();
     let h: Arc<dyn Host> = host.clone();
     let _g = rt.enter();

@@ -27,6 +27,11 @@ pub struct Site {
     /// Started senders, by (group, peer): a group created later gets its own.
     senders: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     client_tls: std::sync::Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// Set when the site stops: senders close their links with TLS
+    /// close_notify, so DR sites can tell a stop from a broken link.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Sender threads still running.
+    senders_running: Arc<std::sync::atomic::AtomicUsize>,
     _lock: File,
 }
 
@@ -56,6 +61,8 @@ impl Site {
             dr: Default::default(),
             senders: Default::default(),
             client_tls: Default::default(),
+            stop: tokio::sync::watch::channel(false).0,
+            senders_running: Default::default(),
             _lock: lock,
         });
         let gdir = site.groups_dir();
@@ -161,6 +168,8 @@ impl Site {
                 heartbeat_interval: std::time::Duration::from_millis(self.cfg.heartbeat_interval_ms),
                 periodic_interval: std::time::Duration::from_secs(self.cfg.periodic_interval_s),
                 link_timeout: std::time::Duration::from_millis(self.cfg.link_timeout_ms),
+                stop: self.stop.subscribe(),
+                running: self.senders_running.clone(),
                 nice: self.cfg.sender_nice,
             };
             if let Err(e) = crate::replicate::send::spawn(g.clone(), link, tls.clone(), settings) {
@@ -258,6 +267,13 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         anyhow::Ok(())
     });
     let s = site.clone();
+    // Senders say goodbye (close_notify) first; two seconds at most (a
+    // sender thread at nice 10 on a busy machine may take a moment).
+    s.stop.send_replace(true);
+    let t = std::time::Instant::now();
+    while s.senders_running.load(std::sync::atomic::Ordering::Acquire) > 0 && t.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // Closing syncs and checkpoints; do it outside the runtime.
     s.close();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
