@@ -87,6 +87,23 @@ pub fn sim_active() -> bool {
     SIM_WALL_NS.with(|c| c.get().is_some())
 }
 
+/// One unit of a shared count (running threads, open connections): counted
+/// from `enter` until dropped, however its holder ends.
+pub struct Counted(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Counted {
+    pub fn enter(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Counted {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -392,6 +392,30 @@ fn replica_state(d: &Deployment) -> (String, String) {
     (r["state"].as_str().unwrap_or("").to_string(), r["last_error"].as_str().unwrap_or("").to_string())
 }
 
+/// Sites a and b (not started), a's link to b through the fault proxy,
+/// with these `link_timeout_ms` at a and at b.
+fn pair_through_proxy(primary_timeout_ms: u64, dr_timeout_ms: u64) -> (Deployment, common::proxy::Proxy) {
+    let d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
+    let direct = format!("127.0.0.1:{}", d.repl_port(1));
+    let proxy = common::proxy::Proxy::start(direct.parse().unwrap());
+    d.sites[0].edit_config(|c| c.replace(&direct, &proxy.addr().to_string()));
+    for (site, ms) in [(0, primary_timeout_ms), (1, dr_timeout_ms)] {
+        d.sites[site].edit_config(|c| c.replace("link_timeout_ms = 30000", &format!("link_timeout_ms = {ms}")));
+    }
+    (d, proxy)
+}
+
+/// Sites a and b started, four 64 KiB writes made at a and caught up at b;
+/// returns the deployment and a's `vol0`.
+fn caught_up_pair() -> (Deployment, String) {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x11, 0, 4);
+    wait_until(20, "catch-up", || caught_up(&d));
+    (d, p)
+}
+
 /// A link that goes silent (the fault proxy drops one direction, as a
 /// broken route or a stateful firewall that forgot the connection does)
 /// is not a connected link: each end notices within `link_timeout_ms`,
@@ -401,17 +425,12 @@ fn replica_state(d: &Deployment) -> (String, String) {
 /// had gone silent kept the connection open forever.
 #[test]
 fn a_silent_link_is_noticed_at_both_ends_and_recovers() {
-    use common::proxy::{Dir, Proxy};
-    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
-    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
-    let direct = format!("127.0.0.1:{}", d.repl_port(1));
-    d.sites[0].edit_config(|c| c.replace(&direct, &proxy.addr().to_string()));
+    use common::proxy::Dir;
     // The DR's clock is the shorter, so that when the primary's frames
     // are lost it is the DR that notices first (the primary notices too,
     // by the missing answers, and its hang-up would otherwise end the
     // DR's connection before its own check).
-    d.sites[0].edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 3000"));
-    d.sites[1].edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 1500"));
+    let (mut d, proxy) = pair_through_proxy(3000, 1500);
     d.start_all();
     let p = d.sites[0].uri("vol0");
     write_blocks(&p, 0x11, 0, 4);
@@ -455,14 +474,7 @@ fn a_silent_link_is_noticed_at_both_ends_and_recovers() {
 /// never caught up (the same batch resent forever).
 #[test]
 fn a_slow_link_is_not_a_silent_one() {
-    use common::proxy::Proxy;
-    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
-    let proxy = Proxy::start(format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap());
-    let direct = format!("127.0.0.1:{}", d.repl_port(1));
-    d.sites[0].edit_config(|c| c.replace(&direct, &proxy.addr().to_string()));
-    for s in &d.sites {
-        s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 1000"));
-    }
+    let (mut d, proxy) = pair_through_proxy(1000, 1000);
     d.start_all();
     wait_until(20, "connected", || caught_up(&d));
     proxy.set_bandwidth(Some(1 << 20));
@@ -532,11 +544,7 @@ fn hold_idle_connections(target: std::net::SocketAddr, from: &'static str, n: us
 #[test]
 fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
-    d.start_all();
-    let p = d.sites[0].uri("vol0");
-    write_blocks(&p, 0x11, 0, 4);
-    wait_until(20, "catch-up", || caught_up(&d));
+    let (mut d, p) = caught_up_pair();
     d.sites[0].stop();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let target: std::net::SocketAddr = format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap();
@@ -571,11 +579,7 @@ fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
 /// end. A primary killed with SIGKILL still reads as a broken link.
 #[test]
 fn a_stopping_primary_says_goodbye_and_a_killed_one_does_not() {
-    let mut d = Deployment::init(&["a", "b"], &[("vol0", "64MiB")], "async");
-    d.start_all();
-    let p = d.sites[0].uri("vol0");
-    write_blocks(&p, 0x11, 0, 4);
-    wait_until(20, "catch-up", || caught_up(&d));
+    let (mut d, _) = caught_up_pair();
     let dr_primary = |d: &Deployment| d.sites[1].status()["groups"][0]["primary"].clone();
     d.sites[0].stop();
     wait_until(5, "the DR to see the primary gone", || dr_primary(&d)["connected"] == false);

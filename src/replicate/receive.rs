@@ -158,16 +158,11 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
                 continue;
             }
         };
-        let (acceptor, site, count) = (acceptor.clone(), site.clone(), live.clone());
-        live.fetch_add(1, Ordering::AcqRel);
+        let (acceptor, site) = (acceptor.clone(), site.clone());
+        // Counted until the thread ends (or, if it cannot start, at once).
+        let counted = crate::util::Counted::enter(&live);
         let spawned = std::thread::Builder::new().name(format!("recv-{}", addr.port())).spawn(move || {
-            struct Live(Arc<AtomicUsize>);
-            impl Drop for Live {
-                fn drop(&mut self) {
-                    self.0.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            let _live = Live(count);
+            let _live = counted;
             // Built (and dropped) on this thread: a runtime may not be
             // dropped inside another runtime's `block_on`.
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -194,7 +189,6 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
             });
         });
         if let Err(e) = spawned {
-            live.fetch_sub(1, Ordering::AcqRel);
             tracing::error!("replication: connection from {addr} dropped: cannot start its thread: {e}");
         }
     }
@@ -316,6 +310,8 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     let origin = Instant::now();
     let last_byte = Arc::new(AtomicU64::new(0));
     let mut rd = Watched { inner: rd, origin, last: last_byte.clone() };
+    // When the last byte arrived (or this site began to wait for one).
+    let heard = || origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed));
     let mut core = Receiver::new(site.clone(), peer.clone());
 
     let (h, body) = tokio::time::timeout(Duration::from_secs(10), frame::read_frame(&mut rd))
@@ -436,24 +432,21 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         let read = frame::read_frame_into(&mut rd, std::mem::take(&mut spare));
         tokio::pin!(read);
         let got = loop {
-            let silent_at = origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed)) + link_timeout;
             tokio::select! {
                 // Bytes that are there count before the clock does.
                 biased;
                 r = &mut read => break Some(r),
-                _ = tokio::time::sleep_until(silent_at.into()) => {
-                    let heard = origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed));
-                    if heard.elapsed() >= link_timeout {
+                _ = tokio::time::sleep_until((heard() + link_timeout).into()) => {
+                    if heard().elapsed() >= link_timeout {
                         break None;
                     }
                 }
             }
         };
         let Some(got) = got else {
-            let heard = origin + Duration::from_nanos(last_byte.load(Ordering::Relaxed));
             break Err(anyhow!(
                 "no byte from {peer} for {:.1} s (link_timeout {link_timeout:?}): the link is silent (blackholed, or the primary stalled); closing it",
-                heard.elapsed().as_secs_f64()
+                heard().elapsed().as_secs_f64()
             ));
         };
         let (h, body) = match got {

@@ -53,15 +53,8 @@ pub struct SendSettings {
 /// path"). It runs for the life of the process.
 pub fn spawn(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientConfig>, settings: SendSettings) -> Result<()> {
     group.replication.add_replica(&peer.name);
-    let running = settings.running.clone();
-    running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    struct Running(Arc<std::sync::atomic::AtomicUsize>);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        }
-    }
-    let guard = Running(running);
+    // Counted until the thread ends (or, if it cannot start, at once).
+    let guard = crate::util::Counted::enter(&settings.running);
     std::thread::Builder::new()
         .name(format!("send-{}-{}", group.name, peer.name))
         .spawn(move || {

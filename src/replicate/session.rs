@@ -874,7 +874,13 @@ mod tests {
 
     /// `answered`, the DR naming its last record's identity.
     fn answered_naming(g: &Arc<Group>, next_seq: u64, durable_seq: u64, last_ident: Option<u32>) -> (Sender, Result<()>) {
-        answered_with(g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident, mode_frames: false, heartbeat_acks: false, link_timeout_ms: None })
+        answered_with(g, HelloReply { last_ident, ..reply(next_seq, durable_seq) })
+    }
+
+    /// DR site b's HELLO_REPLY as an older site sends it (no MODE frames,
+    /// no answers to heartbeats, no link timeout named).
+    fn reply(next_seq: u64, durable_seq: u64) -> HelloReply {
+        HelloReply { site: "b".into(), group: "cg0".into(), next_seq, durable_seq, last_ident: None, mode_frames: false, heartbeat_acks: false, link_timeout_ms: None }
     }
 
     fn answered_with(g: &Arc<Group>, reply: HelloReply) -> (Sender, Result<()>) {
@@ -920,7 +926,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = primary(dir.path(), "async");
         let last = g.last_seq();
-        let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames: true, heartbeat_acks: true, link_timeout_ms: None });
+        let (mut s, r) = answered_with(&g, HelloReply { mode_frames: true, heartbeat_acks: true, ..reply(last + 1, last) });
         r.unwrap();
         assert_eq!(s.link_deadline(), Some(2000 * MS));
         // Caught up and idle: it still wakes by the deadline.
@@ -946,7 +952,7 @@ mod tests {
         let g = primary(dir.path(), "async");
         let last = g.last_seq();
         for (dr_timeout, every) in [(None, 20), (Some(1000), 20), (Some(40), 10)] {
-            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames: true, heartbeat_acks: true, link_timeout_ms: dr_timeout });
+            let (mut s, r) = answered_with(&g, HelloReply { mode_frames: true, heartbeat_acks: true, link_timeout_ms: dr_timeout, ..reply(last + 1, last) });
             r.unwrap();
             let mut sent = Vec::new();
             for t in 0..45 {
@@ -1094,7 +1100,7 @@ mod tests {
         for mode_frames in [true, false] {
             g.set_mode(Mode::Async).unwrap();
             let last = g.last_seq();
-            let (mut s, r) = answered_with(&g, HelloReply { site: "b".into(), group: "cg0".into(), next_seq: last + 1, durable_seq: last, last_ident: None, mode_frames, heartbeat_acks: false, link_timeout_ms: None });
+            let (mut s, r) = answered_with(&g, HelloReply { mode_frames, ..reply(last + 1, last) });
             r.unwrap();
             assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
             assert_eq!(kind(&s.poll(at(0)).unwrap()), frame::HEARTBEAT);
