@@ -77,6 +77,9 @@ pub const RESYNC_BATCH_BLOCKS: u64 = 1024;
 pub const SYNC_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Default interval of heartbeats in the replication stream.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Shortest heartbeat interval a DR site's named link timeout can ask a
+/// primary for (HELLO_REPLY `link_timeout_ms` / 4): a peer's value, bounded.
+pub const HEARTBEAT_INTERVAL_MS_MIN: u64 = 10;
 /// Default silence after which a replication link is declared dead: no
 /// frame from the DR site at the primary (which expects an answer to every
 /// heartbeat), no byte from the primary at the DR site (ARCHITECTURE.md

@@ -256,7 +256,8 @@ pub struct HelloReply {
     #[serde(default)]
     pub heartbeat_acks: bool,
     /// The DR site's `link_timeout_ms`: the primary sends heartbeats at
-    /// least four times within it, whatever its own interval.
+    /// least four times within it, whatever its own interval (at most
+    /// every `HEARTBEAT_INTERVAL_MS_MIN`).
     #[serde(default)]
     pub link_timeout_ms: Option<u64>,
 }

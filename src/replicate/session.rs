@@ -293,7 +293,7 @@ impl Sender {
         // configured with a shorter one than our interval suits would
         // otherwise close a healthy, quiet link.
         if let Some(ms) = reply.link_timeout_ms.filter(|&ms| ms > 0) {
-            self.hb_every = self.cfg.heartbeat_interval.min(Duration::from_millis(ms) / 4);
+            self.hb_every = self.cfg.heartbeat_interval.min((Duration::from_millis(ms) / 4).max(Duration::from_millis(limits::HEARTBEAT_INTERVAL_MS_MIN)));
         }
         self.pins_due = true;
         self.phase = if resyncing {
@@ -951,7 +951,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = primary(dir.path(), "async");
         let last = g.last_seq();
-        for (dr_timeout, every) in [(None, 20), (Some(1000), 20), (Some(40), 10)] {
+        // A DR naming 1 ms gets no heartbeat storm: 10 ms at the least.
+        for (dr_timeout, every) in [(None, 20), (Some(1000), 20), (Some(40), 10), (Some(1), 10)] {
             let (mut s, r) = answered_with(&g, HelloReply { mode_frames: true, heartbeat_acks: true, link_timeout_ms: dr_timeout, ..reply(last + 1, last) });
             r.unwrap();
             let mut sent = Vec::new();
