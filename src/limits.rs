@@ -55,6 +55,9 @@ pub const NAME_BYTES_MAX: usize = 128;
 pub const REPL_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Replication: bytes sent to a DR site and not yet acknowledged.
 pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+/// Replication: a DR site reads its connection's socket this much at a time
+/// (rustls on its own reads at most 4 KiB per call: 256 `recv`s per MiB).
+pub const REPL_READ_AHEAD_BYTES: usize = 256 * 1024;
 /// Replication: acknowledgements queued at a DR site before reading pauses.
 pub const REPL_ACK_QUEUE_MAX: usize = 64;
 /// Replication: connections a DR site serves at once (each has a thread).

@@ -252,6 +252,11 @@ impl Refusals {
 }
 
 async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: Arc<Site>, slot: PreAuthSlot) -> Result<()> {
+    // rustls asks its reader for at most 4 KiB at a time; read-ahead turns
+    // that into one `recv` per 256 KiB (and as many fewer window updates),
+    // for one copy of the ciphertext within the cache (ARCHITECTURE.md
+    // "Replication data path").
+    let sock = tokio::io::BufReader::with_capacity(crate::limits::REPL_READ_AHEAD_BYTES, sock);
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock))
         .await
         .map_err(|_| anyhow!("refused: TLS handshake timed out"))?
