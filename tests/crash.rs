@@ -71,7 +71,7 @@ fn round(site: &mut Site, round: u32, fua_mode: bool, rng: &mut rand::rngs::StdR
                 durable.insert(b, stamp(round, n - 1, b));
             }
             pending.clear();
-        } else if n % flush_every == 0 {
+        } else if n.is_multiple_of(flush_every) {
             if c.flush().is_err() {
                 break;
             }

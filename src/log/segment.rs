@@ -134,6 +134,11 @@ impl Segment {
         self.len.load(Ordering::Acquire)
     }
 
+    /// Holds no record yet (only its header).
+    pub fn is_empty(&self) -> bool {
+        self.len() <= SEGMENT_HEADER_BYTES
+    }
+
     /// Reads exactly `buf.len()` bytes at `off`, naming the file on error.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.file

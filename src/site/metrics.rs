@@ -61,7 +61,8 @@ impl Metrics {
         let _ = writeln!(o, "tidemark_nbd_request_seconds_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(o, "tidemark_nbd_request_seconds_sum {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
         let _ = writeln!(o, "tidemark_nbd_request_seconds_count {count}");
-        let gauges: [(&str, &str, &str, fn(&Group) -> u64); 10] = [
+        type Gauge = (&'static str, &'static str, &'static str, fn(&Group) -> u64);
+        let gauges: [Gauge; 10] = [
             ("tidemark_log_bytes", "gauge", "Bytes held by the group's log on this site.", |g| g.log_bytes()),
             ("tidemark_log_live_bytes", "gauge", "Bytes of the log still referenced by a block map.", |g| g.live_bytes()),
             ("tidemark_log_segments", "gauge", "Segment files in the group's log.", |g| g.segment_count() as u64),

@@ -169,9 +169,7 @@ impl BlockMap {
         let old = match chunk {
             Chunk::Empty => {
                 if !e.is_hole() {
-                    let mut v = Vec::with_capacity(1);
-                    v.push(SparseEntry { idx: i, e });
-                    *chunk = Chunk::Sparse(v);
+                    *chunk = Chunk::Sparse(vec![SparseEntry { idx: i, e }]);
                 }
                 Entry::HOLE
             }

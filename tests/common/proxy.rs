@@ -102,7 +102,7 @@ impl Shared {
                 return Some(want);
             }
             let cap = (rate as f64 / 20.0).max(1.0); // 50 ms of burst
-            let piece = want.min(cap as usize).min(MAX_PIECE).max(1);
+            let piece = want.min(cap as usize).clamp(1, MAX_PIECE);
             let mut b = lock(&self.buckets[dir.idx()]);
             let now = Instant::now();
             if b.rate != rate {
