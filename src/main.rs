@@ -25,6 +25,16 @@ fn tune_allocator() {
     }
 }
 
+/// Sites hold a file per log segment and a socket per connection: take the
+/// whole hard limit on open files, not the customary soft 1024.
+fn raise_open_files_limit() {
+    match tidemark::util::raise_open_files_limit() {
+        Ok((before, after)) if after > before => tracing::debug!("open files limit raised from {before} to {after}"),
+        Ok((now, _)) => tracing::debug!("open files limit {now}"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = match Cli::try_parse() {
@@ -45,6 +55,7 @@ fn main() -> ExitCode {
     let res = match &cli.cmd {
         Cmd::Up { port_base, dr_sites, volumes, mode } => {
             init_logging();
+            raise_open_files_limit();
             tidemark::up::run(tidemark::up::UpArgs {
                 dir: cli.dir.clone().unwrap_or_else(|| "./tidemark-data".into()),
                 port_base: *port_base,
@@ -57,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Init { dir, sites, port_base, mode } => tidemark::up::init(dir, sites, *port_base, mode.clone()),
         Cmd::Site { config } => {
             init_logging();
+            raise_open_files_limit();
             tidemark::site::config::SiteConfig::load(config).and_then(tidemark::site::run)
         }
         _ => tidemark::cli::run_admin(&cli),

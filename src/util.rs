@@ -104,6 +104,88 @@ impl Drop for Counted {
     }
 }
 
+/// At most one log line per `every` for one kind of recurring trouble (a
+/// flood of refused connections, a listener out of file descriptors); each
+/// line says how many went unlogged since the one before.
+pub struct LogThrottle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl LogThrottle {
+    pub fn new(every: std::time::Duration) -> LogThrottle {
+        LogThrottle { every, last: None, unlogged: 0 }
+    }
+
+    /// `Some(n)` if a line may be logged now (`n` went unlogged before
+    /// it), `None` if this one is only counted.
+    pub fn admit(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// " (N more, unlogged, since the last such line)" or nothing.
+pub fn unlogged_note(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({n} more, unlogged, since the last such line)"),
+    }
+}
+
+/// The next connection on `listener`. Errors that concern one connection
+/// (it was reset before we took it) are skipped; any other (out of file
+/// descriptors, of memory) is logged, at most every 10 s, and waited out
+/// with a short pause: a listener that gave up on them would take the
+/// site down for a passing shortage (`what` names the listener).
+pub async fn accept(listener: &tokio::net::TcpListener, what: &str, trouble: &mut LogThrottle) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted) => continue,
+            Err(e) => {
+                if let Some(n) = trouble.admit() {
+                    tracing::warn!("{what}: cannot accept connections: {e}; retrying{}", unlogged_note(n));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit (as
+/// far as the kernel allows): a site holds a file per log segment and a
+/// socket per connection, and the usual soft limit of 1024 is a shortage
+/// waiting to happen. Returns (before, after).
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not everywhere
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = r.rlim_cur as u64;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(1 << 20);
+    let want = (r.rlim_max as u64).min(nr_open);
+    if want <= before {
+        return Ok((before, before));
+    }
+    r.rlim_cur = want as libc::rlim_t;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((before, want))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -605,6 +605,53 @@ fn works(site: &Site) {
     c.disconnect();
 }
 
+/// A site short of file descriptors keeps serving. `accept` failing with
+/// EMFILE used to end the NBD listener, and with it the whole site
+/// ("NBD server stopped"); now it is logged and waited out, and clients
+/// connect again once descriptors are free. A site also takes its whole
+/// hard limit on open files at start (soft = hard), since each log segment
+/// and each connection holds one.
+#[test]
+fn running_out_of_file_descriptors_is_waited_out() {
+    let mut site = Site::start(&[("vol0", "64MiB")]);
+    let pid = site.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let v: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(v[3], v[4], "the soft limit on open files was not raised to the hard one: {line}");
+    // Leave the site 8 descriptors, then open 40 connections.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limit = open + 8;
+    cmd_ok("prlimit", &["--pid", &pid.to_string(), &format!("--nofile={limit}:{limit}")]);
+    let held: Vec<TcpStream> = (0..40)
+        .map(|i| TcpStream::connect(site.addr()).unwrap_or_else(|e| panic!("connection {i}: {e}: did the site exit when out of file descriptors? log:\n{}", site.log())))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !site.log().contains("nbd: cannot accept connections") {
+        assert!(site.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the site exited when out of file descriptors; log:\n{}", site.log());
+        assert!(Instant::now() < deadline, "no accept error logged with {limit} descriptors and 40 connections; log:\n{}", site.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(site.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the site exited when out of file descriptors; log:\n{}", site.log());
+    let lines = site.log().matches("cannot accept connections").count();
+    assert!(lines <= 2, "{lines} accept error lines in about a second: not throttled; log:\n{}", site.log());
+    drop(held);
+    // Clients get through again (the dead connections queued meanwhile are
+    // taken and closed first).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = cmd("nbdinfo", &["--size", &site.uri("vol0")]);
+        if o.status.success() {
+            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), (64 * MIB).to_string());
+            break;
+        }
+        assert!(Instant::now() < deadline, "no client got through after the descriptors were freed: {}; log:\n{}", text(&o), site.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    works(&site);
+}
+
 #[test]
 fn read_only_and_unknown_export_errors() {
     let site = Site::start(&[("vol0", "1GiB")]);

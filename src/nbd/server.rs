@@ -47,10 +47,14 @@ impl ExportLookup for Lookup<'_> {
 
 pub async fn serve(listener: TcpListener, exports: Arc<dyn Exports>, metrics: Arc<Metrics>) -> Result<()> {
     let conns = Arc::new(Semaphore::new(limits::NBD_CONNECTIONS_MAX));
+    let mut trouble = crate::util::LogThrottle::new(std::time::Duration::from_secs(10));
+    let mut at_cap = crate::util::LogThrottle::new(std::time::Duration::from_secs(10));
     loop {
-        let (sock, peer) = listener.accept().await?;
+        let (sock, peer) = crate::util::accept(&listener, "nbd", &mut trouble).await;
         let Ok(permit) = conns.clone().try_acquire_owned() else {
-            tracing::warn!("nbd: refusing connection from {peer}: {} connections already open", limits::NBD_CONNECTIONS_MAX);
+            if let Some(n) = at_cap.admit() {
+                tracing::warn!("nbd: refusing connection from {peer}: {} connections already open{}", limits::NBD_CONNECTIONS_MAX, crate::util::unlogged_note(n));
+            }
             continue;
         };
         let exports = exports.clone();

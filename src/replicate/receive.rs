@@ -139,8 +139,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     // One throttle per reason: a flood from one address does not hide
     // refusals at the connection cap.
     let (mut at_cap, mut per_source) = (Refusals::default(), Refusals::default());
+    let mut trouble = crate::util::LogThrottle::new(Duration::from_secs(10));
     loop {
-        let (sock, addr) = listener.accept().await?;
+        let (sock, addr) = crate::util::accept(&listener, "replication", &mut trouble).await;
         if live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
             at_cap.note(addr, format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
             continue;
@@ -229,25 +230,19 @@ impl Drop for PreAuthSlot {
 /// Refused connections, logged at most once per 10 s, each line with how
 /// many were refused unlogged since the line before, so that a flood does
 /// not flood the log too.
-#[derive(Default)]
-struct Refusals {
-    last: Option<Instant>,
-    unlogged: u64,
+struct Refusals(crate::util::LogThrottle);
+
+impl Default for Refusals {
+    fn default() -> Refusals {
+        Refusals(crate::util::LogThrottle::new(Duration::from_secs(10)))
+    }
 }
 
 impl Refusals {
     fn note(&mut self, addr: std::net::SocketAddr, why: String) {
-        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
-            self.unlogged += 1;
-            return;
+        if let Some(n) = self.0.admit() {
+            tracing::warn!("replication: refused a connection from {addr}: {why}{}", crate::util::unlogged_note(n));
         }
-        let more = match self.unlogged {
-            0 => String::new(),
-            n => format!(" ({n} more refused, unlogged, since the last such line)"),
-        };
-        tracing::warn!("replication: refused a connection from {addr}: {why}{more}");
-        self.last = Some(Instant::now());
-        self.unlogged = 0;
     }
 }
 
