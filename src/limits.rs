@@ -69,6 +69,14 @@ pub const REPL_RECV_CONNECTIONS_MAX: usize = 256;
 /// primary reconnecting many groups at once (one connection each), or for
 /// several primaries behind one NAT address.
 pub const REPL_PREAUTH_PER_SOURCE_MAX: usize = 32;
+/// Replication: connections a DR site lets wait for their first bytes (no
+/// thread yet); a new one displaces the oldest.
+pub const REPL_PREAUTH_WAITING_MAX: usize = 1024;
+/// Replication: connections a DR site lets be in a TLS handshake at once
+/// (each has a thread); a new one displaces the oldest.
+pub const REPL_PREAUTH_HANDSHAKES_MAX: usize = 128;
+/// Replication: time from accept to an authenticated peer.
+pub const REPL_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// Default log cap per group: beyond it a lagging DR site's pin gives way to
@@ -117,6 +125,8 @@ const _: () = assert!(64 + (NBD_REQUEST_BYTES_MAX as u64) * 1025 / 1024 + 64 <= 
 const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);
 // A batch, or one maximal record (which may exceed a batch alone), fits a frame.
 const _: () = assert!(REPL_BATCH_BYTES <= 40 * 1024 * 1024);
+// Threads in handshakes leave room for authenticated connections.
+const _: () = assert!(REPL_PREAUTH_HANDSHAKES_MAX < REPL_RECV_CONNECTIONS_MAX);
 const _: () = assert!(64 + NBD_REQUEST_BYTES_MAX as u64 * 1025 / 1024 <= 40 * 1024 * 1024);
 
 /// Volumes plus snapshots in one consistency group. Every map is walked by

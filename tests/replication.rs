@@ -498,10 +498,11 @@ fn a_slow_link_is_not_a_silent_one() {
     assert!(a == b, "the DR copy differs from the primary after the slow link");
 }
 
-/// Keeps up to `n` idle TCP connections (no TLS, no bytes) from source
-/// address `from` to `target`, opening new ones as the far end closes
-/// them, until `stop`; returns how many it opened.
-fn hold_idle_connections(target: std::net::SocketAddr, from: &'static str, n: usize, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
+/// Keeps up to `n` idle TCP connections (no TLS; each sends `first`, if
+/// anything, and then nothing) from source address `from` to `target`,
+/// opening new ones as the far end closes them, until `stop`; returns how
+/// many it opened.
+fn hold_idle_connections(target: std::net::SocketAddr, from: String, n: usize, first: &'static [u8], stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
@@ -522,6 +523,9 @@ fn hold_idle_connections(target: std::net::SocketAddr, from: &'static str, n: us
                     sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
                     match sock.connect(target).await {
                         Ok(s) => {
+                            if !first.is_empty() {
+                                let _ = s.try_write(first);
+                            }
                             held.push(s);
                             opened += 1;
                         }
@@ -549,7 +553,7 @@ fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let target: std::net::SocketAddr = format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap();
     let flood_started = Instant::now();
-    let flood = hold_idle_connections(target, "127.0.0.2", 300, stop.clone());
+    let flood = hold_idle_connections(target, "127.0.0.2".into(), 300, b"", stop.clone());
     std::thread::sleep(Duration::from_secs(1));
     d.sites[0].spawn();
     write_blocks(&p, 0x22, 1 << 20, 4);
@@ -571,6 +575,56 @@ fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
     eprintln!("caught up {:?} after the restart, past {opened} idle connections", t.elapsed());
     assert!(opened >= 300, "the flood opened only {opened} connections");
     assert!(d.sites[1].log().contains("are not authenticated yet"), "no refusal logged at the DR:\n{}", d.sites[1].log());
+}
+
+/// The same from many source addresses, each within its limit of 32: ten
+/// addresses hold 320 connections, more than the 256 threads a DR site
+/// runs. Half of them stay idle (they wait for their first bytes without a
+/// thread), half send the first byte of a TLS record and stall (they get a
+/// thread for the handshake, of which at most 128 run: the oldest gives
+/// way to a new one, as a primary's completes within milliseconds).
+/// Before, every accepted connection took a thread at once, and 320 of
+/// them kept the primary out until the first ones timed out.
+#[test]
+fn connections_from_many_sources_cannot_lock_out_the_primary() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (mut d, p) = caught_up_pair();
+    d.sites[0].stop();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap();
+    let flood_started = Instant::now();
+    let floods: Vec<_> = (2..12)
+        .map(|i| {
+            let first: &'static [u8] = if i % 2 == 0 { b"\x16" } else { b"" };
+            hold_idle_connections(target, format!("127.0.0.{i}"), 32, first, stop.clone())
+        })
+        .collect();
+    // All 320 in place (a DR spawning a thread for each took about a
+    // second for them before).
+    std::thread::sleep(Duration::from_secs(3));
+    d.sites[0].spawn();
+    write_blocks(&p, 0x23, 1 << 20, 4);
+    let t = Instant::now();
+    // Judged before the first of them reach the 10 s handshake timeout.
+    let deadline = flood_started + Duration::from_millis(9500);
+    let mut in_time = false;
+    while Instant::now() < deadline {
+        if caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d) {
+            in_time = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened: usize = floods.into_iter().map(|f| f.join().unwrap()).sum();
+    assert!(in_time, "the primary was locked out: not caught up {:?} after its restart ({opened} connections opened from 10 addresses)", t.elapsed());
+    eprintln!("caught up {:?} after the restart, past {opened} connections from 10 addresses", t.elapsed());
+    assert!(opened >= 320, "the floods opened only {opened} connections");
+    let log = d.sites[1].log();
+    assert!(log.contains("displaced by a newer connection during its TLS handshake"), "no stalled handshake was displaced:\n{log}");
+    // Throttled: one line per address and reason per 10 s, not one per connection.
+    let lines = log.lines().filter(|l| l.contains("refused a connection from")).count();
+    assert!(lines <= 40, "{lines} refusal lines for {opened} connections: not throttled");
 }
 
 /// A primary that stops (SIGTERM) closes its replication links with TLS

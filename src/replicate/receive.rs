@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -124,147 +124,299 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
     Ok(())
 }
 
-/// Accepts replication connections. Each runs on a thread of its own, with
-/// a single-threaded runtime: the thread's priority follows its group's
-/// mode (`receiver_nice` outside sync mode; ARCHITECTURE.md "Replication
-/// priority"), and its decryption and appends never hold up the NBD tasks
-/// on the site's runtime workers. At most `REPL_RECV_CONNECTIONS_MAX` run at
-/// once (a connection holds its thread from before its handshake), and at
-/// most `REPL_PREAUTH_PER_SOURCE_MAX` of them from one source address until
-/// they have authenticated.
+/// Accepts replication connections. Each authenticated one runs on a
+/// thread of its own, with a single-threaded runtime: the thread's priority
+/// follows its group's mode (`receiver_nice` outside sync mode;
+/// ARCHITECTURE.md "Replication priority"), and its decryption and appends
+/// never hold up the NBD tasks on the site's runtime workers.
+///
+/// Before authentication a connection is cheap, and bounded so that nobody
+/// who can merely reach the port can keep the primaries out
+/// (ARCHITECTURE.md "Link security"):
+/// - it waits for its first bytes (a TLS ClientHello) as a task on this
+///   runtime, without a thread; at most `REPL_PREAUTH_WAITING_MAX` wait, and
+///   a new one displaces the oldest (a primary speaks at once);
+/// - then it gets its thread for the handshake; at most
+///   `REPL_PREAUTH_HANDSHAKES_MAX` are in one, and again the oldest gives
+///   way to a new one;
+/// - at most `REPL_PREAUTH_PER_SOURCE_MAX` from one source address are in
+///   either phase, and all of it within `REPL_HANDSHAKE_TIMEOUT_MS`.
+///
+/// At most `REPL_RECV_CONNECTIONS_MAX` threads run at once. Refusals are
+/// logged at most every 10 s per source address and reason.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let live = Arc::new(AtomicUsize::new(0));
-    let preauth = PreAuth::default();
-    // One throttle per reason: a flood from one address does not hide
-    // refusals at the connection cap.
-    let (mut at_cap, mut per_source) = (Refusals::default(), Refusals::default());
+    let ctx = Accepting {
+        acceptor: tokio_rustls::TlsAcceptor::from(tls),
+        site,
+        live: Arc::new(AtomicUsize::new(0)),
+        preauth: PreAuth::default(),
+        refusals: Refusals::default(),
+    };
+    let waiting: Arc<Mutex<Oldest<tokio::task::AbortHandle>>> = Arc::default();
     let mut trouble = crate::util::LogThrottle::new(Duration::from_secs(10));
     loop {
         let (sock, addr) = crate::util::accept(&listener, "replication", &mut trouble).await;
-        if live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
-            at_cap.note(addr, format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
-            continue;
-        }
-        let Some(slot) = preauth.take(addr.ip()) else {
-            per_source.note(addr, format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
+        let Some(slot) = ctx.preauth.take(addr.ip()) else {
+            ctx.refusals.note(addr, &format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
             continue;
         };
         let _ = sock.set_nodelay(true);
-        // Off this runtime's reactor, onto the connection thread's.
-        let sock = match sock.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("replication: connection from {addr} dropped: {e}");
-                continue;
+        let deadline = Instant::now() + Duration::from_millis(crate::limits::REPL_HANDSHAKE_TIMEOUT_MS);
+        let ctx = ctx.clone();
+        // Locked across the spawn: the task takes itself off the list under
+        // the same lock, so it cannot do that before it is on it.
+        let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() >= crate::limits::REPL_PREAUTH_WAITING_MAX {
+            if let Some((old, task)) = w.pop_oldest() {
+                task.abort();
+                ctx.refusals.note(old, &format!("displaced by a newer connection: {} connections were waiting for their first bytes, the most this site lets wait", crate::limits::REPL_PREAUTH_WAITING_MAX));
             }
-        };
-        let (acceptor, site) = (acceptor.clone(), site.clone());
-        // Counted until the thread ends (or, if it cannot start, at once).
-        let counted = crate::util::Counted::enter(&live);
-        let spawned = std::thread::Builder::new().name(format!("recv-{}", addr.port())).spawn(move || {
-            let _live = counted;
-            // Built (and dropped) on this thread: a runtime may not be
-            // dropped inside another runtime's `block_on`.
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("replication: connection from {addr} dropped: failed to build its runtime: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let r = match TcpStream::from_std(sock) {
-                    Ok(sock) => connection(sock, acceptor, site, slot).await,
-                    Err(e) => Err(anyhow!("cannot register the socket: {e}")),
-                };
-                if let Err(e) = r {
-                    // A primary that stops or loses the link just hangs up.
-                    let hangup = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof));
-                    if hangup {
-                        tracing::info!("replication: connection from {addr} closed: {e:#}");
-                    } else {
-                        tracing::warn!("replication: connection from {addr} ended: {e:#}");
-                    }
-                }
-            });
-        });
-        if let Err(e) = spawned {
-            tracing::error!("replication: connection from {addr} dropped: cannot start its thread: {e}");
         }
+        let (waiting2, id) = (waiting.clone(), w.next_id());
+        let task = tokio::spawn(async move {
+            let mut b = [0u8; 1];
+            let first = tokio::time::timeout_at(deadline.into(), sock.peek(&mut b)).await;
+            waiting2.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            match first {
+                Err(_) => ctx.refusals.note(addr, &format!("sent nothing within {} ms", crate::limits::REPL_HANDSHAKE_TIMEOUT_MS)),
+                Ok(Ok(0)) => tracing::debug!("replication: {addr} hung up before a word"),
+                Ok(Err(e)) => tracing::debug!("replication: {addr}: {e}"),
+                Ok(Ok(_)) => handshake_thread(sock, addr, slot, deadline, ctx),
+            }
+        });
+        w.insert(id, addr, task.abort_handle());
     }
 }
 
-/// Connections per source address that have not authenticated yet.
+/// What the accept loop shares with its connections.
+#[derive(Clone)]
+struct Accepting {
+    acceptor: tokio_rustls::TlsAcceptor,
+    site: Arc<Site>,
+    /// Connection threads running.
+    live: Arc<AtomicUsize>,
+    preauth: PreAuth,
+    refusals: Refusals,
+}
+
+/// Unauthenticated connections in arrival order, so that the oldest can
+/// give way to a new one.
+struct Oldest<T> {
+    next: u64,
+    items: BTreeMap<u64, (std::net::SocketAddr, T)>,
+}
+
+impl<T> Default for Oldest<T> {
+    fn default() -> Self {
+        Oldest { next: 0, items: BTreeMap::new() }
+    }
+}
+
+impl<T> Oldest<T> {
+    fn next_id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+    fn insert(&mut self, id: u64, addr: std::net::SocketAddr, t: T) {
+        self.items.insert(id, (addr, t));
+    }
+    fn remove(&mut self, id: u64) {
+        self.items.remove(&id);
+    }
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+    fn pop_oldest(&mut self) -> Option<(std::net::SocketAddr, T)> {
+        self.items.pop_first().map(|(_, v)| v)
+    }
+}
+
+/// A connection that has sent its first bytes gets a thread for the TLS
+/// handshake (and, once authenticated, for the whole session).
+fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAuthSlot, deadline: Instant, ctx: Accepting) {
+    if ctx.live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
+        ctx.refusals.note(addr, &format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
+        return;
+    }
+    // Off this runtime's reactor, onto the connection thread's.
+    let sock = match sock.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("replication: connection from {addr} dropped: {e}");
+            return;
+        }
+    };
+    // A handle to close it by, should a newer one displace it.
+    match sock.try_clone() {
+        Ok(c) => ctx.preauth.handshaking(&mut slot, addr, c),
+        Err(e) => {
+            tracing::warn!("replication: connection from {addr} dropped: {e}");
+            return;
+        }
+    }
+    // Counted until the thread ends (or, if it cannot start, at once).
+    let counted = crate::util::Counted::enter(&ctx.live);
+    let spawned = std::thread::Builder::new().name(format!("recv-{}", addr.port())).spawn(move || {
+        let _live = counted;
+        // Built (and dropped) on this thread: a runtime may not be
+        // dropped inside another runtime's `block_on`.
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("replication: connection from {addr} dropped: failed to build its runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let authenticated = match TcpStream::from_std(sock) {
+                Ok(sock) => authenticate(sock, &ctx.acceptor, &ctx.site, deadline).await,
+                Err(e) => Err(anyhow!("cannot register the socket: {e}")),
+            };
+            let (tls, peer) = match authenticated {
+                Ok(a) => a,
+                Err(e) => {
+                    let why = if slot.displaced() {
+                        format!("displaced by a newer connection during its TLS handshake: {} were in one, the most this site lets wait", crate::limits::REPL_PREAUTH_HANDSHAKES_MAX)
+                    } else {
+                        format!("{e:#}")
+                    };
+                    ctx.refusals.note(addr, &why);
+                    return;
+                }
+            };
+            // Authenticated: no longer counted against its source address.
+            drop(slot);
+            let site = ctx.site;
+            let nice = site.cfg.receiver_nice;
+            let link_timeout = Duration::from_millis(site.cfg.link_timeout_ms);
+            let host: Arc<dyn Host> = site;
+            if let Err(e) = receive(tls, host, peer, Intake::OwnThread { nice }, link_timeout).await {
+                // A primary that stops or loses the link just hangs up.
+                let hangup = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof));
+                if hangup {
+                    tracing::info!("replication: connection from {addr} closed: {e:#}");
+                } else {
+                    tracing::warn!("replication: connection from {addr} ended: {e:#}");
+                }
+            }
+        });
+    });
+    if let Err(e) = spawned {
+        tracing::error!("replication: connection from {addr} dropped: cannot start its thread: {e}");
+    }
+}
+
+/// Connections per source address that have not authenticated yet, and
+/// those of them in a TLS handshake (oldest first).
 #[derive(Clone, Default)]
-struct PreAuth(Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+struct PreAuth(Arc<Mutex<PreAuthState>>);
+
+#[derive(Default)]
+struct PreAuthState {
+    per_source: std::collections::HashMap<std::net::IpAddr, usize>,
+    handshakes: Oldest<(std::net::TcpStream, Arc<AtomicBool>)>,
+}
 
 /// One unauthenticated connection's place in `PreAuth`, given back when
-/// dropped (authenticated, refused, or gone).
-struct PreAuthSlot(PreAuth, std::net::IpAddr);
+/// dropped (authenticated, refused, displaced, or gone).
+struct PreAuthSlot {
+    preauth: PreAuth,
+    ip: std::net::IpAddr,
+    /// Its entry among the handshakes, once it is in one.
+    handshake: Option<(u64, Arc<AtomicBool>)>,
+}
 
 impl PreAuth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PreAuthState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn take(&self, ip: std::net::IpAddr) -> Option<PreAuthSlot> {
-        let mut m = self.0.lock().unwrap();
-        let n = m.entry(ip).or_default();
+        let mut st = self.lock();
+        let n = st.per_source.entry(ip).or_default();
         if *n >= crate::limits::REPL_PREAUTH_PER_SOURCE_MAX {
             return None;
         }
         *n += 1;
-        Some(PreAuthSlot(self.clone(), ip))
+        Some(PreAuthSlot { preauth: self.clone(), ip, handshake: None })
+    }
+
+    /// Enters `slot`'s connection among the handshakes; if that makes too
+    /// many, the oldest is shut down (its handshake then fails at once).
+    fn handshaking(&self, slot: &mut PreAuthSlot, addr: std::net::SocketAddr, sock: std::net::TcpStream) {
+        let displaced = Arc::new(AtomicBool::new(false));
+        let mut st = self.lock();
+        if st.handshakes.len() >= crate::limits::REPL_PREAUTH_HANDSHAKES_MAX {
+            if let Some((_, (old, flag))) = st.handshakes.pop_oldest() {
+                flag.store(true, Ordering::Release);
+                let _ = old.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        let id = st.handshakes.next_id();
+        st.handshakes.insert(id, addr, (sock, displaced.clone()));
+        drop(st);
+        slot.handshake = Some((id, displaced));
+    }
+}
+
+impl PreAuthSlot {
+    /// Was its connection shut down to make room for a newer one?
+    fn displaced(&self) -> bool {
+        self.handshake.as_ref().is_some_and(|(_, d)| d.load(Ordering::Acquire))
     }
 }
 
 impl Drop for PreAuthSlot {
     fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
+        let mut st = self.preauth.lock();
+        if let Some(n) = st.per_source.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.1);
+                st.per_source.remove(&self.ip);
             }
+        }
+        if let Some((id, _)) = &self.handshake {
+            st.handshakes.remove(*id);
         }
     }
 }
 
-/// Refused connections, logged at most once per 10 s, each line with how
-/// many were refused unlogged since the line before, so that a flood does
-/// not flood the log too.
-struct Refusals(crate::util::LogThrottle);
-
-impl Default for Refusals {
-    fn default() -> Refusals {
-        Refusals(crate::util::LogThrottle::new(Duration::from_secs(10)))
-    }
-}
+/// Refused connections, logged at most once per 10 s per source address
+/// and reason, each line with how many such went unlogged since the line
+/// before, so that a flood does not flood the log too.
+#[derive(Clone, Default)]
+struct Refusals(Arc<Mutex<std::collections::HashMap<(std::net::IpAddr, String), crate::util::LogThrottle>>>);
 
 impl Refusals {
-    fn note(&mut self, addr: std::net::SocketAddr, why: String) {
-        if let Some(n) = self.0.admit() {
+    fn note(&self, addr: std::net::SocketAddr, why: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Reasons are few; sources may be many: forget them all now and then.
+        if m.len() >= 1024 {
+            m.clear();
+        }
+        let t = m.entry((addr.ip(), why.to_string())).or_insert_with(|| crate::util::LogThrottle::new(Duration::from_secs(10)));
+        if let Some(n) = t.admit() {
             tracing::warn!("replication: refused a connection from {addr}: {why}{}", crate::util::unlogged_note(n));
         }
     }
 }
 
-async fn connection(sock: TcpStream, acceptor: tokio_rustls::TlsAcceptor, site: Arc<Site>, slot: PreAuthSlot) -> Result<()> {
+/// The TLS handshake (by `deadline`) and the check that the certificate
+/// names a configured peer site: the peer's name, or why it was refused.
+async fn authenticate(sock: TcpStream, acceptor: &tokio_rustls::TlsAcceptor, site: &Site, deadline: Instant) -> Result<(tokio_rustls::server::TlsStream<tokio::io::BufReader<TcpStream>>, String)> {
     // rustls asks its reader for at most 4 KiB at a time; read-ahead turns
     // that into one `recv` per 256 KiB (and as many fewer window updates),
     // for one copy of the ciphertext within the cache (ARCHITECTURE.md
     // "Replication data path").
     let sock = tokio::io::BufReader::with_capacity(crate::limits::REPL_READ_AHEAD_BYTES, sock);
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock))
+    let tls = tokio::time::timeout_at(deadline.into(), acceptor.accept(sock))
         .await
         .map_err(|_| anyhow!("refused: TLS handshake timed out"))?
         .map_err(|e| anyhow!("refused: TLS handshake failed: {e}"))?;
     let allowed: Vec<String> = site.cfg.peers.iter().map(|p| p.name.clone()).collect();
     let peer = super::tls::peer_site(tls.get_ref().1.peer_certificates(), &allowed)
         .ok_or_else(|| anyhow!("refused: the client certificate names none of the configured peer sites {allowed:?}"))?;
-    // Authenticated: no longer counted against its source address.
-    drop(slot);
-    let nice = site.cfg.receiver_nice;
-    let link_timeout = Duration::from_millis(site.cfg.link_timeout_ms);
-    let host: Arc<dyn Host> = site;
-    receive(tls, host, peer, Intake::OwnThread { nice }, link_timeout).await
+    Ok((tls, peer))
 }
 
 /// Where `receive` runs the core's steps (each appends to the log).
