@@ -55,9 +55,11 @@ pub const NAME_BYTES_MAX: usize = 128;
 pub const REPL_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Replication: bytes sent to a DR site and not yet acknowledged.
 pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
-/// Replication: a DR site reads its connection's socket this much at a time
-/// (rustls on its own reads at most 4 KiB per call: 256 `recv`s per MiB).
+/// Replication: a DR site reads its connection's socket up to this much at a
+/// time (rustls on its own reads at most 4 KiB per call: 256 `recv`s per
+/// MiB), starting from `REPL_READ_AHEAD_START_BYTES` (a handshake is small).
 pub const REPL_READ_AHEAD_BYTES: usize = 256 * 1024;
+pub const REPL_READ_AHEAD_START_BYTES: usize = 16 * 1024;
 /// Replication: acknowledgements queued at a DR site before reading pauses.
 pub const REPL_ACK_QUEUE_MAX: usize = 64;
 /// Replication: connections a DR site serves at once (each has a thread).
@@ -70,10 +72,12 @@ pub const REPL_RECV_CONNECTIONS_MAX: usize = 256;
 /// several primaries behind one NAT address.
 pub const REPL_PREAUTH_PER_SOURCE_MAX: usize = 32;
 /// Replication: connections a DR site lets wait for their first bytes (no
-/// thread yet); a new one displaces the oldest.
+/// thread yet); a new one displaces the oldest. At most an eighth of the
+/// site's limit on open files.
 pub const REPL_PREAUTH_WAITING_MAX: usize = 1024;
 /// Replication: connections a DR site lets be in a TLS handshake at once
-/// (each has a thread); a new one displaces the oldest.
+/// (each has a thread, and four file descriptors with its runtime's); a new
+/// one displaces the oldest. At most a 32nd of the limit on open files.
 pub const REPL_PREAUTH_HANDSHAKES_MAX: usize = 128;
 /// Replication: time from accept to an authenticated peer.
 pub const REPL_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

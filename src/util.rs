@@ -96,6 +96,13 @@ impl Counted {
         count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Counted(count.clone())
     }
+
+    /// `enter`, unless that would make more than `max`.
+    pub fn try_enter(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Counted> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        count.fetch_update(AcqRel, Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Counted(count.clone()))
+    }
 }
 
 impl Drop for Counted {
@@ -116,6 +123,12 @@ pub struct LogThrottle {
 impl LogThrottle {
     pub fn new(every: std::time::Duration) -> LogThrottle {
         LogThrottle { every, last: None, unlogged: 0 }
+    }
+
+    /// Nothing logged within the last period and nothing left unlogged:
+    /// forgetting it loses nothing.
+    pub fn idle(&self) -> bool {
+        self.unlogged == 0 && self.last.is_none_or(|t| t.elapsed() >= self.every)
     }
 
     /// `Some(n)` if a line may be logged now (`n` went unlogged before
@@ -139,17 +152,21 @@ pub fn unlogged_note(n: u64) -> String {
 }
 
 /// The next connection on `listener`. Errors that concern one connection
-/// (it was reset before we took it) are skipped; any other (out of file
+/// (it was reset before we took it, a firewall refused it) are skipped; any other (out of file
 /// descriptors, of memory) is logged, at most every 10 s, and waited out
 /// with a short pause: a listener that gave up on them would take the
 /// site down for a passing shortage (`what` names the listener).
 pub async fn accept(listener: &tokio::net::TcpListener, what: &str, trouble: &mut LogThrottle) -> (tokio::net::TcpStream, std::net::SocketAddr) {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
+    // accept(2) also passes on network errors pending on the new
+    // connection (see its manual): about that connection, not the listener.
+    const ITS_OWN: [i32; 9] = [libc::EPROTO, libc::ENOPROTOOPT, libc::EHOSTDOWN, libc::ENONET, libc::EHOSTUNREACH, libc::EOPNOTSUPP, libc::ENETUNREACH, libc::ENETDOWN, libc::EPERM];
     let mut pause = std::time::Duration::from_millis(10);
     loop {
         match listener.accept().await {
             Ok(c) => return c,
             Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted) => continue,
+            Err(e) if e.raw_os_error().is_some_and(|c| ITS_OWN.contains(&c)) => continue,
             Err(e) => {
                 if let Some(n) = trouble.admit() {
                     tracing::warn!("{what}: cannot accept connections: {e}; retrying{}", unlogged_note(n));
@@ -159,6 +176,17 @@ pub async fn accept(listener: &tokio::net::TcpListener, what: &str, trouble: &mu
             }
         }
     }
+}
+
+/// This process's (soft) limit on open files; `u64::MAX` if unknown.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not everywhere
+pub fn open_files_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit on this process with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return u64::MAX;
+    }
+    r.rlim_cur as u64
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as

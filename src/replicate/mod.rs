@@ -16,6 +16,7 @@
 //!   (tests): the seeded simulation of the tokio drivers.
 //! - `heartbeat`: the DR's private, crash-safe region for the latest heartbeat.
 //! - `tls`: the per-deployment CA and site certificates.
+//! - `readahead`: large socket reads under a DR site's TLS layer.
 //!
 //! This file holds the per-group replication state shared by the NBD data
 //! path (sync mode waits here) and the admin API (status, metrics).
@@ -24,6 +25,7 @@ pub mod decide;
 pub mod frame;
 pub mod heartbeat;
 pub mod priority;
+pub mod readahead;
 pub mod receive;
 pub mod send;
 pub mod session;

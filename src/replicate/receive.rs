@@ -134,22 +134,32 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
 /// who can merely reach the port can keep the primaries out
 /// (ARCHITECTURE.md "Link security"):
 /// - it waits for its first bytes (a TLS ClientHello) as a task on this
-///   runtime, without a thread; at most `REPL_PREAUTH_WAITING_MAX` wait, and
-///   a new one displaces the oldest (a primary speaks at once);
+///   runtime, without a thread; at most `REPL_PREAUTH_WAITING_MAX` wait (or
+///   an eighth of the open-files limit), and a new one displaces the oldest
+///   (a primary speaks at once);
 /// - then it gets its thread for the handshake; at most
-///   `REPL_PREAUTH_HANDSHAKES_MAX` are in one, and again the oldest gives
-///   way to a new one;
+///   `REPL_PREAUTH_HANDSHAKES_MAX` are in one (or a 32nd of the open-files
+///   limit), and again the oldest gives way to a new one;
 /// - at most `REPL_PREAUTH_PER_SOURCE_MAX` from one source address are in
 ///   either phase, and all of it within `REPL_HANDSHAKE_TIMEOUT_MS`.
 ///
 /// At most `REPL_RECV_CONNECTIONS_MAX` threads run at once. Refusals are
 /// logged at most every 10 s per source address and reason.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
+    // Sized to the descriptors this process may open: a waiting
+    // connection holds one, one in a handshake about four (its socket, the
+    // duplicate to close it by, its runtime's epoll and eventfd).
+    let files = crate::util::open_files_limit();
+    let waiting_max = crate::limits::REPL_PREAUTH_WAITING_MAX.min((files / 8) as usize).max(1);
+    let handshakes_max = crate::limits::REPL_PREAUTH_HANDSHAKES_MAX.min((files / 32) as usize).max(1);
+    if waiting_max < crate::limits::REPL_PREAUTH_WAITING_MAX {
+        tracing::info!("replication: the open-files limit ({files}) lets {waiting_max} connections wait for their first bytes and {handshakes_max} be in a TLS handshake");
+    }
     let ctx = Accepting {
         acceptor: tokio_rustls::TlsAcceptor::from(tls),
         site,
         live: Arc::new(AtomicUsize::new(0)),
-        preauth: PreAuth::default(),
+        preauth: PreAuth::new(handshakes_max),
         refusals: Refusals::default(),
     };
     let waiting: Arc<Mutex<Oldest<tokio::task::AbortHandle>>> = Arc::default();
@@ -166,17 +176,19 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
         // Locked across the spawn: the task takes itself off the list under
         // the same lock, so it cannot do that before it is on it.
         let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if w.len() >= crate::limits::REPL_PREAUTH_WAITING_MAX {
+        if w.len() >= waiting_max {
             if let Some((old, task)) = w.pop_oldest() {
                 task.abort();
-                ctx.refusals.note(old, &format!("displaced by a newer connection: {} connections were waiting for their first bytes, the most this site lets wait", crate::limits::REPL_PREAUTH_WAITING_MAX));
+                ctx.refusals.note(old, &format!("displaced by a newer connection: {waiting_max} connections were waiting for their first bytes, the most this site lets wait"));
             }
         }
         let (waiting2, id) = (waiting.clone(), w.next_id());
         let task = tokio::spawn(async move {
             let mut b = [0u8; 1];
             let first = tokio::time::timeout_at(deadline.into(), sock.peek(&mut b)).await;
-            waiting2.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            if !waiting2.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+                return; // displaced meanwhile (its abort came too late to stop it)
+            }
             match first {
                 Err(_) => ctx.refusals.note(addr, &format!("sent nothing within {} ms", crate::limits::REPL_HANDSHAKE_TIMEOUT_MS)),
                 Ok(Ok(0)) => tracing::debug!("replication: {addr} hung up before a word"),
@@ -220,8 +232,9 @@ impl<T> Oldest<T> {
     fn insert(&mut self, id: u64, addr: std::net::SocketAddr, t: T) {
         self.items.insert(id, (addr, t));
     }
-    fn remove(&mut self, id: u64) {
-        self.items.remove(&id);
+    /// Was it still there?
+    fn remove(&mut self, id: u64) -> bool {
+        self.items.remove(&id).is_some()
     }
     fn len(&self) -> usize {
         self.items.len()
@@ -234,28 +247,25 @@ impl<T> Oldest<T> {
 /// A connection that has sent its first bytes gets a thread for the TLS
 /// handshake (and, once authenticated, for the whole session).
 fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAuthSlot, deadline: Instant, ctx: Accepting) {
-    if ctx.live.load(Ordering::Acquire) >= crate::limits::REPL_RECV_CONNECTIONS_MAX {
+    // Counted until the thread ends (or, if it cannot start, at once).
+    let Some(counted) = crate::util::Counted::try_enter(&ctx.live, crate::limits::REPL_RECV_CONNECTIONS_MAX) else {
         ctx.refusals.note(addr, &format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
         return;
-    }
-    // Off this runtime's reactor, onto the connection thread's.
-    let sock = match sock.into_std() {
-        Ok(s) => s,
+    };
+    // Off this runtime's reactor, onto the connection thread's; and a
+    // handle to close it by, should a newer one displace it. (Failures here
+    // come with a shortage of descriptors: logged like refusals, throttled.)
+    let sock = match sock.into_std().and_then(|s| Ok((s.try_clone()?, s))) {
+        Ok((dup, s)) => {
+            ctx.preauth.handshaking(&mut slot, addr, dup);
+            s
+        }
         Err(e) => {
-            tracing::warn!("replication: connection from {addr} dropped: {e}");
+            ctx.refusals.note(addr, &format!("dropped before its handshake: {e}"));
             return;
         }
     };
-    // A handle to close it by, should a newer one displace it.
-    match sock.try_clone() {
-        Ok(c) => ctx.preauth.handshaking(&mut slot, addr, c),
-        Err(e) => {
-            tracing::warn!("replication: connection from {addr} dropped: {e}");
-            return;
-        }
-    }
-    // Counted until the thread ends (or, if it cannot start, at once).
-    let counted = crate::util::Counted::enter(&ctx.live);
+    let ctx_refusals = ctx.refusals.clone();
     let spawned = std::thread::Builder::new().name(format!("recv-{}", addr.port())).spawn(move || {
         let _live = counted;
         // Built (and dropped) on this thread: a runtime may not be
@@ -263,7 +273,7 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
-                tracing::error!("replication: connection from {addr} dropped: failed to build its runtime: {e}");
+                ctx.refusals.note(addr, &format!("dropped before its handshake: failed to build its runtime: {e}"));
                 return;
             }
         };
@@ -272,20 +282,21 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
                 Ok(sock) => authenticate(sock, &ctx.acceptor, &ctx.site, deadline).await,
                 Err(e) => Err(anyhow!("cannot register the socket: {e}")),
             };
+            let displaced = || format!("displaced by a newer connection during its TLS handshake: {} were in one, the most this site lets wait", ctx.preauth.handshakes_max);
             let (tls, peer) = match authenticated {
                 Ok(a) => a,
                 Err(e) => {
-                    let why = if slot.displaced() {
-                        format!("displaced by a newer connection during its TLS handshake: {} were in one, the most this site lets wait", crate::limits::REPL_PREAUTH_HANDSHAKES_MAX)
-                    } else {
-                        format!("{e:#}")
-                    };
+                    let why = if slot.displaced() { displaced() } else { format!("{e:#}") };
                     ctx.refusals.note(addr, &why);
                     return;
                 }
             };
-            // Authenticated: no longer counted against its source address.
-            drop(slot);
+            // Authenticated: no longer counted against its source address,
+            // nor among the handshakes, where a newer one could shut it.
+            if !slot.release() {
+                ctx.refusals.note(addr, &displaced());
+                return;
+            }
             let site = ctx.site;
             let nice = site.cfg.receiver_nice;
             let link_timeout = Duration::from_millis(site.cfg.link_timeout_ms);
@@ -302,14 +313,17 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
         });
     });
     if let Err(e) = spawned {
-        tracing::error!("replication: connection from {addr} dropped: cannot start its thread: {e}");
+        ctx_refusals.note(addr, &format!("dropped before its handshake: cannot start its thread: {e}"));
     }
 }
 
 /// Connections per source address that have not authenticated yet, and
 /// those of them in a TLS handshake (oldest first).
-#[derive(Clone, Default)]
-struct PreAuth(Arc<Mutex<PreAuthState>>);
+#[derive(Clone)]
+struct PreAuth {
+    state: Arc<Mutex<PreAuthState>>,
+    handshakes_max: usize,
+}
 
 #[derive(Default)]
 struct PreAuthState {
@@ -318,17 +332,22 @@ struct PreAuthState {
 }
 
 /// One unauthenticated connection's place in `PreAuth`, given back when
-/// dropped (authenticated, refused, displaced, or gone).
+/// released (authenticated) or dropped (refused, displaced, or gone).
 struct PreAuthSlot {
     preauth: PreAuth,
     ip: std::net::IpAddr,
     /// Its entry among the handshakes, once it is in one.
     handshake: Option<(u64, Arc<AtomicBool>)>,
+    released: bool,
 }
 
 impl PreAuth {
+    fn new(handshakes_max: usize) -> PreAuth {
+        PreAuth { state: Arc::default(), handshakes_max }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, PreAuthState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn take(&self, ip: std::net::IpAddr) -> Option<PreAuthSlot> {
@@ -338,7 +357,7 @@ impl PreAuth {
             return None;
         }
         *n += 1;
-        Some(PreAuthSlot { preauth: self.clone(), ip, handshake: None })
+        Some(PreAuthSlot { preauth: self.clone(), ip, handshake: None, released: false })
     }
 
     /// Enters `slot`'s connection among the handshakes; if that makes too
@@ -346,7 +365,7 @@ impl PreAuth {
     fn handshaking(&self, slot: &mut PreAuthSlot, addr: std::net::SocketAddr, sock: std::net::TcpStream) {
         let displaced = Arc::new(AtomicBool::new(false));
         let mut st = self.lock();
-        if st.handshakes.len() >= crate::limits::REPL_PREAUTH_HANDSHAKES_MAX {
+        if st.handshakes.len() >= self.handshakes_max {
             if let Some((_, (old, flag))) = st.handshakes.pop_oldest() {
                 flag.store(true, Ordering::Release);
                 let _ = old.shutdown(std::net::Shutdown::Both);
@@ -364,11 +383,19 @@ impl PreAuthSlot {
     fn displaced(&self) -> bool {
         self.handshake.as_ref().is_some_and(|(_, d)| d.load(Ordering::Acquire))
     }
-}
 
-impl Drop for PreAuthSlot {
-    fn drop(&mut self) {
-        let mut st = self.preauth.lock();
+    /// Gives the place back for an authenticated connection: false if it
+    /// was displaced first (its socket is shut down, the session is over).
+    /// Under the lock, so no newer connection can displace it after this.
+    fn release(mut self) -> bool {
+        let st = self.preauth.lock();
+        let displaced = self.displaced();
+        self.give_back(st);
+        self.released = true;
+        !displaced
+    }
+
+    fn give_back(&self, mut st: std::sync::MutexGuard<'_, PreAuthState>) {
         if let Some(n) = st.per_source.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -381,34 +408,65 @@ impl Drop for PreAuthSlot {
     }
 }
 
+impl Drop for PreAuthSlot {
+    fn drop(&mut self) {
+        if !self.released {
+            self.give_back(self.preauth.lock());
+        }
+    }
+}
+
 /// Refused connections, logged at most once per 10 s per source address
 /// and reason, each line with how many such went unlogged since the line
-/// before, so that a flood does not flood the log too.
+/// before, so that a flood does not flood the log too. Past
+/// `SOURCES_MAX` addresses with recent lines for one reason, the others
+/// share one throttle for it (a flood from many addresses).
 #[derive(Clone, Default)]
-struct Refusals(Arc<Mutex<std::collections::HashMap<(std::net::IpAddr, String), crate::util::LogThrottle>>>);
+struct Refusals(Arc<Mutex<std::collections::HashMap<String, ReasonLog>>>);
+
+#[derive(Default)]
+struct ReasonLog {
+    per_source: std::collections::HashMap<std::net::IpAddr, crate::util::LogThrottle>,
+    others: Option<crate::util::LogThrottle>,
+}
 
 impl Refusals {
+    const SOURCES_MAX: usize = 256;
+    const EVERY: Duration = Duration::from_secs(10);
+
     fn note(&self, addr: std::net::SocketAddr, why: &str) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Reasons are few; sources may be many: forget them all now and then.
-        if m.len() >= 1024 {
-            m.clear();
+        if !m.contains_key(why) {
+            // Reasons are few, but some carry detail: keep it bounded.
+            if m.len() >= 64 {
+                m.clear();
+            }
+            m.insert(why.to_string(), ReasonLog::default());
         }
-        let t = m.entry((addr.ip(), why.to_string())).or_insert_with(|| crate::util::LogThrottle::new(Duration::from_secs(10)));
+        let r = m.get_mut(why).expect("inserted above");
+        if !r.per_source.contains_key(&addr.ip()) && r.per_source.len() >= Self::SOURCES_MAX {
+            r.per_source.retain(|_, t| !t.idle());
+        }
+        let (t, many) = if r.per_source.contains_key(&addr.ip()) || r.per_source.len() < Self::SOURCES_MAX {
+            (r.per_source.entry(addr.ip()).or_insert_with(|| crate::util::LogThrottle::new(Self::EVERY)), false)
+        } else {
+            (r.others.get_or_insert_with(|| crate::util::LogThrottle::new(Self::EVERY)), true)
+        };
         if let Some(n) = t.admit() {
-            tracing::warn!("replication: refused a connection from {addr}: {why}{}", crate::util::unlogged_note(n));
+            let from = if many { format!("{addr} (one of more than {} addresses)", Self::SOURCES_MAX) } else { addr.to_string() };
+            tracing::warn!("replication: refused a connection from {from}: {why}{}", crate::util::unlogged_note(n));
         }
     }
 }
 
 /// The TLS handshake (by `deadline`) and the check that the certificate
 /// names a configured peer site: the peer's name, or why it was refused.
-async fn authenticate(sock: TcpStream, acceptor: &tokio_rustls::TlsAcceptor, site: &Site, deadline: Instant) -> Result<(tokio_rustls::server::TlsStream<tokio::io::BufReader<TcpStream>>, String)> {
+async fn authenticate(sock: TcpStream, acceptor: &tokio_rustls::TlsAcceptor, site: &Site, deadline: Instant) -> Result<(tokio_rustls::server::TlsStream<super::readahead::ReadAhead<TcpStream>>, String)> {
     // rustls asks its reader for at most 4 KiB at a time; read-ahead turns
     // that into one `recv` per 256 KiB (and as many fewer window updates),
     // for one copy of the ciphertext within the cache (ARCHITECTURE.md
     // "Replication data path").
-    let sock = tokio::io::BufReader::with_capacity(crate::limits::REPL_READ_AHEAD_BYTES, sock);
+    let sock = super::readahead::ReadAhead::new(sock, crate::limits::REPL_READ_AHEAD_START_BYTES, crate::limits::REPL_READ_AHEAD_BYTES);
     let tls = tokio::time::timeout_at(deadline.into(), acceptor.accept(sock))
         .await
         .map_err(|_| anyhow!("refused: TLS handshake timed out"))?
