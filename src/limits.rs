@@ -53,6 +53,10 @@ pub const NAME_BYTES_MAX: usize = 128;
 
 /// Replication: bytes of records in one RECORDS frame.
 pub const REPL_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+/// Replication: the largest frame buffer a sender or a DR connection keeps
+/// for the next frame. A batch holding one big record (up to 32 MiB) is
+/// built in a buffer of its own, given back to the allocator after it.
+pub const REPL_BUF_KEEP_BYTES: usize = 2 * REPL_BATCH_BYTES as usize + 64 * 1024;
 /// Replication: bytes sent to a DR site and not yet acknowledged.
 pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 /// Replication: a DR site reads its connection's socket up to this much at a

@@ -677,7 +677,10 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         };
         let (c, r) = match step_keeping(core, h, body, intake).await {
             Ok((c, r, body)) => {
-                spare = body;
+                // Not a buffer a big record grew: one per connection, kept.
+                if body.capacity() <= crate::limits::REPL_BUF_KEEP_BYTES {
+                    spare = body;
+                }
                 (c, r)
             }
             Err(e) => {

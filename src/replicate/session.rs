@@ -175,8 +175,10 @@ impl Sender {
 
     /// Gives back a frame's buffer once it is written, so that the next
     /// batch reuses its memory (optional: without it each batch allocates).
+    /// Not one grown past `REPL_BUF_KEEP_BYTES` for a big record: a sender
+    /// per group and DR site would keep it for good.
     pub fn recycle(&mut self, frame: Vec<u8>) {
-        if frame.capacity() > self.buf.capacity() {
+        if frame.capacity() > self.buf.capacity() && frame.capacity() <= limits::REPL_BUF_KEEP_BYTES {
             self.buf = frame;
         }
     }
@@ -1007,6 +1009,35 @@ mod tests {
     /// RECORDS frames hold whole records, in seq order, at most
     /// `REPL_BATCH_BYTES` each unless one record is bigger (then alone), and
     /// byte for byte as in the log.
+    /// A frame buffer a big record grew is not kept for the next batch (a
+    /// sender per group and DR site would hold it for good); a normal one is.
+    #[test]
+    fn a_big_records_frame_buffer_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "async");
+        let v = g.create_volume("big", 64 << 20).unwrap();
+        let mut s = sender(&g, g.last_seq());
+        let mut t = 1;
+        let mut ship = |s: &mut Sender| loop {
+            t += 1;
+            match s.poll(at(t)).unwrap() {
+                Action::Send(f) if f[5] == frame::RECORDS => break f,
+                Action::Send(_) | Action::SavePins => {}
+                a => panic!("{a:?} with a record to ship"),
+            }
+        };
+        g.write(v, 0, &vec![7u8; 24 << 20]).unwrap();
+        let f = ship(&mut s);
+        assert!(f.capacity() > limits::REPL_BUF_KEEP_BYTES);
+        s.recycle(f);
+        assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES, "kept a {} byte buffer", s.buf.capacity());
+        g.write(v, 0, &vec![8u8; 1 << 20]).unwrap();
+        let f = ship(&mut s);
+        let cap = f.capacity();
+        s.recycle(f);
+        assert_eq!(s.buf.capacity(), cap, "a normal frame's buffer was not kept");
+    }
+
     #[test]
     fn batches_hold_whole_records_in_order_within_the_limit() {
         let dir = tempfile::tempdir().unwrap();
