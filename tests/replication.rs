@@ -159,6 +159,9 @@ fn link_refuses_plain_tcp_self_signed_and_foreign_ca() {
     std::thread::sleep(Duration::from_millis(500));
     let log = d.sites[1].log();
     assert!(!log.contains("primary-connected"), "a foreign primary was accepted:\n{log}");
+    // Counted too, for alerts that do not read logs.
+    let refused = d.sites[1].metric("tidemark_replication_refused_total{reason=\"handshake\"}");
+    assert!(refused >= 3.0, "{refused} refused handshakes counted");
     assert_eq!(dr_applied(&d, 1), 0, "something from a refused peer was applied");
     let st = d.sites[1].status();
     assert!(st["groups"].as_array().unwrap().is_empty(), "no group may exist at the DR site: {st}");
@@ -623,6 +626,9 @@ fn connections_from_many_sources_cannot_lock_out_the_primary() {
     eprintln!("caught up {:?} after the restart, past {opened} connections from 10 addresses (the primary's refused: {primary_refused})", t.elapsed());
     assert!(opened >= 320, "the floods opened only {opened} connections");
     assert!(log.contains("displaced by a newer connection during its TLS handshake"), "no stalled handshake was displaced:\n{log}");
+    let displaced = d.sites[1].metric("tidemark_replication_refused_total{reason=\"displaced_handshake\"}");
+    assert!(displaced >= 1.0, "displacements not counted in the metrics");
+    eprintln!("{displaced} handshakes displaced");
     // Throttled: one line per address and reason per 10 s, not one per connection.
     let lines = log.lines().filter(|l| l.contains("refused a connection from")).count();
     assert!(lines <= 40, "{lines} refusal lines for {opened} connections: not throttled");

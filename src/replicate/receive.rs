@@ -28,6 +28,7 @@ use super::priority::Priority;
 use super::session::{RecvAction, Receiver};
 use crate::log::segment::LogPos;
 use crate::group::Group;
+use crate::site::metrics::Refused;
 use crate::site::Site;
 
 /// What a DR site knows about each group it receives.
@@ -157,17 +158,17 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     }
     let ctx = Accepting {
         acceptor: tokio_rustls::TlsAcceptor::from(tls),
+        refusals: Refusals::new(site.metrics.clone()),
         site,
         live: Arc::new(AtomicUsize::new(0)),
         preauth: PreAuth::new(handshakes_max),
-        refusals: Refusals::default(),
     };
     let waiting: Arc<Mutex<Oldest<tokio::task::AbortHandle>>> = Arc::default();
     let mut trouble = crate::util::LogThrottle::new(Duration::from_secs(10));
     loop {
         let (sock, addr) = crate::util::accept(&listener, "replication", &mut trouble).await;
         let Some(slot) = ctx.preauth.take(addr.ip()) else {
-            ctx.refusals.note(addr, &format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
+            ctx.refusals.note(Refused::SourceLimit, addr, &format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
             continue;
         };
         let _ = sock.set_nodelay(true);
@@ -179,7 +180,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
         if w.len() >= waiting_max {
             if let Some((old, task)) = w.pop_oldest() {
                 task.abort();
-                ctx.refusals.note(old, &format!("displaced by a newer connection: {waiting_max} connections were waiting for their first bytes, the most this site lets wait"));
+                ctx.refusals.note(Refused::DisplacedWaiting, old, &format!("displaced by a newer connection: {waiting_max} connections were waiting for their first bytes, the most this site lets wait"));
             }
         }
         let (waiting2, id) = (waiting.clone(), w.next_id());
@@ -190,7 +191,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
                 return; // displaced meanwhile (its abort came too late to stop it)
             }
             match first {
-                Err(_) => ctx.refusals.note(addr, &format!("sent nothing within {} ms", crate::limits::REPL_HANDSHAKE_TIMEOUT_MS)),
+                Err(_) => ctx.refusals.note(Refused::Silent, addr, &format!("sent nothing within {} ms", crate::limits::REPL_HANDSHAKE_TIMEOUT_MS)),
                 Ok(Ok(0)) => tracing::debug!("replication: {addr} hung up before a word"),
                 Ok(Err(e)) => tracing::debug!("replication: {addr}: {e}"),
                 Ok(Ok(_)) => handshake_thread(sock, addr, slot, deadline, ctx),
@@ -249,7 +250,7 @@ impl<T> Oldest<T> {
 fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAuthSlot, deadline: Instant, ctx: Accepting) {
     // Counted until the thread ends (or, if it cannot start, at once).
     let Some(counted) = crate::util::Counted::try_enter(&ctx.live, crate::limits::REPL_RECV_CONNECTIONS_MAX) else {
-        ctx.refusals.note(addr, &format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
+        ctx.refusals.note(Refused::ConnectionLimit, addr, &format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
         return;
     };
     // Off this runtime's reactor, onto the connection thread's; and a
@@ -261,7 +262,7 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
             s
         }
         Err(e) => {
-            ctx.refusals.note(addr, &format!("dropped before its handshake: {e}"));
+            ctx.refusals.note(Refused::Shortage, addr, &format!("dropped before its handshake: {e}"));
             return;
         }
     };
@@ -273,7 +274,7 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
-                ctx.refusals.note(addr, &format!("dropped before its handshake: failed to build its runtime: {e}"));
+                ctx.refusals.note(Refused::Shortage, addr, &format!("dropped before its handshake: failed to build its runtime: {e}"));
                 return;
             }
         };
@@ -286,15 +287,15 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
             let (tls, peer) = match authenticated {
                 Ok(a) => a,
                 Err(e) => {
-                    let why = if slot.displaced() { displaced() } else { format!("{e:#}") };
-                    ctx.refusals.note(addr, &why);
+                    let (kind, why) = if slot.displaced() { (Refused::DisplacedHandshake, displaced()) } else { (Refused::Handshake, format!("{e:#}")) };
+                    ctx.refusals.note(kind, addr, &why);
                     return;
                 }
             };
             // Authenticated: no longer counted against its source address,
             // nor among the handshakes, where a newer one could shut it.
             if !slot.release() {
-                ctx.refusals.note(addr, &displaced());
+                ctx.refusals.note(Refused::DisplacedHandshake, addr, &displaced());
                 return;
             }
             let site = ctx.site;
@@ -313,7 +314,7 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
         });
     });
     if let Err(e) = spawned {
-        ctx_refusals.note(addr, &format!("dropped before its handshake: cannot start its thread: {e}"));
+        ctx_refusals.note(Refused::Shortage, addr, &format!("dropped before its handshake: cannot start its thread: {e}"));
     }
 }
 
@@ -421,8 +422,11 @@ impl Drop for PreAuthSlot {
 /// before, so that a flood does not flood the log too. Past
 /// `SOURCES_MAX` addresses with recent lines for one reason, the others
 /// share one throttle for it (a flood from many addresses).
-#[derive(Clone, Default)]
-struct Refusals(Arc<Mutex<std::collections::HashMap<String, ReasonLog>>>);
+#[derive(Clone)]
+struct Refusals {
+    logs: Arc<Mutex<std::collections::HashMap<String, ReasonLog>>>,
+    metrics: Arc<crate::site::metrics::Metrics>,
+}
 
 #[derive(Default)]
 struct ReasonLog {
@@ -434,8 +438,15 @@ impl Refusals {
     const SOURCES_MAX: usize = 256;
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn note(&self, addr: std::net::SocketAddr, why: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    fn new(metrics: Arc<crate::site::metrics::Metrics>) -> Refusals {
+        Refusals { logs: Arc::default(), metrics }
+    }
+
+    /// Counts a refusal (`tidemark_replication_refused_total`) and logs it
+    /// unless throttled.
+    fn note(&self, kind: Refused, addr: std::net::SocketAddr, why: &str) {
+        self.metrics.count_refused(kind);
+        let mut m = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         if !m.contains_key(why) {
             // Reasons are few, but some carry detail: keep it bounded.
             if m.len() >= 64 {

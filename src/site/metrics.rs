@@ -19,9 +19,48 @@ pub struct OpCounters {
     pub ops: [AtomicU64; 7],
 }
 
+/// Why a DR site refused (or dropped) a replication connection before it
+/// authenticated: the `reason` label of `tidemark_replication_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many unauthenticated connections from its source address.
+    SourceLimit,
+    /// A newer connection displaced it while it waited for its first bytes.
+    DisplacedWaiting,
+    /// A newer connection displaced it during its TLS handshake.
+    DisplacedHandshake,
+    /// It sent nothing before the handshake timeout.
+    Silent,
+    /// Its TLS handshake failed or timed out, or its certificate names no
+    /// configured peer site.
+    Handshake,
+    /// The site ran as many connection threads as it takes.
+    ConnectionLimit,
+    /// A shortage (descriptors, threads) dropped it.
+    Shortage,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 7] = [Refused::SourceLimit, Refused::DisplacedWaiting, Refused::DisplacedHandshake, Refused::Silent, Refused::Handshake, Refused::ConnectionLimit, Refused::Shortage];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::SourceLimit => "source_limit",
+            Refused::DisplacedWaiting => "displaced_waiting",
+            Refused::DisplacedHandshake => "displaced_handshake",
+            Refused::Silent => "silent",
+            Refused::Handshake => "handshake",
+            Refused::ConnectionLimit => "connection_limit",
+            Refused::Shortage => "shortage",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     exports: Mutex<BTreeMap<String, Arc<OpCounters>>>,
+    /// Replication connections refused before authentication, by `Refused`.
+    refused: [AtomicU64; 7],
     buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
     sum_ns: AtomicU64,
     count: AtomicU64,
@@ -30,6 +69,14 @@ pub struct Metrics {
 impl Metrics {
     pub fn export_counters(&self, name: &str) -> Arc<OpCounters> {
         self.exports.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn count_refused(&self, why: Refused) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, why: Refused) -> u64 {
+        self.refused[why as usize].load(Ordering::Relaxed)
     }
 
     pub fn observe_request(&self, d: Duration) {
@@ -85,6 +132,11 @@ impl Metrics {
             for g in groups {
                 let _ = writeln!(o, "{name}{{group=\"{}\"}} {}", g.name, f(g));
             }
+        }
+        let _ = writeln!(o, "# HELP tidemark_replication_refused_total Replication connections this site refused or dropped before they authenticated, by reason.");
+        let _ = writeln!(o, "# TYPE tidemark_replication_refused_total counter");
+        for r in Refused::ALL {
+            let _ = writeln!(o, "tidemark_replication_refused_total{{reason=\"{}\"}} {}", r.label(), self.refused(r));
         }
         let _ = writeln!(o, "# HELP tidemark_group_lock_wait_max_seconds Longest wait of a writer for its group's lock since start.");
         let _ = writeln!(o, "# TYPE tidemark_group_lock_wait_max_seconds gauge");
