@@ -125,10 +125,10 @@ impl LogThrottle {
         LogThrottle { every, last: None, unlogged: 0 }
     }
 
-    /// Nothing logged within the last period and nothing left unlogged:
-    /// forgetting it loses nothing.
+    /// Nothing logged within the last period: forgetting it loses at most
+    /// the count of lines left out since (which callers also count elsewhere).
     pub fn idle(&self) -> bool {
-        self.unlogged == 0 && self.last.is_none_or(|t| t.elapsed() >= self.every)
+        self.last.is_none_or(|t| t.elapsed() >= self.every)
     }
 
     /// `Some(n)` if a line may be logged now (`n` went unlogged before
@@ -152,7 +152,7 @@ pub fn unlogged_note(n: u64) -> String {
 }
 
 /// The next connection on `listener`. Errors that concern one connection
-/// (it was reset before we took it, a firewall refused it) are skipped; any other (out of file
+/// (it was reset before we took it) are skipped; any other (out of file
 /// descriptors, of memory) is logged, at most every 10 s, and waited out
 /// with a short pause: a listener that gave up on them would take the
 /// site down for a passing shortage (`what` names the listener).
@@ -160,7 +160,9 @@ pub async fn accept(listener: &tokio::net::TcpListener, what: &str, trouble: &mu
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
     // accept(2) also passes on network errors pending on the new
     // connection (see its manual): about that connection, not the listener.
-    const ITS_OWN: [i32; 9] = [libc::EPROTO, libc::ENOPROTOOPT, libc::EHOSTDOWN, libc::ENONET, libc::EHOSTUNREACH, libc::EOPNOTSUPP, libc::ENETUNREACH, libc::ENETDOWN, libc::EPERM];
+    // (Not EPERM: a security module refusing accept itself leaves the
+    // connection queued, and retrying at once would spin.)
+    const ITS_OWN: [i32; 8] = [libc::EPROTO, libc::ENOPROTOOPT, libc::EHOSTDOWN, libc::ENONET, libc::EHOSTUNREACH, libc::EOPNOTSUPP, libc::ENETUNREACH, libc::ENETDOWN];
     let mut pause = std::time::Duration::from_millis(10);
     loop {
         match listener.accept().await {

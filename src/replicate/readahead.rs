@@ -41,6 +41,9 @@ impl<S> ReadAhead<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if me.pos == me.end {
             if me.grow {
                 let n = (me.buf.len() * 2).min(me.max);
@@ -133,6 +136,39 @@ mod tests {
         assert!(r.inner.asked.len() < 20, "{} reads of the source", r.inner.asked.len());
         assert_eq!(r.inner.asked.iter().max(), Some(&(256 << 10)));
         assert_eq!(r.capacity(), 256 << 10);
+    }
+
+    /// Answers Pending every other time (waking the reader at once).
+    struct Hesitant(Source, bool);
+
+    impl AsyncRead for Hesitant {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let me = self.get_mut();
+            me.1 = !me.1;
+            if me.1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Pin::new(&mut me.0).poll_read(cx, out)
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_reads_lose_and_reorder_nothing() {
+        let d = data(1 << 20);
+        let src = Source { data: d.clone(), at: 0, chunk: 10_000, asked: vec![] };
+        let mut r = ReadAhead::new(Hesitant(src, false), 4096, 64 << 10);
+        let mut got = Vec::new();
+        let mut b = [0u8; 3000];
+        loop {
+            let n = r.read(&mut b).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&b[..n]);
+        }
+        assert!(got == d, "bytes lost or reordered across Pending");
+        assert_eq!(r.read(&mut []).await.unwrap(), 0, "an empty read must not wait");
     }
 
     #[tokio::test]

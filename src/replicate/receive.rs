@@ -168,7 +168,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     loop {
         let (sock, addr) = crate::util::accept(&listener, "replication", &mut trouble).await;
         let Some(slot) = ctx.preauth.take(addr.ip()) else {
-            ctx.refusals.note(Refused::SourceLimit, addr, &format!("{} connections from {} are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX, addr.ip()));
+            ctx.refusals.note(Refused::SourceLimit, addr, &format!("{} connections from its address are not authenticated yet, the most this site lets wait", crate::limits::REPL_PREAUTH_PER_SOURCE_MAX));
             continue;
         };
         let _ = sock.set_nodelay(true);
@@ -417,25 +417,57 @@ impl Drop for PreAuthSlot {
     }
 }
 
-/// Refused connections, logged at most once per 10 s per source address
-/// and reason, each line with how many such went unlogged since the line
-/// before, so that a flood does not flood the log too. Past
-/// `SOURCES_MAX` addresses with recent lines for one reason, the others
-/// share one throttle for it (a flood from many addresses).
+/// Refused connections, logged at most once per 10 s per source address,
+/// kind of refusal and message, each line with how many such went unlogged
+/// since the line before, so that a flood does not flood the log too, and
+/// distinct errors from one source (a misconfigured primary) still show.
+/// Bounded whatever the peers send: past `MESSAGES_MAX` messages from one
+/// source, or `SOURCES_MAX` sources with recent lines for one kind, the
+/// rest share one throttle. Every refusal is counted in the metrics.
 #[derive(Clone)]
 struct Refusals {
-    logs: Arc<Mutex<std::collections::HashMap<String, ReasonLog>>>,
+    logs: Arc<Mutex<[KindLog; Refused::ALL.len()]>>,
     metrics: Arc<crate::site::metrics::Metrics>,
 }
 
 #[derive(Default)]
-struct ReasonLog {
-    per_source: std::collections::HashMap<std::net::IpAddr, crate::util::LogThrottle>,
+struct KindLog {
+    per_source: std::collections::HashMap<std::net::IpAddr, SourceLog>,
+    others: SourceLog,
+}
+
+#[derive(Default)]
+struct SourceLog {
+    /// By a hash of the message.
+    messages: std::collections::HashMap<u64, crate::util::LogThrottle>,
     others: Option<crate::util::LogThrottle>,
+}
+
+impl SourceLog {
+    fn idle(&self) -> bool {
+        self.messages.values().all(|t| t.idle()) && self.others.as_ref().is_none_or(|t| t.idle())
+    }
+
+    /// The throttle for `why`, and whether it is shared with other messages.
+    fn throttle(&mut self, why: &str) -> (&mut crate::util::LogThrottle, bool) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        why.hash(&mut h);
+        let key = h.finish();
+        if !self.messages.contains_key(&key) && self.messages.len() >= Refusals::MESSAGES_MAX {
+            self.messages.retain(|_, t| !t.idle());
+        }
+        if self.messages.contains_key(&key) || self.messages.len() < Refusals::MESSAGES_MAX {
+            (self.messages.entry(key).or_insert_with(|| crate::util::LogThrottle::new(Refusals::EVERY)), false)
+        } else {
+            (self.others.get_or_insert_with(|| crate::util::LogThrottle::new(Refusals::EVERY)), true)
+        }
+    }
 }
 
 impl Refusals {
     const SOURCES_MAX: usize = 256;
+    const MESSAGES_MAX: usize = 8;
     const EVERY: Duration = Duration::from_secs(10);
 
     fn new(metrics: Arc<crate::site::metrics::Metrics>) -> Refusals {
@@ -446,26 +478,21 @@ impl Refusals {
     /// unless throttled.
     fn note(&self, kind: Refused, addr: std::net::SocketAddr, why: &str) {
         self.metrics.count_refused(kind);
-        let mut m = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-        if !m.contains_key(why) {
-            // Reasons are few, but some carry detail: keep it bounded.
-            if m.len() >= 64 {
-                m.clear();
-            }
-            m.insert(why.to_string(), ReasonLog::default());
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let k = &mut logs[kind as usize];
+        if !k.per_source.contains_key(&addr.ip()) && k.per_source.len() >= Self::SOURCES_MAX {
+            k.per_source.retain(|_, s| !s.idle());
         }
-        let r = m.get_mut(why).expect("inserted above");
-        if !r.per_source.contains_key(&addr.ip()) && r.per_source.len() >= Self::SOURCES_MAX {
-            r.per_source.retain(|_, t| !t.idle());
-        }
-        let (t, many) = if r.per_source.contains_key(&addr.ip()) || r.per_source.len() < Self::SOURCES_MAX {
-            (r.per_source.entry(addr.ip()).or_insert_with(|| crate::util::LogThrottle::new(Self::EVERY)), false)
+        let (src, many) = if k.per_source.contains_key(&addr.ip()) || k.per_source.len() < Self::SOURCES_MAX {
+            (k.per_source.entry(addr.ip()).or_default(), false)
         } else {
-            (r.others.get_or_insert_with(|| crate::util::LogThrottle::new(Self::EVERY)), true)
+            (&mut k.others, true)
         };
+        let (t, shared) = src.throttle(why);
         if let Some(n) = t.admit() {
             let from = if many { format!("{addr} (one of more than {} addresses)", Self::SOURCES_MAX) } else { addr.to_string() };
-            tracing::warn!("replication: refused a connection from {from}: {why}{}", crate::util::unlogged_note(n));
+            let also = if shared { " (and other reasons)" } else { "" };
+            tracing::warn!("replication: refused a connection from {from}: {why}{}{also}", crate::util::unlogged_note(n));
         }
     }
 }

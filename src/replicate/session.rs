@@ -473,6 +473,7 @@ impl Sender {
             self.buf.clear();
             let data = g.resync_records(&runs, &mut rs.index, &mut self.buf)?;
             let f = frame::encode(frame::RECORDS, self.epoch, &self.buf, self.cfg.lz4);
+            keep_small(&mut self.buf);
             self.frames_sent += 1;
             let left = g.dirty_blocks(peer);
             g.replication.update(peer, |r| {
@@ -537,7 +538,9 @@ impl Sender {
         let batch_bytes = (self.buf.len() - frame::HEADER_BYTES) as u64;
         let f = if self.cfg.lz4 {
             // Compressed into a new buffer: keep this one for the next batch.
-            frame::encode(frame::RECORDS, self.epoch, &self.buf[frame::HEADER_BYTES..], true)
+            let f = frame::encode(frame::RECORDS, self.epoch, &self.buf[frame::HEADER_BYTES..], true);
+            keep_small(&mut self.buf);
+            f
         } else {
             frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf))
         };
@@ -568,6 +571,14 @@ impl Drop for Sender {
         if let Phase::Resync(Resync { attempt: Some(a), taken: true, .. }) = self.phase {
             self.group.return_dirty(&self.cfg.peer, a);
         }
+    }
+}
+
+/// After a frame was encoded from the sender's buffer (compressed, or a
+/// resync step): not kept if a big record grew it.
+fn keep_small(buf: &mut Vec<u8>) {
+    if buf.capacity() > limits::REPL_BUF_KEEP_BYTES {
+        *buf = Vec::new();
     }
 }
 
@@ -1006,9 +1017,6 @@ mod tests {
         g.abandon();
     }
 
-    /// RECORDS frames hold whole records, in seq order, at most
-    /// `REPL_BATCH_BYTES` each unless one record is bigger (then alone), and
-    /// byte for byte as in the log.
     /// A frame buffer a big record grew is not kept for the next batch (a
     /// sender per group and DR site would hold it for good); a normal one is.
     #[test]
@@ -1036,8 +1044,19 @@ mod tests {
         let cap = f.capacity();
         s.recycle(f);
         assert_eq!(s.buf.capacity(), cap, "a normal frame's buffer was not kept");
+        // With lz4 the batch is built in the sender's buffer and compressed
+        // into a new one: the big buffer is the sender's own.
+        s.cfg.lz4 = true;
+        g.write(v, 0, &vec![9u8; 24 << 20]).unwrap();
+        let f = ship(&mut s);
+        assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES, "kept a {} byte buffer after an lz4 frame", s.buf.capacity());
+        s.recycle(f);
+        assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES);
     }
 
+    /// RECORDS frames hold whole records, in seq order, at most
+    /// `REPL_BATCH_BYTES` each unless one record is bigger (then alone), and
+    /// byte for byte as in the log.
     #[test]
     fn batches_hold_whole_records_in_order_within_the_limit() {
         let dir = tempfile::tempdir().unwrap();
