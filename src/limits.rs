@@ -64,6 +64,10 @@ pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 /// MiB), starting from `REPL_READ_AHEAD_START_BYTES` (a handshake is small).
 pub const REPL_READ_AHEAD_BYTES: usize = 256 * 1024;
 pub const REPL_READ_AHEAD_START_BYTES: usize = 16 * 1024;
+/// Replication: longest a DR site goes, while bytes arrive over a slow link,
+/// without repeating its newest ACK (a primary's link timeout may be much
+/// shorter than the DR's, and the DR cannot know it).
+pub const REPL_ACK_REPEAT_MS_MAX: u64 = 100;
 /// Replication: acknowledgements queued at a DR site before reading pauses.
 pub const REPL_ACK_QUEUE_MAX: usize = 64;
 /// Replication: connections a DR site serves at once (each has a thread).

@@ -501,6 +501,30 @@ fn a_slow_link_is_not_a_silent_one() {
     assert!(a == b, "the DR copy differs from the primary after the slow link");
 }
 
+/// The same with a primary whose timeout (400 ms) is much shorter than its
+/// DR site's (20 s), which the DR cannot know (HELLO has no room for it:
+/// older DR sites refuse unknown fields). The DR's repeated ACK comes every
+/// 100 ms at most while bytes arrive; at the 500 ms it used to be, such a
+/// primary took every slow transfer for a silent link.
+#[test]
+fn a_slow_link_is_not_a_silent_one_to_a_primary_with_a_short_timeout() {
+    let (mut d, proxy) = pair_through_proxy(400, 20_000);
+    d.start_all();
+    wait_until(20, "connected", || caught_up(&d));
+    proxy.set_bandwidth(Some(1 << 20));
+    let p = d.sites[0].uri("vol0");
+    qemu_io(&p, &(0..6).map(|i| format!("write -P 0x5b {i}M 1M")).collect::<Vec<_>>());
+    let t = Instant::now();
+    while !(caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d)) {
+        let (state, err) = replica_state(&d);
+        assert!(state != "disconnected", "the slow link was taken for a silent one: {err}");
+        assert!(t.elapsed() < Duration::from_secs(30), "no catch-up over the slow link in 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!d.sites[0].log().contains("dr-lost"), "dr-lost over a slow but live link");
+    proxy.set_bandwidth(None);
+}
+
 /// Keeps up to `n` idle TCP connections (no TLS; each sends `first`, if
 /// anything, and then nothing) from source address `from` to `target`,
 /// opening new ones as the far end closes them, until `stop`; returns how

@@ -614,9 +614,10 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     let mut last_ack = core.ack_frame(group.last_seq(), 0);
     let progress = last_byte.clone();
     let mut writer = tokio::spawn(async move {
-        // Often enough for a primary whose own timeout is shorter than
-        // ours (down to about 2 s), seldom enough to cost nothing.
-        let mut tick = tokio::time::interval((link_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500)));
+        // Often enough for a primary whose own timeout is far shorter than
+        // ours (down to about 400 ms), seldom enough to cost nothing (at
+        // most ten 40-byte frames a second, and only while bytes arrive).
+        let mut tick = tokio::time::interval((link_timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(crate::limits::REPL_ACK_REPEAT_MS_MAX)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen = progress.load(Ordering::Relaxed);
         let mut wrote = false;
