@@ -180,15 +180,20 @@ pub async fn accept(listener: &tokio::net::TcpListener, what: &str, trouble: &mu
     }
 }
 
-/// This process's (soft) limit on open files; `u64::MAX` if unknown.
-#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not everywhere
-pub fn open_files_limit() -> u64 {
+/// This process's limits on open files.
+fn open_files_rlimit() -> std::io::Result<libc::rlimit> {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit on this process with a valid struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return u64::MAX;
+        return Err(std::io::Error::last_os_error());
     }
-    r.rlim_cur as u64
+    Ok(r)
+}
+
+/// This process's (soft) limit on open files; `u64::MAX` if unknown.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not everywhere
+pub fn open_files_limit() -> u64 {
+    open_files_rlimit().map_or(u64::MAX, |r| r.rlim_cur as u64)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as
@@ -197,11 +202,7 @@ pub fn open_files_limit() -> u64 {
 /// waiting to happen. Returns (before, after).
 #[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not everywhere
 pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut r = open_files_rlimit()?;
     let before = r.rlim_cur as u64;
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(1 << 20);
     let want = (r.rlim_max as u64).min(nr_open);
@@ -209,7 +210,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
         return Ok((before, before));
     }
     r.rlim_cur = want as libc::rlim_t;
-    // SAFETY: as above.
+    // SAFETY: setrlimit on this process with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -424,44 +424,46 @@ impl Drop for PreAuthSlot {
 /// Bounded whatever the peers send: past `MESSAGES_MAX` messages from one
 /// source, or `SOURCES_MAX` sources with recent lines for one kind, the
 /// rest share one throttle. Every refusal is counted in the metrics.
+/// One kind's throttles: by source address, then by a hash of the message.
+type KindLog = Bounded<std::net::IpAddr, Bounded<u64, crate::util::LogThrottle>>;
+
 #[derive(Clone)]
 struct Refusals {
     logs: Arc<Mutex<[KindLog; Refused::ALL.len()]>>,
     metrics: Arc<crate::site::metrics::Metrics>,
 }
 
-#[derive(Default)]
-struct KindLog {
-    per_source: std::collections::HashMap<std::net::IpAddr, SourceLog>,
-    others: SourceLog,
+/// Values by key, at most `max` of them: a new key past that (once the
+/// idle ones are forgotten) shares `others`. Bounded whatever keys the
+/// peers bring.
+struct Bounded<K, V> {
+    map: std::collections::HashMap<K, V>,
+    others: V,
+    max: usize,
+    make: fn() -> V,
+    idle: fn(&V) -> bool,
 }
 
-#[derive(Default)]
-struct SourceLog {
-    /// By a hash of the message.
-    messages: std::collections::HashMap<u64, crate::util::LogThrottle>,
-    others: Option<crate::util::LogThrottle>,
-}
-
-impl SourceLog {
-    fn idle(&self) -> bool {
-        self.messages.values().all(|t| t.idle()) && self.others.as_ref().is_none_or(|t| t.idle())
+impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
+    fn new(max: usize, make: fn() -> V, idle: fn(&V) -> bool) -> Self {
+        Bounded { map: std::collections::HashMap::new(), others: make(), max, make, idle }
     }
 
-    /// The throttle for `why`, and whether it is shared with other messages.
-    fn throttle(&mut self, why: &str) -> (&mut crate::util::LogThrottle, bool) {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        why.hash(&mut h);
-        let key = h.finish();
-        if !self.messages.contains_key(&key) && self.messages.len() >= Refusals::MESSAGES_MAX {
-            self.messages.retain(|_, t| !t.idle());
+    /// The value for `key`, and whether it is the shared one.
+    fn get(&mut self, key: K) -> (&mut V, bool) {
+        let (make, idle) = (self.make, self.idle);
+        if !self.map.contains_key(&key) && self.map.len() >= self.max {
+            self.map.retain(|_, v| !idle(v));
         }
-        if self.messages.contains_key(&key) || self.messages.len() < Refusals::MESSAGES_MAX {
-            (self.messages.entry(key).or_insert_with(|| crate::util::LogThrottle::new(Refusals::EVERY)), false)
+        if self.map.contains_key(&key) || self.map.len() < self.max {
+            (self.map.entry(key).or_insert_with(make), false)
         } else {
-            (self.others.get_or_insert_with(|| crate::util::LogThrottle::new(Refusals::EVERY)), true)
+            (&mut self.others, true)
         }
+    }
+
+    fn all_idle(&self) -> bool {
+        self.map.values().chain([&self.others]).all(self.idle)
     }
 }
 
@@ -471,24 +473,21 @@ impl Refusals {
     const EVERY: Duration = Duration::from_secs(10);
 
     fn new(metrics: Arc<crate::site::metrics::Metrics>) -> Refusals {
-        Refusals { logs: Arc::default(), metrics }
+        let messages = || Bounded::new(Self::MESSAGES_MAX, || crate::util::LogThrottle::new(Self::EVERY), crate::util::LogThrottle::idle);
+        let logs = std::array::from_fn(|_| Bounded::new(Self::SOURCES_MAX, messages, Bounded::all_idle));
+        Refusals { logs: Arc::new(Mutex::new(logs)), metrics }
     }
 
     /// Counts a refusal (`tidemark_replication_refused_total`) and logs it
     /// unless throttled.
     fn note(&self, kind: Refused, addr: std::net::SocketAddr, why: &str) {
+        use std::hash::{Hash, Hasher};
         self.metrics.count_refused(kind);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        why.hash(&mut h);
         let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-        let k = &mut logs[kind as usize];
-        if !k.per_source.contains_key(&addr.ip()) && k.per_source.len() >= Self::SOURCES_MAX {
-            k.per_source.retain(|_, s| !s.idle());
-        }
-        let (src, many) = if k.per_source.contains_key(&addr.ip()) || k.per_source.len() < Self::SOURCES_MAX {
-            (k.per_source.entry(addr.ip()).or_default(), false)
-        } else {
-            (&mut k.others, true)
-        };
-        let (t, shared) = src.throttle(why);
+        let (messages, many) = logs[kind as usize].get(addr.ip());
+        let (t, shared) = messages.get(h.finish());
         if let Some(n) = t.admit() {
             let from = if many { format!("{addr} (one of more than {} addresses)", Self::SOURCES_MAX) } else { addr.to_string() };
             let also = if shared { " (and other reasons)" } else { "" };
