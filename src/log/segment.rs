@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
@@ -53,6 +54,63 @@ pub struct Segment {
     /// The directory entry is durable (false for a new segment until the
     /// directory fsync that follows its creation).
     pub dir_synced: AtomicBool,
+    /// A read-only mapping of the file, made on first use by the
+    /// replication sender (`view`), or why it could not be made.
+    map: OnceLock<Result<Mapping, String>>,
+}
+
+/// A read-only shared mapping of a segment file, `SEGMENT_BYTES` long (the
+/// most a segment holds), unmapped when the segment is dropped. Only bytes
+/// below the segment's length are ever read through it: they are whole
+/// records, never written again (the log is append-only and a segment is
+/// only truncated when it is opened, before any mapping), so a slice of
+/// them does not change under its reader. Past the end of the file a
+/// mapping has no pages to read.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its bytes (below the segment length)
+// are immutable; the pointer is only unmapped on drop.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapping({} bytes)", self.len)
+    }
+}
+
+impl Mapping {
+    fn new(file: &File) -> std::io::Result<Mapping> {
+        use std::os::fd::AsRawFd;
+        let len = crate::limits::SEGMENT_BYTES as usize;
+        // SAFETY: a fresh shared read-only mapping of our own file; the
+        // kernel picks the address.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: ptr.cast(), len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; no slice of it outlives
+        // the segment that owns it (slices borrow the segment).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn page_bytes() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 && (n as usize).is_power_of_two() => n as usize,
+        _ => 4096,
+    })
 }
 
 fn header_bytes(id: u32, group_id: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
@@ -86,6 +144,7 @@ impl Segment {
             unsynced: AtomicBool::new(true),
             synced_len: AtomicU64::new(0),
             dir_synced: AtomicBool::new(false),
+            map: OnceLock::new(),
         })
     }
 
@@ -127,6 +186,7 @@ impl Segment {
             unsynced: AtomicBool::new(false),
             synced_len: AtomicU64::new(len),
             dir_synced: AtomicBool::new(true),
+            map: OnceLock::new(),
         })
     }
 
@@ -146,33 +206,54 @@ impl Segment {
             .with_context(|| format!("failed to read {} bytes at offset {off} of log segment {}", buf.len(), self.path.display()))
     }
 
-    /// Appends `n` bytes from `off` to `buf`, reading straight into its
-    /// spare capacity: no zeroing of memory the read overwrites (the
-    /// replication sender reads every shipped byte this way).
-    pub fn read_append(&self, buf: &mut Vec<u8>, n: usize, off: u64) -> Result<()> {
-        use std::os::fd::AsRawFd;
-        buf.reserve(n);
-        let mut done = 0usize;
-        while done < n {
-            let spare = &mut buf.spare_capacity_mut()[..n - done];
-            // SAFETY: pread writes at most `spare.len()` bytes into memory
-            // this Vec owns; the length grows only by what it wrote.
-            let got = unsafe { libc::pread(self.file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), (off + done as u64) as libc::off_t) };
-            if got < 0 {
+    /// `n` bytes at `off`, read in place through a mapping of the file
+    /// instead of copied out: the replication sender hands these bytes to
+    /// the TLS layer, which copies them once, into its records (a `pread`
+    /// first was a second full copy of everything shipped). Only below the
+    /// segment's length. The pages are faulted in here, with
+    /// `MADV_POPULATE_READ`, so that a read error comes back as an error
+    /// (a plain access to a page that cannot be read kills the process with
+    /// SIGBUS), and in one call instead of one fault per page. A kernel
+    /// without it (before 5.14) faults them in on access.
+    pub fn view(&self, off: u64, n: usize) -> Result<&[u8]> {
+        let m = self.mapped_range(off, n)?;
+        let page = page_bytes();
+        let start = off as usize & !(page - 1);
+        let end = off as usize + n;
+        if end > start {
+            // SAFETY: the range lies within the mapping (checked above).
+            let r = unsafe { libc::madvise(m.ptr.add(start).cast(), end - start, libc::MADV_POPULATE_READ) };
+            if r != 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e).with_context(|| format!("failed to read {n} bytes at offset {off} of log segment {}", self.path.display()));
                 }
-                return Err(e).with_context(|| format!("failed to read {n} bytes at offset {off} of log segment {}", self.path.display()));
             }
-            if got == 0 {
-                anyhow::bail!("log segment {} ends at {} while reading {n} bytes at offset {off}", self.path.display(), off + done as u64);
-            }
-            // SAFETY: the kernel initialized `got` more bytes.
-            unsafe { buf.set_len(buf.len() + got as usize) };
-            done += got as usize;
         }
-        Ok(())
+        // SAFETY: within the mapping, below the segment length: whole
+        // records that nobody writes again, alive as long as `self`.
+        Ok(unsafe { std::slice::from_raw_parts(m.ptr.add(off as usize), n) })
+    }
+
+    /// `view` without faulting the pages in first: for small reads inside
+    /// a range `view` just returned (record headers of a batch window).
+    pub fn mapped(&self, off: u64, n: usize) -> Result<&[u8]> {
+        let m = self.mapped_range(off, n)?;
+        // SAFETY: as in `view`.
+        Ok(unsafe { std::slice::from_raw_parts(m.ptr.add(off as usize), n) })
+    }
+
+    fn mapped_range(&self, off: u64, n: usize) -> Result<&Mapping> {
+        let end = off.checked_add(n as u64).filter(|&e| e <= self.len());
+        let m = self
+            .map
+            .get_or_init(|| Mapping::new(&self.file).map_err(|e| format!("{e}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("failed to map log segment {}: {e}", self.path.display()))?;
+        match end {
+            Some(e) if e <= m.len as u64 => Ok(m),
+            _ => bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len()),
+        }
     }
 }
 
@@ -267,21 +348,23 @@ where
 mod tests {
     use super::*;
 
+    /// The sender's in-place view: the bytes written, below the segment's
+    /// length only, still readable after the file is unlinked (GC).
     #[test]
-    fn read_append_appends_what_the_file_holds_and_refuses_to_read_past_its_end() {
+    fn a_view_reads_written_bytes_and_nothing_past_the_length() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = Segment::create(dir.path(), 3, 9).unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let seg = Segment::create(dir.path(), 3, 7).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
         seg.file.write_all_at(&data, SEGMENT_HEADER_BYTES).unwrap();
-        let mut buf = b"room".to_vec();
-        seg.read_append(&mut buf, 200_000, SEGMENT_HEADER_BYTES + 1000).unwrap();
-        assert_eq!(&buf[..4], b"room");
-        assert_eq!(&buf[4..], &data[1000..201_000]);
-        let before = buf.clone();
-        let e = seg.read_append(&mut buf, 2000, SEGMENT_HEADER_BYTES + 299_000).unwrap_err().to_string();
-        assert!(e.contains("ends at") && e.contains(&seg.path.display().to_string()), "{e}");
-        // What was read before the end stays; nothing past it was invented.
-        assert_eq!(&buf[..before.len()], &before[..]);
-        assert_eq!(&buf[before.len()..], &data[299_000..]);
+        let e = format!("{:#}", seg.view(SEGMENT_HEADER_BYTES, 10).unwrap_err());
+        assert!(e.contains("past its end"), "{e}");
+        seg.len.store(SEGMENT_HEADER_BYTES + 250_000, Ordering::Release);
+        assert_eq!(seg.view(SEGMENT_HEADER_BYTES + 1, 249_999).unwrap(), &data[1..250_000]);
+        assert!(seg.view(SEGMENT_HEADER_BYTES + 249_999, 2).is_err());
+        assert!(seg.view(u64::MAX - 1, 4).is_err());
+        std::fs::remove_file(&seg.path).unwrap();
+        assert_eq!(seg.view(SEGMENT_HEADER_BYTES + 4096, 5000).unwrap(), &data[4096..9096]);
+        assert_eq!(seg.mapped(SEGMENT_HEADER_BYTES + 7, 3).unwrap(), &data[7..10]);
+        assert!(seg.mapped(SEGMENT_HEADER_BYTES + 249_999, 2).is_err());
     }
 }

@@ -435,6 +435,7 @@ impl World {
                 Ok(Action::Send(f)) => {
                     c.idle = None;
                     if !c.dead {
+                        let f = f.to_vec().map_err(|e| format!("sender frame: {e:#}"))?;
                         c.a2b.bytes.extend(f);
                     }
                     sent += 1;

@@ -129,16 +129,11 @@ pub fn encode(kind: u8, epoch: u64, payload: &[u8], lz4: bool) -> Vec<u8> {
     assemble(kind, 0, epoch, payload)
 }
 
-/// `encode` without lz4, for a payload already in place: `buf` holds
-/// `HEADER_BYTES` of room, then the payload; the header is written into the
-/// room, so the payload is not copied. (Compressing makes a new buffer
-/// anyway: use `encode`.)
-pub fn seal(kind: u8, epoch: u64, mut buf: Vec<u8>) -> Vec<u8> {
-    assert!(buf.len() >= HEADER_BYTES, "seal: no room for the frame header");
-    let body = &buf[HEADER_BYTES..];
-    let h = FrameHeader { kind, flags: 0, epoch, len: body.len() as u32, crc: frame_crc(kind, body) };
-    buf[..HEADER_BYTES].copy_from_slice(&h.encode());
-    buf
+/// The header of an uncompressed RECORDS frame whose payload (`len` bytes)
+/// is written after it from elsewhere (the sender's records, read in place
+/// from the log): `encode` would give the same header.
+pub fn records_header(epoch: u64, len: u32) -> [u8; HEADER_BYTES] {
+    FrameHeader { kind: RECORDS, flags: 0, epoch, len, crc: 0 }.encode()
 }
 
 /// The header's crc field: 0 for RECORDS (see the module docs).
@@ -290,13 +285,14 @@ mod tests {
             }
             assert_eq!(open_payload(&h, f[HEADER_BYTES..].to_vec()).unwrap(), payload);
         }
-        // Built in place, a frame is byte for byte the one `encode` builds.
+        // Header, then payload from elsewhere: byte for byte the frame
+        // `encode` builds.
         let mut mixed: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         mixed.extend_from_slice(&[1u8; 300]);
-        for (kind, payload) in [(RECORDS, &payload), (RECORDS, &mixed), (HELLO, &mixed)] {
-            let mut room = vec![0xeeu8; HEADER_BYTES];
-            room.extend_from_slice(payload);
-            assert_eq!(seal(kind, 9, room), encode(kind, 9, payload, false));
+        for payload in [&payload, &mixed] {
+            let mut f = records_header(9, payload.len() as u32).to_vec();
+            f.extend_from_slice(payload);
+            assert_eq!(f, encode(RECORDS, 9, payload, false));
         }
     }
 

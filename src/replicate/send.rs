@@ -240,8 +240,15 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                 // writers wait for them).
                 {
                     let write = async {
-                        wr.write_all(&f).await?;
-                        wr.flush().await
+                        // The records straight from the log (`Out`): the
+                        // TLS layer's copy is the only one.
+                        let mut i = 0;
+                        while let Some(part) = f.part(i) {
+                            wr.write_all(part?).await?;
+                            i += 1;
+                        }
+                        wr.flush().await?;
+                        anyhow::Ok(())
                     };
                     tokio::pin!(write);
                     loop {

@@ -31,7 +31,7 @@ use crate::group::resync::SentIndex;
 use crate::group::Group;
 use crate::limits;
 use crate::log::record::{Header, Kind, FLAG_RELOCATED, HEADER_BYTES};
-use crate::log::segment::{pos, pos_off, pos_seg, LogPos, SEGMENT_HEADER_BYTES};
+use crate::log::segment::{pos, pos_off, pos_seg, LogPos, Segment, SEGMENT_HEADER_BYTES};
 
 /// The time a core is told: a monotonic clock for its own timing, and the
 /// wall clock that goes into heartbeats.
@@ -57,11 +57,82 @@ pub struct SenderConfig {
     pub link_timeout: Duration,
 }
 
+/// A frame to write: its bytes, or (a RECORDS frame of the stream) its
+/// header and the ranges of log segments it ships, read in place
+/// (`Segment::view`), so that the only copy of shipped bytes on the primary
+/// is the TLS layer's.
+#[derive(Debug)]
+pub enum Out {
+    Bytes(Vec<u8>),
+    Records { head: [u8; frame::HEADER_BYTES], pieces: Vec<Piece>, len: usize },
+}
+
+/// `len` bytes at `off` of a log segment (whole records).
+#[derive(Debug)]
+pub struct Piece {
+    seg: Arc<Segment>,
+    off: u64,
+    len: usize,
+}
+
+impl Out {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        match self {
+            Out::Bytes(b) => b.len(),
+            Out::Records { len, .. } => frame::HEADER_BYTES + len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The frame kind (from its header).
+    pub fn kind(&self) -> u8 {
+        match self {
+            Out::Bytes(b) => b[5],
+            Out::Records { head, .. } => head[5],
+        }
+    }
+
+    /// Part `i` of the frame's bytes (parts in order, from 0; None past
+    /// the last). Reading a part of the log can fail.
+    pub fn part(&self, i: usize) -> Option<Result<&[u8]>> {
+        match (self, i) {
+            (Out::Bytes(b), 0) => Some(Ok(b)),
+            (Out::Records { head, .. }, 0) => Some(Ok(head)),
+            (Out::Records { pieces, .. }, i) => pieces.get(i - 1).map(|p| p.seg.view(p.off, p.len)),
+            _ => None,
+        }
+    }
+
+    /// The whole frame in one buffer.
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
+        let mut v = Vec::with_capacity(self.len());
+        let mut i = 0;
+        while let Some(part) = self.part(i) {
+            v.extend_from_slice(part?);
+            i += 1;
+        }
+        Ok(v)
+    }
+}
+
+/// Frames compare by their bytes (tests).
+impl PartialEq for Out {
+    fn eq(&self, other: &Out) -> bool {
+        matches!((self.to_vec(), other.to_vec()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
+impl Eq for Out {}
+
 /// What the sender asks its driver to do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     /// Write this frame to the link (and flush).
-    Send(Vec<u8>),
+    Send(Out),
     /// Persist the replication pins (a small crash-safe file).
     SavePins,
     /// Nothing to do until `until` (monotonic ns), records are appended to
@@ -177,7 +248,8 @@ impl Sender {
     /// batch reuses its memory (optional: without it each batch allocates).
     /// Not one grown past `REPL_BUF_KEEP_BYTES` for a big record: a sender
     /// per group and DR site would keep it for good.
-    pub fn recycle(&mut self, frame: Vec<u8>) {
+    pub fn recycle(&mut self, frame: Out) {
+        let Out::Bytes(frame) = frame else { return };
         if frame.capacity() > self.buf.capacity() && frame.capacity() <= limits::REPL_BUF_KEEP_BYTES {
             self.buf = frame;
         }
@@ -421,7 +493,7 @@ impl Sender {
                 self.told = Some(mode);
                 let f = frame::encode(frame::MODE, self.epoch, mode.as_str().as_bytes(), false);
                 self.group.replication.update(&self.cfg.peer, |r| r.sent_bytes_total += f.len() as u64);
-                return Ok(Action::Send(f));
+                return Ok(Action::Send(Out::Bytes(f)));
             }
         }
         match self.phase {
@@ -448,7 +520,7 @@ impl Sender {
             let begin = g.resync_control(Kind::ResyncBegin, 0, None, &[]);
             self.frames_sent += 1;
             rs.attempt = Some(g.begin_attempt(peer));
-            return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &begin, self.cfg.lz4)));
+            return Ok(Action::Send(Out::Bytes(frame::encode(frame::RECORDS, self.epoch, &begin, self.cfg.lz4))));
         };
         if rs.commit.is_some() {
             // Waiting for the commit's ack (`on_ack` finishes it).
@@ -467,7 +539,7 @@ impl Sender {
                 let commit = g.resync_control(Kind::ResyncCommit, seq, ident, &table);
                 self.frames_sent += 1;
                 rs.commit = Some((seq, self.frames_sent));
-                return Ok(Action::Send(frame::encode(frame::RECORDS, self.epoch, &commit, self.cfg.lz4)));
+                return Ok(Action::Send(Out::Bytes(frame::encode(frame::RECORDS, self.epoch, &commit, self.cfg.lz4))));
             }
             rs.taken = true;
             self.buf.clear();
@@ -482,7 +554,7 @@ impl Sender {
                 r.lag_bytes = left * limits::BLOCK_BYTES;
                 r.state = "resyncing".into();
             });
-            return Ok(Action::Send(f));
+            return Ok(Action::Send(Out::Bytes(f)));
         }
     }
 
@@ -496,7 +568,7 @@ impl Sender {
         let g = &self.group;
         let hb = frame::encode(frame::HEARTBEAT, self.epoch, &frame::two_u64(g.last_seq(), now.wall_ns), false);
         g.replication.update(&self.cfg.peer, |r| r.sent_bytes_total += hb.len() as u64);
-        Ok(Action::Send(hb))
+        Ok(Action::Send(Out::Bytes(hb)))
     }
 
     /// Streaming: a heartbeat every interval; records from the log in
@@ -523,9 +595,8 @@ impl Sender {
             // Room comes with an ack (a frame wakes the driver).
             return Ok(Action::Idle { until: Some(hb_due), on_append: false });
         }
-        self.buf.clear();
-        self.buf.resize(frame::HEADER_BYTES, 0);
-        let (n, first_ts, last_seq, data_bytes) = read_batch(g, &mut st.at, self.next, &mut self.buf)?;
+        let mut pieces = Vec::new();
+        let (n, first_ts, last_seq, data_bytes) = read_batch(g, &mut st.at, self.next, &mut pieces)?;
         if n == 0 {
             if periodic {
                 st.last_ship = Some(now.mono_ns);
@@ -535,14 +606,20 @@ impl Sender {
             // Caught up: wait for new records, an ack, or the heartbeat.
             return Ok(Action::Idle { until: Some(hb_due), on_append: true });
         }
-        let batch_bytes = (self.buf.len() - frame::HEADER_BYTES) as u64;
+        let len: usize = pieces.iter().map(|p| p.len).sum();
+        let batch_bytes = len as u64;
         let f = if self.cfg.lz4 {
-            // Compressed into a new buffer: keep this one for the next batch.
-            let f = frame::encode(frame::RECORDS, self.epoch, &self.buf[frame::HEADER_BYTES..], true);
+            // Compressed from one buffer, kept for the next batch.
+            self.buf.clear();
+            for p in &pieces {
+                self.buf.extend_from_slice(p.seg.view(p.off, p.len)?);
+            }
+            let f = frame::encode(frame::RECORDS, self.epoch, &self.buf, true);
             keep_small(&mut self.buf);
-            f
+            Out::Bytes(f)
         } else {
-            frame::seal(frame::RECORDS, self.epoch, std::mem::take(&mut self.buf))
+            let head = frame::records_header(self.epoch, len as u32);
+            Out::Records { head, pieces, len }
         };
         self.frames_sent += 1;
         self.next = last_seq + 1;
@@ -582,22 +659,20 @@ fn keep_small(buf: &mut Vec<u8>) {
     }
 }
 
-/// Appends records from `at` onwards (up to the log tail) to `buf`, skipping
-/// GC relocations and records before `next`, up to `REPL_BATCH_BYTES` (or
-/// one record, if that is bigger). The log is read straight into `buf`.
-/// Returns (records, timestamp of the first, seq of the last, payload bytes
-/// of writes). Every record's header (which holds its block CRCs) is checked
-/// here; the block data is checked by the receiver, which verifies every
-/// block before it applies a record.
-fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> Result<(usize, u64, u64, u64)> {
-    let base = buf.len();
+/// Collects records from `at` onwards (up to the log tail) into `pieces`
+/// (ranges of segments, read in place), skipping GC relocations and records
+/// before `next`, up to `REPL_BATCH_BYTES` (or one record, if that is
+/// bigger). Returns (records, timestamp of the first, seq of the last,
+/// payload bytes of writes). Every record's header (which holds its block
+/// CRCs) is checked here; the block data is checked by the receiver, which
+/// verifies every block before it applies a record.
+fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<Piece>) -> Result<(usize, u64, u64, u64)> {
+    let mut bytes = 0u64;
     let mut n = 0;
     let mut first_ts = 0;
     let mut last_seq = next.saturating_sub(1);
     let mut data = 0u64;
-    // Set when the record at `at` is bigger than the last read.
-    let mut big_record: Option<u64> = None;
-    'outer: while ((buf.len() - base) as u64) < limits::REPL_BATCH_BYTES {
+    'outer: while bytes < limits::REPL_BATCH_BYTES {
         let tail = group.flush_target();
         if *at >= tail {
             break;
@@ -625,42 +700,36 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> R
                 None => break,
             }
         }
-        // Read what the batch has room for (the log tail permitting); a
-        // record bigger than that is read whole on the next pass.
-        let room = limits::REPL_BATCH_BYTES - (buf.len() - base) as u64;
-        let mut want = (end - off).min(room.max(HEADER_BYTES as u64));
-        if let Some(need) = big_record {
-            want = want.max(need.min(end - off));
-        }
-        let want = want as usize;
-        // The read lands at `start`; shipped records are kept at `kept`
-        // (moved down over skipped ones), the rest is cut off below.
-        let start = buf.len();
-        seg.read_append(buf, want, off)?;
-        let mut kept = start;
-        let mut p = 0usize;
-        big_record = None;
-        while p + HEADER_BYTES <= want {
-            let r = start + p;
-            let raw: [u8; HEADER_BYTES] = buf[r..r + HEADER_BYTES].try_into().unwrap();
-            let h = Header::decode(&raw).map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
-            let total = h.total_len() as usize;
+        // Fault in what the batch has room for (the log tail permitting),
+        // all at once; a first record bigger than that, whole.
+        let room = limits::REPL_BATCH_BYTES - bytes;
+        let mut window = (end - off).min(room.max(HEADER_BYTES as u64));
+        seg.view(off, window as usize)?;
+        let mut p = 0u64;
+        while p + HEADER_BYTES as u64 <= window {
+            let r = off + p;
+            let raw: [u8; HEADER_BYTES] = seg.mapped(r, HEADER_BYTES)?.try_into().unwrap();
+            let h = Header::decode(&raw).map_err(|e| anyhow!("log segment {} offset {r}: {e}", seg.path.display()))?;
+            let total = h.total_len();
+            if r + total > end {
+                bail!("log segment {} offset {r}: a record of {total} bytes runs past the end of the log ({end})", seg.path.display());
+            }
             let ship = h.flags & FLAG_RELOCATED == 0 && h.seq >= next;
-            if ship && n > 0 && kept - base + total > limits::REPL_BATCH_BYTES as usize {
-                buf.truncate(kept);
+            if ship && n > 0 && bytes + total > limits::REPL_BATCH_BYTES {
                 break 'outer; // the batch is full; this record starts the next
             }
-            if p + total > want {
-                if p == 0 {
-                    big_record = Some(total as u64);
+            if p + total > window {
+                if p > 0 {
+                    break; // the next window starts at this record
                 }
-                break; // continue with a fresh read from this record
+                window = total;
+                seg.view(off, window as usize)?;
             }
-            h.verify(&raw, &buf[r + HEADER_BYTES..r + HEADER_BYTES + h.checked_body_len()])
-                .map_err(|e| anyhow!("log segment {} offset {}: {e}", seg.path.display(), off + p as u64))?;
+            h.verify(&raw, seg.mapped(r + HEADER_BYTES as u64, h.checked_body_len())?)
+                .map_err(|e| anyhow!("log segment {} offset {r}: {e}", seg.path.display()))?;
             if ship {
                 if h.seq != last_seq + 1 {
-                    bail!("log gap: expected seq {} at {} offset {}, found {}", last_seq + 1, seg.path.display(), off + p as u64, h.seq);
+                    bail!("log gap: expected seq {} at {} offset {r}, found {}", last_seq + 1, seg.path.display(), h.seq);
                 }
                 if h.kind == Kind::Write {
                     data += h.length as u64;
@@ -668,22 +737,19 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, buf: &mut Vec<u8>) -> R
                 if n == 0 {
                     first_ts = h.timestamp_ns;
                 }
-                if kept != r {
-                    buf.copy_within(r..r + total, kept);
+                match pieces.last_mut() {
+                    Some(last) if Arc::ptr_eq(&last.seg, &seg) && last.off + last.len as u64 == r => last.len += total as usize,
+                    _ => pieces.push(Piece { seg: seg.clone(), off: r, len: total as usize }),
                 }
-                kept += total;
+                bytes += total;
                 n += 1;
                 last_seq = h.seq;
             }
             p += total;
-            *at = pos(seg.id, (off + p as u64) as u32);
+            *at = pos(seg.id, r as u32 + total as u32);
         }
-        buf.truncate(kept);
         if p == 0 {
-            if big_record.is_some_and(|need| need > want as u64 && need <= end - off) {
-                continue; // read that record whole
-            }
-            bail!("log segment {} offset {off}: record does not fit the read window", seg.path.display());
+            bail!("log segment {} offset {off}: {} bytes left, less than a record header", seg.path.display(), end - off);
         }
     }
     Ok((n, first_ts, last_seq, data))
@@ -912,7 +978,7 @@ mod tests {
 
     fn kind(a: &Action) -> u8 {
         match a {
-            Action::Send(f) => f[5],
+            Action::Send(f) => f.kind(),
             _ => 0,
         }
     }
@@ -972,7 +1038,7 @@ mod tests {
             for t in 0..45 {
                 loop {
                     match s.poll(at(t)).unwrap() {
-                        Action::Send(f) if f[5] == frame::HEARTBEAT => sent.push(t),
+                        Action::Send(f) if f.kind() == frame::HEARTBEAT => sent.push(t),
                         Action::Send(_) | Action::SavePins => {}
                         Action::Idle { .. } => break,
                     }
@@ -1003,7 +1069,7 @@ mod tests {
         g.write(v, 0, &[1u8; 4096]).unwrap();
         let f = loop {
             match s.poll(at(60_001)).unwrap() {
-                Action::Send(f) if f[5] == frame::RECORDS => break f,
+                Action::Send(f) if f.kind() == frame::RECORDS => break f,
                 Action::Send(_) => {}
                 a => panic!("{a:?} with a record to ship"),
             }
@@ -1017,8 +1083,10 @@ mod tests {
         g.abandon();
     }
 
-    /// A frame buffer a big record grew is not kept for the next batch (a
-    /// sender per group and DR site would hold it for good); a normal one is.
+    /// A big record is shipped from the log in place, with no frame buffer
+    /// at all; with lz4 the buffer it grew is not kept for the next batch
+    /// (a sender per group and DR site would hold it for good), a normal
+    /// one is.
     #[test]
     fn a_big_records_frame_buffer_is_not_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -1029,21 +1097,18 @@ mod tests {
         let mut ship = |s: &mut Sender| loop {
             t += 1;
             match s.poll(at(t)).unwrap() {
-                Action::Send(f) if f[5] == frame::RECORDS => break f,
+                Action::Send(f) if f.kind() == frame::RECORDS => break f,
                 Action::Send(_) | Action::SavePins => {}
                 a => panic!("{a:?} with a record to ship"),
             }
         };
         g.write(v, 0, &vec![7u8; 24 << 20]).unwrap();
         let f = ship(&mut s);
-        assert!(f.capacity() > limits::REPL_BUF_KEEP_BYTES);
+        assert!(matches!(f, Out::Records { .. }), "not read in place: {f:?}");
+        assert!(f.len() > 24 << 20);
+        assert_eq!(f.to_vec().unwrap().len(), f.len());
         s.recycle(f);
         assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES, "kept a {} byte buffer", s.buf.capacity());
-        g.write(v, 0, &vec![8u8; 1 << 20]).unwrap();
-        let f = ship(&mut s);
-        let cap = f.capacity();
-        s.recycle(f);
-        assert_eq!(s.buf.capacity(), cap, "a normal frame's buffer was not kept");
         // With lz4 the batch is built in the sender's buffer and compressed
         // into a new one: the big buffer is the sender's own.
         s.cfg.lz4 = true;
@@ -1052,6 +1117,9 @@ mod tests {
         assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES, "kept a {} byte buffer after an lz4 frame", s.buf.capacity());
         s.recycle(f);
         assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES);
+        g.write(v, 0, &vec![8u8; 1 << 20]).unwrap();
+        ship(&mut s);
+        assert!(s.buf.capacity() >= 1 << 20, "a normal lz4 batch buffer was not kept");
     }
 
     /// RECORDS frames hold whole records, in seq order, at most
@@ -1074,11 +1142,11 @@ mod tests {
         while seqs.last().copied().unwrap_or(start) < last {
             t += 1;
             let Action::Send(f) = s.poll(at(t)).unwrap() else { panic!("idle with records to ship") };
-            if f[5] != frame::RECORDS {
+            if f.kind() != frame::RECORDS {
                 continue;
             }
             let mut d = frame::Decoder::default();
-            d.push(&f);
+            d.push(&f.to_vec().unwrap());
             let (_, body) = d.next_frame().unwrap().unwrap();
             let recs = frame::split_records(&body).unwrap();
             assert!(body.len() as u64 <= limits::REPL_BATCH_BYTES || recs.len() == 1, "a {} byte batch of {} records", body.len(), recs.len());
@@ -1163,9 +1231,9 @@ mod tests {
                 g.write(v, 0, &[t as u8; 4096]).unwrap();
                 let mut a = s.poll(at(t)).unwrap();
                 if let Action::Send(f) = &a {
-                    if f[5] == frame::MODE {
+                    if f.kind() == frame::MODE {
                         let mut d = frame::Decoder::default();
-                        d.push(f);
+                        d.push(&f.to_vec().unwrap());
                         let (_, body) = d.next_frame().unwrap().unwrap();
                         said.push(frame::parse_mode(&body).unwrap());
                         a = s.poll(at(t)).unwrap();
@@ -1196,7 +1264,7 @@ mod tests {
             g.write(v, 0, &big).unwrap();
             match s.poll(at(1)).unwrap() {
                 Action::Send(f) => {
-                    assert_eq!(f[5], frame::RECORDS);
+                    assert_eq!(f.kind(), frame::RECORDS);
                     frames += 1;
                 }
                 Action::Idle { on_append, .. } => {
