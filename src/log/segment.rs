@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use anyhow::{bail, Context, Result};
 
@@ -54,21 +54,24 @@ pub struct Segment {
     /// The directory entry is durable (false for a new segment until the
     /// directory fsync that follows its creation).
     pub dir_synced: AtomicBool,
-    /// A read-only mapping of the file, made on first use by the
-    /// replication sender (`view`), or why it could not be made.
-    map: OnceLock<Result<Mapping, String>>,
+    /// The read-only mapping of the file while a `View` of it lives (the
+    /// replication sender's batches in flight); unmapped after the last.
+    map: Mutex<Weak<Mapping>>,
 }
 
 /// A read-only shared mapping of a segment file, `SEGMENT_BYTES` long (the
-/// most a segment holds), unmapped when the segment is dropped. Only bytes
-/// below the segment's length are ever read through it: they are whole
-/// records, never written again (the log is append-only and a segment is
-/// only truncated when it is opened, before any mapping), so a slice of
-/// them does not change under its reader. Past the end of the file a
-/// mapping has no pages to read.
+/// most a segment holds). Only bytes below the segment's length are ever
+/// read through it: they are whole records, never written again (the log
+/// is append-only and a segment is only truncated when it is opened, before
+/// any mapping), so a slice of them does not change under its reader. GC
+/// unlinking the file leaves the mapping valid. It lives only as long as a
+/// `View` of it: a primary does not keep its whole log mapped (its resident
+/// size would count every page of it still cached, and the count of
+/// mappings per process is limited).
 struct Mapping {
     ptr: *mut u8,
     len: usize,
+    path: PathBuf,
 }
 
 // SAFETY: the mapping is read-only and its bytes (below the segment length)
@@ -78,12 +81,12 @@ unsafe impl Sync for Mapping {}
 
 impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Mapping({} bytes)", self.len)
+        write!(f, "Mapping({})", self.path.display())
     }
 }
 
 impl Mapping {
-    fn new(file: &File) -> std::io::Result<Mapping> {
+    fn new(file: &File, path: &Path) -> std::io::Result<Mapping> {
         use std::os::fd::AsRawFd;
         let len = crate::limits::SEGMENT_BYTES as usize;
         // SAFETY: a fresh shared read-only mapping of our own file; the
@@ -92,8 +95,83 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Mapping { ptr: ptr.cast(), len })
+        Ok(Mapping { ptr: ptr.cast(), len, path: path.to_path_buf() })
     }
+}
+
+/// Bytes of a segment read in place (`Segment::view`): whole records below
+/// its length, through a mapping that lives as long as this does.
+#[derive(Debug, Clone)]
+pub struct View {
+    map: Arc<Mapping>,
+    off: usize,
+    len: usize,
+}
+
+impl View {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `Segment::view` checked that the range is within the
+        // mapping and below the segment length; the mapping lives as long
+        // as `self.map`.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.add(self.off), self.len) }
+    }
+
+    /// The bytes, faulted in first (see `Segment::view`): for a view kept
+    /// a while, whose pages may have left the page cache since.
+    pub fn populated(&self) -> Result<&[u8]> {
+        populate(&self.map, self.off, self.len)?;
+        Ok(self.bytes())
+    }
+
+    /// Offset in the segment.
+    pub fn offset(&self) -> u64 {
+        self.off as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `bytes()[at..at + n]` as a view of its own (same mapping).
+    pub fn sub(&self, at: usize, n: usize) -> Option<View> {
+        (at.checked_add(n)? <= self.len).then(|| View { map: self.map.clone(), off: self.off + at, len: n })
+    }
+
+    /// Extends this view by `next`, if `next` starts where it ends in the
+    /// same mapping.
+    pub fn join(&mut self, next: &View) -> bool {
+        let ok = Arc::ptr_eq(&self.map, &next.map) && self.off + self.len == next.off;
+        if ok {
+            self.len += next.len;
+        }
+        ok
+    }
+}
+
+/// Faults in the pages of `len` bytes at `off` of a mapping with
+/// `MADV_POPULATE_READ`: a page that cannot be read comes back as an error
+/// (a plain access would raise SIGBUS), and a range takes one call instead
+/// of a fault per page. A kernel without it (before 5.14) faults the pages
+/// in on access.
+fn populate(m: &Mapping, off: usize, len: usize) -> Result<()> {
+    let page = page_bytes();
+    let start = off & !(page - 1);
+    let end = off + len;
+    if end > start {
+        // SAFETY: the range lies within the mapping (checked by the caller).
+        let r = unsafe { libc::madvise(m.ptr.add(start).cast(), end - start, libc::MADV_POPULATE_READ) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e).with_context(|| format!("failed to read {len} bytes at offset {off} of log segment {}", m.path.display()));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Mapping {
@@ -144,7 +222,7 @@ impl Segment {
             unsynced: AtomicBool::new(true),
             synced_len: AtomicU64::new(0),
             dir_synced: AtomicBool::new(false),
-            map: OnceLock::new(),
+            map: Mutex::new(Weak::new()),
         })
     }
 
@@ -186,7 +264,7 @@ impl Segment {
             unsynced: AtomicBool::new(false),
             synced_len: AtomicU64::new(len),
             dir_synced: AtomicBool::new(true),
-            map: OnceLock::new(),
+            map: Mutex::new(Weak::new()),
         })
     }
 
@@ -210,50 +288,26 @@ impl Segment {
     /// instead of copied out: the replication sender hands these bytes to
     /// the TLS layer, which copies them once, into its records (a `pread`
     /// first was a second full copy of everything shipped). Only below the
-    /// segment's length. The pages are faulted in here, with
-    /// `MADV_POPULATE_READ`, so that a read error comes back as an error
-    /// (a plain access to a page that cannot be read kills the process with
-    /// SIGBUS), and in one call instead of one fault per page. A kernel
-    /// without it (before 5.14) faults them in on access.
-    pub fn view(&self, off: u64, n: usize) -> Result<&[u8]> {
-        let m = self.mapped_range(off, n)?;
-        let page = page_bytes();
-        let start = off as usize & !(page - 1);
-        let end = off as usize + n;
-        if end > start {
-            // SAFETY: the range lies within the mapping (checked above).
-            let r = unsafe { libc::madvise(m.ptr.add(start).cast(), end - start, libc::MADV_POPULATE_READ) };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINVAL) {
-                    return Err(e).with_context(|| format!("failed to read {n} bytes at offset {off} of log segment {}", self.path.display()));
+    /// segment's length. The pages are faulted in here (`populate`), so
+    /// that a read error is an error, not SIGBUS.
+    pub fn view(&self, off: u64, n: usize) -> Result<View> {
+        let end = off.checked_add(n as u64).filter(|&e| e <= self.len() && e <= crate::limits::SEGMENT_BYTES);
+        if end.is_none() {
+            bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len());
+        }
+        let map = {
+            let mut cur = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            match cur.upgrade() {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(Mapping::new(&self.file, &self.path).with_context(|| format!("failed to map log segment {}", self.path.display()))?);
+                    *cur = Arc::downgrade(&m);
+                    m
                 }
             }
-        }
-        // SAFETY: within the mapping, below the segment length: whole
-        // records that nobody writes again, alive as long as `self`.
-        Ok(unsafe { std::slice::from_raw_parts(m.ptr.add(off as usize), n) })
-    }
-
-    /// `view` without faulting the pages in first: for small reads inside
-    /// a range `view` just returned (record headers of a batch window).
-    pub fn mapped(&self, off: u64, n: usize) -> Result<&[u8]> {
-        let m = self.mapped_range(off, n)?;
-        // SAFETY: as in `view`.
-        Ok(unsafe { std::slice::from_raw_parts(m.ptr.add(off as usize), n) })
-    }
-
-    fn mapped_range(&self, off: u64, n: usize) -> Result<&Mapping> {
-        let end = off.checked_add(n as u64).filter(|&e| e <= self.len());
-        let m = self
-            .map
-            .get_or_init(|| Mapping::new(&self.file).map_err(|e| format!("{e}")))
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("failed to map log segment {}: {e}", self.path.display()))?;
-        match end {
-            Some(e) if e <= m.len as u64 => Ok(m),
-            _ => bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len()),
-        }
+        };
+        populate(&map, off as usize, n)?;
+        Ok(View { map, off: off as usize, len: n })
     }
 }
 
@@ -349,7 +403,8 @@ mod tests {
     use super::*;
 
     /// The sender's in-place view: the bytes written, below the segment's
-    /// length only, still readable after the file is unlinked (GC).
+    /// length only, still readable after the file is unlinked (GC), and
+    /// unmapped once no view of it is left.
     #[test]
     fn a_view_reads_written_bytes_and_nothing_past_the_length() {
         let dir = tempfile::tempdir().unwrap();
@@ -359,12 +414,25 @@ mod tests {
         let e = format!("{:#}", seg.view(SEGMENT_HEADER_BYTES, 10).unwrap_err());
         assert!(e.contains("past its end"), "{e}");
         seg.len.store(SEGMENT_HEADER_BYTES + 250_000, Ordering::Release);
-        assert_eq!(seg.view(SEGMENT_HEADER_BYTES + 1, 249_999).unwrap(), &data[1..250_000]);
+        let v = seg.view(SEGMENT_HEADER_BYTES + 1, 249_999).unwrap();
+        assert_eq!(v.bytes(), &data[1..250_000]);
+        assert_eq!(v.populated().unwrap(), &data[1..250_000]);
         assert!(seg.view(SEGMENT_HEADER_BYTES + 249_999, 2).is_err());
         assert!(seg.view(u64::MAX - 1, 4).is_err());
+        let mut a = v.sub(6, 3).unwrap();
+        assert_eq!(a.bytes(), &data[7..10]);
+        assert_eq!(a.offset(), SEGMENT_HEADER_BYTES + 7);
+        assert!(v.sub(249_998, 2).is_none());
+        assert!(a.join(&v.sub(9, 5).unwrap()));
+        assert_eq!(a.bytes(), &data[7..15]);
+        assert!(!a.join(&v.sub(20, 5).unwrap()), "joined a range that does not follow");
+        // One mapping for all views of the segment while any lives.
+        let w = seg.view(SEGMENT_HEADER_BYTES, 10).unwrap();
+        assert!(Arc::ptr_eq(&w.map, &v.map));
         std::fs::remove_file(&seg.path).unwrap();
-        assert_eq!(seg.view(SEGMENT_HEADER_BYTES + 4096, 5000).unwrap(), &data[4096..9096]);
-        assert_eq!(seg.mapped(SEGMENT_HEADER_BYTES + 7, 3).unwrap(), &data[7..10]);
-        assert!(seg.mapped(SEGMENT_HEADER_BYTES + 249_999, 2).is_err());
+        assert_eq!(seg.view(SEGMENT_HEADER_BYTES + 4096, 5000).unwrap().bytes(), &data[4096..9096]);
+        let weak = Arc::downgrade(&v.map);
+        drop((v, w, a));
+        assert!(weak.upgrade().is_none(), "the mapping outlived its views");
     }
 }

@@ -31,7 +31,7 @@ use crate::group::resync::SentIndex;
 use crate::group::Group;
 use crate::limits;
 use crate::log::record::{Header, Kind, FLAG_RELOCATED, HEADER_BYTES};
-use crate::log::segment::{pos, pos_off, pos_seg, LogPos, Segment, SEGMENT_HEADER_BYTES};
+use crate::log::segment::{pos, pos_off, pos_seg, LogPos, View, SEGMENT_HEADER_BYTES};
 
 /// The time a core is told: a monotonic clock for its own timing, and the
 /// wall clock that goes into heartbeats.
@@ -64,15 +64,7 @@ pub struct SenderConfig {
 #[derive(Debug)]
 pub enum Out {
     Bytes(Vec<u8>),
-    Records { head: [u8; frame::HEADER_BYTES], pieces: Vec<Piece>, len: usize },
-}
-
-/// `len` bytes at `off` of a log segment (whole records).
-#[derive(Debug)]
-pub struct Piece {
-    seg: Arc<Segment>,
-    off: u64,
-    len: usize,
+    Records { head: [u8; frame::HEADER_BYTES], pieces: Vec<View>, len: usize },
 }
 
 impl Out {
@@ -102,7 +94,7 @@ impl Out {
         match (self, i) {
             (Out::Bytes(b), 0) => Some(Ok(b)),
             (Out::Records { head, .. }, 0) => Some(Ok(head)),
-            (Out::Records { pieces, .. }, i) => pieces.get(i - 1).map(|p| p.seg.view(p.off, p.len)),
+            (Out::Records { pieces, .. }, i) => pieces.get(i - 1).map(|p| p.populated()),
             _ => None,
         }
     }
@@ -606,13 +598,13 @@ impl Sender {
             // Caught up: wait for new records, an ack, or the heartbeat.
             return Ok(Action::Idle { until: Some(hb_due), on_append: true });
         }
-        let len: usize = pieces.iter().map(|p| p.len).sum();
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
         let batch_bytes = len as u64;
         let f = if self.cfg.lz4 {
             // Compressed from one buffer, kept for the next batch.
             self.buf.clear();
             for p in &pieces {
-                self.buf.extend_from_slice(p.seg.view(p.off, p.len)?);
+                self.buf.extend_from_slice(p.bytes());
             }
             let f = frame::encode(frame::RECORDS, self.epoch, &self.buf, true);
             keep_small(&mut self.buf);
@@ -666,7 +658,7 @@ fn keep_small(buf: &mut Vec<u8>) {
 /// payload bytes of writes). Every record's header (which holds its block
 /// CRCs) is checked here; the block data is checked by the receiver, which
 /// verifies every block before it applies a record.
-fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<Piece>) -> Result<(usize, u64, u64, u64)> {
+fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<View>) -> Result<(usize, u64, u64, u64)> {
     let mut bytes = 0u64;
     let mut n = 0;
     let mut first_ts = 0;
@@ -704,11 +696,12 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<Piece>
         // all at once; a first record bigger than that, whole.
         let room = limits::REPL_BATCH_BYTES - bytes;
         let mut window = (end - off).min(room.max(HEADER_BYTES as u64));
-        seg.view(off, window as usize)?;
+        let mut win = seg.view(off, window as usize)?;
         let mut p = 0u64;
         while p + HEADER_BYTES as u64 <= window {
             let r = off + p;
-            let raw: [u8; HEADER_BYTES] = seg.mapped(r, HEADER_BYTES)?.try_into().unwrap();
+            let at_p = p as usize;
+            let raw: [u8; HEADER_BYTES] = win.bytes()[at_p..at_p + HEADER_BYTES].try_into().unwrap();
             let h = Header::decode(&raw).map_err(|e| anyhow!("log segment {} offset {r}: {e}", seg.path.display()))?;
             let total = h.total_len();
             if r + total > end {
@@ -723,10 +716,12 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<Piece>
                     break; // the next window starts at this record
                 }
                 window = total;
-                seg.view(off, window as usize)?;
+                win = seg.view(off, window as usize)?;
             }
-            h.verify(&raw, seg.mapped(r + HEADER_BYTES as u64, h.checked_body_len())?)
-                .map_err(|e| anyhow!("log segment {} offset {r}: {e}", seg.path.display()))?;
+            let checked = win
+                .sub(at_p + HEADER_BYTES, h.checked_body_len())
+                .ok_or_else(|| anyhow!("log segment {} offset {r}: checked body longer than the record", seg.path.display()))?;
+            h.verify(&raw, checked.bytes()).map_err(|e| anyhow!("log segment {} offset {r}: {e}", seg.path.display()))?;
             if ship {
                 if h.seq != last_seq + 1 {
                     bail!("log gap: expected seq {} at {} offset {r}, found {}", last_seq + 1, seg.path.display(), h.seq);
@@ -737,9 +732,9 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<Piece>
                 if n == 0 {
                     first_ts = h.timestamp_ns;
                 }
-                match pieces.last_mut() {
-                    Some(last) if Arc::ptr_eq(&last.seg, &seg) && last.off + last.len as u64 == r => last.len += total as usize,
-                    _ => pieces.push(Piece { seg: seg.clone(), off: r, len: total as usize }),
+                let rec = win.sub(at_p, total as usize).ok_or_else(|| anyhow!("log segment {} offset {r}: record past its read window", seg.path.display()))?;
+                if !pieces.last_mut().is_some_and(|last| last.join(&rec)) {
+                    pieces.push(rec);
                 }
                 bytes += total;
                 n += 1;
