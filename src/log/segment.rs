@@ -99,27 +99,41 @@ impl Mapping {
     }
 }
 
-/// Bytes of a segment read in place (`Segment::view`): whole records below
-/// its length, through a mapping that lives as long as this does.
+/// Bytes of a segment (`Segment::view`): whole records below its length,
+/// read in place through a mapping that lives as long as this does, or,
+/// where the file cannot be mapped, copied out.
 #[derive(Debug, Clone)]
 pub struct View {
-    map: Arc<Mapping>,
+    src: Src,
+    /// Offset in the segment and length.
     off: usize,
     len: usize,
 }
 
+#[derive(Debug, Clone)]
+enum Src {
+    Map(Arc<Mapping>),
+    /// Bytes read with `pread`; `base` is the segment offset of `buf[0]`.
+    Copy { buf: Arc<Vec<u8>>, base: usize },
+}
+
 impl View {
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `Segment::view` checked that the range is within the
-        // mapping and below the segment length; the mapping lives as long
-        // as `self.map`.
-        unsafe { std::slice::from_raw_parts(self.map.ptr.add(self.off), self.len) }
+        match &self.src {
+            // SAFETY: `Segment::view` checked that the range is within the
+            // mapping and below the segment length; the mapping lives as
+            // long as `m`.
+            Src::Map(m) => unsafe { std::slice::from_raw_parts(m.ptr.add(self.off), self.len) },
+            Src::Copy { buf, base } => &buf[self.off - base..self.off - base + self.len],
+        }
     }
 
     /// The bytes, faulted in first (see `Segment::view`): for a view kept
     /// a while, whose pages may have left the page cache since.
     pub fn populated(&self) -> Result<&[u8]> {
-        populate(&self.map, self.off, self.len)?;
+        if let Src::Map(m) = &self.src {
+            populate(m, self.off, self.len)?;
+        }
         Ok(self.bytes())
     }
 
@@ -136,15 +150,20 @@ impl View {
         self.len == 0
     }
 
-    /// `bytes()[at..at + n]` as a view of its own (same mapping).
+    /// `bytes()[at..at + n]` as a view of its own (same source).
     pub fn sub(&self, at: usize, n: usize) -> Option<View> {
-        (at.checked_add(n)? <= self.len).then(|| View { map: self.map.clone(), off: self.off + at, len: n })
+        (at.checked_add(n)? <= self.len).then(|| View { src: self.src.clone(), off: self.off + at, len: n })
     }
 
     /// Extends this view by `next`, if `next` starts where it ends in the
-    /// same mapping.
+    /// same source.
     pub fn join(&mut self, next: &View) -> bool {
-        let ok = Arc::ptr_eq(&self.map, &next.map) && self.off + self.len == next.off;
+        let same = match (&self.src, &next.src) {
+            (Src::Map(a), Src::Map(b)) => Arc::ptr_eq(a, b),
+            (Src::Copy { buf: a, .. }, Src::Copy { buf: b, .. }) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        let ok = same && self.off + self.len == next.off;
         if ok {
             self.len += next.len;
         }
@@ -299,15 +318,38 @@ impl Segment {
             let mut cur = self.map.lock().unwrap_or_else(|p| p.into_inner());
             match cur.upgrade() {
                 Some(m) => m,
-                None => {
-                    let m = Arc::new(Mapping::new(&self.file, &self.path).with_context(|| format!("failed to map log segment {}", self.path.display()))?);
-                    *cur = Arc::downgrade(&m);
-                    m
-                }
+                None => match Mapping::new(&self.file, &self.path) {
+                    Ok(m) => {
+                        let m = Arc::new(m);
+                        *cur = Arc::downgrade(&m);
+                        m
+                    }
+                    Err(e) => {
+                        // A file system without mmap (some FUSE ones): read
+                        // a copy instead; slower, never stuck.
+                        static NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                        if !NOTED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!("cannot map log segment {} ({e}): replication reads the log with copies instead", self.path.display());
+                        }
+                        drop(cur);
+                        return self.view_copied(off, n);
+                    }
+                },
             }
         };
         populate(&map, off as usize, n)?;
-        Ok(View { map, off: off as usize, len: n })
+        Ok(View { src: Src::Map(map), off: off as usize, len: n })
+    }
+
+    /// `view` by `pread` into a buffer of its own: where the file cannot be
+    /// mapped.
+    pub fn view_copied(&self, off: u64, n: usize) -> Result<View> {
+        if off.checked_add(n as u64).is_none_or(|e| e > self.len()) {
+            bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len());
+        }
+        let mut buf = vec![0u8; n];
+        self.read_at(&mut buf, off)?;
+        Ok(View { src: Src::Copy { buf: Arc::new(buf), base: off as usize }, off: off as usize, len: n })
     }
 }
 
@@ -428,11 +470,32 @@ mod tests {
         assert!(!a.join(&v.sub(20, 5).unwrap()), "joined a range that does not follow");
         // One mapping for all views of the segment while any lives.
         let w = seg.view(SEGMENT_HEADER_BYTES, 10).unwrap();
-        assert!(Arc::ptr_eq(&w.map, &v.map));
+        let (Src::Map(wm), Src::Map(vm)) = (&w.src, &v.src) else { panic!("not mapped") };
+        assert!(Arc::ptr_eq(wm, vm));
         std::fs::remove_file(&seg.path).unwrap();
         assert_eq!(seg.view(SEGMENT_HEADER_BYTES + 4096, 5000).unwrap().bytes(), &data[4096..9096]);
-        let weak = Arc::downgrade(&v.map);
+        let weak = Arc::downgrade(vm);
         drop((v, w, a));
         assert!(weak.upgrade().is_none(), "the mapping outlived its views");
+    }
+
+    /// Where a file cannot be mapped, a view is a copy, and behaves the same.
+    #[test]
+    fn a_copied_view_behaves_as_a_mapped_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 4, 7).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13) as u8).collect();
+        seg.file.write_all_at(&data, SEGMENT_HEADER_BYTES).unwrap();
+        seg.len.store(SEGMENT_HEADER_BYTES + 90_000, Ordering::Release);
+        assert!(seg.view_copied(SEGMENT_HEADER_BYTES + 89_999, 2).is_err());
+        let v = seg.view_copied(SEGMENT_HEADER_BYTES + 100, 80_000).unwrap();
+        let m = seg.view(SEGMENT_HEADER_BYTES + 100, 80_000).unwrap();
+        assert_eq!(v.bytes(), m.bytes());
+        assert_eq!(v.populated().unwrap(), &data[100..80_100]);
+        let mut a = v.sub(10, 5).unwrap();
+        assert_eq!((a.offset(), a.bytes()), (SEGMENT_HEADER_BYTES + 110, &data[110..115]));
+        assert!(a.join(&v.sub(15, 5).unwrap()));
+        assert_eq!(a.bytes(), &data[110..120]);
+        assert!(!a.join(&m.sub(20, 5).unwrap()), "joined a mapped view to a copied one");
     }
 }
