@@ -57,6 +57,11 @@ pub const REPL_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// for the next frame. A batch holding one big record (up to 32 MiB) is
 /// built in a buffer of its own, given back to the allocator after it.
 pub const REPL_BUF_KEEP_BYTES: usize = 2 * REPL_BATCH_BYTES as usize + 64 * 1024;
+/// The sender writes a batch read in place from the log in parts of at
+/// most this, each faulted in just before it is written
+/// (`session::Out::part`): a page reclaimed after that and then unreadable
+/// would raise SIGBUS, so the window stays the time one part takes to go.
+pub const REPL_WRITE_PART_BYTES: usize = 256 * 1024;
 /// Replication: bytes sent to a DR site and not yet acknowledged.
 pub const REPL_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 /// Replication: a DR site reads its connection's socket up to this much at a

@@ -110,11 +110,20 @@ pub struct View {
     len: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Src {
     Map(Arc<Mapping>),
     /// Bytes read with `pread`; `base` is the segment offset of `buf[0]`.
     Copy { buf: Arc<Vec<u8>>, base: usize },
+}
+
+impl std::fmt::Debug for Src {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Src::Map(m) => m.fmt(f),
+            Src::Copy { buf, base } => write!(f, "Copy({} bytes at {base})", buf.len()),
+        }
+    }
 }
 
 impl View {
@@ -131,10 +140,19 @@ impl View {
     /// The bytes, faulted in first (see `Segment::view`): for a view kept
     /// a while, whose pages may have left the page cache since.
     pub fn populated(&self) -> Result<&[u8]> {
-        if let Src::Map(m) = &self.src {
-            populate(m, self.off, self.len)?;
+        self.populated_range(0, self.len)
+    }
+
+    /// `populated` for `bytes()[at..at + n]`.
+    pub fn populated_range(&self, at: usize, n: usize) -> Result<&[u8]> {
+        if at.checked_add(n).is_none_or(|e| e > self.len) {
+            bail!("{n} bytes at {at} of a {} byte view of a log segment", self.len);
         }
-        Ok(self.bytes())
+        if let Src::Map(m) = &self.src {
+            // A mapped view exists only where populating works.
+            populate(m, self.off + at, n)?;
+        }
+        Ok(&self.bytes()[at..at + n])
     }
 
     /// Offset in the segment.
@@ -171,12 +189,25 @@ impl View {
     }
 }
 
+/// Set once `MADV_POPULATE_READ` turned out to be missing (Linux before
+/// 5.14): views are then copies (`Segment::view_copied`), since without it
+/// a page that cannot be read would raise SIGBUS on access instead of an
+/// error.
+static NO_POPULATE: AtomicBool = AtomicBool::new(false);
+
+/// Why views are copies in this process, said once.
+fn note_copies(why: &str) {
+    static NOTED: AtomicBool = AtomicBool::new(false);
+    if !NOTED.swap(true, Ordering::Relaxed) {
+        tracing::warn!("{why}: replication reads the log with copies instead of in place");
+    }
+}
+
 /// Faults in the pages of `len` bytes at `off` of a mapping with
 /// `MADV_POPULATE_READ`: a page that cannot be read comes back as an error
 /// (a plain access would raise SIGBUS), and a range takes one call instead
-/// of a fault per page. A kernel without it (before 5.14) faults the pages
-/// in on access.
-fn populate(m: &Mapping, off: usize, len: usize) -> Result<()> {
+/// of a fault per page. `Ok(false)` if the kernel lacks it (EINVAL).
+fn populate(m: &Mapping, off: usize, len: usize) -> Result<bool> {
     let page = page_bytes();
     let start = off & !(page - 1);
     let end = off + len;
@@ -185,18 +216,19 @@ fn populate(m: &Mapping, off: usize, len: usize) -> Result<()> {
         let r = unsafe { libc::madvise(m.ptr.add(start).cast(), end - start, libc::MADV_POPULATE_READ) };
         if r != 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(e).with_context(|| format!("failed to read {len} bytes at offset {off} of log segment {}", m.path.display()));
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(false);
             }
+            return Err(e).with_context(|| format!("failed to read {len} bytes at offset {off} of log segment {}", m.path.display()));
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; no slice of it outlives
-        // the segment that owns it (slices borrow the segment).
+        // SAFETY: unmaps exactly what `new` mapped; every slice of it
+        // borrows a `View`, which holds this mapping's Arc.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
@@ -314,6 +346,9 @@ impl Segment {
         if end.is_none() {
             bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len());
         }
+        if NO_POPULATE.load(Ordering::Relaxed) {
+            return self.view_copied(off, n);
+        }
         let map = {
             let mut cur = self.map.lock().unwrap_or_else(|p| p.into_inner());
             match cur.upgrade() {
@@ -325,19 +360,19 @@ impl Segment {
                         m
                     }
                     Err(e) => {
-                        // A file system without mmap (some FUSE ones): read
-                        // a copy instead; slower, never stuck.
-                        static NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-                        if !NOTED.swap(true, Ordering::Relaxed) {
-                            tracing::warn!("cannot map log segment {} ({e}): replication reads the log with copies instead", self.path.display());
-                        }
+                        // A file system without mmap (some FUSE ones).
                         drop(cur);
+                        note_copies(&format!("cannot map log segment {} ({e})", self.path.display()));
                         return self.view_copied(off, n);
                     }
                 },
             }
         };
-        populate(&map, off as usize, n)?;
+        if !populate(&map, off as usize, n)? {
+            NO_POPULATE.store(true, Ordering::Relaxed);
+            note_copies("this kernel lacks MADV_POPULATE_READ (Linux 5.14)");
+            return self.view_copied(off, n);
+        }
         Ok(View { src: Src::Map(map), off: off as usize, len: n })
     }
 
@@ -497,5 +532,15 @@ mod tests {
         assert!(a.join(&v.sub(15, 5).unwrap()));
         assert_eq!(a.bytes(), &data[110..120]);
         assert!(!a.join(&m.sub(20, 5).unwrap()), "joined a mapped view to a copied one");
+        assert_eq!(v.populated_range(79_990, 10).unwrap(), &data[80_090..80_100]);
+        assert!(v.populated_range(79_990, 11).is_err());
+        // A kernel without MADV_POPULATE_READ gets copies. (Other tests in
+        // this process may get copies meanwhile: same bytes.)
+        NO_POPULATE.store(true, Ordering::Relaxed);
+        let c = seg.view(SEGMENT_HEADER_BYTES + 100, 10);
+        NO_POPULATE.store(false, Ordering::Relaxed);
+        let c = c.unwrap();
+        assert!(matches!(c.src, Src::Copy { .. }), "{c:?}");
+        assert_eq!(c.bytes(), &data[100..110]);
     }
 }

@@ -89,13 +89,25 @@ impl Out {
     }
 
     /// Part `i` of the frame's bytes (parts in order, from 0; None past
-    /// the last). Reading a part of the log can fail.
+    /// the last). A piece of the log is cut into parts of at most
+    /// `REPL_WRITE_PART_BYTES`, each faulted in here, just before the
+    /// driver writes it. Reading a part of the log can fail.
     pub fn part(&self, i: usize) -> Option<Result<&[u8]>> {
-        match (self, i) {
-            (Out::Bytes(b), 0) => Some(Ok(b)),
-            (Out::Records { head, .. }, 0) => Some(Ok(head)),
-            (Out::Records { pieces, .. }, i) => pieces.get(i - 1).map(|p| p.populated()),
-            _ => None,
+        match self {
+            Out::Bytes(b) => (i == 0).then_some(Ok(b.as_slice())),
+            Out::Records { head, pieces, .. } => {
+                let Some(mut i) = i.checked_sub(1) else { return Some(Ok(head.as_slice())) };
+                let part = limits::REPL_WRITE_PART_BYTES;
+                for p in pieces {
+                    let parts = p.len().div_ceil(part);
+                    if i < parts {
+                        let at = i * part;
+                        return Some(p.populated_range(at, part.min(p.len() - at)));
+                    }
+                    i -= parts;
+                }
+                None
+            }
         }
     }
 
@@ -114,7 +126,7 @@ impl Out {
 /// Frames compare by their bytes (tests).
 impl PartialEq for Out {
     fn eq(&self, other: &Out) -> bool {
-        matches!((self.to_vec(), other.to_vec()), (Ok(a), Ok(b)) if a == b)
+        self.to_vec().ok() == other.to_vec().ok()
     }
 }
 
@@ -1102,6 +1114,16 @@ mod tests {
         assert!(matches!(f, Out::Records { .. }), "not read in place: {f:?}");
         assert!(f.len() > 24 << 20);
         assert_eq!(f.to_vec().unwrap().len(), f.len());
+        // Written in parts no bigger than REPL_WRITE_PART_BYTES.
+        let (mut parts, mut total) = (0, 0);
+        while let Some(p) = f.part(parts) {
+            let p = p.unwrap();
+            assert!(p.len() <= limits::REPL_WRITE_PART_BYTES, "a part of {} bytes", p.len());
+            total += p.len();
+            parts += 1;
+        }
+        assert_eq!(total, f.len());
+        assert!(parts > (24 << 20) / limits::REPL_WRITE_PART_BYTES, "{parts} parts");
         s.recycle(f);
         assert!(s.buf.capacity() <= limits::REPL_BUF_KEEP_BYTES, "kept a {} byte buffer", s.buf.capacity());
         // With lz4 the batch is built in the sender's buffer and compressed
