@@ -480,23 +480,7 @@ fn a_slow_link_is_not_a_silent_one() {
     let (mut d, proxy) = pair_through_proxy(1000, 1000);
     d.start_all();
     wait_until(20, "connected", || caught_up(&d));
-    proxy.set_bandwidth(Some(1 << 20));
-    let p = d.sites[0].uri("vol0");
-    qemu_io(&p, &(0..12).map(|i| format!("write -P 0x5a {i}M 1M")).collect::<Vec<_>>());
-    let t = Instant::now();
-    let mut lost = None;
-    while !(caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d)) {
-        let (state, err) = replica_state(&d);
-        if state == "disconnected" {
-            lost = Some(err);
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(40), "no catch-up over the slow link in 40 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(lost, None, "the slow link was taken for a silent one");
-    assert!(!d.sites[0].log().contains("dr-lost"), "dr-lost over a slow but live link");
-    proxy.set_bandwidth(None);
+    catch_up_over_a_slow_link(&d, &proxy, 12, 0x5a, 40);
     let (a, b) = converged_copies(&d, 20);
     assert!(a == b, "the DR copy differs from the primary after the slow link");
 }
@@ -511,14 +495,22 @@ fn a_slow_link_is_not_a_silent_one_to_a_primary_with_a_short_timeout() {
     let (mut d, proxy) = pair_through_proxy(400, 20_000);
     d.start_all();
     wait_until(20, "connected", || caught_up(&d));
+    catch_up_over_a_slow_link(&d, &proxy, 6, 0x5b, 30);
+}
+
+/// Writes `mib` MiB (pattern `pattern`) at the primary over a 1 MiB/s
+/// route and waits up to `limit_s` seconds for the DR to catch up. Fails if
+/// the session was taken for a silent one on the way (the replica went
+/// disconnected, or the primary logged dr-lost). Lifts the cap after.
+fn catch_up_over_a_slow_link(d: &Deployment, proxy: &common::proxy::Proxy, mib: u64, pattern: u8, limit_s: u64) {
     proxy.set_bandwidth(Some(1 << 20));
     let p = d.sites[0].uri("vol0");
-    qemu_io(&p, &(0..6).map(|i| format!("write -P 0x5b {i}M 1M")).collect::<Vec<_>>());
+    qemu_io(&p, &(0..mib).map(|i| format!("write -P {pattern:#x} {i}M 1M")).collect::<Vec<_>>());
     let t = Instant::now();
-    while !(caught_up(&d) && dr_applied(&d, 1) >= primary_last(&d)) {
-        let (state, err) = replica_state(&d);
+    while !(caught_up(d) && dr_applied(d, 1) >= primary_last(d)) {
+        let (state, err) = replica_state(d);
         assert!(state != "disconnected", "the slow link was taken for a silent one: {err}");
-        assert!(t.elapsed() < Duration::from_secs(30), "no catch-up over the slow link in 30 s");
+        assert!(t.elapsed() < Duration::from_secs(limit_s), "no catch-up over the slow link in {limit_s} s");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!d.sites[0].log().contains("dr-lost"), "dr-lost over a slow but live link");

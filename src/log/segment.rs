@@ -137,13 +137,8 @@ impl View {
         }
     }
 
-    /// The bytes, faulted in first (see `Segment::view`): for a view kept
-    /// a while, whose pages may have left the page cache since.
-    pub fn populated(&self) -> Result<&[u8]> {
-        self.populated_range(0, self.len)
-    }
-
-    /// `populated` for `bytes()[at..at + n]`.
+    /// `bytes()[at..at + n]`, faulted in first (see `Segment::view`): for a
+    /// view kept a while, whose pages may have left the page cache since.
     pub fn populated_range(&self, at: usize, n: usize) -> Result<&[u8]> {
         if at.checked_add(n).is_none_or(|e| e > self.len) {
             bail!("{n} bytes at {at} of a {} byte view of a log segment", self.len);
@@ -153,11 +148,6 @@ impl View {
             populate(m, self.off + at, n)?;
         }
         Ok(&self.bytes()[at..at + n])
-    }
-
-    /// Offset in the segment.
-    pub fn offset(&self) -> u64 {
-        self.off as u64
     }
 
     pub fn len(&self) -> usize {
@@ -342,10 +332,7 @@ impl Segment {
     /// segment's length. The pages are faulted in here (`populate`), so
     /// that a read error is an error, not SIGBUS.
     pub fn view(&self, off: u64, n: usize) -> Result<View> {
-        let end = off.checked_add(n as u64).filter(|&e| e <= self.len() && e <= crate::limits::SEGMENT_BYTES);
-        if end.is_none() {
-            bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len());
-        }
+        self.check_range(off, n)?;
         if NO_POPULATE.load(Ordering::Relaxed) {
             return self.view_copied(off, n);
         }
@@ -376,12 +363,19 @@ impl Segment {
         Ok(View { src: Src::Map(map), off: off as usize, len: n })
     }
 
+    /// `n` bytes at `off` lie below the segment's length (which is never
+    /// past `SEGMENT_BYTES`, the length of a mapping).
+    fn check_range(&self, off: u64, n: usize) -> Result<()> {
+        if off.checked_add(n as u64).is_none_or(|e| e > self.len() || e > crate::limits::SEGMENT_BYTES) {
+            bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len());
+        }
+        Ok(())
+    }
+
     /// `view` by `pread` into a buffer of its own: where the file cannot be
     /// mapped.
     pub fn view_copied(&self, off: u64, n: usize) -> Result<View> {
-        if off.checked_add(n as u64).is_none_or(|e| e > self.len()) {
-            bail!("log segment {}: {n} bytes at offset {off} are past its end ({} bytes)", self.path.display(), self.len());
-        }
+        self.check_range(off, n)?;
         let mut buf = vec![0u8; n];
         self.read_at(&mut buf, off)?;
         Ok(View { src: Src::Copy { buf: Arc::new(buf), base: off as usize }, off: off as usize, len: n })
@@ -479,26 +473,34 @@ where
 mod tests {
     use super::*;
 
+    /// A segment holding `n` bytes of a pattern after its header, with its
+    /// length at `len` of them.
+    fn segment_holding(dir: &Path, n: u32, len: u64) -> (Segment, Vec<u8>) {
+        let seg = Segment::create(dir, 3, 7).unwrap();
+        let data: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
+        seg.file.write_all_at(&data, SEGMENT_HEADER_BYTES).unwrap();
+        seg.len.store(SEGMENT_HEADER_BYTES + len, Ordering::Release);
+        (seg, data)
+    }
+
     /// The sender's in-place view: the bytes written, below the segment's
     /// length only, still readable after the file is unlinked (GC), and
     /// unmapped once no view of it is left.
     #[test]
     fn a_view_reads_written_bytes_and_nothing_past_the_length() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = Segment::create(dir.path(), 3, 7).unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
-        seg.file.write_all_at(&data, SEGMENT_HEADER_BYTES).unwrap();
+        let (seg, data) = segment_holding(dir.path(), 300_000, 0);
         let e = format!("{:#}", seg.view(SEGMENT_HEADER_BYTES, 10).unwrap_err());
         assert!(e.contains("past its end"), "{e}");
         seg.len.store(SEGMENT_HEADER_BYTES + 250_000, Ordering::Release);
         let v = seg.view(SEGMENT_HEADER_BYTES + 1, 249_999).unwrap();
         assert_eq!(v.bytes(), &data[1..250_000]);
-        assert_eq!(v.populated().unwrap(), &data[1..250_000]);
+        assert_eq!(v.populated_range(0, v.len()).unwrap(), &data[1..250_000]);
         assert!(seg.view(SEGMENT_HEADER_BYTES + 249_999, 2).is_err());
         assert!(seg.view(u64::MAX - 1, 4).is_err());
         let mut a = v.sub(6, 3).unwrap();
         assert_eq!(a.bytes(), &data[7..10]);
-        assert_eq!(a.offset(), SEGMENT_HEADER_BYTES + 7);
+        assert_eq!(a.off as u64, SEGMENT_HEADER_BYTES + 7);
         assert!(v.sub(249_998, 2).is_none());
         assert!(a.join(&v.sub(9, 5).unwrap()));
         assert_eq!(a.bytes(), &data[7..15]);
@@ -518,17 +520,14 @@ mod tests {
     #[test]
     fn a_copied_view_behaves_as_a_mapped_one() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = Segment::create(dir.path(), 4, 7).unwrap();
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13) as u8).collect();
-        seg.file.write_all_at(&data, SEGMENT_HEADER_BYTES).unwrap();
-        seg.len.store(SEGMENT_HEADER_BYTES + 90_000, Ordering::Release);
+        let (seg, data) = segment_holding(dir.path(), 100_000, 90_000);
         assert!(seg.view_copied(SEGMENT_HEADER_BYTES + 89_999, 2).is_err());
         let v = seg.view_copied(SEGMENT_HEADER_BYTES + 100, 80_000).unwrap();
         let m = seg.view(SEGMENT_HEADER_BYTES + 100, 80_000).unwrap();
         assert_eq!(v.bytes(), m.bytes());
-        assert_eq!(v.populated().unwrap(), &data[100..80_100]);
+        assert_eq!(v.populated_range(0, v.len()).unwrap(), &data[100..80_100]);
         let mut a = v.sub(10, 5).unwrap();
-        assert_eq!((a.offset(), a.bytes()), (SEGMENT_HEADER_BYTES + 110, &data[110..115]));
+        assert_eq!((a.off as u64, a.bytes()), (SEGMENT_HEADER_BYTES + 110, &data[110..115]));
         assert!(a.join(&v.sub(15, 5).unwrap()));
         assert_eq!(a.bytes(), &data[110..120]);
         assert!(!a.join(&m.sub(20, 5).unwrap()), "joined a mapped view to a copied one");

@@ -64,7 +64,7 @@ pub struct SenderConfig {
 #[derive(Debug)]
 pub enum Out {
     Bytes(Vec<u8>),
-    Records { head: [u8; frame::HEADER_BYTES], pieces: Vec<View>, len: usize },
+    Records { head: [u8; frame::HEADER_BYTES], pieces: Vec<View> },
 }
 
 impl Out {
@@ -72,7 +72,7 @@ impl Out {
     pub fn len(&self) -> usize {
         match self {
             Out::Bytes(b) => b.len(),
-            Out::Records { len, .. } => frame::HEADER_BYTES + len,
+            Out::Records { pieces, .. } => frame::HEADER_BYTES + pieces.iter().map(View::len).sum::<usize>(),
         }
     }
 
@@ -600,7 +600,7 @@ impl Sender {
             return Ok(Action::Idle { until: Some(hb_due), on_append: false });
         }
         let mut pieces = Vec::new();
-        let (n, first_ts, last_seq, data_bytes) = read_batch(g, &mut st.at, self.next, &mut pieces)?;
+        let (n, first_ts, last_seq, data_bytes, batch_bytes) = read_batch(g, &mut st.at, self.next, &mut pieces)?;
         if n == 0 {
             if periodic {
                 st.last_ship = Some(now.mono_ns);
@@ -610,8 +610,6 @@ impl Sender {
             // Caught up: wait for new records, an ack, or the heartbeat.
             return Ok(Action::Idle { until: Some(hb_due), on_append: true });
         }
-        let len: usize = pieces.iter().map(|p| p.len()).sum();
-        let batch_bytes = len as u64;
         let f = if self.cfg.lz4 {
             // Compressed from one buffer, kept for the next batch.
             self.buf.clear();
@@ -622,8 +620,8 @@ impl Sender {
             keep_small(&mut self.buf);
             Out::Bytes(f)
         } else {
-            let head = frame::records_header(self.epoch, len as u32);
-            Out::Records { head, pieces, len }
+            let head = frame::records_header(self.epoch, batch_bytes as u32);
+            Out::Records { head, pieces }
         };
         self.frames_sent += 1;
         self.next = last_seq + 1;
@@ -667,10 +665,10 @@ fn keep_small(buf: &mut Vec<u8>) {
 /// (ranges of segments, read in place), skipping GC relocations and records
 /// before `next`, up to `REPL_BATCH_BYTES` (or one record, if that is
 /// bigger). Returns (records, timestamp of the first, seq of the last,
-/// payload bytes of writes). Every record's header (which holds its block
+/// payload bytes of writes, bytes of the records). Every record's header (which holds its block
 /// CRCs) is checked here; the block data is checked by the receiver, which
 /// verifies every block before it applies a record.
-fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<View>) -> Result<(usize, u64, u64, u64)> {
+fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<View>) -> Result<(usize, u64, u64, u64, u64)> {
     let mut bytes = 0u64;
     let mut n = 0;
     let mut first_ts = 0;
@@ -759,7 +757,7 @@ fn read_batch(group: &Group, at: &mut LogPos, next: u64, pieces: &mut Vec<View>)
             bail!("log segment {} offset {off}: {} bytes left, less than a record header", seg.path.display(), end - off);
         }
     }
-    Ok((n, first_ts, last_seq, data))
+    Ok((n, first_ts, last_seq, data, bytes))
 }
 
 /// What the receiver asks its driver to do after a frame.
