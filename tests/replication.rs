@@ -558,22 +558,22 @@ fn hold_idle_connections(target: std::net::SocketAddr, from: String, n: usize, f
     })
 }
 
-/// Stops the primary of a caught-up pair, lets `flood` (given the DR's
-/// replication address and a stop flag) hold connections to the DR for
+/// Stops the primary of a caught-up pair, lets `flood` (given the
+/// deployment, the DR's replication address and a stop flag) hold connections to the DR for
 /// `head_start`, then restarts the primary and writes. Returns the
 /// deployment, how long after its restart the DR had caught up (`Err`
 /// with the time waited if it had not within 9.5 s of the flood's start,
 /// before the first flood sockets reach the DR's 10 s handshake timeout,
 /// when the primary could slip in without any limit), and how many
 /// connections the flood opened.
-fn primary_restart_under_flood(head_start: Duration, flood: impl FnOnce(std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<std::thread::JoinHandle<usize>>) -> (Deployment, Result<Duration, Duration>, usize) {
+fn primary_restart_under_flood(head_start: Duration, flood: impl FnOnce(&Deployment, std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<std::thread::JoinHandle<usize>>) -> (Deployment, Result<Duration, Duration>, usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let (mut d, p) = caught_up_pair();
     d.sites[0].stop();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let target: std::net::SocketAddr = format!("127.0.0.1:{}", d.repl_port(1)).parse().unwrap();
     let flood_started = Instant::now();
-    let floods = flood(target, stop.clone());
+    let floods = flood(&d, target, stop.clone());
     std::thread::sleep(head_start);
     d.sites[0].spawn();
     write_blocks(&p, 0x22, 1 << 20, 4);
@@ -601,7 +601,7 @@ fn primary_restart_under_flood(head_start: Duration, flood: impl FnOnce(std::net
 /// primary (from 127.0.0.1) connects and catches up at once.
 #[test]
 fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
-    let (d, caught, opened) = primary_restart_under_flood(Duration::from_secs(1), |target, stop| vec![hold_idle_connections(target, "127.0.0.2".into(), 300, b"", stop)]);
+    let (d, caught, opened) = primary_restart_under_flood(Duration::from_secs(1), |_, target, stop| vec![hold_idle_connections(target, "127.0.0.2".into(), 300, b"", stop)]);
     let after = caught.unwrap_or_else(|t| panic!("the primary was locked out: not caught up {t:?} after its restart ({opened} idle connections opened)"));
     eprintln!("caught up {after:?} after the restart, past {opened} idle connections");
     assert!(opened >= 300, "the flood opened only {opened} connections");
@@ -609,7 +609,7 @@ fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
 }
 
 /// The same from many source addresses, each within its limit of 32: ten
-/// addresses hold 320 connections, more than the 256 threads a DR site
+/// addresses hold 320 connections, more than the 256 handshake threads a DR site
 /// runs. Half of them stay idle (they wait for their first bytes without a
 /// thread), half send the first byte of a TLS record and stall (they get a
 /// thread for the handshake, of which at most 128 run: the oldest gives
@@ -620,7 +620,7 @@ fn idle_connections_from_one_source_cannot_lock_out_the_primary() {
 fn connections_from_many_sources_cannot_lock_out_the_primary() {
     // All 320 in place before the restart (a DR spawning a thread for
     // each took about a second for them before).
-    let (d, caught, opened) = primary_restart_under_flood(Duration::from_secs(3), |target, stop| {
+    let (d, caught, opened) = primary_restart_under_flood(Duration::from_secs(3), |_, target, stop| {
         (2..12)
             .map(|i| {
                 let first: &'static [u8] = if i % 2 == 0 { b"\x16" } else { b"" };
@@ -640,6 +640,65 @@ fn connections_from_many_sources_cannot_lock_out_the_primary() {
     // Throttled: one line per address and reason per 10 s, not one per connection.
     let lines = log.lines().filter(|l| l.contains("refused a connection from")).count();
     assert!(lines <= 40, "{lines} refusal lines for {opened} connections: not throttled");
+}
+
+/// Opens `n` TLS connections to the DR at `target` from address `from`
+/// with site `a`'s certificate (found in `a_dir`), so each authenticates,
+/// and holds them without a word (the DR drops them 10 s on, when no HELLO
+/// came). Returns how many authenticated.
+fn hold_authenticated_connections(target: std::net::SocketAddr, from: &str, a_dir: &std::path::Path, n: usize, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
+    let tls = tidemark::replicate::tls::client_config(&tidemark::replicate::tls::TlsFiles::in_dir(a_dir)).unwrap();
+    let from = from.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let connector = tokio_rustls::TlsConnector::from(tls);
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+                let Ok(s) = sock.connect(target).await else { break };
+                match connector.connect(tidemark::replicate::tls::server_name("b").unwrap(), s).await {
+                    Ok(t) => held.push(t),
+                    Err(_) => break,
+                }
+            }
+            let authenticated = held.len();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            authenticated
+        })
+    })
+}
+
+/// A DR site serving many links (one per group and primary) under a flood
+/// of stalled handshakes. Authenticated connections and handshakes now
+/// have threads counted apart (at most 256 of the one, twice 128 of the
+/// other), so a reconnecting primary displaces a stalled handshake, as it
+/// does on a quiet site. Before, one cap of 256 threads counted both: 140
+/// authenticated connections and 116 stalled handshakes filled it, and
+/// every new connection, the primary's too, was refused at the cap instead
+/// of displacing one.
+#[test]
+fn many_authenticated_links_and_a_handshake_flood_do_not_lock_out_the_primary() {
+    let authenticated = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let held = authenticated.clone();
+    let (d, caught, opened) = primary_restart_under_flood(Duration::from_secs(3), |d, target, stop| {
+        // The links first (they take ~1 s), then 160 stalled handshakes.
+        let links = hold_authenticated_connections(target, "127.0.0.20", &d.sites[0].dir, 140, stop.clone());
+        std::thread::sleep(Duration::from_millis(1500));
+        *held.lock().unwrap() = Some(links);
+        (2..7).map(|i| hold_idle_connections(target, format!("127.0.0.{i}"), 32, b"\x16", stop.clone())).collect()
+    });
+    let links = authenticated.lock().unwrap().take().unwrap().join().unwrap();
+    let log = d.sites[1].log();
+    let at_cap = log.lines().filter(|l| l.contains("the most this site")).filter(|l| l.contains("connections are open")).count();
+    let after = caught.unwrap_or_else(|t| panic!("the primary was locked out: not caught up {t:?} after its restart, past {links} authenticated links and {opened} stalled handshakes (cap refusals logged: {at_cap})\n{log}"));
+    eprintln!("caught up {after:?} after the restart, past {links} authenticated links and {opened} stalled handshakes");
+    assert_eq!(links, 140, "only {links} of 140 links authenticated");
+    assert!(opened >= 160, "the floods opened only {opened} connections");
+    assert!(log.contains("displaced by a newer connection during its TLS handshake"), "no stalled handshake was displaced:\n{log}");
 }
 
 /// A primary that stops (SIGTERM) closes its replication links with TLS

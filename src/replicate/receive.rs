@@ -144,8 +144,14 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
 /// - at most `REPL_PREAUTH_PER_SOURCE_MAX` from one source address are in
 ///   either phase, and all of it within `REPL_HANDSHAKE_TIMEOUT_MS`.
 ///
-/// At most `REPL_RECV_CONNECTIONS_MAX` threads run at once. Refusals are
-/// logged at most every 10 s per source address and reason.
+/// Threads are counted apart by phase: at most `REPL_RECV_CONNECTIONS_MAX`
+/// for authenticated connections, and at most twice the handshakes allowed
+/// for handshakes, counting displaced ones until their threads end (at
+/// once: their sockets are shut down). So a site serving many links still
+/// lets a reconnecting primary displace a stalled handshake; with one cap
+/// for both, links plus stalled handshakes could fill it and refuse every
+/// new connection. Refusals are logged at most every 10 s per source
+/// address and reason.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: Arc<Site>) -> Result<()> {
     // Sized to the descriptors this process may open: a waiting
     // connection holds one, one in a handshake about four (its socket, the
@@ -161,6 +167,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
         refusals: Refusals::new(site.metrics.clone()),
         site,
         live: Arc::new(AtomicUsize::new(0)),
+        handshaking: Arc::new(AtomicUsize::new(0)),
         preauth: PreAuth::new(handshakes_max),
     };
     let waiting: Arc<Mutex<Oldest<tokio::task::AbortHandle>>> = Arc::default();
@@ -206,8 +213,10 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
 struct Accepting {
     acceptor: tokio_rustls::TlsAcceptor,
     site: Arc<Site>,
-    /// Connection threads running.
+    /// Threads of authenticated connections.
     live: Arc<AtomicUsize>,
+    /// Threads in a TLS handshake, or leaving one (displaced or refused).
+    handshaking: Arc<AtomicUsize>,
     preauth: PreAuth,
     refusals: Refusals,
 }
@@ -248,9 +257,12 @@ impl<T> Oldest<T> {
 /// A connection that has sent its first bytes gets a thread for the TLS
 /// handshake (and, once authenticated, for the whole session).
 fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAuthSlot, deadline: Instant, ctx: Accepting) {
-    // Counted until the thread ends (or, if it cannot start, at once).
-    let Some(counted) = crate::util::Counted::try_enter(&ctx.live, crate::limits::REPL_RECV_CONNECTIONS_MAX) else {
-        ctx.refusals.note(Refused::ConnectionLimit, addr, &format!("{} replication connections are open, the most this site takes", crate::limits::REPL_RECV_CONNECTIONS_MAX));
+    // Counted until authenticated (or, if it cannot start, at once). Twice
+    // the handshakes allowed: a displaced one is counted until its thread
+    // sees its socket shut down, which takes it moments.
+    let threads_max = 2 * ctx.preauth.handshakes_max;
+    let Some(counted) = crate::util::Counted::try_enter(&ctx.handshaking, threads_max) else {
+        ctx.refusals.note(Refused::ConnectionLimit, addr, &format!("{threads_max} replication connections are in a TLS handshake or leaving one, the most this site runs"));
         return;
     };
     // Off this runtime's reactor, onto the connection thread's; and a
@@ -268,7 +280,7 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
     };
     let ctx_refusals = ctx.refusals.clone();
     let spawned = std::thread::Builder::new().name(format!("recv-{}", addr.port())).spawn(move || {
-        let _live = counted;
+        let handshaking = counted;
         // Built (and dropped) on this thread: a runtime may not be
         // dropped inside another runtime's `block_on`.
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -298,6 +310,11 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
                 ctx.refusals.note(Refused::DisplacedHandshake, addr, &displaced());
                 return;
             }
+            drop(handshaking);
+            let Some(_live) = crate::util::Counted::try_enter(&ctx.live, crate::limits::REPL_RECV_CONNECTIONS_MAX) else {
+                ctx.refusals.note(Refused::ConnectionLimit, addr, &format!("{} authenticated replication connections are open, the most this site serves; refused {peer}'s", crate::limits::REPL_RECV_CONNECTIONS_MAX));
+                return;
+            };
             let site = ctx.site;
             let nice = site.cfg.receiver_nice;
             let link_timeout = Duration::from_millis(site.cfg.link_timeout_ms);
