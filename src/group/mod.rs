@@ -614,11 +614,18 @@ impl Group {
         crate::crashsafe::write_file(&self.dir.join(PINS_FILE), &serde_json::to_vec_pretty(&state)?)
     }
 
-    /// `save_pins` off the async reactor; failures are logged (the previous
+    /// `save_pins` off the async reactor, on a blocking-pool thread brought
+    /// to nice `nice` (the calling replication thread's: the pool thread
+    /// may have inherited another); failures are logged (the previous
     /// file stays, which only keeps more log than needed).
-    pub async fn save_pins_async(self: &Arc<Self>) {
+    pub async fn save_pins_async(self: &Arc<Self>, nice: i32) {
         let g = self.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || g.save_pins()).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || {
+            crate::replicate::priority::match_this_thread(nice);
+            g.save_pins()
+        })
+        .await
+        {
             tracing::warn!("group {}: failed to save replication pins: {e:#}", self.name);
         }
     }

@@ -50,6 +50,28 @@ pub fn can_restore_priority() -> bool {
     })
 }
 
+/// Brings the calling thread to nice `nice` if it is elsewhere: a helper
+/// thread that runs a replication thread's steps (the sender's resync
+/// steps on its runtime's blocking pool) inherited that thread's value
+/// when it was created, and without this kept it until it exited, 10 s
+/// idle, so a resync step after a switch to sync could run deprioritised.
+/// Returns whether it changed; a failure is logged once and the thread
+/// keeps its value.
+pub fn match_this_thread(nice: i32) -> bool {
+    let (tid, current) = this_thread();
+    if current == nice {
+        return false;
+    }
+    // SAFETY: setpriority on the calling thread's own id.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        let e = std::io::Error::last_os_error();
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::warn!("cannot set a replication helper thread's nice value from {current} to {nice}: {e}; it keeps {current}"));
+        return false;
+    }
+    true
+}
+
 impl Priority {
     /// For the calling thread, which runs as a `role` ("sender",
     /// "receiver"; the setting is `<role>_nice`). If this process could not
@@ -115,6 +137,27 @@ mod tests {
         // Field 19 (nice), counted after the ")" that ends the thread name.
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         rest.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    /// A helper thread created while its replication thread was at nice
+    /// 10 (async) comes back to the inherited value for a step in sync mode.
+    #[test]
+    fn a_helper_thread_takes_the_value_of_the_step_it_runs() {
+        std::thread::spawn(|| {
+            let (tid, base) = this_thread();
+            if !can_restore_priority() || base >= 10 {
+                // Nothing to restore: the policy is off, helpers stay at base.
+                assert!(!match_this_thread(base));
+                return;
+            }
+            assert!(match_this_thread(10));
+            assert_eq!(nice_of(tid), 10);
+            assert!(!match_this_thread(10), "no change, no syscall");
+            assert!(match_this_thread(base));
+            assert_eq!(nice_of(tid), base, "back at the inherited value");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

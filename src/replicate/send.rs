@@ -224,7 +224,11 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
             // A resync step reads dirty blocks from the log: off the reactor.
             let mut c = core.take().unwrap();
             let t = now();
+            // At the sender's priority now, not the one the pool thread
+            // inherited when it was made.
+            let nice = prio.current();
             let (c, a) = tokio::task::spawn_blocking(move || {
+                super::priority::match_this_thread(nice);
                 let a = c.poll(t);
                 (c, a)
             })
@@ -276,7 +280,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
                 }
                 core.as_mut().unwrap().recycle(f);
             }
-            Action::SavePins => group.save_pins_async().await,
+            Action::SavePins => group.save_pins_async(prio.current()).await,
             Action::Idle { until, on_append } => {
                 let wait = until.map(|u| Duration::from_nanos(u.saturating_sub(now().mono_ns))).unwrap_or(Duration::from_secs(3600));
                 tokio::select! {
