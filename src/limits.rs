@@ -9,6 +9,9 @@
 pub const BLOCK_BYTES: u64 = 4096;
 /// Largest NBD request payload (read or write) the server accepts.
 pub const NBD_REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
+/// Largest payload of a write record: the largest NBD write, starting and
+/// ending inside blocks, widens to whole blocks, one more than it spans.
+pub const WRITE_RECORD_BYTES_MAX: u64 = NBD_REQUEST_BYTES_MAX as u64 + BLOCK_BYTES;
 /// Largest option payload accepted during the NBD handshake.
 pub const NBD_OPTION_BYTES_MAX: u32 = 64 * 1024;
 /// Option bytes the server is willing to read and discard before giving up on
@@ -140,12 +143,11 @@ pub const SITE_RESTARTS_PER_MINUTE_MAX: u32 = 5;
 const _: () = assert!(BLOCK_BYTES.is_power_of_two());
 const _: () = assert!((NBD_REQUEST_BYTES_MAX as u64).is_multiple_of(BLOCK_BYTES));
 // A maximal write record (header + one CRC per block + payload) fits a segment.
-const _: () = assert!(64 + (NBD_REQUEST_BYTES_MAX as u64) * 1025 / 1024 + 64 <= SEGMENT_BYTES);
+const _: () = assert!(64 + WRITE_RECORD_BYTES_MAX * 1025 / 1024 + 64 <= SEGMENT_BYTES);
 const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);
 // A batch, or one maximal record (which may exceed a batch alone), fits a frame.
 const _: () = assert!(REPL_BATCH_BYTES <= 40 * 1024 * 1024);
-// Threads in handshakes leave room for authenticated connections.
-const _: () = assert!(64 + NBD_REQUEST_BYTES_MAX as u64 * 1025 / 1024 <= 40 * 1024 * 1024);
+const _: () = assert!(64 + WRITE_RECORD_BYTES_MAX * 1025 / 1024 <= 40 * 1024 * 1024);
 
 /// Volumes plus snapshots in one consistency group. Every map is walked by
 /// GC accounting and checkpoints, so the count is bounded.

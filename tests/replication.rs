@@ -642,6 +642,39 @@ fn connections_from_many_sources_cannot_lock_out_the_primary() {
     assert!(lines <= 40, "{lines} refusal lines for {opened} connections: not throttled");
 }
 
+/// The largest NBD write (32 MiB) at an offset inside a block widens to
+/// 8193 whole blocks. Its log record must be one every reader takes: before,
+/// it was acknowledged and then refused by every reader as longer than a
+/// record may be, so the sender stalled on it, and a restart cut the log
+/// there as a torn tail, losing it and every later write.
+#[test]
+fn an_unaligned_maximal_write_is_replicated_and_replayed() {
+    let (mut d, _) = caught_up_pair();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut data = vec![0u8; 32 << 20];
+    rng.fill(&mut data[..]);
+    let later = vec![0x5au8; 4096];
+    {
+        let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
+        c.write(1, &data, false).unwrap();
+        c.write(48 << 20, &later, false).unwrap();
+        c.flush().unwrap();
+    }
+    let last = primary_last(&d);
+    wait_until(30, "the DR to apply the unaligned 32 MiB write and the one after", || caught_up(&d) && dr_applied(&d, 1) >= last);
+    let check = |addr: &str, what: &str| {
+        let mut c = Client::connect(addr, "vol0").unwrap();
+        assert!(c.read(1, 32 << 20).unwrap() == data, "{what}: the unaligned 32 MiB write reads back wrong");
+        assert_eq!(c.read(48 << 20, 4096).unwrap(), later, "{what}: the write after it");
+    };
+    check(&d.sites[1].addr(), "DR");
+    // Killed, so the restart replays the log rather than a checkpoint.
+    d.sites[0].kill9();
+    d.sites[0].spawn();
+    check(&d.sites[0].addr(), "primary after a restart");
+    assert!(!d.sites[0].log().contains("discarded"), "the restart cut the log:\n{}", d.sites[0].log());
+}
+
 /// Opens `n` TLS connections to the DR at `target` from address `from`
 /// with site `a`'s certificate (found in `a_dir`), so each authenticates,
 /// and holds them without a word (the DR drops them 10 s on, when no HELLO

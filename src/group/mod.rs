@@ -367,6 +367,11 @@ impl Inner {
         self.check_failed()?;
         let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         debug_assert_eq!(h.total_len(), total);
+        // A record no reader would take is never written (and so never
+        // acknowledged): replay would cut the log at it as a torn tail.
+        if h.body_len > record::BODY_BYTES_MAX {
+            return Err(IoError::Failed(format!("a {:?} record of {} body bytes exceeds the {} a record may hold; not written", h.kind, h.body_len, record::BODY_BYTES_MAX)));
+        }
         if self.tail_off + total > SEGMENT_BYTES {
             let id = self.tail.id + 1;
             let seg = match Segment::create(&group.dir, id, group.id) {

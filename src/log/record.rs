@@ -55,8 +55,9 @@ pub fn ident(h: &Header) -> Option<u32> {
     }
 }
 
-/// Largest body a record may declare (a maximal write plus its CRC array).
-pub const BODY_BYTES_MAX: u32 = crate::limits::NBD_REQUEST_BYTES_MAX + crate::limits::NBD_REQUEST_BYTES_MAX / 1024;
+/// Largest body a record may declare (a maximal write, widened to whole
+/// blocks, plus its CRC array).
+pub const BODY_BYTES_MAX: u32 = (crate::limits::WRITE_RECORD_BYTES_MAX + crate::limits::WRITE_RECORD_BYTES_MAX / 1024) as u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
