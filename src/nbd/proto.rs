@@ -144,7 +144,13 @@ impl OptReply {
     }
     fn err(option: u32, kind: u32, msg: impl Into<String>) -> OptReply {
         let mut m: String = msg.into();
-        m.truncate(crate::limits::NBD_NAME_BYTES_MAX);
+        // Cut before a character, not inside one (the message may quote a
+        // client's export name).
+        let mut n = m.len().min(crate::limits::NBD_NAME_BYTES_MAX);
+        while !m.is_char_boundary(n) {
+            n -= 1;
+        }
+        m.truncate(n);
         OptReply { option, kind, data: m.into_bytes() }
     }
 }

@@ -65,6 +65,25 @@ fn unknown_export_is_refused_with_its_name() {
     assert!(matches!(next, Next::Close(ref m) if m.contains("nope")));
 }
 
+/// An unknown export whose name puts a multi-byte character across the
+/// 4096-byte cut of the error message: the message is cut before that
+/// character (cutting inside it panicked, on unauthenticated input).
+#[test]
+fn an_error_message_is_cut_at_a_character_boundary() {
+    let name = format!("a{}", "é".repeat(2047));
+    assert_eq!(name.len(), 4095);
+    let mut h = Handshake::default();
+    for opt in [OPT_GO, OPT_INFO] {
+        let (r, next) = handle_option(&mut h, &Two, opt, &go_data(&name, &[]));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].kind, REP_ERR_UNKNOWN);
+        assert!(r[0].data.len() <= crate::limits::NBD_NAME_BYTES_MAX);
+        let m = std::str::from_utf8(&r[0].data).expect("the cut message is still UTF-8");
+        assert!(m.contains("aé"), "{m}");
+        assert_eq!(next, Next::Continue);
+    }
+}
+
 #[test]
 fn malformed_options_get_invalid() {
     let mut h = Handshake::default();
