@@ -300,6 +300,14 @@ impl Sender {
         if reply.site != *peer {
             bail!("peer says it is {:?}, expected {peer:?}", reply.site);
         }
+        if reply.group != g.name {
+            bail!("{peer} answered for group {:?}, not {:?}", reply.group, g.name);
+        }
+        // Durable is what it holds, so at most its last: a reply claiming
+        // more would let sync writers and GC take records for held.
+        if reply.durable_seq >= reply.next_seq.max(1) {
+            bail!("{peer} says seq {} is durable but the next it expects is {}: a malformed HELLO_REPLY", reply.durable_seq, reply.next_seq);
+        }
         self.next = reply.next_seq.max(1);
         let last = g.last_seq();
         // Is the DR's history a prefix of ours? Compare its last record
@@ -386,6 +394,20 @@ impl Sender {
 
     fn on_ack(&mut self, now: Now, durable: u64, frames: u64) -> Result<()> {
         let (g, peer) = (&self.group, &self.cfg.peer);
+        // An ack can only cover what this session sent (or the DR held at
+        // HELLO): one past it would count records as held by the DR that
+        // it never got (sync writers released, pins moved past them).
+        let commit = match &self.phase {
+            Phase::Resync(rs) => rs.commit.map_or(0, |(seq, _)| seq),
+            _ => 0,
+        };
+        let bound = (self.next - 1).max(commit).max(self.window.acked);
+        if durable > bound {
+            bail!("{peer} acknowledged seq {durable}, past the last it was sent ({bound}): a malformed ACK");
+        }
+        if frames > self.frames_sent {
+            bail!("{peer} acknowledged {frames} frames of this connection, more than the {} sent: a malformed ACK", self.frames_sent);
+        }
         let advanced = durable > self.window.acked;
         let oldest = self.window.ack(durable, frames);
         let resyncing = g.in_dirty_mode(peer);
@@ -979,6 +1001,42 @@ mod tests {
         r.unwrap();
         assert_eq!(s.poll(at(0)).unwrap(), Action::SavePins);
         s
+    }
+
+    /// A DR's answers can only speak of what it holds and was sent: a
+    /// HELLO_REPLY naming more durable than it has, or another group, and
+    /// an ACK past the records or frames sent end the session, and move
+    /// nothing (a sync writer released on such an ack would count a write
+    /// as held at the DR that it never got).
+    #[test]
+    fn a_dr_cannot_acknowledge_what_it_was_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "sync");
+        let v = g.volume("v").unwrap().id;
+        for i in 0..3u64 {
+            g.write(v, i * 4096, &[i as u8; 4096]).unwrap();
+        }
+        let e = answered_with(&g, reply(2, 5)).1.unwrap_err();
+        assert!(format!("{e:#}").contains("malformed HELLO_REPLY"), "{e:#}");
+        let e = answered_with(&g, reply(1, u64::MAX)).1.unwrap_err();
+        assert!(format!("{e:#}").contains("malformed HELLO_REPLY"), "{e:#}");
+        let e = answered_with(&g, HelloReply { group: "cg1".into(), ..reply(1, 0) }).1.unwrap_err();
+        assert!(format!("{e:#}").contains("answered for group \"cg1\""), "{e:#}");
+
+        // The DR holds seq 1; the session sends the rest in one frame
+        // (after a heartbeat).
+        let mut s = sender(&g, 1);
+        while first_frame(&mut s, at(1)) != frame::RECORDS {}
+        let last = s.next - 1;
+        assert!(last == 4 && last == g.last_seq(), "sent up to {last}");
+        let e = ack(&mut s, at(2), last + 1, 1).unwrap_err();
+        assert!(format!("{e:#}").contains("past the last it was sent"), "{e:#}");
+        assert_eq!(g.replication.min_acked(), 1, "a malformed ack moved nothing");
+        let e = ack(&mut s, at(2), last, 2).unwrap_err();
+        assert!(format!("{e:#}").contains("more than the 1 sent"), "{e:#}");
+        // What it was sent, it may acknowledge.
+        ack(&mut s, at(3), last, 1).unwrap();
+        assert_eq!(g.replication.min_acked(), last);
     }
 
     fn kind(a: &Action) -> u8 {
