@@ -53,16 +53,42 @@ pub struct SnapshotInfo {
 /// body that does not parse is refused with a reason naming the record,
 /// never applied as "empty" (an empty map table would delete every map).
 pub(crate) fn check_body(h: &Header, body: &[u8]) -> Result<(), String> {
+    use crate::limits::{MAPS_PER_GROUP_MAX, RESYNC_BATCH_BLOCKS, VOLUME_BYTES_MAX};
+    use crate::log::record::FLAG_RESYNC;
     let bad = |what: &str, e: serde_json::Error| format!("record seq {} ({:?}): body is not a valid {what}: {e}", h.seq, h.kind);
+    let out_of_bounds = |what: String| Err(format!("record seq {} ({:?}): {what}", h.seq, h.kind));
+    // A size or an id this site would act on: a volume of at most
+    // VOLUME_BYTES_MAX, in whole blocks, and an id that leaves a next one.
+    let size_ok = |size: u64| size <= VOLUME_BYTES_MAX && size.is_multiple_of(BLOCK_BYTES);
     match h.kind {
+        Kind::VolumeCreate | Kind::VolumeResize | Kind::SnapCreate if h.volume == u32::MAX => out_of_bounds(format!("map id {} is out of range", h.volume)),
+        Kind::VolumeCreate | Kind::VolumeResize if !size_ok(h.offset) => out_of_bounds(format!("size {} is not whole blocks of at most {VOLUME_BYTES_MAX} bytes", h.offset)),
         Kind::SnapCreate => serde_json::from_slice::<CreateBody>(body).map(|_| ()).map_err(|e| bad("snapshot description", e)),
-        Kind::MapCopy if h.flags & crate::log::record::FLAG_RESYNC != 0 => {
-            serde_json::from_slice::<super::resync::StagedCopy>(body).map(|_| ()).map_err(|e| bad("staged copy", e))
+        // Resync records cover at most a batch each (`take_dirty`); the DR
+        // stages them block by block.
+        Kind::Write | Kind::Zero | Kind::Trim if h.flags & FLAG_RESYNC != 0 && h.length as u64 > RESYNC_BATCH_BLOCKS * BLOCK_BYTES => {
+            out_of_bounds(format!("a resync record of {} bytes, more than a resync batch", h.length))
         }
-        Kind::ResyncCommit => serde_json::from_slice::<Vec<CommitEntry>>(body)
-            .map(|_| ())
-            .or_else(|_| serde_json::from_slice::<Vec<(u32, String, u64)>>(body).map(|_| ()))
-            .map_err(|e| bad("map table", e)),
+        Kind::MapCopy if h.flags & FLAG_RESYNC != 0 => {
+            let c = serde_json::from_slice::<super::resync::StagedCopy>(body).map_err(|e| bad("staged copy", e))?;
+            if c.count > RESYNC_BATCH_BLOCKS || c.first.checked_add(c.count).is_none_or(|e| e > VOLUME_BYTES_MAX / BLOCK_BYTES) {
+                return out_of_bounds(format!("a staged copy of {} blocks at block {}, more than a resync batch or past the largest volume", c.count, c.first));
+            }
+            Ok(())
+        }
+        Kind::ResyncCommit => {
+            let table: Vec<(u32, u64)> = match serde_json::from_slice::<Vec<CommitEntry>>(body) {
+                Ok(t) => t.into_iter().map(|t| (t.id, t.size)).collect(),
+                Err(_) => serde_json::from_slice::<Vec<(u32, String, u64)>>(body).map_err(|e| bad("map table", e))?.into_iter().map(|(id, _, size)| (id, size)).collect(),
+            };
+            if table.len() > MAPS_PER_GROUP_MAX {
+                return out_of_bounds(format!("a map table of {} maps, more than {MAPS_PER_GROUP_MAX}", table.len()));
+            }
+            match table.iter().find(|(id, size)| *id == u32::MAX || !size_ok(*size)) {
+                Some((id, size)) => out_of_bounds(format!("map {id} of size {size} in the table: the id is out of range or the size is not whole blocks of at most {VOLUME_BYTES_MAX} bytes")),
+                None => Ok(()),
+            }
+        }
         _ => Ok(()),
     }
 }

@@ -336,3 +336,44 @@ fn a_retained_snapshot_takes_no_staged_blocks_at_the_commit() {
     g.read(v, 0, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 7));
 }
+
+/// Records from a primary that this site would act on are bounded before
+/// they are appended (`check_body`): a size past the largest volume (its
+/// map would be grown to it, on every replay too), an id with no next, a
+/// resync record or staged copy larger than a resync batch (staged block
+/// by block), a commit table naming such maps or too many. Each is refused
+/// with the record and the reason; what the primary really sends passes.
+#[test]
+fn records_a_site_would_act_on_are_bounded() {
+    use crate::limits::{RESYNC_BATCH_BLOCKS, VOLUME_BYTES_MAX};
+    use crate::log::record::FLAG_RESYNC;
+    let h = |kind: Kind, flags: u16, volume: u32, length: u32, offset: u64| Header { kind, flags, epoch: 1, seq: 9, timestamp_ns: 0, volume, length, offset, body_len: 0, crc: 0 };
+    let refused = |h: Header, body: &[u8], why: &str| {
+        let e = snapshot::check_body(&h, body).expect_err(why);
+        assert!(e.contains("record seq 9"), "{why}: {e}");
+    };
+    let ok = |h: Header, body: &[u8]| snapshot::check_body(&h, body).unwrap();
+
+    ok(h(Kind::VolumeCreate, 0, 3, 0, 1 << 30), b"vol1");
+    ok(h(Kind::VolumeResize, 0, 3, 0, VOLUME_BYTES_MAX), b"");
+    refused(h(Kind::VolumeCreate, 0, 3, 0, 0xFFFF_FFFF_FFFF_F000), b"vol1", "a create past the largest volume");
+    refused(h(Kind::VolumeResize, 0, 3, 0, VOLUME_BYTES_MAX + 4096), b"", "a resize past the largest volume");
+    refused(h(Kind::VolumeResize, 0, 3, 0, 4097), b"", "a size not in whole blocks");
+    refused(h(Kind::VolumeCreate, 0, u32::MAX, 0, 4096), b"vol1", "an id with no next");
+    refused(h(Kind::SnapCreate, 0, u32::MAX, 0, 1), br#"{"name":"v@s","writable":false}"#, "a snapshot id with no next");
+
+    let batch = (RESYNC_BATCH_BLOCKS * BLOCK_BYTES) as u32;
+    ok(h(Kind::Trim, FLAG_RESYNC, 3, batch, 0), b"");
+    refused(h(Kind::Trim, FLAG_RESYNC, 3, 0xFFFF_F000, 0), b"", "a resync trim of 4 GiB");
+    ok(h(Kind::Trim, 0, 3, 0xFFFF_F000, 0), b""); // an ordinary trim may be large
+    ok(h(Kind::MapCopy, FLAG_RESYNC, 3, 0, 2), br#"{"first":0,"count":1024}"#);
+    refused(h(Kind::MapCopy, FLAG_RESYNC, 3, 0, 2), br#"{"first":0,"count":1000000000000000000}"#, "a staged copy of 10^18 blocks");
+    refused(h(Kind::MapCopy, FLAG_RESYNC, 3, 0, 2), br#"{"first":18446744073709551615,"count":1}"#, "a staged copy past the largest volume");
+
+    ok(h(Kind::ResyncCommit, 0, 0, 0, 0), br#"[{"id":1,"name":"vol0","size":1048576}]"#);
+    ok(h(Kind::ResyncCommit, 0, 0, 0, 0), br#"[[1,"vol0",1048576]]"#);
+    refused(h(Kind::ResyncCommit, 0, 0, 0, 0), br#"[{"id":1,"name":"vol0","size":9223372036854775808}]"#, "a table with a 2^63-byte map");
+    refused(h(Kind::ResyncCommit, 0, 0, 0, 0), br#"[[4294967295,"vol0",4096]]"#, "a table with an id with no next");
+    let many = format!("[{}]", (1..=4097).map(|i| format!(r#"[{i},"m{i}",4096]"#)).collect::<Vec<_>>().join(","));
+    refused(h(Kind::ResyncCommit, 0, 0, 0, 0), many.as_bytes(), "a table of 4097 maps");
+}
