@@ -122,6 +122,23 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         times: Default::default(),
     };
 
+    // The checkpoint speaks of this log only if its replay position lies
+    // within it: the log was durable up to there before the checkpoint
+    // was written. Past the end, the two do not belong together (a
+    // segment truncated, or restored from another backup), and replaying
+    // would read the gap as a torn tail and cut everything after it.
+    if let Some(seg) = segments.get(&pos_seg(replay_from)) {
+        if pos_off(replay_from) as u64 > seg.len() {
+            bail!(
+                "group {name} in {}: its checkpoint replays from offset {} of log segment {}, which holds only {} bytes; the checkpoint and the log do not belong together (restored from different copies?)",
+                dir.display(),
+                pos_off(replay_from),
+                seg.path.display(),
+                seg.len()
+            );
+        }
+    }
+
     // Replay.
     let mut replayed = 0u64;
     let mut cut: Option<(u32, u64, String)> = None;

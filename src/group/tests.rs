@@ -206,6 +206,33 @@ fn torn_tail_is_cut_not_fatal() {
     g.write(vol, 8192, &vec![3u8; 4096]).unwrap();
 }
 
+/// A checkpoint whose replay position lies past the end of its segment
+/// (the segment truncated, or a checkpoint and a log restored from
+/// different backups) does not belong to this log: the open fails naming
+/// both, and changes nothing. Before, the scan took the gap for a torn
+/// tail: it extended the segment with zeros to the position and moved
+/// every later segment to `discarded/`.
+#[test]
+fn a_checkpoint_past_the_end_of_its_log_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg_path;
+    {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        g.write(vol, 0, &vec![1u8; 65536]).unwrap();
+        g.checkpoint().unwrap();
+        seg_path = g.inner.lock().unwrap().tail.path.clone();
+        std::mem::forget(g);
+    }
+    let short = crate::log::segment::SEGMENT_HEADER_BYTES + 64;
+    std::fs::OpenOptions::new().write(true).open(&seg_path).unwrap().set_len(short).unwrap();
+    let Err(e) = Group::open(dir.path(), "cg0") else { panic!("a checkpoint past the end of its log was accepted") };
+    let e = format!("{e:#}");
+    assert!(e.contains("checkpoint") && e.contains(&seg_path.display().to_string()), "{e}");
+    assert_eq!(std::fs::metadata(&seg_path).unwrap().len(), short, "the segment was changed");
+    assert!(!dir.path().join("discarded").exists());
+}
+
 #[test]
 fn corrupted_byte_is_reported_with_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();

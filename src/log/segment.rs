@@ -416,6 +416,9 @@ where
         if off == file_len {
             return Ok(None);
         }
+        if off > file_len {
+            return Ok(Some(ScanStop { off, reason: format!("the scan starts past the end of the file ({file_len} bytes)") }));
+        }
         if off + HEADER_BYTES as u64 > file_len {
             return Ok(Some(ScanStop { off, reason: format!("{} trailing bytes are shorter than a record header", file_len - off) }));
         }
