@@ -339,6 +339,9 @@ impl Group {
         // 2. Records the peer may lack, up to where live marking took over
         //    (outside the lock: this reads log files).
         let mut scanned: Vec<Header> = Vec::new();
+        // A record that cannot be read before the tail hides which blocks
+        // the records after it wrote: everything is dirty then.
+        let mut unreadable: Option<String> = None;
         if let Some(from) = from_seq {
             if let Some(at) = self.locate_seq(from) {
                 let mut seg_id = pos_seg(at);
@@ -352,7 +355,7 @@ impl Group {
                             None => break,
                         }
                     };
-                    segment::scan(&seg, 0, false, |r, _| {
+                    let stop = segment::scan(&seg, 0, false, |r, _| {
                         let h = &r.header;
                         let before_tail = segment::pos(seg_id, r.off) < tail;
                         if before_tail && h.flags & record::FLAG_RELOCATED == 0 && h.seq >= from {
@@ -360,6 +363,11 @@ impl Group {
                         }
                         Ok(())
                     })?;
+                    // A stop at or past the tail is an append in progress.
+                    if let Some(st) = stop.filter(|st| segment::pos(seg_id, st.off as u32) < tail) {
+                        unreadable = Some(format!("log segment {} at offset {}: {}", seg.path.display(), st.off, st.reason));
+                        break;
+                    }
                     seg_id += 1;
                 }
             }
@@ -394,6 +402,14 @@ impl Group {
             set.pending = false;
             set.ops.clear();
             set.from_seq = from_seq;
+            if let Some(why) = &unreadable {
+                tracing::warn!("group {}: cannot list the records DR site {peer} lacks ({why}); it resyncs every block", self.name);
+                let all = inner.whole_volumes_dirty();
+                for (vol, r) in &all.blocks {
+                    set.mark_all(*vol, r);
+                }
+                set.from_seq = None;
+            }
             let n = set.dirty_blocks();
             inner.dirty.insert(peer.to_string(), set);
             inner.pins.remove(peer);
@@ -715,6 +731,33 @@ mod tests {
         // A copy onto itself changes nothing.
         d.apply_op(MapOp::Copy { dst: 7, src: 7, seq: 51 }, &sizes);
         assert_eq!(d.blocks.get(&7).map(|b| b.len()), Some(10));
+    }
+
+    /// Switching a DR site to dirty tracking lists the blocks written by
+    /// the records it lacks. A record there that cannot be read hides what
+    /// the ones after it wrote: every block becomes dirty (a full resync),
+    /// where before the scan's stop was dropped and the blocks after it
+    /// were never resent.
+    #[test]
+    fn an_unreadable_record_in_what_a_dr_lacks_makes_everything_dirty() {
+        use crate::group::{open::Create, Group};
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let g = Group::open_or_create(&dir.path().join("p"), "cg0", &Create { id: Some(7), mode: "async".into() }).unwrap();
+        let v = g.create_volume("v", 1 << 20).unwrap();
+        g.replication.add_replica("b");
+        for b in 0..3u64 {
+            g.write(v, b * 4096, &[b as u8 + 1; 4096]).unwrap();
+        }
+        g.sync_to(g.flush_target()).unwrap();
+        let last = g.last_seq();
+        // The DR lacks the last two writes; the first of them is torn.
+        let (_, at) = g.record_header(last - 1).unwrap().unwrap();
+        let seg = g.segment(crate::log::segment::pos_seg(at)).unwrap();
+        seg.file.write_all_at(b"XXXX", crate::log::segment::pos_off(at) as u64).unwrap();
+        g.enter_dirty("b", Some(last - 1)).unwrap();
+        assert_eq!(g.dirty_blocks("b"), 256, "every block of the 1 MiB volume is dirty");
+        assert_eq!(g.dirty_from("b"), Some(None), "the set covers everything");
     }
 
     #[test]
