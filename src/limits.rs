@@ -130,6 +130,9 @@ pub const SENDER_NICE_DEFAULT: i32 = 10;
 pub const RECEIVER_NICE_DEFAULT: i32 = 10;
 /// Default shipping interval of periodic mode.
 pub const PERIODIC_INTERVAL_S_DEFAULT: u64 = 10;
+/// Longest shipping interval of periodic mode (a day): longer is a DR copy
+/// no one should rely on, and far longer overflowed the sender's clock.
+pub const PERIODIC_INTERVAL_S_MAX: u64 = 86_400;
 
 /// HTTP API request body limit.
 pub const API_BODY_BYTES_MAX: usize = 64 * 1024;

@@ -177,6 +177,9 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
     let mut c = Cursor { b: body, at: 0 };
     let replay_pos = c.u64("replay position")?;
     let next_seq = c.u64("next sequence")?;
+    if next_seq == 0 {
+        bail!("next sequence is 0 (sequences start at 1)");
+    }
     let epoch = c.u64("epoch")?;
     let next_volume_id = c.u32("next volume id")?;
     let gid = c.u64("group id")?;
@@ -187,6 +190,9 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
     let mut volumes = Vec::new();
     for _ in 0..nvol {
         let id = c.u32("volume id")?;
+        if id == u32::MAX || volumes.iter().any(|w: &Volume| w.id == id) {
+            bail!("map id {id} is out of range or listed twice");
+        }
         let size = c.u64("volume size")?;
         if size > crate::limits::VOLUME_BYTES_MAX {
             bail!("volume {id} size {size} exceeds the limit");

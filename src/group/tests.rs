@@ -645,3 +645,42 @@ fn a_dr_sites_lag_after_a_restart_counts_from_its_saved_pin() {
     assert!((4 * 4096..4 * 8192).contains(&bytes), "lag_bytes {bytes} for 4 writes of 4 KiB");
     assert!(crate::replicate::lag(&g, &rs[1], last, now).0 > secs, "an empty DR lacks older writes");
 }
+
+/// A checkpoint is checksummed, but what it says must still make sense
+/// before the open acts on it: a next sequence of 0 (the last seq would
+/// underflow) or a map id listed twice (the second silently replaced the
+/// first) is refused with the reason.
+#[test]
+fn a_checkpoint_that_makes_no_sense_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    g.create_volume("v", 1 << 20).unwrap();
+    let (_, bytes) = super::checkpoint::encode(&g.inner.lock().unwrap(), g.id);
+    let refused = |mut b: Vec<u8>| {
+        let len = (b.len() - 24) as u64;
+        b[16..24].copy_from_slice(&len.to_le_bytes());
+        let crc = crate::crc::crc32c(&b[24..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        match super::checkpoint::decode(&b, g.id) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    assert!(super::checkpoint::decode(&bytes, g.id).is_ok());
+    // body: u64 replay_pos | u64 next_seq | u64 epoch | u32 next_volume_id | u64 group_id | u32 maps | maps
+    let mut zero = bytes.clone();
+    zero[24 + 8..24 + 16].fill(0);
+    let e = refused(zero);
+    assert!(e.contains("next sequence is 0"), "{e}");
+    // The one map twice. Its bytes: u32 id | u64 size | u16 name_len | "v"
+    // | u32 meta_len (0) | u32 regions (1) | u8 tag (0, never written).
+    let maps_at = 24 + 8 + 8 + 8 + 4 + 8;
+    let map_len = 4 + 8 + 2 + 1 + 4 + 4 + 1;
+    assert_eq!(bytes[maps_at..maps_at + 4], 1u32.to_le_bytes());
+    let mut twice = bytes[..maps_at].to_vec();
+    twice.extend_from_slice(&2u32.to_le_bytes());
+    twice.extend_from_slice(&bytes[maps_at + 4..maps_at + 4 + map_len]);
+    twice.extend_from_slice(&bytes[maps_at + 4..]);
+    let e = refused(twice);
+    assert!(e.contains("listed twice"), "{e}");
+}

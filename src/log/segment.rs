@@ -33,9 +33,13 @@ pub fn segment_file_name(id: u32) -> String {
     format!("seg-{id:08}.tml")
 }
 
-/// Parses `seg-NNNNNNNN.tml` back into an id.
+/// Parses `seg-NNNNNNNN.tml` back into an id: only the name
+/// `segment_file_name` gives, so that another spelling of an id
+/// ("seg-1.tml", "seg-+1.tml") is not taken for the same segment, and
+/// only ids from 1 to below `u32::MAX` (one must follow the last).
 pub fn parse_segment_file_name(name: &str) -> Option<u32> {
-    name.strip_prefix("seg-")?.strip_suffix(".tml")?.parse().ok()
+    let id: u32 = name.strip_prefix("seg-")?.strip_suffix(".tml")?.parse().ok()?;
+    ((1..u32::MAX).contains(&id) && segment_file_name(id) == name).then_some(id)
 }
 
 /// One open segment file. Shared by `Arc`: a reader that looked up a block
@@ -478,6 +482,15 @@ mod tests {
 
     /// A segment holding `n` bytes of a pattern after its header, with its
     /// length at `len` of them.
+    #[test]
+    fn only_the_canonical_name_of_a_segment_is_one() {
+        assert_eq!(parse_segment_file_name("seg-00000001.tml"), Some(1));
+        assert_eq!(parse_segment_file_name(&segment_file_name(123_456_789)), Some(123_456_789));
+        for other in ["seg-1.tml", "seg-+0000001.tml", "seg-00000000.tml", "seg-4294967295.tml", "seg-00000001.tmlx", "seg-0000000a.tml", "xseg-00000001.tml"] {
+            assert_eq!(parse_segment_file_name(other), None, "{other}");
+        }
+    }
+
     fn segment_holding(dir: &Path, n: u32, len: u64) -> (Segment, Vec<u8>) {
         let seg = Segment::create(dir, 3, 7).unwrap();
         let data: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();

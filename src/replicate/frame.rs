@@ -46,6 +46,12 @@ pub const ACK: u8 = 4;
 pub const HEARTBEAT: u8 = 5;
 pub const ERROR: u8 = 6;
 pub const MODE: u8 = 7;
+/// The frames a DR site sends its primary; a primary reads no others
+/// (`read_frame_of`).
+pub const FROM_DR: &[u8] = &[HELLO_REPLY, ACK, ERROR];
+/// lz4 expands a byte of compressed input to at most 255 bytes of output
+/// (a match length byte of 255 extends a match by 255).
+const LZ4_EXPANSION_MAX: u64 = 255;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -175,6 +181,12 @@ pub fn open_payload(h: &FrameHeader, body: Vec<u8>) -> Result<Vec<u8>, FrameErro
     let n = u32::from_le_bytes(body[0..4].try_into().unwrap());
     if n > FRAME_BYTES_MAX {
         return Err(FrameError::TooLong { kind: h.kind, len: n, max: FRAME_BYTES_MAX });
+    }
+    // The decompressor allocates the size claimed: no more than lz4 can
+    // expand what is there to (at most 255 bytes per byte, plus a little).
+    let expands_to = (body.len() as u64 - 4) * LZ4_EXPANSION_MAX + 64;
+    if n as u64 > expands_to {
+        return Err(FrameError::Malformed(format!("lz4 payload of {} bytes claims {n} bytes, more than it can expand to ({expands_to})", body.len() - 4)));
     }
     lz4_flex::decompress_size_prepended(&body).map_err(|e| FrameError::Malformed(format!("lz4: {e}")))
 }
@@ -338,6 +350,36 @@ mod tests {
         assert!(matches!(FrameHeader::decode(&b), Err(FrameError::Flags(_))));
     }
 
+    /// A claimed size lz4 cannot reach from the bytes there is refused
+    /// before the decompressor allocates it.
+    #[test]
+    fn lz4_claiming_more_than_it_can_expand_to_is_refused() {
+        let mut body = (FRAME_BYTES_MAX - 1).to_le_bytes().to_vec();
+        body.extend_from_slice(&[0u8; 10]);
+        let h = FrameHeader { kind: RECORDS, flags: FLAG_LZ4, epoch: 1, len: body.len() as u32, crc: 0 };
+        let e = open_payload(&h, body).unwrap_err();
+        assert!(matches!(&e, FrameError::Malformed(m) if m.contains("more than it can expand to")), "{e}");
+        // Highly compressible data at its best ratio still opens.
+        let data = vec![7u8; 4 << 20];
+        let f = encode(RECORDS, 1, &data, true);
+        let h = FrameHeader::decode(f[..HEADER_BYTES].try_into().unwrap()).unwrap();
+        assert_eq!(open_payload(&h, f[HEADER_BYTES..].to_vec()).unwrap(), data);
+    }
+
+    /// A primary reads only the frames a DR sends: another kind (a 40 MiB
+    /// RECORDS frame) is refused at its header, its payload never read.
+    #[test]
+    fn a_primary_reads_only_what_a_dr_sends() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let head = FrameHeader { kind: RECORDS, flags: 0, epoch: 1, len: FRAME_BYTES_MAX, crc: 0 }.encode();
+        let e = rt.block_on(read_frame_of(&mut &head[..], FROM_DR)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("unexpected frame kind 3"), "{e}");
+        let ack = encode(ACK, 1, &two_u64(5, 1), false);
+        let (h, body) = rt.block_on(read_frame_of(&mut &ack[..], FROM_DR)).unwrap().unwrap();
+        assert_eq!((h.kind, parse_two_u64(&body).unwrap()), (ACK, (5, 1)));
+    }
+
     #[test]
     fn lz4_bomb_is_refused() {
         // A compressed payload claiming a huge decompressed size.
@@ -430,7 +472,19 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::
 /// body so that a stream of 4 MiB frames does not regrow (and copy) a
 /// buffer from nothing for each one. `buf` only ever grew by bytes that
 /// arrived, so the no-allocation-on-claims property holds.
-pub async fn read_frame_into<R: tokio::io::AsyncRead + Unpin>(r: &mut R, mut buf: Vec<u8>) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
+pub async fn read_frame_into<R: tokio::io::AsyncRead + Unpin>(r: &mut R, buf: Vec<u8>) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
+    read_frame_kinds(r, buf, None).await
+}
+
+/// `read_frame` for frames of `kinds` only: another kind is an error
+/// before its payload is read. A primary reads its DR's answers with it
+/// (`FROM_DR`), so a DR cannot have it read and queue 40 MiB RECORDS
+/// frames, which no DR sends.
+pub async fn read_frame_of<R: tokio::io::AsyncRead + Unpin>(r: &mut R, kinds: &[u8]) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
+    read_frame_kinds(r, Vec::new(), Some(kinds)).await
+}
+
+async fn read_frame_kinds<R: tokio::io::AsyncRead + Unpin>(r: &mut R, mut buf: Vec<u8>, kinds: Option<&[u8]>) -> std::io::Result<Option<(FrameHeader, Vec<u8>)>> {
     use tokio::io::AsyncReadExt;
     let mut hb = [0u8; HEADER_BYTES];
     let mut got = 0;
@@ -445,6 +499,9 @@ pub async fn read_frame_into<R: tokio::io::AsyncRead + Unpin>(r: &mut R, mut buf
         got += n;
     }
     let h = FrameHeader::decode(&hb).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if kinds.is_some_and(|k| !k.contains(&h.kind)) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected frame kind {} ({} bytes) from this peer", h.kind, h.len)));
+    }
     buf.clear();
     let mut body = buf;
     let n = r.take(h.len as u64).read_to_end(&mut body).await?;

@@ -160,7 +160,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     wr.flush().await?;
     // The DR makes its log durable before it answers: at least 30 s.
     let hello_wait = st.link_timeout.max(Duration::from_secs(30));
-    let (h, body) = tokio::time::timeout(hello_wait, frame::read_frame(&mut rd))
+    let (h, body) = tokio::time::timeout(hello_wait, frame::read_frame_of(&mut rd, frame::FROM_DR))
         .await
         .map_err(|_| anyhow!("{} did not answer HELLO within {hello_wait:?}", peer.name))??
         .ok_or_else(|| anyhow!("{} closed the connection after HELLO", peer.name))?;
@@ -172,7 +172,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'stati
     let name = peer.name.clone();
     let reader = tokio::spawn(async move {
         loop {
-            let r = match frame::read_frame(&mut rd).await {
+            let r = match frame::read_frame_of(&mut rd, frame::FROM_DR).await {
                 Ok(Some(f)) => Ok(f),
                 Ok(None) => Err(anyhow!("{name} closed the connection")),
                 Err(e) => Err(anyhow::Error::new(e).context(format!("reading from {name}"))),

@@ -192,6 +192,9 @@ impl SiteConfig {
         if self.heartbeat_interval_ms == 0 || self.periodic_interval_s == 0 {
             bail!("heartbeat_interval_ms and periodic_interval_s must be positive");
         }
+        if self.periodic_interval_s > crate::limits::PERIODIC_INTERVAL_S_MAX {
+            bail!("periodic_interval_s {} is more than a day ({} s)", self.periodic_interval_s, crate::limits::PERIODIC_INTERVAL_S_MAX);
+        }
         let floor = self.heartbeat_interval_ms.saturating_mul(2);
         if self.link_timeout_ms < floor || self.link_timeout_ms > crate::limits::LINK_TIMEOUT_MS_MAX {
             bail!(
@@ -261,5 +264,8 @@ mod tests {
         assert!(e.contains("site.toml") && e.contains("link_timeout_ms 1500 is not between twice heartbeat_interval_ms (2000)"), "{e}");
         std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nlink_timeout_ms = 2000\n").unwrap();
         assert_eq!(SiteConfig::load(&p).unwrap().link_timeout_ms, 2000);
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nperiodic_interval_s = 18446744073\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("site.toml") && e.contains("periodic_interval_s 18446744073 is more than a day"), "{e}");
     }
 }
