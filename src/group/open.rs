@@ -224,6 +224,23 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         let set = inner.whole_volumes_dirty();
         inner.dirty.insert(peer, set);
     }
+    // What the process before wrote after the checkpoint may be in the page
+    // cache only: the process died (killed, crashed), the machine did not.
+    // It replays as if durable, and what is acknowledged from now on lies
+    // after it in the log, where a power loss that tore it would cut the
+    // new writes too. So these segments (and the directory, which may lack
+    // their entries) are synced before the group is handed out (below).
+    // Before, they counted as synced: a commit after the restart synced only
+    // the segments it wrote, and a checkpoint or a DR's HELLO none.
+    let replay_seg = pos_seg(replay_from);
+    for (&id, seg) in segments.range(replay_seg..) {
+        let known = if id == replay_seg { pos_off(replay_from) as u64 } else { 0 };
+        seg.synced_len.store(known.min(seg.len()), std::sync::atomic::Ordering::Release);
+        seg.dir_synced.store(id == replay_seg && known > 0, std::sync::atomic::Ordering::Release);
+        seg.unsynced.store(true, std::sync::atomic::Ordering::Release);
+        inner.unsynced.push(seg.clone());
+    }
+    inner.dir_dirty = true;
     let tail = segments.values().next_back().cloned().unwrap_or(first_tail);
     inner.tail_off = tail.len();
     inner.tail = tail;
@@ -251,6 +268,8 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         })
         .collect();
     let g = Group::from_parts(&meta, dir.to_path_buf(), inner);
+    g.durable_tx.send_modify(|v| v.0 = v.0.min(replay_from));
+    g.sync_to(g.flush_target()).with_context(|| format!("group {name}: failed to make the replayed log durable"))?;
     for (peer, seq) in held {
         g.replication.seed_acked(&peer, seq);
     }

@@ -684,3 +684,37 @@ fn a_checkpoint_that_makes_no_sense_is_refused() {
     let e = refused(twice);
     assert!(e.contains("listed twice"), "{e}");
 }
+
+/// A process that dies (killed, crashed) leaves what it wrote after its
+/// last group commit in the page cache only. Reopened, that replays as if
+/// durable, and the writes acknowledged next follow it in the log: it must
+/// be durable first, or a power loss that tore it would cut them too. The
+/// open syncs it. Before, reopened segments counted as synced and nothing
+/// synced them: the first commit synced only the segment it wrote (and a
+/// checkpoint or a DR's HELLO nothing).
+#[test]
+fn what_a_dead_process_left_unsynced_is_synced_when_the_log_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let tail = {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        g.write(vol, 0, &vec![1u8; 65536]).unwrap();
+        g.checkpoint().unwrap();
+        g.write(vol, 65536, &vec![2u8; 65536]).unwrap(); // never synced
+        let tail = g.flush_target();
+        assert!(g.durable_pos() < tail);
+        g.abandon();
+        std::mem::forget(g);
+        tail
+    };
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    assert_eq!(g.flush_target(), tail, "the unsynced write replays");
+    assert_eq!(g.stats.syncs.load(Ordering::Relaxed), 1, "the open synced the log");
+    assert!(g.durable_pos() >= tail);
+    let inner = g.inner.lock().unwrap();
+    assert!(inner.unsynced.is_empty() && !inner.dir_dirty);
+    for s in inner.segments.values() {
+        assert_eq!(s.synced_len.load(Ordering::Acquire), s.len(), "segment {} synced whole", s.id);
+        assert!(s.dir_synced.load(Ordering::Acquire));
+    }
+}
