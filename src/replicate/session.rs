@@ -204,6 +204,10 @@ pub struct Sender {
     hb_every: Duration,
     /// An ack moved the DR's pin since the pins were last saved.
     pins_moved: bool,
+    /// The DR's history is not this primary's (a diverged full resync):
+    /// what it acknowledges are its own records, not ours, so they count
+    /// for nothing until the resync commits.
+    diverged: bool,
 }
 
 impl Sender {
@@ -211,7 +215,7 @@ impl Sender {
     pub fn new(group: Arc<Group>, cfg: SenderConfig) -> Sender {
         let epoch = group.epoch();
         let hello_mode = group.replication.mode();
-        Sender { hb_every: cfg.heartbeat_interval, group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0, last_heartbeat: None, pins_moved: false }
+        Sender { hb_every: cfg.heartbeat_interval, group, cfg, epoch, phase: Phase::Hello, window: Window::new(0), next: 1, frames_sent: 0, pins_due: false, pins_saved_ns: 0, buf: Vec::new(), hello_mode, told: None, heard_ns: 0, hb_acks: false, due_since: 0, last_heartbeat: None, pins_moved: false, diverged: false }
     }
 
     /// When the link counts as dead if nothing arrives from the DR site
@@ -338,6 +342,7 @@ impl Sender {
         let resyncing = match plan {
             decide::Start::Refuse(reason) => bail!("{peer}: {reason}; refusing to replicate"),
             decide::Start::Diverged(reason) => {
+                self.diverged = true;
                 tracing::warn!(event = "dr-diverged", "replication of {} to {peer}: {reason}; full resync (the DR keeps showing its last consistent state until it completes)", g.name);
                 g.resync_everything(peer)?;
                 g.replication.update(peer, |r| r.diverged_resyncs += 1);
@@ -362,9 +367,13 @@ impl Sender {
         tracing::info!(event = "dr-connected", "replication of {} to {peer}: connected, {}", g.name,
             if resyncing { "resyncing dirty regions".to_string() } else { format!("resuming at seq {}", self.next) });
         let next = self.next;
+        let diverged = self.diverged;
         g.replication.update(peer, |r| {
             r.connected = true;
-            r.acked_seq = reply.durable_seq;
+            // A diverged DR holds none of this primary's records past where
+            // the histories part, and where that is is not known: nothing
+            // counts as held (sync writers wait for the resync's commit).
+            r.acked_seq = if diverged { 0 } else { reply.durable_seq };
             r.sent_seq = next - 1;
             r.state = if resyncing { "resyncing".into() } else if next > last { "replicating".into() } else { "catching-up".into() };
             r.last_error = None;
@@ -422,8 +431,11 @@ impl Sender {
             self.pins_due = true;
         }
         let last = g.last_seq();
+        let diverged = self.diverged;
         g.replication.update(peer, |r| {
-            r.acked_seq = r.acked_seq.max(durable);
+            if !diverged {
+                r.acked_seq = r.acked_seq.max(durable);
+            }
             r.oldest_unacked_ns = oldest;
             if r.acked_seq >= last && !resyncing {
                 if r.state != "replicating" {
@@ -473,6 +485,7 @@ impl Sender {
             }
         });
         self.next = seq + 1;
+        self.diverged = false;
         self.phase = self.stream_from_next()?;
         Ok(())
     }
@@ -1362,6 +1375,42 @@ mod tests {
         let e = answered(&g, last + 5, last + 4).1.unwrap_err();
         assert!(format!("{e:#}").contains("ahead"), "{e:#}");
         g.abandon();
+    }
+
+    /// A DR with another history holds none of this primary's records past
+    /// where the two part, and where that is is not known: its durable seq
+    /// and its acks count for nothing until the full resync commits, so a
+    /// sync writer is not released on them. Before, its HELLO_REPLY's
+    /// durable seq released every writer up to it.
+    #[test]
+    fn a_diverged_drs_acks_count_for_nothing_until_its_resync_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = primary(dir.path(), "sync");
+        let v = g.volume("v").unwrap().id;
+        for i in 0..10u64 {
+            g.write(v, i * 4096, &vec![i as u8; 4096]).unwrap();
+        }
+        let last = g.last_seq();
+        let theirs = g.record_ident(last).unwrap().unwrap() ^ 0x5a5a;
+        let acked = |g: &Arc<Group>| g.replication.replicas()[0].acked_seq;
+        let (mut s, r) = answered_naming(&g, last + 1, last, Some(theirs));
+        r.unwrap();
+        assert!(g.in_dirty_mode("b"));
+        assert_eq!(acked(&g), 0, "a diverged DR's durable seq is not ours");
+        ack(&mut s, at(1), last, 0).unwrap();
+        assert_eq!(acked(&g), 0, "nor are its acks");
+        // The resync: begin, the blocks, the commit; then its ack counts.
+        for _ in 0..100 {
+            if matches!(&s.phase, Phase::Resync(rs) if rs.commit.is_some()) {
+                break;
+            }
+            s.poll(at(2)).unwrap();
+        }
+        let Phase::Resync(rs) = &s.phase else { panic!("not resyncing") };
+        let (seq, frames) = rs.commit.expect("the resync reached its commit");
+        ack(&mut s, at(3), seq, frames).unwrap();
+        assert_eq!(acked(&g), seq, "the commit's ack counts");
+        assert!(!s.diverged);
     }
 
     /// A DR whose last record is not the primary's record at that seq (the
