@@ -116,6 +116,10 @@ pub struct Group {
     pub dir: PathBuf,
     pub(crate) inner: Mutex<Inner>,
     sync_lock: Mutex<()>,
+    /// Held while a checkpoint is written, so that two (the maintenance
+    /// thread's and `close`'s) cannot land out of order; the position of
+    /// the last one written.
+    checkpoint_lock: Mutex<LogPos>,
     sync_req: Mutex<(LogPos, bool)>,
     sync_cv: Condvar,
     /// (durable position, failed)
@@ -468,6 +472,7 @@ impl Group {
             dir,
             inner: Mutex::new(inner),
             sync_lock: Mutex::new(()),
+            checkpoint_lock: Mutex::new(0),
             sync_req: Mutex::new((0, false)),
             sync_cv: Condvar::new(),
             durable_tx,

@@ -122,6 +122,24 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         times: Default::default(),
     };
 
+    // From the replay start on, no segment is missing: GC frees only
+    // segments before the checkpoint, and a cut moves all the later ones.
+    // A gap is a segment lost or removed by hand; replaying past it would
+    // skip its records.
+    let from_seg = segments.keys().copied().find(|&id| id >= pos_seg(replay_from));
+    if let Some(first) = from_seg {
+        if replay_from != 0 && first != pos_seg(replay_from) {
+            bail!("group {name} in {}: its checkpoint replays from log segment {}, which is missing (the next present is {})", dir.display(), segment::segment_file_name(pos_seg(replay_from)), segment::segment_file_name(first));
+        }
+        let mut expect = first;
+        for &id in segments.range(first..).map(|(id, _)| id) {
+            if id != expect {
+                bail!("group {name} in {}: log segment {} is missing between {} and {}; replay would skip its records", dir.display(), segment::segment_file_name(expect), segment::segment_file_name(expect - 1), segment::segment_file_name(id));
+            }
+            expect = id + 1;
+        }
+    }
+
     // The checkpoint speaks of this log only if its replay position lies
     // within it: the log was durable up to there before the checkpoint
     // was written. Past the end, the two do not belong together (a
