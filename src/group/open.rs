@@ -160,9 +160,21 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // Replay.
     let mut replayed = 0u64;
     let mut cut: Option<(u32, u64, String)> = None;
+    // The segment before, replayed to its clean end: a segment is left for
+    // the next only when the next record does not fit in it, so if this
+    // one's first record would have fit there, that one lost its tail (a
+    // power loss that kept later writes, or a crash inside a cut) and what
+    // follows is not a prefix of the log.
+    let mut prev: Option<(u32, u64)> = None;
     for (&id, seg) in &segments {
         if id < pos_seg(replay_from) {
             continue;
+        }
+        if let (Some((pid, plen)), Some(first)) = (prev, first_record_bytes(seg)?) {
+            if plen + first <= crate::limits::SEGMENT_BYTES {
+                cut = Some((pid, plen, format!("it ends at {plen} bytes, yet the first record of {} ({first} bytes) would have fit in it: its tail was lost", seg.path.display())));
+                break;
+            }
         }
         let start = if id == pos_seg(replay_from) { pos_off(replay_from) as u64 } else { SEGMENT_HEADER_BYTES };
         let stop = segment::scan(seg, start, true, |r, body| {
@@ -176,13 +188,13 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
             cut = Some((id, s.off, s.reason));
             break;
         }
+        prev = Some((id, seg.len()));
     }
     if let Some((id, off, reason)) = cut {
-        let seg = &segments[&id];
-        tracing::warn!("log of group {name}: cutting torn tail of {} at offset {off}: {reason}", seg.path.display());
-        seg.file.set_len(off).with_context(|| format!("failed to truncate {}", seg.path.display()))?;
-        seg.file.sync_all()?;
-        seg.len.store(off, std::sync::atomic::Ordering::Release);
+        tracing::warn!("log of group {name}: cutting torn tail of {} at offset {off}: {reason}", segments[&id].path.display());
+        // The later segments go first: a crash between the two steps then
+        // leaves a torn tail to cut again, never a short segment followed
+        // by later ones.
         let later: Vec<u32> = segments.range(id + 1..).map(|(k, _)| *k).collect();
         if !later.is_empty() {
             let dd = dir.join("discarded");
@@ -192,8 +204,13 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
                 tracing::warn!("log of group {name}: moving {} (after the torn tail) to {}", s.path.display(), dd.display());
                 std::fs::rename(&s.path, dd.join(segment::segment_file_name(k)))?;
             }
+            crate::crashsafe::fsync_dir(&dd)?;
+            crate::crashsafe::fsync_dir(dir)?;
         }
-        crate::crashsafe::fsync_dir(dir)?;
+        let seg = &segments[&id];
+        seg.file.set_len(off).with_context(|| format!("failed to truncate {}", seg.path.display()))?;
+        seg.file.sync_all()?;
+        seg.len.store(off, std::sync::atomic::Ordering::Release);
     }
 
     // A consistency check: every block must point into a segment that
@@ -302,4 +319,15 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         g.save_pins()?;
     }
     Ok(g)
+}
+
+/// The length of the first record of `seg`, if its header is there and
+/// reads (a segment whose first record is torn is cut at it by the scan).
+fn first_record_bytes(seg: &Segment) -> Result<Option<u64>> {
+    let mut h = [0u8; crate::log::record::HEADER_BYTES];
+    if seg.len() < SEGMENT_HEADER_BYTES + h.len() as u64 {
+        return Ok(None);
+    }
+    seg.read_at(&mut h, SEGMENT_HEADER_BYTES)?;
+    Ok(crate::log::record::Header::decode(&h).ok().map(|h| h.total_len()))
 }

@@ -772,3 +772,40 @@ fn concurrent_checkpoints_never_leave_an_older_one_on_disk() {
         assert_eq!(on_disk, g.inner.lock().unwrap().checkpoint_pos, "round {round}: an older checkpoint is on disk");
     }
 }
+
+/// A segment is left for the next only when the next record does not fit
+/// in it. A segment that ends cleanly but short of that, followed by
+/// another, lost its tail (a power loss kept later writes but not it, or a
+/// crash came inside a cut): what follows is not a prefix of the log and
+/// is cut, as a torn tail is. Before, replay went on into the next
+/// segment, applying write 3 without write 2.
+#[test]
+fn a_segment_that_lost_its_tail_cuts_the_log_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let mb24 = 24u64 << 20;
+    let end_of_first;
+    {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 128 << 20).unwrap();
+        g.write(vol, 0, &vec![1u8; mb24 as usize]).unwrap();
+        end_of_first = g.flush_target();
+        g.write(vol, mb24, &vec![2u8; mb24 as usize]).unwrap(); // fills segment 1
+        g.write(vol, 2 * mb24, &vec![3u8; mb24 as usize]).unwrap(); // in segment 2
+        g.sync_to(g.flush_target()).unwrap();
+        assert_eq!(crate::log::segment::pos_seg(g.flush_target()), 2);
+        g.abandon();
+        std::mem::forget(g);
+    }
+    let _ = std::fs::remove_file(dir.path().join(super::checkpoint::FILE_NAME));
+    // Segment 1 loses write 2, a whole record: it ends cleanly, short.
+    let seg1 = dir.path().join(crate::log::segment::segment_file_name(1));
+    std::fs::OpenOptions::new().write(true).open(&seg1).unwrap().set_len(crate::log::segment::pos_off(end_of_first) as u64).unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.volume("v").unwrap().id;
+    let mut b = vec![0u8; 4096];
+    for (at, want) in [(0, 1u8), (mb24, 0), (2 * mb24, 0)] {
+        g.read(vol, at, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == want), "at {at}: {} instead of {want}", b[0]);
+    }
+    assert!(dir.path().join("discarded").join(crate::log::segment::segment_file_name(2)).exists());
+}
