@@ -662,6 +662,14 @@ impl Group {
     /// The last seq and the identity of its record (`Inner::last_ident`),
     /// read together; found in the log if a version 2 checkpoint left it
     /// unknown.
+    /// The tail and the last seq, read together: waiting for the tail to
+    /// be durable covers the seq (read apart, another appender could slip
+    /// a record in between).
+    pub fn tail_and_last_seq(&self) -> (LogPos, u64) {
+        let inner = self.lock_read();
+        (inner.tail_pos(), inner.next_seq.saturating_sub(1))
+    }
+
     pub fn last_seq_ident(&self) -> (u64, Option<u32>) {
         let (last, ident) = {
             let inner = self.lock_read();

@@ -874,17 +874,16 @@ impl Receiver {
         }
         match h.kind {
             frame::RECORDS => {
-                let mut last = None;
                 for r in frame::split_records(body)? {
                     // Duplicates (resent after a reconnect) come back as None.
-                    if let Some((end, _)) = c.group.append_replicated(r, c.gen).map_err(|e| anyhow!("{e}"))? {
-                        last = Some(end);
-                    }
+                    c.group.append_replicated(r, c.gen).map_err(|e| anyhow!("{e}"))?;
                 }
                 c.frames += 1;
                 self.host.dr().update(&c.group.name, |d| d.received_bytes_total += h.len as u64 + frame::HEADER_BYTES as u64);
-                let end = last.unwrap_or_else(|| c.group.flush_target());
-                Ok(Some(RecvAction::Ack { end, seq: c.group.last_seq(), frames: c.frames }))
+                // The seq acknowledged must lie before the position waited
+                // for: read together (a newer connection may append too).
+                let (end, seq) = c.group.tail_and_last_seq();
+                Ok(Some(RecvAction::Ack { end, seq, frames: c.frames }))
             }
             frame::HEARTBEAT => {
                 let (seq, sent_ns) = frame::parse_two_u64(body)?;
@@ -893,9 +892,8 @@ impl Receiver {
                 // Answered (HELLO_REPLY `heartbeat_acks`) with what this
                 // site holds, so the primary hears from a live link even
                 // when no records flow.
-                // The seq first: the tail read after it covers it.
-                let seq = c.group.last_seq();
-                Ok(Some(RecvAction::Ack { end: c.group.flush_target(), seq, frames: c.frames }))
+                let (end, seq) = c.group.tail_and_last_seq();
+                Ok(Some(RecvAction::Ack { end, seq, frames: c.frames }))
             }
             frame::MODE => {
                 let mode = frame::parse_mode(body)?;
