@@ -734,6 +734,23 @@ fn many_authenticated_links_and_a_handshake_flood_do_not_lock_out_the_primary() 
     assert!(log.contains("displaced by a newer connection during its TLS handshake"), "no stalled handshake was displaced:\n{log}");
 }
 
+/// A DR site that crashed while creating a group (the directory made,
+/// its group.json not yet written) takes the group from its primary when
+/// it comes back: the empty directory is removed at start, with a line in
+/// the log. Before, it was opened as a group with a new id of its own, and
+/// the DR refused the primary's group (another id) for good.
+#[test]
+fn a_group_whose_creation_did_not_complete_is_taken_afresh() {
+    let mut d = Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
+    let half_made = d.sites[1].dir.join("groups").join("cg0");
+    std::fs::create_dir_all(&half_made).unwrap();
+    d.start_all();
+    let p = d.sites[0].uri("vol0");
+    write_blocks(&p, 0x33, 0, 4);
+    wait_until(20, "the DR to take the group and catch up", || caught_up(&d));
+    assert!(d.sites[1].log().contains("its creation did not complete"), "{}", d.sites[1].log());
+}
+
 /// A primary that stops (SIGTERM) closes its replication links with TLS
 /// close_notify, so its DR sites can tell a stop from a broken link: the
 /// DR's status says the primary stopped, and its log has no "mid-stream"

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use super::{checkpoint, Group, GroupMeta, Inner};
 use crate::log::segment::{self, pos, pos_off, pos_seg, Segment, SEGMENT_HEADER_BYTES};
 
-const META_FILE: &str = "group.json";
+pub(crate) const META_FILE: &str = "group.json";
 
 /// Identity of a group being created: a DR site creates its copy of a group
 /// with the primary's id, so that both logs carry the same group id.
@@ -73,6 +73,17 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
                 // became durable, so nothing in it was either.
                 tracing::warn!("removing incomplete newest log segment: {e:#}");
                 std::fs::remove_file(dir.join(segment::segment_file_name(id)))?;
+            }
+            Err(e) if i + 1 == ids.len() && header_never_written(&dir.join(segment::segment_file_name(id)))? => {
+                // The same where the file's size became durable and its
+                // header did not (zeros): the first commit in a segment
+                // syncs its header, so nothing in it was acknowledged.
+                let dd = dir.join("discarded");
+                std::fs::create_dir_all(&dd)?;
+                tracing::warn!("moving newest log segment, whose header was never written, to {}: {e:#}", dd.display());
+                std::fs::rename(dir.join(segment::segment_file_name(id)), dd.join(segment::segment_file_name(id)))?;
+                crate::crashsafe::fsync_dir(&dd)?;
+                crate::crashsafe::fsync_dir(dir)?;
             }
             Err(e) => return Err(e),
         }
@@ -330,4 +341,12 @@ fn first_record_bytes(seg: &Segment) -> Result<Option<u64>> {
     }
     seg.read_at(&mut h, SEGMENT_HEADER_BYTES)?;
     Ok(crate::log::record::Header::decode(&h).ok().map(|h| h.total_len()))
+}
+
+/// The segment file's header is all zeros: created, never written.
+fn header_never_written(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
+    let f = std::fs::File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+    Ok(f.read_exact_at(&mut h, 0).is_ok() && h.iter().all(|&b| b == 0))
 }

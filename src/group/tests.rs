@@ -809,3 +809,25 @@ fn a_segment_that_lost_its_tail_cuts_the_log_there() {
     }
     assert!(dir.path().join("discarded").join(crate::log::segment::segment_file_name(2)).exists());
 }
+
+/// The newest segment's header all zeros (its size became durable, its
+/// header did not: no commit ever covered it) holds nothing acknowledged:
+/// it is moved to `discarded/` and the group opens. Before, the open
+/// failed on its "bad magic".
+#[test]
+fn a_newest_segment_whose_header_was_never_written_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        g.write(vol, 0, &vec![4u8; 4096]).unwrap();
+        g.close().unwrap();
+    }
+    let zeros = dir.path().join(crate::log::segment::segment_file_name(2));
+    std::fs::write(&zeros, vec![0u8; 4096]).unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let mut b = vec![0u8; 4096];
+    g.read(g.volume("v").unwrap().id, 0, &mut b).unwrap();
+    assert_eq!(b, vec![4u8; 4096]);
+    assert!(!zeros.exists() && dir.path().join("discarded").join(crate::log::segment::segment_file_name(2)).exists());
+}

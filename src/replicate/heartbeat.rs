@@ -60,6 +60,7 @@ fn encode(h: &Heartbeat) -> [u8; SLOT as usize] {
 impl Region {
     pub fn open(dir: &Path) -> Result<Region> {
         let path = dir.join(FILE_NAME);
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -67,6 +68,11 @@ impl Region {
             .truncate(false)
             .open(&path)
             .with_context(|| format!("failed to open heartbeat region {}", path.display()))?;
+        if !existed {
+            // Its directory entry, durable before any heartbeat stored in
+            // it is (a power loss would otherwise take the whole region).
+            crate::crashsafe::fsync_dir(dir)?;
+        }
         let mut latest = Heartbeat::default();
         for i in 0..2 {
             let mut b = [0u8; SLOT as usize];

@@ -78,7 +78,21 @@ impl Site {
         }
         names.sort();
         for n in names {
-            let g = Group::open(&gdir.join(&n), &n).with_context(|| format!("failed to open group {n}"))?;
+            let d = gdir.join(&n);
+            if !d.join(crate::group::open::META_FILE).exists() {
+                // group.json is the first file a group gets: without it the
+                // creation did not complete (a crash right after mkdir).
+                // Opening it would give it a new id, and a DR site would
+                // then refuse its primary's group (another id) for good.
+                let mut segments = std::fs::read_dir(&d)?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_str().and_then(crate::log::segment::parse_segment_file_name).is_some());
+                if segments.next().is_some() {
+                    anyhow::bail!("group directory {} holds log segments but no {}: restore it from a copy, or move it away to start the group afresh", d.display(), crate::group::open::META_FILE);
+                }
+                tracing::warn!("removing group directory {}: its creation did not complete (no {})", d.display(), crate::group::open::META_FILE);
+                std::fs::remove_dir_all(&d).with_context(|| format!("failed to remove {}", d.display()))?;
+                continue;
+            }
+            let g = Group::open(&d, &n).with_context(|| format!("failed to open group {n}"))?;
             site.configure_group(&g);
             site.groups.write().unwrap().insert(n, g);
         }
