@@ -103,3 +103,43 @@ fn full_volume_space_restart_memory() {
     assert!(t < Duration::from_secs(2), "restart after SIGKILL took {t:?}");
     assert!(!site.log().contains("panicked"));
 }
+
+/// A client that sends reads and never reads the replies holds at most the
+/// per-connection in-flight budget (128 MiB) of the site's memory: a reply
+/// counts against it until it is written to the socket. Before, a reply
+/// gave its budget back once queued: 300 reads of 8 MiB held over 1 GiB.
+#[test]
+fn replies_a_client_does_not_read_are_bounded() {
+    let site = Site::start(&[("vol0", "64MiB")]);
+    let mut c = common::nbd_client::Client::connect(&site.addr(), "vol0").unwrap();
+    c.read(0, 4096).unwrap();
+    let before = site.rss_bytes();
+    let mut s = c.s.try_clone().unwrap();
+    // The writes block once the site stops taking requests: on a thread,
+    // left behind when the test ends.
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for i in 0..300u64 {
+            let mut b = Vec::with_capacity(28);
+            b.extend_from_slice(&0x25609513u32.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes()); // flags
+            b.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+            b.extend_from_slice(&(1000 + i).to_be_bytes());
+            b.extend_from_slice(&((i % 8) * (8 << 20)).to_be_bytes());
+            b.extend_from_slice(&(8u32 << 20).to_be_bytes());
+            if s.write_all(&b).is_err() {
+                return;
+            }
+        }
+    });
+    // Let the site take what it will.
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(site.rss_bytes());
+    }
+    let grew = peak.saturating_sub(before);
+    eprintln!("RSS grew by {} MiB with replies unread", grew >> 20);
+    assert!(grew < 400 << 20, "unread replies held {} MiB", grew >> 20);
+    drop(c);
+}

@@ -149,13 +149,19 @@ async fn transmission(
     block_status: bool,
     metrics: Arc<Metrics>,
 ) -> Result<()> {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits::NBD_INFLIGHT_PER_CONNECTION_MAX);
+    // A reply keeps its request's in-flight permits until it is written
+    // to the socket: a client that does not read its replies holds at most
+    // the in-flight budget here (they used to be given back once a reply
+    // was queued, and a channel of 32 MiB replies held gigabytes).
+    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Option<Permits>)>(limits::NBD_INFLIGHT_PER_CONNECTION_MAX);
     let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
+        while let Some((buf, permits)) = rx.recv().await {
             wr.write_all(&buf).await?;
+            drop((buf, permits));
             // Batch: flush only when no further reply is ready.
-            while let Ok(buf) = rx.try_recv() {
+            while let Ok((buf, permits)) = rx.try_recv() {
                 wr.write_all(&buf).await?;
+                drop((buf, permits));
             }
             wr.flush().await?;
         }
@@ -199,7 +205,7 @@ async fn transmission(
                 Ok(c) => c,
                 Err((errno, reason)) => {
                     tracing::debug!("nbd {}: request {:#x} refused: {reason}", export.name, req.handle);
-                    tx.send(proto::error_reply(structured, errno, req.handle, &reason)).await?;
+                    tx.send((proto::error_reply(structured, errno, req.handle, &reason), None)).await?;
                     continue;
                 }
             };
@@ -222,9 +228,7 @@ async fn transmission(
                 let reply = execute(&export, cmd, req.handle, payload, structured, &sync_waiters).await;
                 counters.record(cmd);
                 metrics.observe_request(started.elapsed());
-                let _ = tx.send(reply).await;
-                drop(permit);
-                drop(bytes_permit);
+                let _ = tx.send((reply, Some((permit, bytes_permit)))).await;
             });
         }
     }
@@ -235,6 +239,9 @@ async fn transmission(
     let _ = writer.await;
     result
 }
+
+/// A request's place in the in-flight limits (count, bytes).
+type Permits = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
 
 fn io_errno(e: &IoError) -> u32 {
     match e {
