@@ -26,6 +26,14 @@ pub const NBD_INFLIGHT_PER_CONNECTION_MAX: usize = 128;
 pub const NBD_INFLIGHT_BYTES_PER_CONNECTION_MAX: usize = 128 * 1024 * 1024;
 /// Concurrent NBD connections per site.
 pub const NBD_CONNECTIONS_MAX: usize = 256;
+/// NBD: time from accept to the end of option haggling; a connection that
+/// has not chosen an export by then is closed (probes, half-open sockets
+/// would otherwise hold a connection slot for good).
+pub const NBD_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// NBD: TCP keepalive on client connections (idle seconds before the first
+/// probe, seconds between probes, probes): a client that vanished without
+/// a FIN (a crashed hypervisor host) gives its slot back after ~2 minutes.
+pub const NBD_KEEPALIVE: (u32, u32, u32) = (60, 10, 6);
 /// Descriptors in one BLOCK_STATUS reply.
 pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
 /// Longest export name (the protocol's own limit on strings).

@@ -217,6 +217,25 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     Ok((before, want))
 }
 
+/// Turns on TCP keepalive on `sock`: `(idle, interval, probes)` in seconds
+/// and probes, so that a peer gone without a FIN is noticed.
+pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd, (idle, interval, probes): (u32, u32, u32)) -> std::io::Result<()> {
+    let fd = sock.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: setsockopt on a socket we own, with a c_int option value.
+        let r = unsafe { libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle as libc::c_int)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval as libc::c_int)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, probes as libc::c_int)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,3 +143,36 @@ fn replies_a_client_does_not_read_are_bounded() {
     assert!(grew < 400 << 20, "unread replies held {} MiB", grew >> 20);
     drop(c);
 }
+
+/// A connection that never chooses an export is closed once the handshake
+/// time (10 s) is up, and a served one has TCP keepalive on: neither a
+/// probe nor a client gone without a FIN (a crashed hypervisor host) holds
+/// one of the 256 connection slots for good. Before, both did.
+#[test]
+fn idle_handshakes_are_closed_and_served_clients_kept_alive() {
+    use std::io::Read;
+    let site = Site::start(&[("vol0", "16MiB")]);
+    let t = Instant::now();
+    let mut idle = std::net::TcpStream::connect(site.addr()).unwrap();
+    let c = common::nbd_client::Client::connect(&site.addr(), "vol0").unwrap();
+    let port = c.s.local_addr().unwrap().port();
+    // `ss` shows the timer that runs: keepalive once nothing is in flight.
+    let mut ss = String::new();
+    for _ in 0..40 {
+        ss = String::from_utf8_lossy(&cmd_ok("ss", &["-tnoH", "state", "established", &format!("( dport = :{port} )")]).stdout).into_owned();
+        if ss.contains("keepalive") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ss.contains("keepalive"), "no keepalive on the site's side of a served connection: {ss}");
+    idle.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = [0u8; 18];
+    idle.read_exact(&mut greeting).unwrap();
+    let mut more = [0u8; 1];
+    let n = idle.read(&mut more).expect("closed, not timed out");
+    assert_eq!(n, 0, "the site said more to a silent client");
+    let after = t.elapsed();
+    assert!(after >= Duration::from_secs(9) && after < Duration::from_secs(16), "closed after {after:?}");
+    assert!(site.log().contains("no export chosen within 10000 ms"), "{}", site.log());
+}

@@ -62,6 +62,9 @@ pub async fn serve(listener: TcpListener, exports: Arc<dyn Exports>, metrics: Ar
         tokio::spawn(async move {
             let _permit = permit;
             let _ = sock.set_nodelay(true);
+            if let Err(e) = crate::util::set_keepalive(&sock, limits::NBD_KEEPALIVE) {
+                tracing::debug!("nbd: {peer}: cannot set TCP keepalive: {e}");
+            }
             match connection(sock, exports, metrics).await {
                 Ok(()) => tracing::debug!("nbd: {peer} disconnected"),
                 // A client hanging up mid-handshake (nbdinfo --size, probes) is routine.
@@ -78,6 +81,24 @@ async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Met
     let (rd, wr) = sock.into_split();
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let limit = std::time::Duration::from_millis(limits::NBD_HANDSHAKE_TIMEOUT_MS);
+    let chosen = match tokio::time::timeout(limit, handshake(&mut rd, &mut wr, &*exports)).await {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("no export chosen within {} ms of connecting; closed", limits::NBD_HANDSHAKE_TIMEOUT_MS),
+    };
+    let Some(chosen) = chosen else { return Ok(()) };
+    let export = exports.export(&chosen.name).ok_or_else(|| anyhow::anyhow!("export {} vanished", chosen.name))?;
+    tracing::debug!("nbd: serving {} (structured={}, block_status={})", chosen.name, chosen.structured, chosen.block_status);
+    transmission(rd, wr, export, chosen.structured, chosen.block_status, metrics).await
+}
+
+/// Greeting and option haggling: the export chosen, or `None` if the
+/// client ended the handshake.
+async fn handshake(
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    exports: &dyn Exports,
+) -> Result<Option<proto::ExportInfo2>> {
 
     // Greeting.
     let mut g = Vec::with_capacity(18);
@@ -91,7 +112,7 @@ async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Met
     proto::check_client_flags(&mut hs, flags).map_err(anyhow::Error::msg)?;
 
     // Option haggling.
-    let chosen = loop {
+    loop {
         if hs.options_seen >= limits::NBD_OPTIONS_PER_CONNECTION_MAX {
             anyhow::bail!("client sent more than {} options", limits::NBD_OPTIONS_PER_CONNECTION_MAX);
         }
@@ -105,7 +126,7 @@ async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Met
             if len > limits::NBD_OPTION_DISCARD_BYTES_MAX {
                 anyhow::bail!("option {option} announces {len} bytes of data, above the {} byte limit", limits::NBD_OPTION_DISCARD_BYTES_MAX);
             }
-            tokio::io::copy(&mut (&mut rd).take(len as u64), &mut tokio::io::sink()).await?;
+            tokio::io::copy(&mut rd.take(len as u64), &mut tokio::io::sink()).await?;
             hs.options_seen += 1;
             let mut out = Vec::new();
             proto::OptReply { option, kind: proto::REP_ERR_TOO_BIG, data: b"option data too large".to_vec() }.encode(&mut out);
@@ -115,7 +136,7 @@ async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Met
         }
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
-        let (replies, next) = proto::handle_option(&mut hs, &Lookup(&*exports), option, &data);
+        let (replies, next) = proto::handle_option(&mut hs, &Lookup(exports), option, &data);
         let mut out = Vec::new();
         for r in &replies {
             r.encode(&mut out);
@@ -131,14 +152,11 @@ async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Met
             Next::Continue => {}
             Next::Close(reason) => {
                 tracing::info!("nbd: handshake ended: {reason}");
-                return Ok(());
+                return Ok(None);
             }
-            Next::Transmit(t) => break t,
+            Next::Transmit(t) => return Ok(Some(t)),
         }
-    };
-    let export = exports.export(&chosen.name).ok_or_else(|| anyhow::anyhow!("export {} vanished", chosen.name))?;
-    tracing::debug!("nbd: serving {} (structured={}, block_status={})", chosen.name, chosen.structured, chosen.block_status);
-    transmission(rd, wr, export, chosen.structured, chosen.block_status, metrics).await
+    }
 }
 
 async fn transmission(
