@@ -1267,6 +1267,8 @@ impl Group {
 
     fn maintenance_thread(self: Arc<Self>) {
         let interval = std::time::Duration::from_millis(crate::limits::MAINTENANCE_INTERVAL_MS);
+        // A failure that repeats (a full disk) is logged once a minute.
+        let mut trouble = crate::util::LogThrottle::new(std::time::Duration::from_secs(60));
         while !self.stop.load(Ordering::Acquire) {
             // Parked rather than slept, so that stopping does not wait.
             std::thread::park_timeout(interval);
@@ -1274,22 +1276,39 @@ impl Group {
                 break;
             }
             if let Err(e) = self.maintain() {
-                tracing::error!("group {}: maintenance failed: {e:#}", self.name);
+                if let Some(n) = trouble.admit() {
+                    tracing::error!("group {}: maintenance failed: {e:#}{}", self.name, crate::util::unlogged_note(n));
+                }
                 std::thread::park_timeout(std::time::Duration::from_secs(1));
             }
         }
     }
 
+    /// One round: the log cap, a checkpoint if due, GC. Each runs whatever
+    /// the others did: a checkpoint that cannot be written (a full disk)
+    /// must not stop GC from freeing the segments that are already free.
     pub(crate) fn maintain(self: &Arc<Self>) -> Result<()> {
-        self.enforce_log_cap()?;
+        let mut failed: Vec<String> = Vec::new();
+        if let Err(e) = self.enforce_log_cap() {
+            failed.push(format!("log cap: {e:#}"));
+        }
         let due = {
             let inner = self.lock_read();
             inner.failed.is_none() && inner.log_bytes_written - inner.log_bytes_at_checkpoint >= crate::limits::CHECKPOINT_INTERVAL_BYTES
         };
         if due {
-            self.checkpoint()?;
+            if let Err(e) = self.checkpoint() {
+                failed.push(format!("checkpoint: {e:#}"));
+            }
         }
-        self.collect_garbage()
+        if let Err(e) = self.collect_garbage() {
+            failed.push(format!("garbage collection: {e:#}"));
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failed.join("; "))
+        }
     }
 }
 

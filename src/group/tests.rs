@@ -831,3 +831,32 @@ fn a_newest_segment_whose_header_was_never_written_is_set_aside() {
     assert_eq!(b, vec![4u8; 4096]);
     assert!(!zeros.exists() && dir.path().join("discarded").join(crate::log::segment::segment_file_name(2)).exists());
 }
+
+/// GC runs whatever the checkpoint does: with checkpoints failing (here
+/// the file's place taken by a directory; in life a full disk), a segment
+/// already free is still freed. Before, a failed checkpoint ended the
+/// round before GC, so a full disk never got back the space it could.
+#[test]
+fn gc_frees_what_it_can_while_checkpoints_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.create_volume("v", 160 << 20).unwrap();
+    let mb = 1u64 << 20;
+    for i in 0..17u64 {
+        g.write(vol, i * 8 * mb, &vec![1u8; 8 << 20]).unwrap();
+    }
+    g.checkpoint().unwrap();
+    let ck = dir.path().join(super::checkpoint::FILE_NAME);
+    std::fs::remove_file(&ck).unwrap();
+    std::fs::create_dir(&ck).unwrap();
+    std::fs::write(ck.join("in-the-way"), b"x").unwrap();
+    // Overwritten: the first segment holds nothing live, and a checkpoint
+    // is due (and fails).
+    for i in 0..17u64 {
+        g.write(vol, i * 8 * mb, &vec![2u8; 8 << 20]).unwrap();
+    }
+    let e = format!("{:#}", g.maintain().unwrap_err());
+    assert!(e.contains("checkpoint"), "{e}");
+    assert!(g.stats.gc_segments_freed.load(Ordering::Relaxed) >= 1, "GC freed nothing while checkpoints failed");
+    assert!(!dir.path().join(crate::log::segment::segment_file_name(1)).exists());
+}
