@@ -109,6 +109,10 @@ pub const REPL_PREAUTH_HANDSHAKES_MAX: usize = 128;
 pub const REPL_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
+/// Replication: how long a DR site may stay out of reach (never connected,
+/// or since the link was lost) before the primary warns of it, and then
+/// once a minute.
+pub const REPL_UNREACHABLE_WARN_MS: u64 = 10_000;
 /// Default log cap per group: beyond it a lagging DR site's pin gives way to
 /// dirty-region tracking (R3).
 pub const REPL_LOG_CAP_BYTES_DEFAULT: u64 = 64 * 1024 * 1024 * 1024;

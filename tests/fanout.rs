@@ -51,6 +51,8 @@ fn one_dr_cut_off_does_not_slow_the_other() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(c_state, "disconnected", "site c should be cut off");
+    // Out of reach for 30 s: said at WARN, not retried in silence.
+    assert!(d.sites[0].log().contains("replication of cg0 to c: not connected for"), "no warning of c out of reach:\n{}", d.sites[0].log());
     let lagging = d.sites[0].status()["groups"][0]["replicas"][1]["lag_writes"].as_u64().unwrap();
     assert!(lagging > 0, "c should have fallen behind");
     proxy.restore();

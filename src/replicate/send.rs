@@ -87,6 +87,12 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
     let nice = prio.current();
     group.replication.update(&peer.name, |r| r.sender_nice = nice);
     let mut stop = settings.stop.clone();
+    // Since when this DR site has been out of reach (from the start, or
+    // since the link was lost), and how often that is said: once it has
+    // lasted `REPL_UNREACHABLE_WARN_MS`, then once a minute. Before, a DR
+    // site never reached was retried in silence (debug lines only).
+    let mut unreachable_since = Instant::now();
+    let mut unreachable = crate::util::LogThrottle::new(Duration::from_secs(60));
     loop {
         if *stop.borrow() {
             return;
@@ -116,6 +122,11 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
         });
         if was_connected {
             tracing::warn!(event = "dr-lost", "replication of {} to {}: lost: {msg}", group.name, peer.name);
+            unreachable_since = Instant::now();
+        } else if unreachable_since.elapsed() >= Duration::from_millis(limits::REPL_UNREACHABLE_WARN_MS) {
+            if let Some(n) = unreachable.admit() {
+                tracing::warn!(event = "dr-unreachable", "replication of {} to {}: not connected for {} s, retrying: {msg}{}", group.name, peer.name, unreachable_since.elapsed().as_secs(), crate::util::unlogged_note(n));
+            }
         } else {
             tracing::debug!("replication of {} to {}: {msg}", group.name, peer.name);
         }
