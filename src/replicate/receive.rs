@@ -742,7 +742,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 // The core is lost with its thread; still tell the primary.
                 let _ = tx.send(Out::Error(frame::encode(frame::ERROR, 0, format!("{e:#}").as_bytes(), false))).await;
                 drop(tx);
-                finish_writer(&mut writer, link_timeout).await;
+                let _ = finish_writer(&mut writer, link_timeout).await;
                 return Err(e);
             }
         };
@@ -774,17 +774,28 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         let _ = tx.send(Out::Error(core.farewell(e))).await;
     }
     drop(tx);
-    finish_writer(&mut writer, link_timeout).await;
+    let writer_failed = finish_writer(&mut writer, link_timeout).await;
     drop(core);
-    result
+    // A writer that failed first (a log sync, the socket) is why the
+    // session ended, not "writer stopped": say its reason.
+    match (result, writer_failed) {
+        (Err(e), Some(w)) => Err(e.context(format!("{w:#}"))),
+        (r, _) => r,
+    }
 }
 
 /// Waits for the acknowledgement writer to send what it has (the farewell
 /// last), but not past `limit`: a link that takes nothing more (full
 /// buffers, nobody reading) must not hold the connection open.
-async fn finish_writer(writer: &mut tokio::task::JoinHandle<Result<()>>, limit: Duration) {
-    if tokio::time::timeout(limit, &mut *writer).await.is_err() {
-        writer.abort();
+/// Returns the writer's own error, if it ended with one.
+async fn finish_writer(writer: &mut tokio::task::JoinHandle<Result<()>>, limit: Duration) -> Option<anyhow::Error> {
+    match tokio::time::timeout(limit, &mut *writer).await {
+        Ok(Ok(Err(e))) => Some(e.context("the acknowledgement writer failed")),
+        Ok(_) => None,
+        Err(_) => {
+            writer.abort();
+            None
+        }
     }
 }
 
