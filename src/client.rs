@@ -14,10 +14,17 @@ pub struct Response {
 
 /// Sends `method path` to `base` (`http://host:port`) with an optional JSON body.
 pub fn request(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response> {
+    request_within(base, method, path, body, Duration::from_secs(120))
+}
+
+/// `request`, each read waiting at most `limit` (the CLI's commands may
+/// take long; a supervisor's status poll must not).
+pub fn request_within(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<Response> {
     let hostport = base.strip_prefix("http://").with_context(|| format!("API URL {base:?} must start with http://"))?;
     let hostport = hostport.trim_end_matches('/');
     let mut s = TcpStream::connect(hostport).with_context(|| format!("failed to connect to the API at {base}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: application/json\r\n");
     if body.is_some() {
@@ -69,7 +76,15 @@ fn parse(raw: &[u8]) -> Result<Response> {
 /// Sends a request and returns the JSON body, turning an API error into an
 /// error carrying the API's own message.
 pub fn call(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
-    let r = request(base, method, path, body)?;
+    json_of(request(base, method, path, body)?)
+}
+
+/// `call` with `request_within`'s limit.
+pub fn call_within(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<serde_json::Value> {
+    json_of(request_within(base, method, path, body, limit)?)
+}
+
+fn json_of(r: Response) -> Result<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&r.body).into_owned()));
     if r.status >= 400 {
         let msg = v.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());

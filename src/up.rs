@@ -107,9 +107,13 @@ fn spawn_site(p: &mut SiteProc) -> Result<()> {
     Ok(())
 }
 
+/// Longest a status poll of a site waits: a site whose API hangs must not
+/// hold up supervision (restarts, signals) of all the others.
+const STATUS_POLL_LIMIT: Duration = Duration::from_secs(5);
+
 fn serving(p: &SiteProc) -> bool {
     TcpStream::connect_timeout(&p.nbd, Duration::from_millis(200)).is_ok()
-        && crate::client::call(&format!("http://{}", p.api), "GET", "/status", None).is_ok()
+        && crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT).is_ok()
 }
 
 fn wait_serving(p: &mut SiteProc) -> Result<()> {
@@ -323,14 +327,14 @@ pub fn run(a: UpArgs) -> Result<()> {
     loop {
         tick += 1;
         if tick.is_multiple_of(5) {
-            if let Ok(st) = crate::client::call(&format!("http://{}", procs[0].api), "GET", "/status", None) {
+            if let Ok(st) = crate::client::call_within(&format!("http://{}", procs[0].api), "GET", "/status", None, STATUS_POLL_LIMIT) {
                 for ev in replica_events(&st, &mut seen) {
                     emit(a.json, ev.clone(), &format!("{}", ev));
                 }
             }
             // DR sites report what only they know: refused snapshot deletions.
             for p in procs.iter().skip(1) {
-                if let Ok(st) = crate::client::call(&format!("http://{}", p.api), "GET", "/status", None) {
+                if let Ok(st) = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT) {
                     for ev in refusal_events(&p.name, &st, &mut refusals_seen) {
                         emit(a.json, ev.clone(), &format!("{}", ev));
                     }
