@@ -116,10 +116,9 @@ pub struct Group {
     pub dir: PathBuf,
     pub(crate) inner: Mutex<Inner>,
     sync_lock: Mutex<()>,
-    /// Held while a checkpoint is written, so that two (the maintenance
-    /// thread's and `close`'s) cannot land out of order; the position of
-    /// the last one written.
-    checkpoint_lock: Mutex<LogPos>,
+    /// Held while a checkpoint is encoded and written, so that two (the
+    /// maintenance thread's and `close`'s) cannot land out of order.
+    checkpoint_lock: Mutex<()>,
     sync_req: Mutex<(LogPos, bool)>,
     sync_cv: Condvar,
     /// (durable position, failed)
@@ -472,7 +471,7 @@ impl Group {
             dir,
             inner: Mutex::new(inner),
             sync_lock: Mutex::new(()),
-            checkpoint_lock: Mutex::new(0),
+            checkpoint_lock: Mutex::new(()),
             sync_req: Mutex::new((0, false)),
             sync_cv: Condvar::new(),
             durable_tx,
@@ -659,9 +658,6 @@ impl Group {
         self.lock_read().segments.get(&id).cloned()
     }
 
-    /// The last seq and the identity of its record (`Inner::last_ident`),
-    /// read together; found in the log if a version 2 checkpoint left it
-    /// unknown.
     /// The tail and the last seq, read together: waiting for the tail to
     /// be durable covers the seq (read apart, another appender could slip
     /// a record in between).
@@ -670,6 +666,9 @@ impl Group {
         (inner.tail_pos(), inner.next_seq.saturating_sub(1))
     }
 
+    /// The last seq and the identity of its record (`Inner::last_ident`),
+    /// read together; found in the log if a version 2 checkpoint left it
+    /// unknown.
     pub fn last_seq_ident(&self) -> (u64, Option<u32>) {
         let (last, ident) = {
             let inner = self.lock_read();

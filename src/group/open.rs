@@ -278,11 +278,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // their entries) are synced before the group is handed out (below).
     // Before, they counted as synced: a commit after the restart synced only
     // the segments it wrote, and a checkpoint or a DR's HELLO none.
-    let replay_seg = pos_seg(replay_from);
-    for (&id, seg) in segments.range(replay_seg..) {
-        let known = if id == replay_seg { pos_off(replay_from) as u64 } else { 0 };
-        seg.synced_len.store(known.min(seg.len()), std::sync::atomic::Ordering::Release);
-        seg.dir_synced.store(id == replay_seg && known > 0, std::sync::atomic::Ordering::Release);
+    for seg in segments.range(pos_seg(replay_from)..).map(|(_, s)| s) {
         seg.unsynced.store(true, std::sync::atomic::Ordering::Release);
         inner.unsynced.push(seg.clone());
     }

@@ -966,6 +966,17 @@ mod tests {
         g
     }
 
+    /// `primary`, with `n` 4 KiB writes to the first 8 blocks of its
+    /// volume (write i filled with i).
+    fn primary_with_writes(dir: &std::path::Path, mode: &str, n: u64) -> Arc<Group> {
+        let g = primary(dir, mode);
+        let v = g.volume("v").unwrap().id;
+        for i in 0..n {
+            g.write(v, (i % 8) * 4096, &[i as u8; 4096]).unwrap();
+        }
+        g
+    }
+
     /// A primary whose volume has 16 written blocks, its DR in dirty mode
     /// (a full resync).
     fn dirty_primary(dir: &std::path::Path) -> Arc<Group> {
@@ -1022,11 +1033,7 @@ mod tests {
     #[test]
     fn a_dr_cannot_acknowledge_what_it_was_not_sent() {
         let dir = tempfile::tempdir().unwrap();
-        let g = primary(dir.path(), "sync");
-        let v = g.volume("v").unwrap().id;
-        for i in 0..3u64 {
-            g.write(v, i * 4096, &[i as u8; 4096]).unwrap();
-        }
+        let g = primary_with_writes(dir.path(), "sync", 3);
         let e = answered_with(&g, reply(2, 5)).1.unwrap_err();
         assert!(format!("{e:#}").contains("malformed HELLO_REPLY"), "{e:#}");
         let e = answered_with(&g, reply(1, u64::MAX)).1.unwrap_err();
@@ -1383,11 +1390,7 @@ mod tests {
     #[test]
     fn a_diverged_drs_acks_count_for_nothing_until_its_resync_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let g = primary(dir.path(), "sync");
-        let v = g.volume("v").unwrap().id;
-        for i in 0..10u64 {
-            g.write(v, i * 4096, &vec![i as u8; 4096]).unwrap();
-        }
+        let g = primary_with_writes(dir.path(), "sync", 10);
         let last = g.last_seq();
         let theirs = g.record_ident(last).unwrap().unwrap() ^ 0x5a5a;
         let acked = |g: &Arc<Group>| g.replication.replicas()[0].acked_seq;
@@ -1417,11 +1420,7 @@ mod tests {
     #[test]
     fn a_dr_with_another_history_is_resynced_in_full() {
         let dir = tempfile::tempdir().unwrap();
-        let g = primary(dir.path(), "async");
-        let v = g.volume("v").unwrap().id;
-        for i in 0..40u64 {
-            g.write(v, (i % 8) * 4096, &vec![i as u8; 4096]).unwrap();
-        }
+        let g = primary_with_writes(dir.path(), "async", 40);
         let last = g.last_seq();
         let older = last - 20;
         let ours_last = g.record_ident(last).unwrap().expect("the newest record is known");
@@ -1461,11 +1460,7 @@ mod tests {
     #[test]
     fn an_empty_dr_against_a_partial_dirty_set_is_resynced_in_full() {
         let dir = tempfile::tempdir().unwrap();
-        let g = primary(dir.path(), "async");
-        let v = g.volume("v").unwrap().id;
-        for i in 0..8u64 {
-            g.write(v, i * 4096, &vec![i as u8; 4096]).unwrap();
-        }
+        let g = primary_with_writes(dir.path(), "async", 8);
         let last = g.last_seq();
         g.enter_dirty("b", Some(last)).unwrap();
         assert_eq!(g.dirty_from("b"), Some(Some(last)));
