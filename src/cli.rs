@@ -165,6 +165,14 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
                 println!("site {} role {} epoch {}", s["site"].as_str().unwrap_or("?"), s["role"].as_str().unwrap_or("?"), s["epoch"]);
                 for g in s["groups"].as_array().into_iter().flatten() {
                     println!("  group {} mode {} last_seq {}", g["name"].as_str().unwrap_or("?"), g["mode"].as_str().unwrap_or("?"), g["last_seq"]);
+                    let stall = &g["storage_stall"];
+                    if !stall.is_null() {
+                        let what = if stall["stalled"] == true { "STALLED" } else { "slow" };
+                        println!("    storage {what}: {} in progress for {}s", stall["operation"].as_str().unwrap_or("?"), stall["seconds"]);
+                    }
+                    if let Some(u) = g["unavailable"].as_str() {
+                        println!("    {u}");
+                    }
                     for v in g["volumes"].as_array().into_iter().flatten() {
                         println!("    volume {} {}", v["name"].as_str().unwrap_or("?"), human_size(v["size"].as_u64().unwrap_or(0)));
                     }

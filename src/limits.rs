@@ -148,6 +148,21 @@ pub const PERIODIC_INTERVAL_S_MAX: u64 = 86_400;
 
 /// HTTP API request body limit.
 pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
+/// How long status and metrics wait for a group's lock before they report
+/// the group from what they can read without it (a writer holds the lock
+/// through its append, so a stalled disk holds it as long as the stall;
+/// ARCHITECTURE.md "A stalled disk is reported, not silent").
+pub const STATUS_GROUP_WAIT_MS: u64 = 1_000;
+/// Longest a status or metrics request takes: past it, the answer is built
+/// from what needs no lock at all.
+pub const STATUS_TIME_LIMIT_MS: u64 = 4_000;
+/// A storage operation in progress for this long shows in status
+/// (`storage_stall`, with `stalled: false` until `STORAGE_STALL_MS`).
+pub const STORAGE_SLOW_MS: u64 = 1_000;
+/// A storage operation in progress for this long is a stalled disk: logged
+/// at WARN (then once a minute until it returns) and a `storage-stalled`
+/// event of `up --json`.
+pub const STORAGE_STALL_MS: u64 = 10_000;
 /// How long `up` waits for a site to start serving before giving up.
 pub const SITE_START_TIMEOUT_MS: u64 = 60_000;
 /// How long `up` waits for sites to stop after SIGTERM before SIGKILL.
@@ -155,6 +170,7 @@ pub const SITE_STOP_TIMEOUT_MS: u64 = 30_000;
 /// Restarts of a crashed site by `up` within one minute before it gives up.
 pub const SITE_RESTARTS_PER_MINUTE_MAX: u32 = 5;
 
+const _: () = assert!(STATUS_GROUP_WAIT_MS < STATUS_TIME_LIMIT_MS && STORAGE_SLOW_MS < STORAGE_STALL_MS);
 const _: () = assert!(BLOCK_BYTES.is_power_of_two());
 const _: () = assert!((NBD_REQUEST_BYTES_MAX as u64).is_multiple_of(BLOCK_BYTES));
 // A maximal write record (header + one CRC per block + payload) fits a segment.

@@ -4,7 +4,7 @@
 //! prints the `ready` event, restarts a site that dies, and on
 //! SIGINT/SIGTERM stops them all cleanly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -323,21 +323,22 @@ pub fn run(a: UpArgs) -> Result<()> {
     // Supervise, and report replication state changes seen at the primary.
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refusals_seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut stalls_seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut tick = 0u64;
     loop {
         tick += 1;
         if tick.is_multiple_of(5) {
-            if let Ok(st) = crate::client::call_within(&format!("http://{}", procs[0].api), "GET", "/status", None, STATUS_POLL_LIMIT) {
-                for ev in replica_events(&st, &mut seen) {
+            for (i, p) in procs.iter().enumerate() {
+                let Ok(st) = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT) else { continue };
+                let mut events = if i == 0 {
+                    replica_events(&st, &mut seen)
+                } else {
+                    // DR sites report what only they know: refused snapshot deletions.
+                    refusal_events(&p.name, &st, &mut refusals_seen)
+                };
+                events.extend(storage_events(&p.name, &st, &mut stalls_seen));
+                for ev in events {
                     emit(a.json, ev.clone(), &format!("{}", ev));
-                }
-            }
-            // DR sites report what only they know: refused snapshot deletions.
-            for p in procs.iter().skip(1) {
-                if let Ok(st) = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT) {
-                    for ev in refusal_events(&p.name, &st, &mut refusals_seen) {
-                        emit(a.json, ev.clone(), &format!("{}", ev));
-                    }
                 }
             }
         }
@@ -394,6 +395,33 @@ fn refusal_events(site: &str, status: &serde_json::Value, seen: &mut BTreeMap<(S
         }
         *n = (*n).max(list.len());
     }
+    out
+}
+
+/// `storage-stalled` when a site's status first shows a group's storage
+/// stalled (`storage_stall.stalled`), `storage-recovered` when it no longer
+/// does.
+fn storage_events(site: &str, status: &serde_json::Value, seen: &mut BTreeSet<(String, String)>) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut now = BTreeSet::new();
+    for g in status["groups"].as_array().into_iter().flatten() {
+        let group = g["name"].as_str().unwrap_or("?").to_string();
+        let stall = &g["storage_stall"];
+        if stall["stalled"] == true {
+            let key = (site.to_string(), group.clone());
+            if !seen.contains(&key) {
+                out.push(json!({"event": "storage-stalled", "site": site, "group": group, "operation": stall["operation"], "seconds": stall["seconds"]}));
+            }
+            now.insert(key);
+        }
+    }
+    for (s, group) in seen.iter().filter(|(s, _)| s == site) {
+        if !now.contains(&(s.clone(), group.clone())) {
+            out.push(json!({"event": "storage-recovered", "site": site, "group": group}));
+        }
+    }
+    seen.retain(|(s, _)| s != site);
+    seen.extend(now);
     out
 }
 
@@ -461,6 +489,24 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    /// A stall is one event when it starts and one when it ends, per site and group.
+    #[test]
+    fn storage_stalls_become_one_event_each_way() {
+        let st = |stalled: bool| json!({"groups": [{"name": "cg0", "storage_stall": {"operation": "log append", "seconds": 12.0, "stalled": stalled}}, {"name": "cg1", "storage_stall": null}]});
+        let mut seen = std::collections::BTreeSet::new();
+        assert!(super::storage_events("a", &st(false), &mut seen).is_empty(), "slow is not stalled");
+        let ev = super::storage_events("a", &st(true), &mut seen);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0]["event"].as_str(), ev[0]["site"].as_str(), ev[0]["group"].as_str()), (Some("storage-stalled"), Some("a"), Some("cg0")));
+        assert!(super::storage_events("a", &st(true), &mut seen).is_empty(), "once");
+        // Another site's stall is its own.
+        assert_eq!(super::storage_events("b", &st(true), &mut seen).len(), 1);
+        let ev = super::storage_events("a", &json!({"groups": [{"name": "cg0", "storage_stall": null}]}), &mut seen);
+        assert_eq!((ev.len(), ev[0]["event"].as_str()), (1, Some("storage-recovered")));
+        assert!(super::storage_events("a", &st(false), &mut seen).is_empty());
+        assert!(super::storage_events("b", &st(true), &mut seen).is_empty(), "b is still stalled");
+    }
 
     /// A DR site's refusal list only grows: each refusal becomes one event, once.
     #[test]

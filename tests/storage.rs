@@ -177,3 +177,139 @@ fn idle_handshakes_are_closed_and_served_clients_kept_alive() {
     // Logged as the connection task ends, just after the socket closes.
     common::wait_until(5, "the closed handshake to be logged", || site.log().contains("no export chosen within 10000 ms"));
 }
+
+/// Undoes a frozen ext4 on a loop device, even when the test panics: thaw,
+/// stop the site (it holds files there), unmount, detach.
+struct FrozenDisk {
+    mnt: std::path::PathBuf,
+    loopdev: Option<String>,
+    mounted: bool,
+    site: Option<Site>,
+}
+
+impl Drop for FrozenDisk {
+    fn drop(&mut self) {
+        let m = self.mnt.to_str().unwrap().to_string();
+        let _ = common::cmd("fsfreeze", &["--unfreeze", &m]);
+        drop(self.site.take());
+        if self.mounted && !common::cmd("umount", &[&m]).status.success() {
+            let _ = common::cmd("umount", &["-l", &m]);
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = common::cmd("losetup", &["-d", &d]);
+        }
+    }
+}
+
+/// A disk that stops answering (an ext4 frozen with `fsfreeze`) under a
+/// primary with a write in flight: the write waits, and is acknowledged once
+/// the disk answers again, with nothing lost; meanwhile status and
+/// `/metrics` keep answering and say what is stalled (the API has its own
+/// runtime, and reads no group whose lock a stuck writer holds), the site
+/// logs the stall at WARN after `STORAGE_STALL_MS`, and then its end.
+#[test]
+fn a_stalled_disk_is_reported_while_the_write_waits() {
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::Builder::new().prefix("tidemark-stall").tempdir_in(common::test_root()).unwrap();
+    let img = tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
+    cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
+    let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
+    disk.loopdev = Some(dev.clone());
+    cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
+    disk.mounted = true;
+    // The data on the disk that will stall; config and log beside it (a
+    // log on the stalled disk would stall the messages about it).
+    let sdir = tmp.path().join("site");
+    std::fs::create_dir(&sdir).unwrap();
+    let mut site = Site::configure(&sdir, &[("vol0", "64M")]);
+    let cfg = std::fs::read_to_string(&site.config).unwrap().replace("data_dir = \".\"", &format!("data_dir = \"{}\"", mnt.join("data").display()));
+    std::fs::write(&site.config, cfg).unwrap();
+    site.spawn();
+    let uri = site.uri("vol0");
+    let addr = site.addr();
+    let api = site.api();
+    disk.site = Some(site);
+    let log = || std::fs::read_to_string(sdir.join("site.log")).unwrap_or_default();
+    let status = || -> serde_json::Value {
+        // Within the API's own limit (4 s) plus a margin: it must answer.
+        let o = cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]);
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", &uri]);
+    let st = status();
+    assert!(st["groups"][0]["storage_stall"].is_null(), "{st}");
+    assert_eq!(st["groups"][0]["last_seq"], 2, "the volume's creation and the write: {st}");
+
+    // More writers (each its own connection, opened before the freeze) than
+    // the site has runtime workers: one waits in the stalled append, the
+    // rest for the group's lock, and each holds a worker while it waits.
+    let writers = std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
+    let clients: Vec<_> = (0..writers).map(|_| common::nbd_client::Client::connect(&addr, "vol0").unwrap()).collect();
+    cmd_ok("fsfreeze", &["--freeze", mnt.to_str().unwrap()]);
+    let frozen_at = Instant::now();
+    let writer: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| std::thread::spawn(move || c.write(i as u64 * MIB, &vec![0x22 + i as u8; MIB as usize], false)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(writer.iter().all(|w| !w.is_finished()), "no write can complete on a frozen disk");
+
+    // Status answers, from the group's last complete entry, and names the stall.
+    let t = Instant::now();
+    let st = status();
+    let asked = t.elapsed();
+    let g = &st["groups"][0];
+    // A group's lock is waited for 1 s (STATUS_GROUP_WAIT_MS), not until
+    // the whole request's limit (4 s) runs out.
+    assert!(asked < Duration::from_secs(3), "status took {asked:?}");
+    assert_eq!(g["stale"], true, "{st}");
+    assert_eq!(g["volumes"][0]["name"], "vol0", "the last complete entry: {st}");
+    assert!(g["unavailable"].as_str().unwrap().contains("log append in progress"), "{st}");
+    assert_eq!(g["storage_stall"]["operation"], "log append", "{st}");
+    assert!(g["storage_stall"]["seconds"].as_f64().unwrap() >= 1.0, "{st}");
+    assert_eq!(g["storage_stall"]["stalled"], false, "not yet {} ms: {st}", tidemark::limits::STORAGE_STALL_MS);
+    // The CLI says it too.
+    let o = common::tidemark(&["--api", &api, "status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("storage slow: log append in progress"), "{text}");
+    // Metrics answer with what needs no lock.
+    let m = String::from_utf8(cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/metrics")]).stdout).unwrap();
+    assert!(m.contains("tidemark_group_answering{group=\"cg0\"} 0"), "{m}");
+    let pending: f64 = m.lines().find_map(|l| l.strip_prefix("tidemark_storage_pending_seconds{group=\"cg0\"} ")).unwrap().parse().unwrap();
+    assert!(pending >= 1.0, "{m}");
+    assert!(!m.contains("tidemark_log_bytes{group=\"cg0\"}"), "no lock-taking metric of a group that does not answer: {m}");
+
+    // Past STORAGE_STALL_MS: a WARN line, and status says stalled.
+    common::wait_until(20, "the stall is logged", || log().contains("has not returned for"));
+    assert!(frozen_at.elapsed() >= Duration::from_millis(tidemark::limits::STORAGE_STALL_MS));
+    let st = status();
+    assert_eq!(st["groups"][0]["storage_stall"]["stalled"], true, "{st}");
+    assert!(log().lines().any(|l| l.contains("WARN") && l.contains("a log append in") && l.contains("its storage is stalled")), "{}", log());
+    assert!(writer.iter().all(|w| !w.is_finished()), "still waiting");
+
+    // The disk answers again: the write completes, and the stall's end is logged.
+    cmd_ok("fsfreeze", &["--unfreeze", mnt.to_str().unwrap()]);
+    for w in writer {
+        w.join().unwrap().expect("the write is acknowledged once the disk answers");
+    }
+    common::wait_until(10, "the stall's end is logged", || log().contains("has returned; storage answers again"));
+    let st = status();
+    let g = &st["groups"][0];
+    assert!(g["storage_stall"].is_null() && g.get("stale").is_none() && g.get("unavailable").is_none(), "{st}");
+    assert_eq!(g["last_seq"], 2 + writers as u64, "{st}");
+    let read_back = || {
+        for i in 0..writers {
+            cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", &format!("read -P {} {}M 1M", 0x22 + i, i), &uri]);
+        }
+    };
+    read_back();
+    // A clean stop makes them durable; they read back after a restart.
+    disk.site.as_mut().unwrap().stop();
+    disk.site.as_mut().unwrap().spawn();
+    read_back();
+}

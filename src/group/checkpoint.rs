@@ -306,7 +306,10 @@ impl Group {
         };
         // The checkpoint may only describe durable records.
         self.sync_to(at)?;
-        crate::crashsafe::write_file(&self.dir.join(FILE_NAME), &bytes)?;
+        {
+            let _io = self.io.start(super::iowatch::IoOp::Checkpoint);
+            crate::crashsafe::write_file(&self.dir.join(FILE_NAME), &bytes)?;
+        }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.checkpoint_pos = inner.checkpoint_pos.max(at);
         inner.log_bytes_at_checkpoint = written;

@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod gc;
+pub mod iowatch;
 pub mod open;
 pub mod resync;
 pub mod snapshot;
@@ -127,6 +128,8 @@ pub struct Group {
     tail_pos: AtomicU64,
     stop: AtomicBool,
     pub stats: GroupStats,
+    /// Storage operations in progress, readable without the lock.
+    pub io: iowatch::IoWatch,
     /// Woken after every append (replication senders wait on it).
     pub appended: tokio::sync::Notify,
     /// Replication mode and, on the primary, the state of each DR replica.
@@ -368,6 +371,7 @@ impl Inner {
     /// are exactly the record, as shipped by replication).
     pub fn append_bytes(&mut self, group: &Group, h: &Header, parts: &[&[u8]]) -> Result<LogPos, IoError> {
         self.check_failed()?;
+        let _io = group.io.start(iowatch::IoOp::Append);
         let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         debug_assert_eq!(h.total_len(), total);
         // A record no reader would take is never written (and so never
@@ -478,6 +482,7 @@ impl Group {
             tail_pos: AtomicU64::new(tail),
             stop: AtomicBool::new(false),
             stats: GroupStats::default(),
+            io: iowatch::IoWatch::default(),
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
@@ -620,6 +625,7 @@ impl Group {
             let inner = self.lock_read();
             PinsFile { pins: inner.pins.clone(), dirty: inner.dirty.keys().cloned().collect(), unverified: inner.unverified.clone() }
         };
+        let _io = self.io.start(iowatch::IoOp::Pins);
         crate::crashsafe::write_file(&self.dir.join(PINS_FILE), &serde_json::to_vec_pretty(&state)?)
     }
 
@@ -962,6 +968,25 @@ impl Group {
         self.read_entries(vol, offset, buf, &entries, &segs)
     }
 
+    /// Could the group's lock be had within `limit`? Polled, and let go at
+    /// once. Status and metrics ask before they read a group: a writer
+    /// holds the lock through its append, so a disk that stalls an append
+    /// holds every reader of the lock with it (ARCHITECTURE.md "A stalled
+    /// disk is reported, not silent").
+    pub fn answers_within(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match self.inner.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     fn lock_read(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1151,6 +1176,7 @@ impl Group {
             (inner.tail_pos(), files, dir)
         };
         let res = (|| -> Result<()> {
+            let _io = self.io.start(iowatch::IoOp::Sync);
             for f in &files {
                 let len = f.len();
                 f.file.sync_data().with_context(|| format!("failed to fdatasync log segment {}", f.path.display()))?;

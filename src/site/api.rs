@@ -64,94 +64,184 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
     Ok(())
 }
 
+/// The site's status. A group whose lock is not free within
+/// `STATUS_GROUP_WAIT_MS` (a writer stuck in a stalled disk holds it) is
+/// reported from its last complete entry, marked `stale`, with why in
+/// `unavailable`; every group says what its storage has been doing for
+/// longer than `STORAGE_SLOW_MS` in `storage_stall` (ARCHITECTURE.md "A
+/// stalled disk is reported, not silent").
 pub fn status_json(site: &Site) -> Value {
+    let wait = std::time::Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
+    let mut epoch = 1;
     let groups: Vec<Value> = site
         .group_list()
         .iter()
         .map(|g| {
-            let vols: Vec<Value> = g.volumes().iter().map(|v| json!({"name": v.name, "size": v.size, "mapped_bytes": v.mapped_bytes})).collect();
-            let last = g.last_seq();
-            let now = crate::util::now_ns();
-            let replicas: Vec<Value> = g
-                .replication
-                .replicas()
-                .iter()
-                .map(|r| {
-                    let lag_writes = last.saturating_sub(r.acked_seq);
-                    let (lag_seconds, lag_bytes) = crate::replicate::lag(g, r, last, now);
-                    json!({
-                        "site": r.site, "state": r.state, "applied_seq": r.acked_seq, "sent_seq": r.sent_seq,
-                        "lag_writes": lag_writes, "lag_bytes": lag_bytes, "lag_seconds": lag_seconds,
-                        "link_sent_bytes": r.sent_bytes_total, "link_data_bytes": r.data_bytes_total, "last_error": r.last_error,
-                        "dirty_bytes": g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES,
-                        "dirty_tracking": g.in_dirty_mode(&r.site),
-                        "sender_nice": r.sender_nice,
-                        "diverged_resyncs": r.diverged_resyncs,
-                    })
-                })
-                .collect();
-            let mut gj = json!({
-                "name": g.name,
-                "mode": g.replication.mode().as_str(),
-                "volumes": vols,
-                "last_seq": last,
-                "applied_seq": last,
-                "replicas": replicas,
-                "log_bytes": g.log_bytes(),
-                "live_bytes": g.live_bytes(),
-                "failed": g.failed(),
-            });
-            // From the map table only: `snapshots()` would also walk every
-            // map to count unique bytes, which status (polled) does not show.
-            let maps = g.maps();
-            gj["snapshots"] = json!(maps.iter().filter(|m| m.snapshot).count());
-            let retained: Vec<&str> = maps.iter().filter(|m| m.retained).map(|m| m.name.as_str()).collect();
-            if g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed) || !retained.is_empty() {
-                let refusals: Vec<Value> = g
-                    .refusals
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(name, seq, ns)| json!({"snapshot": name, "seq": seq, "time_ns": ns}))
-                    .collect();
-                gj["protect_snapshots"] = json!(g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed));
-                gj["retained_snapshots"] = json!(retained);
-                gj["snapshot_delete_refusals"] = json!(refusals);
-            }
-            if g.replication.degraded() {
-                gj["degraded"] = json!("sync DR site lost: replicating asynchronously");
-            }
-            if let Some(d) = site.dr.groups.lock().unwrap().get(&g.name) {
-                let hb = &d.heartbeat;
-                gj["primary"] = json!({
-                    "site": d.primary, "connected": d.connected, "last_error": d.last_error,
-                    "received_bytes": d.received_bytes_total,
-                    "mode": d.mode, "receiver_nice": d.receiver_nice,
-                });
-                gj["heartbeat"] = json!({
-                    "seq": hb.seq, "sent_ns": hb.sent_ns, "received_ns": hb.received_ns,
-                    "age_seconds": if hb.received_ns == 0 { Value::Null } else { json!(now.saturating_sub(hb.received_ns) as f64 / 1e9) },
-                });
-            }
+            let mut gj = if g.answers_within(wait) {
+                let (gj, e) = group_status(site, g);
+                site.status_cache.lock().unwrap_or_else(|p| p.into_inner()).insert(g.name.clone(), (gj.clone(), e));
+                epoch = epoch.max(e);
+                gj
+            } else {
+                let why = format!("its lock was not free within {} ms", crate::limits::STATUS_GROUP_WAIT_MS);
+                let (gj, e) = unavailable_group(site, g, &why);
+                epoch = epoch.max(e);
+                gj
+            };
+            gj["storage_stall"] = storage_stall_json(g);
             gj
         })
         .collect();
-    let role = match site.cfg.role {
+    json!({"site": site.cfg.name, "role": role(site), "epoch": epoch, "groups": groups})
+}
+
+/// Status built from nothing that takes a group's lock: what `status`
+/// answers when `status_json` did not finish within `STATUS_TIME_LIMIT_MS`.
+pub fn status_without_locks(site: &Site, why: &str) -> Value {
+    let mut epoch = 1;
+    let groups: Vec<Value> = site
+        .group_list()
+        .iter()
+        .map(|g| {
+            let (mut gj, e) = unavailable_group(site, g, why);
+            epoch = epoch.max(e);
+            gj["storage_stall"] = storage_stall_json(g);
+            gj
+        })
+        .collect();
+    json!({"site": site.cfg.name, "role": role(site), "epoch": epoch, "groups": groups})
+}
+
+fn role(site: &Site) -> &'static str {
+    match site.cfg.role {
         super::config::Role::Primary => "primary",
         super::config::Role::Secondary => "secondary",
+    }
+}
+
+/// A group that did not answer: its last complete status entry (`stale`),
+/// or only its name and mode if it never had one, with `unavailable`
+/// saying why.
+fn unavailable_group(site: &Site, g: &crate::group::Group, why: &str) -> (Value, u64) {
+    let cached = site.status_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&g.name).cloned();
+    let (mut gj, epoch) = match cached {
+        Some((mut gj, e)) => {
+            gj["stale"] = json!(true);
+            (gj, e)
+        }
+        None => (json!({"name": g.name, "mode": g.replication.mode().as_str()}), 1),
     };
-    let epoch = site.group_list().iter().map(|g| g.epoch()).max().unwrap_or(1);
-    json!({"site": site.cfg.name, "role": role, "epoch": epoch, "groups": groups})
+    let storage = match g.io.oldest() {
+        Some(p) => format!("{} in progress for {:.1} s", p.op.label(), p.seconds),
+        None => "no storage operation in progress".to_string(),
+    };
+    gj["unavailable"] = json!(format!("group {} did not answer: {why} ({storage}); other fields are from its last complete status", g.name));
+    (gj, epoch)
+}
+
+/// The oldest storage operation of a group in progress for at least
+/// `STORAGE_SLOW_MS`, or null; `stalled` from `STORAGE_STALL_MS` on.
+pub fn storage_stall_json(g: &crate::group::Group) -> Value {
+    match g.io.oldest() {
+        Some(p) if p.seconds * 1e3 >= crate::limits::STORAGE_SLOW_MS as f64 => json!({
+            "operation": p.op.label(),
+            "seconds": (p.seconds * 10.0).round() / 10.0,
+            "stalled": p.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64,
+        }),
+        _ => Value::Null,
+    }
+}
+
+/// One group's complete status entry and its epoch (takes the group's lock
+/// several times).
+fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
+    let vols: Vec<Value> = g.volumes().iter().map(|v| json!({"name": v.name, "size": v.size, "mapped_bytes": v.mapped_bytes})).collect();
+    let last = g.last_seq();
+    let now = crate::util::now_ns();
+    let replicas: Vec<Value> = g
+        .replication
+        .replicas()
+        .iter()
+        .map(|r| {
+            let lag_writes = last.saturating_sub(r.acked_seq);
+            let (lag_seconds, lag_bytes) = crate::replicate::lag(g, r, last, now);
+            json!({
+                "site": r.site, "state": r.state, "applied_seq": r.acked_seq, "sent_seq": r.sent_seq,
+                "lag_writes": lag_writes, "lag_bytes": lag_bytes, "lag_seconds": lag_seconds,
+                "link_sent_bytes": r.sent_bytes_total, "link_data_bytes": r.data_bytes_total, "last_error": r.last_error,
+                "dirty_bytes": g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES,
+                "dirty_tracking": g.in_dirty_mode(&r.site),
+                "sender_nice": r.sender_nice,
+                "diverged_resyncs": r.diverged_resyncs,
+            })
+        })
+        .collect();
+    let mut gj = json!({
+        "name": g.name,
+        "mode": g.replication.mode().as_str(),
+        "volumes": vols,
+        "last_seq": last,
+        "applied_seq": last,
+        "replicas": replicas,
+        "log_bytes": g.log_bytes(),
+        "live_bytes": g.live_bytes(),
+        "failed": g.failed(),
+    });
+    // From the map table only: `snapshots()` would also walk every
+    // map to count unique bytes, which status (polled) does not show.
+    let maps = g.maps();
+    gj["snapshots"] = json!(maps.iter().filter(|m| m.snapshot).count());
+    let retained: Vec<&str> = maps.iter().filter(|m| m.retained).map(|m| m.name.as_str()).collect();
+    if g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed) || !retained.is_empty() {
+        let refusals: Vec<Value> = g
+            .refusals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, seq, ns)| json!({"snapshot": name, "seq": seq, "time_ns": ns}))
+            .collect();
+        gj["protect_snapshots"] = json!(g.protect_snapshots.load(std::sync::atomic::Ordering::Relaxed));
+        gj["retained_snapshots"] = json!(retained);
+        gj["snapshot_delete_refusals"] = json!(refusals);
+    }
+    if g.replication.degraded() {
+        gj["degraded"] = json!("sync DR site lost: replicating asynchronously");
+    }
+    if let Some(d) = site.dr.groups.lock().unwrap().get(&g.name) {
+        let hb = &d.heartbeat;
+        gj["primary"] = json!({
+            "site": d.primary, "connected": d.connected, "last_error": d.last_error,
+            "received_bytes": d.received_bytes_total,
+            "mode": d.mode, "receiver_nice": d.receiver_nice,
+        });
+        gj["heartbeat"] = json!({
+            "seq": hb.seq, "sent_ns": hb.sent_ns, "received_ns": hb.received_ns,
+            "age_seconds": if hb.received_ns == 0 { Value::Null } else { json!(now.saturating_sub(hb.received_ns) as f64 / 1e9) },
+        });
+    }
+    (gj, g.epoch())
 }
 
 async fn status(State(site): State<Arc<Site>>) -> Json<Value> {
     let s = site.clone();
-    Json(tokio::task::spawn_blocking(move || status_json(&s)).await.unwrap_or(Value::Null))
+    let limit = std::time::Duration::from_millis(crate::limits::STATUS_TIME_LIMIT_MS);
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || status_json(&s))).await {
+        Ok(Ok(v)) => Json(v),
+        Ok(Err(e)) => Json(status_without_locks(&site, &format!("status failed: {e}"))),
+        Err(_) => Json(status_without_locks(&site, &format!("status did not complete within {} ms", crate::limits::STATUS_TIME_LIMIT_MS))),
+    }
 }
 
-async fn metrics(State(site): State<Arc<Site>>) -> impl IntoResponse {
-    let body = site.metrics.render(&site.cfg.name, &site.group_list());
-    ([("content-type", "text/plain; version=0.0.4")], body)
+async fn metrics(State(site): State<Arc<Site>>) -> Result<impl IntoResponse, ApiError> {
+    let s = site.clone();
+    let limit = std::time::Duration::from_millis(crate::limits::STATUS_TIME_LIMIT_MS);
+    let body = match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || s.metrics.render(&s.cfg.name, &s.group_list()))).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(failed(anyhow::anyhow!("metrics failed: {e}"))),
+        // Built from atomics only: what a stalled site can still say.
+        Err(_) => site.metrics.render_without_locks(&site.cfg.name, &site.group_list()),
+    };
+    Ok(([("content-type", "text/plain; version=0.0.4")], body))
 }
 
 async fn list_volumes(State(site): State<Arc<Site>>) -> Json<Value> {

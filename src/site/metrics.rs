@@ -88,7 +88,24 @@ impl Metrics {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Every metric. A group whose lock is not free within
+    /// `STATUS_GROUP_WAIT_MS` (a writer stuck in a stalled disk holds it)
+    /// gets only the metrics that need no lock, and
+    /// `tidemark_group_answering` 0.
     pub fn render(&self, site: &str, groups: &[Arc<Group>]) -> String {
+        let wait = Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
+        let ready: Vec<Arc<Group>> = groups.iter().filter(|g| g.answers_within(wait)).cloned().collect();
+        self.render_parts(site, groups, &ready)
+    }
+
+    /// The metrics that need no group lock (what `/metrics` answers when
+    /// `render` did not finish within `STATUS_TIME_LIMIT_MS`).
+    pub fn render_without_locks(&self, site: &str, groups: &[Arc<Group>]) -> String {
+        self.render_parts(site, groups, &[])
+    }
+
+    /// `ready`: the groups whose lock-taking metrics are rendered.
+    fn render_parts(&self, site: &str, groups: &[Arc<Group>], ready: &[Arc<Group>]) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "# HELP tidemark_nbd_requests_total NBD requests completed, by export and operation.");
         let _ = writeln!(o, "# TYPE tidemark_nbd_requests_total counter");
@@ -129,9 +146,20 @@ impl Metrics {
         for (name, kind, help, f) in gauges {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} {kind}");
-            for g in groups {
+            for g in ready {
                 let _ = writeln!(o, "{name}{{group=\"{}\"}} {}", g.name, f(g));
             }
+        }
+        let _ = writeln!(o, "# HELP tidemark_group_answering 1 if this scrape could read the group, 0 if its lock was held longer than it waits (see tidemark_storage_pending_seconds).");
+        let _ = writeln!(o, "# TYPE tidemark_group_answering gauge");
+        for g in groups {
+            let answering = ready.iter().any(|r| Arc::ptr_eq(r, g));
+            let _ = writeln!(o, "tidemark_group_answering{{group=\"{}\"}} {}", g.name, answering as u8);
+        }
+        let _ = writeln!(o, "# HELP tidemark_storage_pending_seconds Age of the group's oldest storage operation in progress (append, sync, checkpoint, pins), 0 if none: a stalled disk grows it.");
+        let _ = writeln!(o, "# TYPE tidemark_storage_pending_seconds gauge");
+        for g in groups {
+            let _ = writeln!(o, "tidemark_storage_pending_seconds{{group=\"{}\"}} {}", g.name, g.io.oldest().map_or(0.0, |p| p.seconds));
         }
         let _ = writeln!(o, "# HELP tidemark_replication_refused_total Replication connections this site refused or dropped before they authenticated, by reason.");
         let _ = writeln!(o, "# TYPE tidemark_replication_refused_total counter");
@@ -157,7 +185,7 @@ impl Metrics {
         for (name, kind, help) in repl {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} {kind}");
-            for g in groups {
+            for g in ready {
                 let last = g.last_seq();
                 for r in g.replication.replicas() {
                     let lag_writes = last.saturating_sub(r.acked_seq);

@@ -32,6 +32,9 @@ pub struct Site {
     stop: tokio::sync::watch::Sender<bool>,
     /// Sender threads still running.
     senders_running: Arc<std::sync::atomic::AtomicUsize>,
+    /// Each group's last complete status entry and epoch: what status
+    /// shows (marked stale) while the group does not answer.
+    pub status_cache: std::sync::Mutex<BTreeMap<String, (serde_json::Value, u64)>>,
     _lock: File,
 }
 
@@ -63,6 +66,7 @@ impl Site {
             client_tls: Default::default(),
             stop: tokio::sync::watch::channel(false).0,
             senders_running: Default::default(),
+            status_cache: Default::default(),
             _lock: lock,
         });
         let gdir = site.groups_dir();
@@ -195,6 +199,27 @@ impl Site {
         }
     }
 
+    /// Starts the thread that logs storage operations that do not return:
+    /// at WARN once one has been in progress for `STORAGE_STALL_MS`, again
+    /// once a minute while it stays, and when it returns (ARCHITECTURE.md
+    /// "A stalled disk is reported, not silent"). It ends with the site.
+    pub fn start_storage_watchdog(self: &Arc<Self>) {
+        let site = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("storage-watchdog".into()).spawn(move || {
+            let mut watch = StallLog::default();
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let Some(site) = site.upgrade() else { return };
+                for g in site.group_list() {
+                    watch.check(&g.name, &g.dir, g.io.oldest());
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("site {}: failed to start the storage watchdog: {e}", self.cfg.name);
+        }
+    }
+
     pub fn group_list(&self) -> Vec<Arc<Group>> {
         self.groups.read().unwrap().values().cloned().collect()
     }
@@ -218,6 +243,52 @@ impl Site {
     }
 }
 
+/// What the storage watchdog has said about each group: the operation it
+/// warned of (by start time) and when it last said so.
+#[derive(Default)]
+struct StallLog {
+    warned: BTreeMap<String, (crate::group::iowatch::Pending, std::time::Instant)>,
+}
+
+impl StallLog {
+    /// One look at a group's oldest storage operation in progress; returns
+    /// what it logged ("stalled", "still", "returned"), for tests.
+    fn check(&mut self, group: &str, dir: &std::path::Path, oldest: Option<crate::group::iowatch::Pending>) -> Vec<&'static str> {
+        let mut said = Vec::new();
+        if let Some((w, _)) = self.warned.get(group) {
+            if oldest.map(|p| p.since) != Some(w.since) {
+                let seconds = crate::group::iowatch::mono_ns().saturating_sub(w.since) as f64 / 1e9;
+                tracing::warn!("group {group}: the {} stalled since {:.0} s ago has returned; storage answers again", w.op.label(), seconds);
+                self.warned.remove(group);
+                said.push("returned");
+            }
+        }
+        let Some(p) = oldest else { return said };
+        if p.seconds * 1e3 < crate::limits::STORAGE_STALL_MS as f64 {
+            return said;
+        }
+        match self.warned.get_mut(group) {
+            None => {
+                tracing::warn!(
+                    "group {group}: a {} in {} has not returned for {:.0} s: its storage is stalled, and writes to the group wait for it",
+                    p.op.label(),
+                    dir.display(),
+                    p.seconds
+                );
+                self.warned.insert(group.to_string(), (p, std::time::Instant::now()));
+                said.push("stalled");
+            }
+            Some((_, last)) if last.elapsed() >= std::time::Duration::from_secs(60) => {
+                tracing::warn!("group {group}: the {} in {} still has not returned after {:.0} s", p.op.label(), dir.display(), p.seconds);
+                *last = std::time::Instant::now();
+                said.push("still");
+            }
+            Some(_) => {}
+        }
+        said
+    }
+}
+
 impl Exports for Site {
     fn export(&self, name: &str) -> Option<Export> {
         let (group, v) = self.find_volume(name)?;
@@ -231,7 +302,9 @@ impl Exports for Site {
 /// Runs a site until SIGINT/SIGTERM.
 pub fn run(cfg: SiteConfig) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let api_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("api").enable_all().build()?;
     let site = Site::open(cfg)?;
+    site.start_storage_watchdog();
     let res = rt.block_on(async {
         // Every listener is bound before any is served, the replication
         // listener first: once a client can reach the NBD port, a primary's
@@ -249,8 +322,12 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         let nbd = tokio::net::TcpListener::bind(site.cfg.nbd_listen)
             .await
             .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
-        let api = tokio::net::TcpListener::bind(site.cfg.api_listen)
-            .await
+        // The API has a runtime of its own: NBD requests append on the main
+        // runtime's workers, and a stalled disk can hold every one of them;
+        // status must still answer then (ARCHITECTURE.md "A stalled disk is
+        // reported, not silent").
+        let api = std::net::TcpListener::bind(site.cfg.api_listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .with_context(|| format!("failed to listen for the API on {}", site.cfg.api_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
         // Replication: a DR site listens; a primary sends to every peer.
@@ -263,7 +340,8 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         }
         let exports: Arc<dyn Exports> = site.clone();
         let nbd_task = tokio::spawn(crate::nbd::server::serve(nbd, exports, site.metrics.clone()));
-        let api_task = tokio::spawn(api::serve(api, site.clone()));
+        let api_site = site.clone();
+        let api_task = api_rt.spawn(async move { api::serve(tokio::net::TcpListener::from_std(api)?, api_site).await });
         let repl_wait = async move {
             match repl_task {
                 Some(t) => t.await,
@@ -290,6 +368,39 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
     }
     // Closing syncs and checkpoints; do it outside the runtime.
     s.close();
+    api_rt.shutdown_timeout(std::time::Duration::from_secs(1));
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StallLog;
+    use crate::group::iowatch::{IoOp, Pending};
+
+    /// An operation in progress; `since` tells operations apart (the
+    /// watchdog reads the age from `seconds`).
+    fn pending(op: IoOp, since: u64, seconds: f64) -> Pending {
+        Pending { op, since, seconds }
+    }
+
+    #[test]
+    fn a_stall_is_logged_once_when_it_starts_and_once_when_it_ends() {
+        let mut log = StallLog::default();
+        let dir = std::path::Path::new("/data/groups/cg0");
+        assert!(log.check("cg0", dir, None).is_empty());
+        let slow = pending(IoOp::Sync, 1, 2.0);
+        assert!(log.check("cg0", dir, Some(slow)).is_empty(), "slow is not stalled yet");
+        let stalled = Pending { seconds: 11.0, ..slow };
+        assert_eq!(log.check("cg0", dir, Some(stalled)), ["stalled"]);
+        assert!(log.check("cg0", dir, Some(Pending { seconds: 12.0, ..slow })).is_empty(), "said once, until a minute passes");
+        // Another group is told apart.
+        assert_eq!(log.check("cg1", dir, Some(pending(IoOp::Append, 2, 30.0))), ["stalled"]);
+        // It returns; the next operation is quick.
+        assert_eq!(log.check("cg0", dir, None), ["returned"]);
+        assert!(log.check("cg0", dir, None).is_empty());
+        // A new operation that stalls right after another returned.
+        let again = pending(IoOp::Checkpoint, 3, 15.0);
+        assert_eq!(log.check("cg1", dir, Some(again)), ["returned", "stalled"]);
+    }
 }

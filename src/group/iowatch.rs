@@ -1,0 +1,126 @@
+//! What a group's storage is doing right now, readable without the group's
+//! lock (ARCHITECTURE.md "A stalled disk is reported, not silent").
+//!
+//! Every blocking operation on a group's files (an append, a log sync, a
+//! checkpoint, a save of the replication pins) marks its slot with the time
+//! it started and clears it when it returns. A disk that stops answering
+//! leaves a slot marked: the site's watchdog logs it, and `status` and
+//! `/metrics` show it, while the operation itself (and every writer queued
+//! behind it on the group's lock) waits.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// The storage operations a group watches, one slot each. Each is
+/// serialized by its own lock (the group lock, the sync lock, the
+/// checkpoint lock, the pins lock), so a slot has one holder at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    Append = 0,
+    Sync = 1,
+    Checkpoint = 2,
+    Pins = 3,
+}
+
+impl IoOp {
+    pub const ALL: [IoOp; 4] = [IoOp::Append, IoOp::Sync, IoOp::Checkpoint, IoOp::Pins];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            IoOp::Append => "log append",
+            IoOp::Sync => "log sync",
+            IoOp::Checkpoint => "checkpoint write",
+            IoOp::Pins => "replication pins write",
+        }
+    }
+}
+
+/// Nanoseconds on a monotonic clock since this process first asked, plus
+/// one (so that 0 can mean "nothing in progress").
+pub fn mono_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+#[derive(Default)]
+pub struct IoWatch {
+    /// Start (`mono_ns`) of the operation in progress in each slot; 0 when idle.
+    since: [AtomicU64; 4],
+}
+
+/// An operation in progress, for as long as it is held.
+pub struct InProgress<'a> {
+    slot: &'a AtomicU64,
+    started: u64,
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        // Only the holder's own mark is cleared.
+        let _ = self.slot.compare_exchange(self.started, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// The oldest storage operation in progress.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pending {
+    pub op: IoOp,
+    /// When it started (`mono_ns`).
+    pub since: u64,
+    pub seconds: f64,
+}
+
+impl IoWatch {
+    pub fn start(&self, op: IoOp) -> InProgress<'_> {
+        let slot = &self.since[op as usize];
+        let started = mono_ns();
+        slot.store(started, Ordering::Release);
+        InProgress { slot, started }
+    }
+
+    /// The oldest operation still in progress, if any.
+    pub fn oldest(&self) -> Option<Pending> {
+        let now = mono_ns();
+        IoOp::ALL
+            .iter()
+            .filter_map(|&op| {
+                let since = self.since[op as usize].load(Ordering::Acquire);
+                (since != 0).then(|| Pending { op, since, seconds: now.saturating_sub(since) as f64 / 1e9 })
+            })
+            .min_by_key(|p| p.since)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_operation_in_progress_is_reported_until_it_returns() {
+        let w = IoWatch::default();
+        assert_eq!(w.oldest(), None);
+        let sync = w.start(IoOp::Sync);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let append = w.start(IoOp::Append);
+        let p = w.oldest().unwrap();
+        assert_eq!(p.op, IoOp::Sync);
+        assert!(p.seconds >= 0.005, "{p:?}");
+        drop(sync);
+        assert_eq!(w.oldest().unwrap().op, IoOp::Append);
+        drop(append);
+        assert_eq!(w.oldest(), None);
+    }
+
+    #[test]
+    fn a_guard_clears_only_its_own_mark() {
+        let w = IoWatch::default();
+        let first = w.start(IoOp::Pins);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let second = w.start(IoOp::Pins);
+        drop(first);
+        assert_eq!(w.oldest().map(|p| p.op), Some(IoOp::Pins), "the later mark stays");
+        drop(second);
+        assert_eq!(w.oldest(), None);
+    }
+}
