@@ -173,6 +173,9 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
                     if let Some(u) = g["unavailable"].as_str() {
                         println!("    {u}");
                     }
+                    for s in g["gc_skipped_segments"].as_array().into_iter().flatten() {
+                        println!("    log segment {} set aside by GC: {}", s["segment"].as_str().unwrap_or("?"), s["error"].as_str().unwrap_or("?"));
+                    }
                     for v in g["volumes"].as_array().into_iter().flatten() {
                         println!("    volume {} {}", v["name"].as_str().unwrap_or("?"), human_size(v["size"].as_u64().unwrap_or(0)));
                     }

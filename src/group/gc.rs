@@ -50,7 +50,7 @@ impl Group {
                 let best = inner
                     .segments
                     .values()
-                    .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id))
+                    .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && !inner.gc_skipped.contains_key(&s.id))
                     .map(|s| (inner.live_refs(s.id) * BLOCK_BYTES, s.clone()))
                     .min_by_key(|(l, _)| *l);
                 match best {
@@ -71,7 +71,13 @@ impl Group {
                 }
                 return Ok(());
             };
-            self.relocate(&victim)?;
+            if let Some(why) = self.relocate(&victim)? {
+                // Its live blocks stay where they are (reads of the bad one
+                // fail, naming it); its space stays in use. The other
+                // segments are still cleaned.
+                tracing::error!("group {}: {why}; garbage collection sets the segment aside until a restart (its space stays in use)", self.name);
+                self.inner.lock().unwrap_or_else(|p| p.into_inner()).gc_skipped.insert(victim.id, why);
+            }
             self.free_empty_segments()?;
         }
     }
@@ -93,41 +99,66 @@ impl Group {
         }
         // The records that made these blocks dead must be durable first.
         self.sync_to(self.flush_target())?;
-        let removed: Vec<Arc<Segment>> = {
+        // Each with what goes back into the list if its unlink fails.
+        type Removed = (Arc<Segment>, Option<(u64, u64)>, Option<String>);
+        let removed: Vec<Removed> = {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let mut v = Vec::new();
             for id in empty {
                 if inner.live_refs(id) == 0 && !inner.pinned(id) {
                     if let Some(s) = inner.segments.remove(&id) {
-                        inner.seg_seqs.remove(&id);
-                        v.push(s);
+                        let seqs = inner.seg_seqs.remove(&id);
+                        let skipped = inner.gc_skipped.remove(&id);
+                        v.push((s, seqs, skipped));
                     }
                 }
             }
             v
         };
-        for s in &removed {
-            std::fs::remove_file(&s.path).map_err(|e| anyhow::anyhow!("failed to remove log segment {}: {e}", s.path.display()))?;
+        let mut freed = 0;
+        let mut failed = None;
+        for (s, seqs, skipped) in removed {
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                // Back in the log's list, so that the next round tries
+                // again (before, the file stayed until a restart).
+                failed = Some(anyhow::anyhow!("failed to remove log segment {}: {e}", s.path.display()));
+                let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(q) = seqs {
+                    inner.seg_seqs.insert(s.id, q);
+                }
+                if let Some(why) = skipped {
+                    inner.gc_skipped.insert(s.id, why);
+                }
+                inner.segments.insert(s.id, s);
+                continue;
+            }
             tracing::debug!("group {}: freed log segment {}", self.name, s.path.display());
+            freed += 1;
         }
-        crate::crashsafe::fsync_dir(&self.dir)?;
-        self.stats.gc_segments_freed.fetch_add(removed.len() as u64, Ordering::Relaxed);
-        Ok(())
+        if freed > 0 {
+            crate::crashsafe::fsync_dir(&self.dir)?;
+            self.stats.gc_segments_freed.fetch_add(freed, Ordering::Relaxed);
+        }
+        failed.map_or(Ok(()), Err)
     }
 
-    /// Rewrites the live blocks of `seg` at the tail.
-    pub(super) fn relocate(&self, seg: &Arc<Segment>) -> Result<()> {
+    /// Rewrites the live blocks of `seg` at the tail. `Ok(Some(why))`: the
+    /// segment cannot be cleaned (unreadable, or a live block fails its
+    /// checksum); what was relocated before that stays relocated.
+    pub(super) fn relocate(&self, seg: &Arc<Segment>) -> Result<Option<String>> {
         // First pass (no lock): list the write records of the segment.
         let mut records: Vec<(u32, Header, Vec<u8>)> = Vec::new();
-        let stop = segment::scan(seg, 0, false, |r, _| {
+        let scanned = segment::scan(seg, 0, false, |r, _| {
             if r.header.kind == Kind::Write {
                 records.push((r.off, r.header, r.checked.clone()));
             }
             Ok(())
-        })?;
-        if let Some(s) = stop {
+        });
+        match scanned {
+            Err(e) => return Ok(Some(format!("log segment {} cannot be read: {e:#}", seg.path.display()))),
             // A sealed segment before the checkpoint must scan cleanly.
-            anyhow::bail!("log segment {} is corrupt at offset {}: {}; not cleaning it", seg.path.display(), s.off, s.reason);
+            Ok(Some(s)) => return Ok(Some(format!("log segment {} is corrupt at offset {}: {}", seg.path.display(), s.off, s.reason))),
+            Ok(None) => {}
         }
         let batch_blocks = (GC_BATCH_BYTES / BLOCK_BYTES) as u32;
         for (off, h, crcs) in records {
@@ -135,7 +166,7 @@ impl Group {
             let mut i = 0u32;
             while i < h.blocks() {
                 if self.stop.load(Ordering::Acquire) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let n = (h.blocks() - i).min(batch_blocks);
                 let expect = |j: u32| Entry {
@@ -153,15 +184,18 @@ impl Group {
                     continue;
                 }
                 let mut data = vec![0u8; (n as u64 * BLOCK_BYTES) as usize];
-                seg.read_at(&mut data, off as u64 + h.block_payload_offset(i))?;
+                if let Err(e) = seg.read_at(&mut data, off as u64 + h.block_payload_offset(i)) {
+                    return Ok(Some(format!("log segment {} cannot be read: {e:#}", seg.path.display())));
+                }
                 for j in 0..n {
                     let blk = &data[(j as u64 * BLOCK_BYTES) as usize..((j + 1) as u64 * BLOCK_BYTES) as usize];
-                    if crate::crc::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) {
-                        anyhow::bail!(
-                            "checksum mismatch in log segment {} at offset {}; not cleaning it",
+                    // Only a live block's checksum matters: a dead one is never read again.
+                    if crate::crc::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) && self.inner.lock().unwrap_or_else(|p| p.into_inner()).holder(first_block + (i + j) as u64, expect(i + j)).is_some() {
+                        return Ok(Some(format!(
+                            "checksum mismatch in log segment {} at offset {} (a live block)",
                             seg.path.display(),
                             off as u64 + h.block_payload_offset(i + j)
-                        );
+                        )));
                     }
                 }
                 // Under the lock: re-check and append runs still live.
@@ -203,6 +237,6 @@ impl Group {
                 i += n;
             }
         }
-        Ok(())
+        Ok(None)
     }
 }

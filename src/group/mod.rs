@@ -106,6 +106,10 @@ pub(crate) struct Inner {
     pub protected: std::collections::BTreeSet<u32>,
     /// DR site: blocks of a resync in progress, visible only at its commit.
     pub staging: Option<BTreeMap<(u32, u64), Entry>>,
+    /// Segments GC found it cannot clean (a live block unreadable or failing
+    /// its checksum), with the reason: not chosen again until a restart, and
+    /// shown in status. Freed like any other once nothing in them is live.
+    pub gc_skipped: BTreeMap<u32, String>,
     /// When recent records were written (sampled): the age of the oldest
     /// write a DR site lacks.
     pub times: times::SeqTimes,
@@ -1284,6 +1288,11 @@ impl Group {
 
     pub fn segment_count(&self) -> usize {
         self.lock_read().segments.len()
+    }
+
+    /// Segments GC set aside (`Inner::gc_skipped`): id and reason.
+    pub fn gc_skipped(&self) -> Vec<(u32, String)> {
+        self.lock_read().gc_skipped.iter().map(|(id, why)| (*id, why.clone())).collect()
     }
 
     pub fn failed(&self) -> Option<String> {

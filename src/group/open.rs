@@ -130,6 +130,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         dirty: BTreeMap::new(),
         dirty_pending: BTreeMap::new(),
         staging: None,
+        gc_skipped: BTreeMap::new(),
         times: Default::default(),
     };
 

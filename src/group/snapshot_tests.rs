@@ -189,7 +189,7 @@ fn gc_keeps_snapshot_blocks_and_frees_them_after_delete() {
     // references, and both maps must read the same.
     g.checkpoint().unwrap();
     let first = g.segment(1).expect("segment 1 still held by the snapshot");
-    g.relocate(&first).unwrap();
+    assert_eq!(g.relocate(&first).unwrap(), None);
     assert_eq!(g.lock_read().live_refs(1), 0, "segment 1 still referenced after relocation");
     assert!(g.stats.gc_relocated_bytes.load(Ordering::Relaxed) > 0);
     assert!(read_all(&g, "v@keep") == snap_model, "snapshot changed under GC");
@@ -214,7 +214,7 @@ fn gc_keeps_snapshot_blocks_and_frees_them_after_delete() {
     g.checkpoint().unwrap();
     for seg in &snap_segs {
         if let Some(s) = g.segment(*seg) {
-            g.relocate(&s).unwrap();
+            assert_eq!(g.relocate(&s).unwrap(), None);
         }
     }
     g.collect_garbage().unwrap();

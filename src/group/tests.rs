@@ -860,3 +860,93 @@ fn gc_frees_what_it_can_while_checkpoints_fail() {
     assert!(g.stats.gc_segments_freed.load(Ordering::Relaxed) >= 1, "GC freed nothing while checkpoints failed");
     assert!(!dir.path().join(crate::log::segment::segment_file_name(1)).exists());
 }
+
+/// A segment GC cannot clean (a live block fails its checksum) is set
+/// aside with the reason, and GC goes on to the others; before, it chose
+/// the same segment every round and cleaned nothing else.
+#[test]
+fn gc_sets_aside_a_segment_it_cannot_clean_and_cleans_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let mb = 1u64 << 20;
+    let vol = g.create_volume("v", 384 * mb).unwrap();
+    for i in 0..48u64 {
+        g.write(vol, i * 8 * mb, &vec![0xa1; 8 << 20]).unwrap();
+    }
+    // Seven records of 8 MiB fill a segment: keep the first block of every
+    // seventh record, one in each segment.
+    let kept: Vec<u64> = (0..7u64).map(|k| k * 56 * mb / 4096).collect();
+    let seg_of = |g: &Group, block: u64| {
+        let inner = g.inner.lock().unwrap();
+        let e = inner.volumes[&vol].map.get(block);
+        (inner.segments[&e.seg].path.clone(), e.off as u64, e.seg)
+    };
+    let (path1, off0, _) = seg_of(&g, 0);
+    assert_eq!(kept.iter().map(|&b| seg_of(&g, b).2).collect::<Vec<_>>(), (1..=7).collect::<Vec<u32>>());
+    // Block 0 goes bad on disk (before GC has any reason to move it).
+    g.sync_to(g.flush_target()).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path1).unwrap();
+        f.write_all_at(&[0x55], off0 + 100).unwrap();
+    }
+    // Everything else is trimmed: seven sparse segments, far more log than live.
+    for w in kept.windows(2).map(|w| (w[0], w[1])).chain([(kept[6], 384 * mb / 4096)]) {
+        g.zero(vol, (w.0 + 1) * 4096, (w.1 - w.0 - 1) * 4096, false).unwrap();
+    }
+    g.checkpoint().unwrap();
+    g.maintain().unwrap();
+    // (GC may also have run in the background: the outcome is the same.)
+    let skipped = g.gc_skipped();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, 1);
+    assert!(skipped[0].1.contains("checksum mismatch") && skipped[0].1.contains(&path1.display().to_string()), "{skipped:?}");
+    assert!(path1.exists());
+    assert!(g.stats.gc_segments_freed.load(Ordering::Relaxed) >= 2, "GC cleaned nothing past the bad segment");
+    let (total, live) = (g.log_bytes(), g.live_bytes());
+    assert!(total as f64 <= live as f64 * crate::limits::GC_SPACE_RATIO + crate::limits::LOG_RESERVE_BYTES as f64, "{total} bytes of log for {live} live");
+    let mut buf = vec![0u8; 4096];
+    for &b in &kept[1..] {
+        g.read(vol, b * 4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 0xa1), "block {b}");
+    }
+    assert!(g.read(vol, 0, &mut buf).is_err(), "the bad block still reads as an error");
+    // Once nothing in it is live, the set-aside segment is freed like any other.
+    g.zero(vol, 0, 4096, false).unwrap();
+    g.checkpoint().unwrap();
+    g.maintain().unwrap();
+    assert!(!path1.exists(), "segment 1 was not freed once nothing in it was live");
+    assert!(g.gc_skipped().is_empty());
+}
+
+/// A segment GC could not unlink stays in the log's list and is tried again
+/// (before, it was dropped from the list and its file stayed until a restart).
+#[test]
+fn a_segment_gc_could_not_unlink_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let mb = 1u64 << 20;
+    let vol = g.create_volume("v", 160 * mb).unwrap();
+    for i in 0..17u64 {
+        g.write(vol, i * 8 * mb, &vec![1u8; 8 << 20]).unwrap();
+    }
+    // Segment 1's name now holds a directory that is not empty: unlinking
+    // it fails (the group keeps its open descriptor of the file itself).
+    let path = dir.path().join(crate::log::segment::segment_file_name(1));
+    let aside = dir.path().join("aside");
+    std::fs::rename(&path, &aside).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("in-the-way"), b"x").unwrap();
+    for i in 0..17u64 {
+        g.write(vol, i * 8 * mb, &vec![2u8; 8 << 20]).unwrap();
+    }
+    g.checkpoint().unwrap();
+    let e = format!("{:#}", g.maintain().unwrap_err());
+    assert!(e.contains("failed to remove log segment") && e.contains(&path.display().to_string()), "{e}");
+    assert!(g.inner.lock().unwrap().segments.contains_key(&1), "dropped from the list while its file stays");
+    std::fs::remove_dir_all(&path).unwrap();
+    std::fs::rename(&aside, &path).unwrap();
+    g.maintain().unwrap();
+    assert!(!path.exists(), "not tried again");
+    assert!(!g.inner.lock().unwrap().segments.contains_key(&1));
+}

@@ -204,6 +204,13 @@ fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
         gj["retained_snapshots"] = json!(retained);
         gj["snapshot_delete_refusals"] = json!(refusals);
     }
+    let skipped = g.gc_skipped();
+    if !skipped.is_empty() {
+        gj["gc_skipped_segments"] = skipped
+            .iter()
+            .map(|(id, why)| json!({"segment": g.dir.join(crate::log::segment::segment_file_name(*id)), "error": why}))
+            .collect();
+    }
     if g.replication.degraded() {
         gj["degraded"] = json!("sync DR site lost: replicating asynchronously");
     }

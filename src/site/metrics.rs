@@ -126,7 +126,7 @@ impl Metrics {
         let _ = writeln!(o, "tidemark_nbd_request_seconds_sum {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
         let _ = writeln!(o, "tidemark_nbd_request_seconds_count {count}");
         type Gauge = (&'static str, &'static str, &'static str, fn(&Group) -> u64);
-        let gauges: [Gauge; 10] = [
+        let gauges: [Gauge; 11] = [
             ("tidemark_log_bytes", "gauge", "Bytes held by the group's log on this site.", |g| g.log_bytes()),
             ("tidemark_log_live_bytes", "gauge", "Bytes of the log still referenced by a block map.", |g| g.live_bytes()),
             ("tidemark_log_segments", "gauge", "Segment files in the group's log.", |g| g.segment_count() as u64),
@@ -135,6 +135,12 @@ impl Metrics {
             ("tidemark_log_checkpoints_total", "counter", "Metadata checkpoints written.", |g| g.stats.checkpoints.load(Ordering::Relaxed)),
             ("tidemark_gc_relocated_bytes_total", "counter", "Live bytes rewritten by garbage collection.", |g| g.stats.gc_relocated_bytes.load(Ordering::Relaxed)),
             ("tidemark_gc_segments_freed_total", "counter", "Log segments freed by garbage collection.", |g| g.stats.gc_segments_freed.load(Ordering::Relaxed)),
+            (
+                "tidemark_gc_skipped_segments",
+                "gauge",
+                "Log segments garbage collection set aside because a live block in them is unreadable or fails its checksum.",
+                |g| g.gc_skipped().len() as u64,
+            ),
             ("tidemark_snapshots", "gauge", "Snapshots held in the group on this site.", |g| g.maps().iter().filter(|m| m.snapshot).count() as u64),
             (
                 "tidemark_snapshot_delete_refusals_total",
