@@ -107,6 +107,9 @@ pub const REPL_PREAUTH_WAITING_MAX: usize = 1024;
 pub const REPL_PREAUTH_HANDSHAKES_MAX: usize = 128;
 /// Replication: time from accept to an authenticated peer.
 pub const REPL_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// How long a DR site waits for a group's lock to answer a primary's HELLO
+/// before it refuses the link, saying that the group's storage is stalled.
+pub const REPL_HELLO_GROUP_WAIT_MS: u64 = 2_000;
 /// Replication: longest wait between reconnection attempts.
 pub const REPL_RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 /// Replication: how long a DR site may stay out of reach (never connected,

@@ -313,3 +313,69 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
     disk.site.as_mut().unwrap().spawn();
     read_back();
 }
+
+/// Counts the threads of a process whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()).filter(|n| n.starts_with(prefix)).count())
+        .unwrap_or(0)
+}
+
+/// A DR site whose disk stalls: the primary's link times out and it
+/// reconnects, and each new connection is refused with the reason (the
+/// DR's storage is stalled) instead of adding a thread that waits on the
+/// stalled group for as long as the stall lasts. The primary shows the
+/// reason; once the disk answers, the DR catches up and matches.
+#[test]
+fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
+    let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "64M")], "async");
+    let tmp = tempfile::Builder::new().prefix("tidemark-drstall").tempdir_in(common::test_root()).unwrap();
+    let img = tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
+    cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
+    let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
+    disk.loopdev = Some(dev.clone());
+    cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
+    disk.mounted = true;
+    for s in &d.sites {
+        s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 2000"));
+    }
+    d.sites[1].edit_config(|c| c.replace("data_dir = \".\"", &format!("data_dir = \"{}\"", mnt.join("data").display())));
+    d.start_all();
+    let addr = d.sites[0].addr();
+    let caught_up = |d: &common::Deployment| {
+        let st = d.sites[0].status();
+        let r = &st["groups"][0]["replicas"][0];
+        r["state"] == "replicating" && r["lag_writes"] == 0
+    };
+    let mut c = common::nbd_client::Client::connect(&addr, "vol0").unwrap();
+    c.write(0, &vec![0x11; 1 << 20], false).unwrap();
+    common::wait_until(20, "the DR site caught up", || caught_up(&d));
+
+    cmd_ok("fsfreeze", &["--freeze", mnt.to_str().unwrap()]);
+    for i in 1..8u64 {
+        c.write(i << 20, &vec![0x11 + i as u8; 1 << 20], false).unwrap();
+    }
+    // The link times out (2 s); the reconnects are refused (2 s each).
+    std::thread::sleep(Duration::from_secs(10));
+    let dr_pid = d.sites[1].pid();
+    let recv_threads = threads_named(dr_pid, "recv-");
+    let st = d.sites[0].status();
+    let r = &st["groups"][0]["replicas"][0];
+    assert!(recv_threads <= 2, "{recv_threads} receiver threads at the DR site");
+    let e = r["last_error"].as_str().unwrap_or("");
+    assert!(e.contains("group cg0 at site b does not answer (a log append has been in progress for") && e.contains("its storage is stalled"), "{st}");
+    // Said at WARN once the DR site has been out of reach for 10 s.
+    common::wait_until(10, "the primary's log says why", || d.sites[0].log().lines().any(|l| l.contains("WARN") && l.contains("its storage is stalled")));
+    assert!(threads_named(dr_pid, "recv-") <= 2);
+
+    cmd_ok("fsfreeze", &["--unfreeze", mnt.to_str().unwrap()]);
+    common::wait_until(30, "the DR site caught up after the stall", || caught_up(&d));
+    let b = common::nbd_client::Client::connect(&d.sites[1].addr(), "vol0").unwrap().read(0, 8 << 20).unwrap();
+    let a = c.read(0, 8 << 20).unwrap();
+    assert!(a == b, "the DR copy differs");
+    disk.site = Some(d.sites.remove(1));
+}

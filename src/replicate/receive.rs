@@ -103,6 +103,18 @@ impl Host for Site {
         }
         crate::util::check_name("group", &hello.group).map_err(anyhow::Error::msg)?;
         let g = self.group_for_replication(&hello.group, hello.group_id, &hello.mode)?;
+        // A group whose lock stays held (an append stuck on a stalled disk)
+        // would hold this connection's thread for as long as the stall
+        // lasts, one more at every reconnect, and the primary would learn
+        // nothing. Refuse with the reason instead: the primary shows it,
+        // and retries (ARCHITECTURE.md "A stalled disk is reported, not silent").
+        if !g.answers_within(Duration::from_millis(crate::limits::REPL_HELLO_GROUP_WAIT_MS)) {
+            let storage = match g.io.oldest() {
+                Some(p) => format!("a {} has been in progress for {:.0} s", p.op.label(), p.seconds),
+                None => "its lock is held".to_string(),
+            };
+            bail!("group {} at site {} does not answer ({storage}): its storage is stalled; try again later", g.name, self.cfg.name);
+        }
         check_group(&g, hello, epoch)?;
         Ok(g)
     }
