@@ -109,11 +109,11 @@ impl Host for Site {
         // nothing. Refuse with the reason instead: the primary shows it,
         // and retries (ARCHITECTURE.md "A stalled disk is reported, not silent").
         if !g.answers_within(Duration::from_millis(crate::limits::REPL_HELLO_GROUP_WAIT_MS)) {
-            let storage = match g.io.oldest() {
-                Some(p) => format!("a {} has been in progress for {:.0} s", p.op.label(), p.seconds),
-                None => "its lock is held".to_string(),
-            };
-            bail!("group {} at site {} does not answer ({storage}): its storage is stalled; try again later", g.name, self.cfg.name);
+            let wait_s = crate::limits::REPL_HELLO_GROUP_WAIT_MS as f64 / 1e3;
+            match g.io.oldest().filter(|p| p.seconds >= wait_s) {
+                Some(p) => bail!("group {} at site {} does not answer (a {} has been in progress for {:.0} s): its storage is stalled; try again later", g.name, self.cfg.name, p.op.label(), p.seconds),
+                None => bail!("group {} at site {} is busy (its lock was held for more than {wait_s} s); try again later", g.name, self.cfg.name),
+            }
         }
         check_group(&g, hello, epoch)?;
         Ok(g)
