@@ -324,12 +324,21 @@ pub fn run(a: UpArgs) -> Result<()> {
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refusals_seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut stalls_seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut unanswered: BTreeMap<String, Unanswered> = BTreeMap::new();
     let mut tick = 0u64;
     loop {
         tick += 1;
         if tick.is_multiple_of(5) {
             for (i, p) in procs.iter().enumerate() {
-                let Ok(st) = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT) else { continue };
+                if p.child.is_none() {
+                    continue;
+                }
+                let answer = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT);
+                let state = unanswered.entry(p.name.clone()).or_default();
+                if let Some(ev) = responsiveness_event(&p.name, answer.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")), state) {
+                    emit(a.json, ev.clone(), &format!("{}", ev));
+                }
+                let Ok(st) = answer else { continue };
                 let mut events = if i == 0 {
                     replica_events(&st, &mut seen)
                 } else {
@@ -355,6 +364,8 @@ pub fn run(a: UpArgs) -> Result<()> {
             };
             if let Some(st) = exited {
                 p.child = None;
+                // A new process starts with a clean record.
+                unanswered.remove(&p.name);
                 let now = Instant::now();
                 p.restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
                 emit(a.json, json!({"event": "site-exited", "site": p.name, "status": st.to_string()}), &format!("site {} exited ({st})", p.name));
@@ -396,6 +407,36 @@ fn refusal_events(site: &str, status: &serde_json::Value, seen: &mut BTreeMap<(S
         *n = (*n).max(list.len());
     }
     out
+}
+
+/// Status polls of a running site that went unanswered in a row, and
+/// whether that was reported.
+#[derive(Default)]
+struct Unanswered {
+    count: u32,
+    reported: bool,
+}
+
+/// Unanswered status polls in a row after which a running site is
+/// reported unresponsive (a process that is alive and does not answer:
+/// stopped, wedged, or out of threads).
+const UNANSWERED_POLLS_MAX: u32 = 2;
+
+/// `site-unresponsive` once a running site has not answered
+/// `UNANSWERED_POLLS_MAX` status polls in a row, `site-responsive` when it
+/// answers again.
+fn responsiveness_event(site: &str, answer: Result<(), String>, st: &mut Unanswered) -> Option<serde_json::Value> {
+    match answer {
+        Ok(()) => {
+            let was = std::mem::take(st);
+            was.reported.then(|| json!({"event": "site-responsive", "site": site}))
+        }
+        Err(e) => {
+            st.count += 1;
+            (st.count >= UNANSWERED_POLLS_MAX && !std::mem::replace(&mut st.reported, true))
+                .then(|| json!({"event": "site-unresponsive", "site": site, "polls": st.count, "error": e}))
+        }
+    }
 }
 
 /// `storage-stalled` when a site's status first shows a group's storage
@@ -489,6 +530,22 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    /// Unresponsive after two unanswered polls in a row, once; responsive
+    /// when it answers again.
+    #[test]
+    fn a_site_that_stops_answering_is_one_event_each_way() {
+        let mut st = super::Unanswered::default();
+        let no = || Err("timed out".to_string());
+        assert!(super::responsiveness_event("b", no(), &mut st).is_none(), "one miss is not yet");
+        assert!(super::responsiveness_event("b", Ok(()), &mut st).is_none(), "answered: nothing to report");
+        assert!(super::responsiveness_event("b", no(), &mut st).is_none());
+        let ev = super::responsiveness_event("b", no(), &mut st).unwrap();
+        assert_eq!((ev["event"].as_str(), ev["site"].as_str(), ev["error"].as_str()), (Some("site-unresponsive"), Some("b"), Some("timed out")));
+        assert!(super::responsiveness_event("b", no(), &mut st).is_none(), "once");
+        assert_eq!(super::responsiveness_event("b", Ok(()), &mut st).unwrap()["event"], "site-responsive");
+        assert!(super::responsiveness_event("b", Ok(()), &mut st).is_none());
+    }
 
     /// A stall is one event when it starts and one when it ends, per site and group.
     #[test]

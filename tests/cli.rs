@@ -273,3 +273,34 @@ fn site_runs_with_a_bare_config_file_name() {
     let st = child.wait().unwrap();
     assert!(st.success(), "site exited with {st} on SIGTERM; log:\n{}", s.log());
 }
+
+/// A site process that is alive and does not answer (here: stopped with
+/// SIGSTOP) is a `site-unresponsive` event of `up --json`, and one that
+/// answers again a `site-responsive` event; it is not restarted meanwhile.
+#[test]
+fn up_reports_a_site_that_stops_answering() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let u = up(&dir, port, &["--volume", "vol0=16MiB"]);
+    let pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    let wait_for = |what: &str, secs: u64| -> Vec<String> {
+        let mut events = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !events.iter().any(|l: &String| l.contains(what)) {
+            assert!(Instant::now() < deadline, "no {what} event: {events:?}");
+            if let Ok(l) = u.lines.recv_timeout(Duration::from_millis(200)) {
+                events.push(l);
+            }
+        }
+        events
+    };
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let events = wait_for("\"site-unresponsive\"", 30);
+    let ev: serde_json::Value = serde_json::from_str(events.iter().find(|l| l.contains("site-unresponsive")).unwrap()).unwrap();
+    assert_eq!(ev["site"], "b", "{ev}");
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    let events = wait_for("\"site-responsive\"", 30);
+    assert!(!events.iter().any(|l| l.contains("site-restarted") || l.contains("site-exited")), "{events:?}");
+    assert!(pid_alive(pid));
+}
