@@ -134,6 +134,9 @@ pub struct Group {
     pub stats: GroupStats,
     /// Storage operations in progress, readable without the lock.
     pub io: iowatch::IoWatch,
+    /// Tests: log syncs hang (as an fdatasync on a stalled disk does) while set.
+    #[cfg(test)]
+    pub stall_syncs: AtomicBool,
     /// Woken after every append (replication senders wait on it).
     pub appended: tokio::sync::Notify,
     /// Replication mode and, on the primary, the state of each DR replica.
@@ -487,6 +490,8 @@ impl Group {
             stop: AtomicBool::new(false),
             stats: GroupStats::default(),
             io: iowatch::IoWatch::default(),
+            #[cfg(test)]
+            stall_syncs: AtomicBool::new(false),
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
@@ -1181,6 +1186,10 @@ impl Group {
         };
         let res = (|| -> Result<()> {
             let _io = self.io.start(iowatch::IoOp::Sync);
+            #[cfg(test)]
+            while self.stall_syncs.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             for f in &files {
                 let len = f.len();
                 f.file.sync_data().with_context(|| format!("failed to fdatasync log segment {}", f.path.display()))?;

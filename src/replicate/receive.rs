@@ -103,18 +103,6 @@ impl Host for Site {
         }
         crate::util::check_name("group", &hello.group).map_err(anyhow::Error::msg)?;
         let g = self.group_for_replication(&hello.group, hello.group_id, &hello.mode)?;
-        // A group whose lock stays held (an append stuck on a stalled disk)
-        // would hold this connection's thread for as long as the stall
-        // lasts, one more at every reconnect, and the primary would learn
-        // nothing. Refuse with the reason instead: the primary shows it,
-        // and retries (ARCHITECTURE.md "A stalled disk is reported, not silent").
-        if !g.answers_within(Duration::from_millis(crate::limits::REPL_HELLO_GROUP_WAIT_MS)) {
-            let wait_s = crate::limits::REPL_HELLO_GROUP_WAIT_MS as f64 / 1e3;
-            match g.io.oldest().filter(|p| p.seconds >= wait_s) {
-                Some(p) => bail!("group {} at site {} does not answer (a {} has been in progress for {:.0} s): its storage is stalled; try again later", g.name, self.cfg.name, p.op.label(), p.seconds),
-                None => bail!("group {} at site {} is busy (its lock was held for more than {wait_s} s); try again later", g.name, self.cfg.name),
-            }
-        }
         check_group(&g, hello, epoch)?;
         Ok(g)
     }
@@ -126,13 +114,42 @@ impl Host for Site {
     }
 }
 
-/// Group identity and epoch checks shared by every host.
+/// Group identity and epoch checks shared by every host, after the
+/// group's storage is seen to answer (`answers_hello`).
 pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
+    answers_hello(g)?;
     if g.id != hello.group_id {
         bail!("group {} here has id {:#x}, the primary's has id {:#x}", g.name, g.id, hello.group_id);
     }
     if epoch < g.epoch() {
         bail!("stale primary: epoch {epoch} is older than this site's epoch {}", g.epoch());
+    }
+    Ok(())
+}
+
+/// Refuses a HELLO for a group whose storage does not answer: a storage
+/// operation in progress for `REPL_HELLO_GROUP_WAIT_MS` or longer (a hung
+/// fdatasync: the HELLO's own sync would wait behind it), or a lock not
+/// free within that time (an append stuck on a stalled disk holds it).
+/// Either would hold this connection's thread for as long as the stall
+/// lasts, one more at every reconnect of the primary, which would learn
+/// nothing. The refusal says why; the primary shows it and retries
+/// (ARCHITECTURE.md "A stalled disk is reported, not silent").
+pub fn answers_hello(g: &Group) -> Result<()> {
+    let wait = Duration::from_millis(crate::limits::REPL_HELLO_GROUP_WAIT_MS);
+    let pending = || g.io.oldest().filter(|p| p.seconds >= wait.as_secs_f64());
+    let refuse = |p: crate::group::iowatch::Pending| {
+        let what = if p.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64 { "its storage is stalled" } else { "its storage is slow" };
+        anyhow!("group {} does not answer (a {} has been in progress for {:.0} s): {what}; try again later", g.name, p.op.label(), p.seconds)
+    };
+    if let Some(p) = pending() {
+        return Err(refuse(p));
+    }
+    if !g.answers_within(wait) {
+        return Err(match pending() {
+            Some(p) => refuse(p),
+            None => anyhow!("group {} is busy (its lock was held for more than {} s); try again later", g.name, wait.as_secs_f64()),
+        });
     }
     Ok(())
 }
@@ -752,7 +769,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
             }
             Err(e) => {
                 // The core is lost with its thread; still tell the primary.
-                let _ = tx.send(Out::Error(frame::encode(frame::ERROR, 0, format!("{e:#}").as_bytes(), false))).await;
+                let _ = tokio::time::timeout(link_timeout, tx.send(Out::Error(frame::encode(frame::ERROR, 0, format!("{e:#}").as_bytes(), false)))).await;
                 drop(tx);
                 let _ = finish_writer(&mut writer, link_timeout).await;
                 return Err(e);
@@ -769,8 +786,24 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 // the frames already buffered have been appended).
                 group.request_durable(end);
                 let frame = core.ack_frame(seq, frames);
-                if tx.send(Out::Ack { end, frame }).await.is_err() {
-                    break Err(anyhow!("acknowledgement writer stopped"));
+                // Bounded: a writer that cannot send (its log sync hung, or
+                // a primary that takes nothing) must not hold this loop,
+                // and with it this thread, past the link's timeout; the
+                // primary has given up on the link by then anyway.
+                match tokio::time::timeout(link_timeout, tx.send(Out::Ack { end, frame })).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break Err(anyhow!("acknowledgement writer stopped")),
+                    Err(_) => {
+                        let storage = match group.io.oldest() {
+                            Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
+                            None => "no storage operation is in progress, so the primary takes none".to_string(),
+                        };
+                        break Err(anyhow!(
+                            "{} acknowledgements have waited {:.1} s (link_timeout) to go out ({storage}); closing the link",
+                            crate::limits::REPL_ACK_QUEUE_MAX,
+                            link_timeout.as_secs_f64()
+                        ));
+                    }
                 }
                 if matches!(intake, Intake::OwnThread { .. }) {
                     // Let the writer send what is durable before the next append.
@@ -783,7 +816,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         }
     };
     if let Err(e) = &result {
-        let _ = tx.send(Out::Error(core.farewell(e))).await;
+        // Bounded like every send to the writer: one that cannot send
+        // leaves the queue full, and the farewell is then not sent at all.
+        let _ = tokio::time::timeout(link_timeout, tx.send(Out::Error(core.farewell(e)))).await;
     }
     drop(tx);
     let writer_failed = finish_writer(&mut writer, link_timeout).await;

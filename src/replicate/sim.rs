@@ -295,3 +295,74 @@ fn seeded_schedules_keep_order_and_converge() {
     }
     eprintln!("{n} schedules in {:?}", started.elapsed());
 }
+
+/// A DR site whose log sync hangs (as an fdatasync on a stalled disk does):
+/// its acknowledgements cannot go out, and the receiving side gives the
+/// link up after the link timeout instead of holding its thread until the
+/// sync returns (before, it waited on its full acknowledgement queue, and
+/// never saw the primary hang up); a new HELLO is refused, naming the hung
+/// sync. Once the sync returns, a new link catches the DR site up.
+#[test]
+fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Group::open(&dir.path().join("p"), "cg0").unwrap();
+    let vol = p.create_volume("v", BLOCKS * 4096).unwrap();
+    p.replication.add_replica("b");
+    let d0 = Group::open_or_create(&dir.path().join("d0"), "cg0", &Create { id: Some(p.id), mode: "async".into() }).unwrap();
+    let host = Arc::new(DrHost { group: Mutex::new(d0.clone()), dr: DrState::default() });
+    let link_timeout = Duration::from_secs(2);
+    let start = |rt: &tokio::runtime::Runtime| {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
+        let st = SendSettings { site: "a".into(), heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_secs(1), link_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
+        let pg = p.clone();
+        let h: Arc<dyn Host> = host.clone();
+        let _g = rt.enter();
+        let sender = tokio::spawn(async move {
+            let _ = send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await;
+        });
+        (sender, tokio::spawn(receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, link_timeout)))
+    };
+    let caught_up = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d0.last_seq() != p.last_seq() || d0.durable_pos() < d0.flush_target() {
+            assert!(Instant::now() < deadline, "{what}: DR at {} of {}", d0.last_seq(), p.last_seq());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (sender, receiver) = start(&rt);
+    p.write(vol, 0, &[1u8; 4096]).unwrap();
+    caught_up("before the stall");
+
+    d0.stall_syncs.store(true, std::sync::atomic::Ordering::Release);
+    let stalled_at = Instant::now();
+    // Far more batches than the acknowledgement queue holds.
+    for i in 0..200u64 {
+        p.write(vol, (i % BLOCKS) * 4096, &[i as u8; 4096]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), receiver).await });
+    let e = match ended {
+        Ok(Ok(Err(e))) => format!("{e:#}"),
+        other => panic!("the receiver did not end with an error while the sync hung: {other:?}"),
+    };
+    assert!(e.contains("acknowledgements have waited") && e.contains("log sync has been in progress"), "{e}");
+    assert!(stalled_at.elapsed() < Duration::from_secs(10), "ended only after {:?}", stalled_at.elapsed());
+    sender.abort();
+    // A new HELLO is refused while the sync hangs, naming it.
+    std::thread::sleep(link_timeout.saturating_sub(stalled_at.elapsed()));
+    let e = format!("{:#}", receive::answers_hello(&d0).unwrap_err());
+    assert!(e.contains("group cg0 does not answer (a log sync has been in progress for") && e.contains("its storage is slow"), "{e}");
+
+    d0.stall_syncs.store(false, std::sync::atomic::Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = receive::answers_hello(&d0) {
+        assert!(Instant::now() < deadline, "{e:#}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (sender, receiver) = start(&rt);
+    caught_up("after the stall");
+    sender.abort();
+    receiver.abort();
+}
