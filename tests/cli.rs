@@ -295,6 +295,14 @@ fn up_reports_a_site_that_stops_answering() {
         }
         events
     };
+    // Whatever happens, the site is not left stopped.
+    struct Continue(i32);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let _continue = Continue(pid as i32);
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     let events = wait_for("\"site-unresponsive\"", 30);
     let ev: serde_json::Value = serde_json::from_str(events.iter().find(|l| l.contains("site-unresponsive")).unwrap()).unwrap();

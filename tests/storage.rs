@@ -259,6 +259,14 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(writer.iter().all(|w| !w.is_finished()), "no write can complete on a frozen disk");
 
+    // A request that needs the group itself waits (on the API's blocking
+    // pool), and holds up no other request.
+    let volumes = std::process::Command::new("curl")
+        .args(["-sf", "-m", "60", &format!("{api}/volumes")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     // Status answers, from the group's last complete entry, and names the stall.
     let t = Instant::now();
     let st = status();
@@ -298,6 +306,8 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
         w.join().unwrap().expect("the write is acknowledged once the disk answers");
     }
     common::wait_until(10, "the stall's end is logged", || log().contains("has returned; storage answers again"));
+    let out = volumes.wait_with_output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"vol0\""), "GET /volumes after the thaw: {out:?}");
     let st = status();
     let g = &st["groups"][0];
     assert!(g["storage_stall"].is_null() && g.get("stale").is_none() && g.get("unavailable").is_none(), "{st}");
@@ -345,6 +355,13 @@ fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
     }
     d.sites[1].edit_config(|c| c.replace("data_dir = \".\"", &format!("data_dir = \"{}\"", mnt.join("data").display())));
     d.start_all();
+    // The DR site goes with the disk, so that on any failure it is stopped
+    // before the disk is unmounted.
+    disk.site = Some(d.sites.remove(1));
+    let dr = |disk: &FrozenDisk| -> (u32, String) {
+        let s = disk.site.as_ref().unwrap();
+        (s.pid(), s.addr())
+    };
     let addr = d.sites[0].addr();
     let caught_up = |d: &common::Deployment| {
         let st = d.sites[0].status();
@@ -361,7 +378,7 @@ fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
     }
     // The link times out (2 s); the reconnects are refused at once, as
     // "slow" and from 10 s on as "stalled".
-    let dr_pid = d.sites[1].pid();
+    let (dr_pid, dr_addr) = dr(&disk);
     let last_error = || d.sites[0].status()["groups"][0]["replicas"][0]["last_error"].as_str().unwrap_or("").to_string();
     common::wait_until(20, "the primary names the DR's stalled storage", || {
         let e = last_error();
@@ -375,8 +392,7 @@ fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
 
     cmd_ok("fsfreeze", &["--unfreeze", mnt.to_str().unwrap()]);
     common::wait_until(30, "the DR site caught up after the stall", || caught_up(&d));
-    let b = common::nbd_client::Client::connect(&d.sites[1].addr(), "vol0").unwrap().read(0, 8 << 20).unwrap();
+    let b = common::nbd_client::Client::connect(&dr_addr, "vol0").unwrap().read(0, 8 << 20).unwrap();
     let a = c.read(0, 8 << 20).unwrap();
     assert!(a == b, "the DR copy differs");
-    disk.site = Some(d.sites.remove(1));
 }

@@ -31,26 +31,32 @@ impl Group {
     /// One round of GC: free empty segments, then clean sparse ones while
     /// the log holds more than `GC_SPACE_RATIO` x live + reserve.
     pub(super) fn collect_garbage(&self) -> Result<()> {
-        self.free_empty_segments()?;
+        // A segment that cannot be unlinked is reported at the end of the
+        // round, not where it happens: cleaning goes on meanwhile.
+        // Segments whose unlink failed this round: not chosen again in it
+        // (an empty one would otherwise be the best victim, over and over).
+        let mut stuck = std::collections::BTreeSet::new();
+        let mut unlink_failed = self.free_empty_segments(&mut stuck).err();
+        let done = |failed: Option<anyhow::Error>| failed.map_or(Ok(()), Err);
         loop {
             if self.stop.load(Ordering::Acquire) {
-                return Ok(());
+                return done(unlink_failed);
             }
             let victim = {
                 let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
                 if inner.failed.is_some() {
-                    return Ok(());
+                    return done(unlink_failed);
                 }
                 let total = inner.log_bytes();
                 let live = inner.live_bytes();
                 if (total as f64) <= live as f64 * GC_SPACE_RATIO + LOG_RESERVE_BYTES as f64 {
-                    return Ok(());
+                    return done(unlink_failed);
                 }
                 let limit = pos_seg(inner.checkpoint_pos);
                 let best = inner
                     .segments
                     .values()
-                    .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && !inner.gc_skipped.contains_key(&s.id))
+                    .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && !inner.gc_skipped.contains_key(&s.id) && !stuck.contains(&s.id))
                     .map(|s| (inner.live_refs(s.id) * BLOCK_BYTES, s.clone()))
                     .min_by_key(|(l, _)| *l);
                 match best {
@@ -69,7 +75,7 @@ impl Group {
                     self.checkpoint()?;
                     continue;
                 }
-                return Ok(());
+                return done(unlink_failed);
             };
             if let Some(why) = self.relocate(&victim)? {
                 // Its live blocks stay where they are (reads of the bad one
@@ -78,19 +84,22 @@ impl Group {
                 tracing::error!("group {}: {why}; garbage collection sets the segment aside until a restart (its space stays in use)", self.name);
                 self.inner.lock().unwrap_or_else(|p| p.into_inner()).gc_skipped.insert(victim.id, why);
             }
-            self.free_empty_segments()?;
+            if let Err(e) = self.free_empty_segments(&mut stuck) {
+                unlink_failed.get_or_insert(e);
+            }
         }
     }
 
-    /// Unlinks segments before the checkpoint that hold no live block.
-    fn free_empty_segments(&self) -> Result<()> {
+    /// Unlinks segments before the checkpoint that hold no live block,
+    /// except those in `stuck`; adds those whose unlink fails to it.
+    fn free_empty_segments(&self, stuck: &mut std::collections::BTreeSet<u32>) -> Result<()> {
         let empty: Vec<u32> = {
             let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let limit = pos_seg(inner.checkpoint_pos);
             inner
                 .segments
                 .values()
-                .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && inner.live_refs(s.id) == 0)
+                .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && inner.live_refs(s.id) == 0 && !stuck.contains(&s.id))
                 .map(|s| s.id)
                 .collect()
         };
@@ -118,10 +127,13 @@ impl Group {
         let mut freed = 0;
         let mut failed = None;
         for (s, seqs, skipped) in removed {
-            if let Err(e) = std::fs::remove_file(&s.path) {
+            // Already gone (removed by hand, or a retry after an unlink that
+            // did happen): freed.
+            if let Err(e) = std::fs::remove_file(&s.path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) {
                 // Back in the log's list, so that the next round tries
                 // again (before, the file stayed until a restart).
                 failed = Some(anyhow::anyhow!("failed to remove log segment {}: {e}", s.path.display()));
+                stuck.insert(s.id);
                 let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(q) = seqs {
                     inner.seg_seqs.insert(s.id, q);

@@ -79,6 +79,12 @@ impl IoWatch {
         InProgress { slot, started }
     }
 
+    /// The operation of kind `op` in progress, if any.
+    pub fn pending(&self, op: IoOp) -> Option<Pending> {
+        let since = self.since[op as usize].load(Ordering::Acquire);
+        (since != 0).then(|| Pending { op, since, seconds: mono_ns().saturating_sub(since) as f64 / 1e9 })
+    }
+
     /// The oldest operation still in progress, if any.
     pub fn oldest(&self) -> Option<Pending> {
         let now = mono_ns();

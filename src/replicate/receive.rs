@@ -27,6 +27,7 @@ use super::heartbeat::{Heartbeat, Region};
 use super::priority::Priority;
 use super::session::{RecvAction, Receiver};
 use crate::log::segment::LogPos;
+use crate::group::iowatch::IoOp;
 use crate::group::Group;
 use crate::site::metrics::Refused;
 use crate::site::Site;
@@ -127,8 +128,8 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a HELLO for a group whose storage does not answer: a storage
-/// operation in progress for `REPL_HELLO_GROUP_WAIT_MS` or longer (a hung
+/// Refuses a HELLO for a group whose storage does not answer: an append or
+/// a log sync in progress for `REPL_HELLO_GROUP_WAIT_MS` or longer (a hung
 /// fdatasync: the HELLO's own sync would wait behind it), or a lock not
 /// free within that time (an append stuck on a stalled disk holds it).
 /// Either would hold this connection's thread for as long as the stall
@@ -137,7 +138,11 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
 /// (ARCHITECTURE.md "A stalled disk is reported, not silent").
 pub fn answers_hello(g: &Group) -> Result<()> {
     let wait = Duration::from_millis(crate::limits::REPL_HELLO_GROUP_WAIT_MS);
-    let pending = || g.io.oldest().filter(|p| p.seconds >= wait.as_secs_f64());
+    // The two a HELLO waits behind: the lock (held through an append) and
+    // the sync (its own `sync_to`). A long checkpoint or pins write is not.
+    let pending = || {
+        [IoOp::Append, IoOp::Sync].into_iter().filter_map(|op| g.io.pending(op)).filter(|p| p.seconds >= wait.as_secs_f64()).min_by_key(|p| p.since)
+    };
     let refuse = |p: crate::group::iowatch::Pending| {
         let what = if p.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64 { "its storage is stalled" } else { "its storage is slow" };
         anyhow!("group {} does not answer (a {} has been in progress for {:.0} s): {what}; try again later", g.name, p.op.label(), p.seconds)
@@ -719,6 +724,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     });
 
     let mut spare = Vec::new();
+    // Set when acknowledgements could not be queued for `link_timeout`: the
+    // writer is stuck, so no farewell is queued and it is not waited for.
+    let mut acks_stuck = false;
     let result = loop {
         // The clock runs while this site waits for the primary, not while
         // it works on what arrived.
@@ -794,6 +802,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break Err(anyhow!("acknowledgement writer stopped")),
                     Err(_) => {
+                        acks_stuck = true;
                         let storage = match group.io.oldest() {
                             Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
                             None => "no storage operation is in progress, so the primary takes none".to_string(),
@@ -816,12 +825,18 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         }
     };
     if let Err(e) = &result {
-        // Bounded like every send to the writer: one that cannot send
-        // leaves the queue full, and the farewell is then not sent at all.
-        let _ = tokio::time::timeout(link_timeout, tx.send(Out::Error(core.farewell(e)))).await;
+        if !acks_stuck {
+            // Bounded like every send to the writer.
+            let _ = tokio::time::timeout(link_timeout, tx.send(Out::Error(core.farewell(e)))).await;
+        }
     }
     drop(tx);
-    let writer_failed = finish_writer(&mut writer, link_timeout).await;
+    let writer_failed = if acks_stuck {
+        writer.abort();
+        None
+    } else {
+        finish_writer(&mut writer, link_timeout).await
+    };
     drop(core);
     // A writer that failed first (a log sync, the socket) is why the
     // session ended, not "writer stopped": say its reason.

@@ -71,13 +71,15 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
 /// longer than `STORAGE_SLOW_MS` in `storage_stall` (ARCHITECTURE.md "A
 /// stalled disk is reported, not silent").
 pub fn status_json(site: &Site) -> Value {
-    let wait = std::time::Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
+    // One wait for all groups, not one each: groups on one stalled disk
+    // would otherwise add up past the request's limit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
     let mut epoch = 1;
     let groups: Vec<Value> = site
         .group_list()
         .iter()
         .map(|g| {
-            let mut gj = if g.answers_within(wait) {
+            let mut gj = if g.answers_within(deadline.saturating_duration_since(std::time::Instant::now())) {
                 let (gj, e) = group_status(site, g);
                 site.status_cache.lock().unwrap_or_else(|p| p.into_inner()).insert(g.name.clone(), (gj.clone(), e));
                 epoch = epoch.max(e);
@@ -124,18 +126,18 @@ fn role(site: &Site) -> &'static str {
 /// saying why.
 fn unavailable_group(site: &Site, g: &crate::group::Group, why: &str) -> (Value, u64) {
     let cached = site.status_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&g.name).cloned();
-    let (mut gj, epoch) = match cached {
+    let (mut gj, epoch, rest) = match cached {
         Some((mut gj, e)) => {
             gj["stale"] = json!(true);
-            (gj, e)
+            (gj, e, "other fields are from its last complete status")
         }
-        None => (json!({"name": g.name, "mode": g.replication.mode().as_str()}), 1),
+        None => (json!({"name": g.name, "mode": g.replication.mode().as_str()}), 1, "it has no complete status yet"),
     };
     let storage = match g.io.oldest() {
         Some(p) => format!("{} in progress for {:.1} s", p.op.label(), p.seconds),
         None => "no storage operation in progress".to_string(),
     };
-    gj["unavailable"] = json!(format!("group {} did not answer: {why} ({storage}); other fields are from its last complete status", g.name));
+    gj["unavailable"] = json!(format!("group {} did not answer: {why} ({storage}); {rest}", g.name));
     (gj, epoch)
 }
 
@@ -251,14 +253,17 @@ async fn metrics(State(site): State<Arc<Site>>) -> Result<impl IntoResponse, Api
     Ok(([("content-type", "text/plain; version=0.0.4")], body))
 }
 
-async fn list_volumes(State(site): State<Arc<Site>>) -> Json<Value> {
-    let mut out = Vec::new();
-    for g in site.group_list() {
-        for v in g.volumes() {
-            out.push(json!({"name": v.name, "size": v.size, "group": g.name, "mapped_bytes": v.mapped_bytes}));
+async fn list_volumes(State(site): State<Arc<Site>>) -> Result<Json<Value>, ApiError> {
+    off_thread(move || {
+        let mut out = Vec::new();
+        for g in site.group_list() {
+            for v in g.volumes() {
+                out.push(json!({"name": v.name, "size": v.size, "group": g.name, "mapped_bytes": v.mapped_bytes}));
+            }
         }
-    }
-    Json(Value::Array(out))
+        Ok(Json(Value::Array(out)))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -284,8 +289,17 @@ fn primary_only(site: &Site) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Runs `f` on the blocking pool. Every handler does so with whatever takes
+/// a group's lock (looking a volume up included): a writer stuck on a
+/// stalled disk holds that lock, and on the API's one worker thread the
+/// wait would stall every other request, status too (ARCHITECTURE.md "A
+/// stalled disk is reported, not silent").
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| failed(anyhow::anyhow!("task failed: {e}")))?
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| failed(anyhow::anyhow!("task failed: {e}")))?.map_err(failed)
+    off_thread(move || f().map_err(failed)).await
 }
 
 async fn create_volume(State(site): State<Arc<Site>>, body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
@@ -293,14 +307,14 @@ async fn create_volume(State(site): State<Arc<Site>>, body: Result<Json<CreateVo
     primary_only(&site)?;
     let size = size_of(&req.size)?;
     let group = req.group.unwrap_or_else(|| "cg0".into());
-    if site.find_volume(&req.name).is_some() {
-        return Err(ApiError(StatusCode::CONFLICT, format!("volume {} already exists", req.name)));
-    }
     let name = req.name.clone();
     let s = site.clone();
-    blocking(move || {
-        let g = s.group_or_create(&group)?;
-        g.create_volume(&name, size)?;
+    off_thread(move || {
+        if s.find_volume(&name).is_some() {
+            return Err(ApiError(StatusCode::CONFLICT, format!("volume {name} already exists")));
+        }
+        let g = s.group_or_create(&group).map_err(failed)?;
+        g.create_volume(&name, size).map_err(failed)?;
         Ok(())
     })
     .await?;
@@ -321,17 +335,23 @@ async fn resize_volume(
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     primary_only(&site)?;
     let size = size_of(&req.size)?;
-    let (g, _) = site.find_volume(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name} does not exist")))?;
     let n = name.clone();
-    blocking(move || g.resize_volume(&n, size)).await?;
+    off_thread(move || {
+        let (g, _) = site.find_volume(&n).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {n} does not exist")))?;
+        g.resize_volume(&n, size).map_err(failed)
+    })
+    .await?;
     Ok(Json(json!({"name": name, "size": size})))
 }
 
 async fn delete_volume(State(site): State<Arc<Site>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     primary_only(&site)?;
-    let (g, _) = site.find_volume(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name} does not exist")))?;
     let n = name.clone();
-    blocking(move || g.delete_volume(&n)).await?;
+    off_thread(move || {
+        let (g, _) = site.find_volume(&n).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {n} does not exist")))?;
+        g.delete_volume(&n).map_err(failed)
+    })
+    .await?;
     Ok(Json(json!({"deleted": name})))
 }
 
@@ -380,10 +400,10 @@ pub fn snapshot_json(g: &crate::group::Group, s: &crate::group::snapshot::Snapsh
 
 async fn list_snapshots(State(site): State<Arc<Site>>, q: axum::extract::Query<SnapshotQuery>) -> Result<Json<Value>, ApiError> {
     let vol = q.volume.clone();
-    if let Some(v) = &vol {
-        group_of(&site, v)?;
-    }
-    blocking(move || {
+    off_thread(move || {
+        if let Some(v) = &vol {
+            group_of(&site, v)?;
+        }
         let mut out = Vec::new();
         for g in site.group_list() {
             for s in g.snapshots(vol.as_deref().map(|v| v.split('@').next().unwrap_or(v))) {
@@ -407,11 +427,11 @@ struct CreateSnapshot {
 async fn create_snapshot(State(site): State<Arc<Site>>, body: Result<Json<CreateSnapshot>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     primary_only(&site)?;
-    let g = group_of(&site, &req.volume)?;
     let full = crate::group::Group::snapshot_name(&req.volume, &req.name);
-    blocking(move || {
-        g.create_snapshot(&req.volume, &req.name, req.writable)?;
-        let s = g.snapshots(None).into_iter().find(|s| s.name == full).ok_or_else(|| anyhow::anyhow!("snapshot {full} vanished"))?;
+    off_thread(move || {
+        let g = group_of(&site, &req.volume)?;
+        g.create_snapshot(&req.volume, &req.name, req.writable).map_err(failed)?;
+        let s = g.snapshots(None).into_iter().find(|s| s.name == full).ok_or_else(|| failed(anyhow::anyhow!("snapshot {full} vanished")))?;
         Ok(Json(snapshot_json(&g, &s)))
     })
     .await
@@ -433,8 +453,11 @@ async fn vol_snap_op(
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     primary_only(&site)?;
-    let g = group_of(&site, &req.volume)?;
-    let seq = blocking(move || op(&g, &req.volume, &req.snapshot)).await?;
+    let seq = off_thread(move || {
+        let g = group_of(&site, &req.volume)?;
+        op(&g, &req.volume, &req.snapshot).map_err(failed)
+    })
+    .await?;
     Ok(Json(json!({done: true, "seq": seq})))
 }
 
@@ -474,21 +497,28 @@ fn resolve_snapshot(site: &Site, name: &str) -> Result<String, ApiError> {
 async fn sync_snapshots(State(site): State<Arc<Site>>, body: Result<Json<SyncSnapshots>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| bad(e.body_text()))?;
     primary_only(&site)?;
-    let from = resolve_snapshot(&site, &req.from)?;
-    let to = resolve_snapshot(&site, &req.to)?;
-    let g = group_of(&site, &from)?;
-    if !Arc::ptr_eq(&g, &group_of(&site, &to)?) {
-        return Err(bad(format!("{from} and {to} are in different consistency groups")));
-    }
-    let (f, t) = (from.clone(), to.clone());
-    let seq = blocking(move || g.sync_snapshots(&f, &t)).await?;
+    let (from, to, seq) = off_thread(move || {
+        let from = resolve_snapshot(&site, &req.from)?;
+        let to = resolve_snapshot(&site, &req.to)?;
+        let g = group_of(&site, &from)?;
+        if !Arc::ptr_eq(&g, &group_of(&site, &to)?) {
+            return Err(bad(format!("{from} and {to} are in different consistency groups")));
+        }
+        let seq = g.sync_snapshots(&from, &to).map_err(failed)?;
+        Ok((from, to, seq))
+    })
+    .await?;
     Ok(Json(json!({"synced": true, "from": from, "to": to, "seq": seq})))
 }
 
 async fn delete_snapshot(State(site): State<Arc<Site>>, Path((volume, snapshot)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
     let full = crate::group::Group::snapshot_name(&volume, &snapshot);
-    let g = group_of(&site, &full)?;
     let dr = site.read_only();
-    blocking(move || if dr { g.delete_retained_snapshot(&volume, &snapshot) } else { g.delete_snapshot(&volume, &snapshot) }).await?;
+    let f = full.clone();
+    off_thread(move || {
+        let g = group_of(&site, &f)?;
+        if dr { g.delete_retained_snapshot(&volume, &snapshot) } else { g.delete_snapshot(&volume, &snapshot) }.map_err(failed)
+    })
+    .await?;
     Ok(Json(json!({"deleted": full})))
 }

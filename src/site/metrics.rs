@@ -93,8 +93,9 @@ impl Metrics {
     /// gets only the metrics that need no lock, and
     /// `tidemark_group_answering` 0.
     pub fn render(&self, site: &str, groups: &[Arc<Group>]) -> String {
-        let wait = Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
-        let ready: Vec<Arc<Group>> = groups.iter().filter(|g| g.answers_within(wait)).cloned().collect();
+        // One wait for all groups, as in status.
+        let deadline = std::time::Instant::now() + Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
+        let ready: Vec<Arc<Group>> = groups.iter().filter(|g| g.answers_within(deadline.saturating_duration_since(std::time::Instant::now()))).cloned().collect();
         self.render_parts(site, groups, &ready)
     }
 

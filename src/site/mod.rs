@@ -35,6 +35,8 @@ pub struct Site {
     /// Each group's last complete status entry and epoch: what status
     /// shows (marked stale) while the group does not answer.
     pub status_cache: std::sync::Mutex<BTreeMap<String, (serde_json::Value, u64)>>,
+    /// Held while a group's files are created (not the `groups` lock).
+    creating: std::sync::Mutex<()>,
     _lock: File,
 }
 
@@ -67,6 +69,7 @@ impl Site {
             stop: tokio::sync::watch::channel(false).0,
             senders_running: Default::default(),
             status_cache: Default::default(),
+            creating: Default::default(),
             _lock: lock,
         });
         let gdir = site.groups_dir();
@@ -123,16 +126,18 @@ impl Site {
         if let Some(g) = self.groups.read().unwrap().get(name) {
             return Ok(g.clone());
         }
-        let mut groups = self.groups.write().unwrap();
-        if let Some(g) = groups.get(name) {
+        // Created outside the `groups` lock (only `creating` serializes
+        // creators): its files are written and synced meanwhile, and on a
+        // stalled disk that lock would stall status and the watchdog too.
+        let _one = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = self.groups.read().unwrap().get(name) {
             return Ok(g.clone());
         }
         let create = crate::group::open::Create { id: None, mode: self.cfg.mode.clone() };
         let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
         crate::crashsafe::fsync_dir(&self.groups_dir())?;
         self.configure_group(&g);
-        groups.insert(name.to_string(), g.clone());
-        drop(groups);
+        self.groups.write().unwrap().insert(name.to_string(), g.clone());
         self.start_senders(&g);
         Ok(g)
     }
@@ -143,15 +148,16 @@ impl Site {
         if let Some(g) = self.groups.read().unwrap().get(name) {
             return Ok(g.clone());
         }
-        let mut groups = self.groups.write().unwrap();
-        if let Some(g) = groups.get(name) {
+        // As in `group_or_create`: the files are made outside the `groups` lock.
+        let _one = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = self.groups.read().unwrap().get(name) {
             return Ok(g.clone());
         }
         let create = crate::group::open::Create { id: Some(id), mode: mode.to_string() };
         let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
         crate::crashsafe::fsync_dir(&self.groups_dir())?;
         self.configure_group(&g);
-        groups.insert(name.to_string(), g.clone());
+        self.groups.write().unwrap().insert(name.to_string(), g.clone());
         Ok(g)
     }
 
@@ -258,7 +264,9 @@ impl StallLog {
         if let Some((w, _)) = self.warned.get(group) {
             if oldest.map(|p| p.since) != Some(w.since) {
                 let seconds = crate::group::iowatch::mono_ns().saturating_sub(w.since) as f64 / 1e9;
-                tracing::warn!("group {group}: the {} stalled since {:.0} s ago has returned; storage answers again", w.op.label(), seconds);
+                let next_stuck = oldest.is_some_and(|p| p.seconds * 1e3 >= crate::limits::STORAGE_SLOW_MS as f64);
+                let tail = if next_stuck { "" } else { "; storage answers again" };
+                tracing::warn!("group {group}: the {} stalled since {:.0} s ago has returned{tail}", w.op.label(), seconds);
                 self.warned.remove(group);
                 said.push("returned");
             }
