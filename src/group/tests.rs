@@ -958,3 +958,41 @@ fn a_segment_gc_could_not_unlink_is_tried_again() {
     assert!(!path.exists(), "not tried again");
     assert!(!g.inner.lock().unwrap().segments.contains_key(&1));
 }
+
+/// Empty segments whose unlink fails are not chosen as GC victims again in
+/// the same round: an empty segment is the best victim there is, and with
+/// the log over GC's threshold the round would otherwise pick it, clean
+/// nothing, fail to unlink it, and pick it again, forever.
+#[test]
+fn a_round_with_segments_it_cannot_unlink_ends() {
+    crate::util::set_sim_clock(Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let mb = 1u64 << 20;
+    let vol = g.create_volume("v", 448 * mb).unwrap();
+    for i in 0..56u64 {
+        g.write(vol, i * 8 * mb, &vec![3u8; 8 << 20]).unwrap();
+    }
+    // Six full segments, each behind a directory that makes its unlink
+    // fail: 384 MiB of log that no round can free, over the 256 MiB reserve.
+    let trapped: Vec<_> = (1..=6u32).map(|id| dir.path().join(crate::log::segment::segment_file_name(id))).collect();
+    for (i, p) in trapped.iter().enumerate() {
+        std::fs::rename(p, dir.path().join(format!("aside-{i}"))).unwrap();
+        std::fs::create_dir(p).unwrap();
+        std::fs::write(p.join("in-the-way"), b"x").unwrap();
+    }
+    g.zero(vol, 0, 448 * mb, false).unwrap();
+    g.checkpoint().unwrap();
+    let g2 = g.clone();
+    let round = std::thread::spawn(move || g2.maintain());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !round.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the GC round did not end");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let e = format!("{:#}", round.join().unwrap().unwrap_err());
+    assert!(e.contains("failed to remove log segment"), "{e}");
+    for p in &trapped {
+        assert!(g.inner.lock().unwrap().segments.contains_key(&crate::log::segment::parse_segment_file_name(p.file_name().unwrap().to_str().unwrap()).unwrap()));
+    }
+}
