@@ -49,6 +49,21 @@ fn up(dir: &Path, port: u16, extra: &[&str]) -> Up {
     Up { child: c, ready, lines: rx }
 }
 
+impl Up {
+    /// The lines `up` printed until one contained `what` (panics after `secs`).
+    fn wait_event(&self, what: &str, secs: u64) -> Vec<String> {
+        let mut events = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !events.iter().any(|l: &String| l.contains(what)) {
+            assert!(Instant::now() < deadline, "no {what} event: {events:?}");
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                events.push(l);
+            }
+        }
+        events
+    }
+}
+
 fn sigterm_and_wait(u: &mut Up) {
     unsafe { libc::kill(u.child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -187,14 +202,7 @@ fn up_restarts_a_killed_site_without_losing_flushed_writes() {
     let uri = format!("nbd://127.0.0.1:{port}/vol0");
     cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 4096 64k", "-c", "flush", &uri]);
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !events.iter().any(|l: &String| l.contains("site-restarted")) {
-        assert!(Instant::now() < deadline, "no restart event: {events:?}");
-        if let Ok(l) = u.lines.recv_timeout(Duration::from_millis(200)) {
-            events.push(l);
-        }
-    }
+    u.wait_event("site-restarted", 30);
     let o = cmd_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x77 4096 64k", &uri]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
 }
@@ -284,17 +292,6 @@ fn up_reports_a_site_that_stops_answering() {
     let port = free_port_block();
     let u = up(&dir, port, &["--volume", "vol0=16MiB"]);
     let pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
-    let wait_for = |what: &str, secs: u64| -> Vec<String> {
-        let mut events = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !events.iter().any(|l: &String| l.contains(what)) {
-            assert!(Instant::now() < deadline, "no {what} event: {events:?}");
-            if let Ok(l) = u.lines.recv_timeout(Duration::from_millis(200)) {
-                events.push(l);
-            }
-        }
-        events
-    };
     // Whatever happens, the site is not left stopped.
     struct Continue(i32);
     impl Drop for Continue {
@@ -304,11 +301,11 @@ fn up_reports_a_site_that_stops_answering() {
     }
     let _continue = Continue(pid as i32);
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    let events = wait_for("\"site-unresponsive\"", 30);
+    let events = u.wait_event("\"site-unresponsive\"", 30);
     let ev: serde_json::Value = serde_json::from_str(events.iter().find(|l| l.contains("site-unresponsive")).unwrap()).unwrap();
     assert_eq!(ev["site"], "b", "{ev}");
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    let events = wait_for("\"site-responsive\"", 30);
+    let events = u.wait_event("\"site-responsive\"", 30);
     assert!(!events.iter().any(|l| l.contains("site-restarted") || l.contains("site-exited")), "{events:?}");
     assert!(pid_alive(pid));
 }

@@ -187,6 +187,24 @@ struct FrozenDisk {
     site: Option<Site>,
 }
 
+impl FrozenDisk {
+    /// A fresh 256 MiB ext4 on a loop device, mounted at `dir/mnt` (its
+    /// image in `dir`, which must outlive it).
+    fn mount(dir: &std::path::Path) -> FrozenDisk {
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
+        cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
+        let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
+        disk.loopdev = Some(dev.clone());
+        cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
+        disk.mounted = true;
+        disk
+    }
+}
+
 impl Drop for FrozenDisk {
     fn drop(&mut self) {
         let m = self.mnt.to_str().unwrap().to_string();
@@ -211,16 +229,8 @@ impl Drop for FrozenDisk {
 fn a_stalled_disk_is_reported_while_the_write_waits() {
     const MIB: u64 = 1 << 20;
     let tmp = tempfile::Builder::new().prefix("tidemark-stall").tempdir_in(common::test_root()).unwrap();
-    let img = tmp.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
-    cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
-    let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
-    disk.loopdev = Some(dev.clone());
-    cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
-    disk.mounted = true;
+    let mut disk = FrozenDisk::mount(tmp.path());
+    let mnt = disk.mnt.clone();
     // The data on the disk that will stall; config and log beside it (a
     // log on the stalled disk would stall the messages about it).
     let sdir = tmp.path().join("site");
@@ -340,16 +350,8 @@ fn threads_named(pid: u32, prefix: &str) -> usize {
 fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
     let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "64M")], "async");
     let tmp = tempfile::Builder::new().prefix("tidemark-drstall").tempdir_in(common::test_root()).unwrap();
-    let img = tmp.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
-    cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
-    let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
-    disk.loopdev = Some(dev.clone());
-    cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
-    disk.mounted = true;
+    let mut disk = FrozenDisk::mount(tmp.path());
+    let mnt = disk.mnt.clone();
     for s in &d.sites {
         s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 2000"));
     }

@@ -71,6 +71,18 @@ pub struct Pending {
     pub seconds: f64,
 }
 
+impl Pending {
+    /// In progress for `STORAGE_SLOW_MS` or longer: shown in status.
+    pub fn slow(&self) -> bool {
+        self.seconds * 1e3 >= crate::limits::STORAGE_SLOW_MS as f64
+    }
+
+    /// In progress for `STORAGE_STALL_MS` or longer: a stalled disk.
+    pub fn stalled(&self) -> bool {
+        self.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64
+    }
+}
+
 impl IoWatch {
     pub fn start(&self, op: IoOp) -> InProgress<'_> {
         let slot = &self.since[op as usize];
@@ -87,14 +99,7 @@ impl IoWatch {
 
     /// The oldest operation still in progress, if any.
     pub fn oldest(&self) -> Option<Pending> {
-        let now = mono_ns();
-        IoOp::ALL
-            .iter()
-            .filter_map(|&op| {
-                let since = self.since[op as usize].load(Ordering::Acquire);
-                (since != 0).then(|| Pending { op, since, seconds: now.saturating_sub(since) as f64 / 1e9 })
-            })
-            .min_by_key(|p| p.since)
+        IoOp::ALL.iter().filter_map(|&op| self.pending(op)).min_by_key(|p| p.since)
     }
 }
 

@@ -920,6 +920,15 @@ fn gc_sets_aside_a_segment_it_cannot_clean_and_cleans_the_rest() {
     assert!(g.gc_skipped().is_empty());
 }
 
+/// Makes the unlink of `path` fail: the file moves to `aside` and a
+/// directory that is not empty takes its name (the group keeps its open
+/// descriptor of the file itself).
+fn block_unlink(path: &std::path::Path, aside: &std::path::Path) {
+    std::fs::rename(path, aside).unwrap();
+    std::fs::create_dir(path).unwrap();
+    std::fs::write(path.join("in-the-way"), b"x").unwrap();
+}
+
 /// A segment GC could not unlink stays in the log's list and is tried again
 /// (before, it was dropped from the list and its file stayed until a restart).
 #[test]
@@ -933,13 +942,9 @@ fn a_segment_gc_could_not_unlink_is_tried_again() {
     for i in 0..17u64 {
         g.write(vol, i * 8 * mb, &vec![1u8; 8 << 20]).unwrap();
     }
-    // Segment 1's name now holds a directory that is not empty: unlinking
-    // it fails (the group keeps its open descriptor of the file itself).
     let path = dir.path().join(crate::log::segment::segment_file_name(1));
     let aside = dir.path().join("aside");
-    std::fs::rename(&path, &aside).unwrap();
-    std::fs::create_dir(&path).unwrap();
-    std::fs::write(path.join("in-the-way"), b"x").unwrap();
+    block_unlink(&path, &aside);
     for i in 0..17u64 {
         g.write(vol, i * 8 * mb, &vec![2u8; 8 << 20]).unwrap();
     }
@@ -977,9 +982,7 @@ fn a_round_with_segments_it_cannot_unlink_ends() {
     // fail: 384 MiB of log that no round can free, over the 256 MiB reserve.
     let trapped: Vec<_> = (1..=6u32).map(|id| dir.path().join(crate::log::segment::segment_file_name(id))).collect();
     for (i, p) in trapped.iter().enumerate() {
-        std::fs::rename(p, dir.path().join(format!("aside-{i}"))).unwrap();
-        std::fs::create_dir(p).unwrap();
-        std::fs::write(p.join("in-the-way"), b"x").unwrap();
+        block_unlink(p, &dir.path().join(format!("aside-{i}")));
     }
     g.zero(vol, 0, 448 * mb, false).unwrap();
     g.checkpoint().unwrap();

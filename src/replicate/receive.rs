@@ -144,7 +144,7 @@ pub fn answers_hello(g: &Group) -> Result<()> {
         [IoOp::Append, IoOp::Sync].into_iter().filter_map(|op| g.io.pending(op)).filter(|p| p.seconds >= wait.as_secs_f64()).min_by_key(|p| p.since)
     };
     let refuse = |p: crate::group::iowatch::Pending| {
-        let what = if p.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64 { "its storage is stalled" } else { "its storage is slow" };
+        let what = if p.stalled() { "its storage is stalled" } else { "its storage is slow" };
         anyhow!("group {} does not answer (a {} has been in progress for {:.0} s): {what}; try again later", g.name, p.op.label(), p.seconds)
     };
     if let Some(p) = pending() {

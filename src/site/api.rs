@@ -74,38 +74,32 @@ pub fn status_json(site: &Site) -> Value {
     // One wait for all groups, not one each: groups on one stalled disk
     // would otherwise add up past the request's limit.
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(crate::limits::STATUS_GROUP_WAIT_MS);
-    let mut epoch = 1;
-    let groups: Vec<Value> = site
-        .group_list()
-        .iter()
-        .map(|g| {
-            let mut gj = if g.answers_within(deadline.saturating_duration_since(std::time::Instant::now())) {
-                let (gj, e) = group_status(site, g);
-                site.status_cache.lock().unwrap_or_else(|p| p.into_inner()).insert(g.name.clone(), (gj.clone(), e));
-                epoch = epoch.max(e);
-                gj
-            } else {
-                let why = format!("its lock was not free within {} ms", crate::limits::STATUS_GROUP_WAIT_MS);
-                let (gj, e) = unavailable_group(site, g, &why);
-                epoch = epoch.max(e);
-                gj
-            };
-            gj["storage_stall"] = storage_stall_json(g);
-            gj
-        })
-        .collect();
-    json!({"site": site.cfg.name, "role": role(site), "epoch": epoch, "groups": groups})
+    status_of(site, |g| {
+        if g.answers_within(deadline.saturating_duration_since(std::time::Instant::now())) {
+            let (gj, e) = group_status(site, g);
+            site.status_cache.lock().unwrap_or_else(|p| p.into_inner()).insert(g.name.clone(), (gj.clone(), e));
+            (gj, e)
+        } else {
+            unavailable_group(site, g, &format!("its lock was not free within {} ms", crate::limits::STATUS_GROUP_WAIT_MS))
+        }
+    })
 }
 
 /// Status built from nothing that takes a group's lock: what `status`
 /// answers when `status_json` did not finish within `STATUS_TIME_LIMIT_MS`.
 pub fn status_without_locks(site: &Site, why: &str) -> Value {
+    status_of(site, |g| unavailable_group(site, g, why))
+}
+
+/// The site's status with each group's entry and epoch from `entry`, and
+/// its `storage_stall` (which needs no lock) added.
+fn status_of(site: &Site, mut entry: impl FnMut(&crate::group::Group) -> (Value, u64)) -> Value {
     let mut epoch = 1;
     let groups: Vec<Value> = site
         .group_list()
         .iter()
         .map(|g| {
-            let (mut gj, e) = unavailable_group(site, g, why);
+            let (mut gj, e) = entry(g);
             epoch = epoch.max(e);
             gj["storage_stall"] = storage_stall_json(g);
             gj
@@ -145,10 +139,10 @@ fn unavailable_group(site: &Site, g: &crate::group::Group, why: &str) -> (Value,
 /// `STORAGE_SLOW_MS`, or null; `stalled` from `STORAGE_STALL_MS` on.
 pub fn storage_stall_json(g: &crate::group::Group) -> Value {
     match g.io.oldest() {
-        Some(p) if p.seconds * 1e3 >= crate::limits::STORAGE_SLOW_MS as f64 => json!({
+        Some(p) if p.slow() => json!({
             "operation": p.op.label(),
             "seconds": (p.seconds * 10.0).round() / 10.0,
-            "stalled": p.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64,
+            "stalled": p.stalled(),
         }),
         _ => Value::Null,
     }

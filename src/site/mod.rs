@@ -264,7 +264,7 @@ impl StallLog {
         if let Some((w, _)) = self.warned.get(group) {
             if oldest.map(|p| p.since) != Some(w.since) {
                 let seconds = crate::group::iowatch::mono_ns().saturating_sub(w.since) as f64 / 1e9;
-                let next_stuck = oldest.is_some_and(|p| p.seconds * 1e3 >= crate::limits::STORAGE_SLOW_MS as f64);
+                let next_stuck = oldest.is_some_and(|p| p.slow());
                 let tail = if next_stuck { "" } else { "; storage answers again" };
                 tracing::warn!("group {group}: the {} stalled since {:.0} s ago has returned{tail}", w.op.label(), seconds);
                 self.warned.remove(group);
@@ -272,7 +272,7 @@ impl StallLog {
             }
         }
         let Some(p) = oldest else { return said };
-        if p.seconds * 1e3 < crate::limits::STORAGE_STALL_MS as f64 {
+        if !p.stalled() {
             return said;
         }
         match self.warned.get_mut(group) {
