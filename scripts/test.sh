@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(fio libnbd-bin python3-libnbd nbdkit fuse3 e2fsprogs qemu-utils util-linux openssl curl iproute2)
+pkgs=(fio libnbd-bin python3-libnbd nbdkit fuse3 e2fsprogs qemu-utils util-linux mount openssl curl iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,7 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-for t in fio nbdinfo nbdcopy nbdfuse nbdsh qemu-io qemu-img mkfs.ext4 fsck.ext4 losetup openssl curl ss; do
+for t in fio nbdinfo nbdcopy nbdfuse nbdsh qemu-io qemu-img mkfs.ext4 fsck.ext4 losetup mount fsfreeze openssl curl ss; do
   command -v "$t" >/dev/null || { echo "required tool $t is missing after install" >&2; exit 1; }
 done
 
