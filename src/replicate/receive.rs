@@ -671,53 +671,85 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen = progress.load(Ordering::Relaxed);
         let mut wrote = false;
+        // The newest acknowledgement queued and not yet waited for (older
+        // ones it covers are dropped: acks are cumulative), a farewell
+        // queued behind it (sent last), and whether the queue has closed.
+        let mut next: Option<(LogPos, Vec<u8>)> = None;
+        let mut farewell: Option<Vec<u8>> = None;
+        let mut closed = false;
+        // A tick: the newest ack again, if bytes came and none went out.
+        macro_rules! on_tick {
+            () => {{
+                let now = progress.load(Ordering::Relaxed);
+                if now != seen && !wrote {
+                    wr.write_all(&last_ack).await?;
+                    wr.flush().await?;
+                }
+                seen = now;
+                wrote = false;
+            }};
+        }
+        // What the reading loop queued.
+        macro_rules! on_queued {
+            ($m:expr) => {
+                match $m {
+                    Some(Out::Ack { end, frame }) => next = Some((end, frame)),
+                    Some(Out::Error(f)) => farewell = Some(f),
+                    None => closed = true,
+                }
+            };
+        }
         loop {
-            tokio::select! {
-                m = rx.recv() => match m {
-                    None => break,
-                    Some(Out::Ack { mut end, mut frame }) => {
-                        // Coalesce: acknowledge the newest batch that is
-                        // ready (a farewell behind it still goes out, last).
-                        let mut farewell = None;
-                        loop {
-                            match rx.try_recv() {
-                                Ok(Out::Ack { end: e, frame: f }) => {
-                                    end = e;
-                                    frame = f;
-                                }
-                                Ok(Out::Error(f)) => {
-                                    farewell = Some(f);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        writer_group.wait_durable(end).await.map_err(|e| anyhow!("{e}"))?;
-                        wr.write_all(&frame).await?;
-                        wr.flush().await?;
-                        last_ack = frame;
-                        wrote = true;
-                        if let Some(f) = farewell {
-                            wr.write_all(&f).await.ok();
-                            wr.flush().await.ok();
+            if let Some((end, frame)) = next.take() {
+                // While the batch becomes durable the ticks go on (a log
+                // sync slower than the primary's link_timeout, on a busy
+                // disk, is not a silent link), and so does the queue (the
+                // reading loop does not wait on it, and its newest ack
+                // replaces the older ones). A sync that takes longer than
+                // our link_timeout ends the link: the disk has stalled, and
+                // a new HELLO is refused while it has (`answers_hello`).
+                let waited = Instant::now();
+                let durable = writer_group.wait_durable(end);
+                tokio::pin!(durable);
+                let limit = tokio::time::sleep(link_timeout);
+                tokio::pin!(limit);
+                loop {
+                    tokio::select! {
+                        r = &mut durable => {
+                            r.map_err(|e| anyhow!("{e}"))?;
                             break;
                         }
+                        _ = tick.tick() => on_tick!(),
+                        m = rx.recv(), if !closed && farewell.is_none() => on_queued!(m),
+                        _ = &mut limit => {
+                            let storage = match writer_group.io.oldest() {
+                                Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
+                                None => "no storage operation is in progress".to_string(),
+                            };
+                            bail!(
+                                "acknowledgements have waited {:.1} s (link_timeout) for the log to become durable ({storage}); closing the link",
+                                waited.elapsed().as_secs_f64()
+                            );
+                        }
                     }
-                    Some(Out::Error(f)) => {
-                        wr.write_all(&f).await.ok();
-                        wr.flush().await.ok();
-                        break;
-                    }
-                },
-                _ = tick.tick() => {
-                    let now = progress.load(Ordering::Relaxed);
-                    if now != seen && !wrote {
-                        wr.write_all(&last_ack).await?;
-                        wr.flush().await?;
-                    }
-                    seen = now;
-                    wrote = false;
                 }
+                wr.write_all(&frame).await?;
+                wr.flush().await?;
+                last_ack = frame;
+                wrote = true;
+                continue;
+            }
+            if let Some(f) = farewell.take() {
+                wr.write_all(&f).await.ok();
+                wr.flush().await.ok();
+                break;
+            }
+            if closed {
+                break;
+            }
+            tokio::select! {
+                m = rx.recv() => on_queued!(m),
+                _ = tick.tick() => on_tick!(),
             }
         }
         anyhow::Ok(())

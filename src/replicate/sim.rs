@@ -296,6 +296,57 @@ fn seeded_schedules_keep_order_and_converge() {
     eprintln!("{n} schedules in {:?}", started.elapsed());
 }
 
+/// A primary group and a DR group in one process, linked by the real
+/// sender and receiver over an in-memory pipe (`start`), with the group
+/// threads running (unlike `dsim`): for tests of what slow storage does
+/// to a link.
+struct DrPair {
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    p: Arc<Group>,
+    d0: Arc<Group>,
+    vol: u32,
+    host: Arc<DrHost>,
+    /// The primary's link timeout, its heartbeat interval, the DR's.
+    primary_timeout: Duration,
+    heartbeat: Duration,
+    dr_timeout: Duration,
+}
+
+impl DrPair {
+    fn new(primary_timeout: Duration, heartbeat: Duration, dr_timeout: Duration) -> DrPair {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = Group::open(&dir.path().join("p"), "cg0").unwrap();
+        let vol = p.create_volume("v", BLOCKS * 4096).unwrap();
+        p.replication.add_replica("b");
+        let d0 = Group::open_or_create(&dir.path().join("d0"), "cg0", &Create { id: Some(p.id), mode: "async".into() }).unwrap();
+        let host = Arc::new(DrHost { group: Mutex::new(d0.clone()), dr: DrState::default() });
+        DrPair { rt, _dir: dir, p, d0, vol, host, primary_timeout, heartbeat, dr_timeout }
+    }
+
+    /// A new link: the sender's task and the receiver's.
+    fn start(&self, rt: &tokio::runtime::Runtime) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
+        let st = SendSettings { site: "a".into(), heartbeat_interval: self.heartbeat, periodic_interval: Duration::from_secs(1), link_timeout: self.primary_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
+        let pg = self.p.clone();
+        let h: Arc<dyn Host> = self.host.clone();
+        let _g = rt.enter();
+        let sender = tokio::spawn(async move { send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await.map(|_| ()) });
+        (sender, tokio::spawn(receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, self.dr_timeout)))
+    }
+
+    /// Waits (10 s at most) until the DR holds all the primary has, durably.
+    fn caught_up(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.d0.last_seq() != self.p.last_seq() || self.d0.durable_pos() < self.d0.flush_target() {
+            assert!(Instant::now() < deadline, "{what}: DR at {} of {}", self.d0.last_seq(), self.p.last_seq());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// A DR site whose log sync hangs (as an fdatasync on a stalled disk does):
 /// its acknowledgements cannot go out, and the receiving side gives the
 /// link up after the link timeout instead of holding its thread until the
@@ -304,34 +355,12 @@ fn seeded_schedules_keep_order_and_converge() {
 /// sync. Once the sync returns, a new link catches the DR site up.
 #[test]
 fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let p = Group::open(&dir.path().join("p"), "cg0").unwrap();
-    let vol = p.create_volume("v", BLOCKS * 4096).unwrap();
-    p.replication.add_replica("b");
-    let d0 = Group::open_or_create(&dir.path().join("d0"), "cg0", &Create { id: Some(p.id), mode: "async".into() }).unwrap();
-    let host = Arc::new(DrHost { group: Mutex::new(d0.clone()), dr: DrState::default() });
     let link_timeout = Duration::from_secs(2);
-    let start = |rt: &tokio::runtime::Runtime| {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
-        let st = SendSettings { site: "a".into(), heartbeat_interval: Duration::from_millis(20), periodic_interval: Duration::from_secs(1), link_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
-        let pg = p.clone();
-        let h: Arc<dyn Host> = host.clone();
-        let _g = rt.enter();
-        let sender = tokio::spawn(async move {
-            let _ = send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await;
-        });
-        (sender, tokio::spawn(receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, link_timeout)))
-    };
-    let caught_up = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while d0.last_seq() != p.last_seq() || d0.durable_pos() < d0.flush_target() {
-            assert!(Instant::now() < deadline, "{what}: DR at {} of {}", d0.last_seq(), p.last_seq());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    let (sender, receiver) = start(&rt);
+    let pair = DrPair::new(link_timeout, Duration::from_millis(20), link_timeout);
+    let (p, d0, vol, rt) = (&pair.p, &pair.d0, pair.vol, &pair.rt);
+    let start = |rt: &tokio::runtime::Runtime| pair.start(rt);
+    let caught_up = |what: &str| pair.caught_up(what);
+    let (sender, receiver) = start(rt);
     p.write(vol, 0, &[1u8; 4096]).unwrap();
     caught_up("before the stall");
 
@@ -352,17 +381,47 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
     sender.abort();
     // A new HELLO is refused while the sync hangs, naming it.
     std::thread::sleep(link_timeout.saturating_sub(stalled_at.elapsed()));
-    let e = format!("{:#}", receive::answers_hello(&d0).unwrap_err());
+    let e = format!("{:#}", receive::answers_hello(d0).unwrap_err());
     assert!(e.contains("group cg0 does not answer (a log sync has been in progress for") && e.contains("its storage is slow"), "{e}");
 
     d0.stall_syncs.store(false, std::sync::atomic::Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while let Err(e) = receive::answers_hello(&d0) {
+    while let Err(e) = receive::answers_hello(d0) {
         assert!(Instant::now() < deadline, "{e:#}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (sender, receiver) = start(&rt);
+    let (sender, receiver) = start(rt);
     caught_up("after the stall");
+    sender.abort();
+    receiver.abort();
+}
+
+/// A DR site whose log syncs are slow (here 1.5 s, against the primary's
+/// 400 ms link timeout) but return: the link stays up, since the DR keeps
+/// repeating its newest acknowledgement while a batch becomes durable, and
+/// the DR catches up on the same link once the syncs are quick again.
+/// Before, the DR's acknowledgement task waited out each sync without a
+/// word, and the primary took the link for silent and dropped it.
+#[test]
+fn a_slow_log_sync_at_the_dr_is_not_a_silent_link() {
+    let pair = DrPair::new(Duration::from_millis(400), Duration::from_millis(100), Duration::from_secs(2));
+    let (p, d0, vol, rt) = (&pair.p, &pair.d0, pair.vol, &pair.rt);
+    let (sender, receiver) = pair.start(rt);
+    p.write(vol, 0, &[1u8; 4096]).unwrap();
+    pair.caught_up("before the slow syncs");
+    d0.stall_syncs.store(true, std::sync::atomic::Ordering::Release);
+    let slow_from = Instant::now();
+    while slow_from.elapsed() < Duration::from_millis(1500) {
+        p.write(vol, 4096, &[2u8; 4096]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        if sender.is_finished() {
+            let e = rt.block_on(sender).unwrap().err().map(|e| format!("{e:#}"));
+            panic!("the primary dropped the link after {:?} of a slow sync at the DR: {e:?}", slow_from.elapsed());
+        }
+    }
+    d0.stall_syncs.store(false, std::sync::atomic::Ordering::Release);
+    pair.caught_up("after the slow syncs");
+    assert!(!sender.is_finished() && !receiver.is_finished(), "the link did not survive the slow syncs");
     sender.abort();
     receiver.abort();
 }
