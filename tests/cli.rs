@@ -182,8 +182,8 @@ fn up_serves_admin_commands_and_resumes() {
         assert!(Instant::now() < deadline, "site {site_pid} still running after up stopped");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let rest: Vec<String> = u.lines.try_iter().collect();
-    assert!(rest.iter().any(|l| l.contains("\"stopped\"")), "{rest:?}");
+    // Waited for: the reader thread may not have passed the last line on yet.
+    u.wait_event("\"stopped\"", 10);
 
     // Resume with the data.
     let _u2 = up(&dir, port, &[]);

@@ -43,12 +43,14 @@ fn round(site: &mut Site, round: u32, fua_mode: bool, rng: &mut rand::rngs::StdR
     let stop = Arc::new(AtomicBool::new(false));
     let pid = site.pid();
     let stop2 = stop.clone();
+    // Connected before the kill clock starts: a kill during the handshake
+    // (a slow machine) would end the round before its first write.
+    let mut c = Client::connect(&site.addr(), "vol0").expect("connect");
     let killer = std::thread::spawn(move || {
         std::thread::sleep(kill_after);
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         stop2.store(true, Ordering::SeqCst);
     });
-    let mut c = Client::connect(&site.addr(), "vol0").expect("connect");
     // Writes since the last acknowledged flush (mode b) or the in-flight one (mode a).
     let mut pending: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
     let mut n = 0u64;

@@ -38,11 +38,13 @@ fn oracle_round(seed: u64, mode: &str) {
     wait_for_dr_vol0(&d, &format!("seed {seed} ({mode}), before the kill"));
     let pid = d.sites[0].pid();
     let kill_after = Duration::from_millis(rng.random_range(50..600));
+    // Connected before the kill clock starts (a kill during the handshake
+    // would fail the connect, not test anything).
+    let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(kill_after);
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     });
-    let mut c = Client::connect(&d.sites[0].addr(), "vol0").unwrap();
     let mut acked = 0u64;
     for i in 1.. {
         let b = (i - 1) % BLOCKS;

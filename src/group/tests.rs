@@ -439,6 +439,10 @@ pub(crate) mod power_cut {
 
     pub(crate) fn cut_copy(g: &Group, to: &Path, rng: &mut rand::rngs::StdRng) {
         std::fs::create_dir_all(to).unwrap();
+        // No checkpoint while copying: the group's maintenance thread could
+        // otherwise write one after the copy of the old and free segments
+        // the old one replays from (GC frees only below the newest).
+        let _no_checkpoint = g.checkpoint_lock.lock().unwrap_or_else(|p| p.into_inner());
         // Written crash-safely (fsynced before rename), so a power cut keeps
         // their last version.
         for f in ["group.json", "checkpoint", "replicas.json"] {

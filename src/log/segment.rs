@@ -189,6 +189,22 @@ impl View {
 /// error.
 static NO_POPULATE: AtomicBool = AtomicBool::new(false);
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: views made on this thread are copies, as with `NO_POPULATE`
+    /// (per thread, so that tests running beside it still get mappings).
+    static FORCE_COPIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Are views copies (`Segment::view_copied`) rather than mappings?
+fn views_are_copies() -> bool {
+    #[cfg(test)]
+    if FORCE_COPIES.with(|c| c.get()) {
+        return true;
+    }
+    NO_POPULATE.load(Ordering::Relaxed)
+}
+
 /// Why views are copies in this process, said once.
 fn note_copies(why: &str) {
     static NOTED: AtomicBool = AtomicBool::new(false);
@@ -337,7 +353,7 @@ impl Segment {
     /// that a read error is an error, not SIGBUS.
     pub fn view(&self, off: u64, n: usize) -> Result<View> {
         self.check_range(off, n)?;
-        if NO_POPULATE.load(Ordering::Relaxed) {
+        if views_are_copies() {
             return self.view_copied(off, n);
         }
         let map = {
@@ -549,11 +565,11 @@ mod tests {
         assert!(!a.join(&m.sub(20, 5).unwrap()), "joined a mapped view to a copied one");
         assert_eq!(v.populated_range(79_990, 10).unwrap(), &data[80_090..80_100]);
         assert!(v.populated_range(79_990, 11).is_err());
-        // A kernel without MADV_POPULATE_READ gets copies. (Other tests in
-        // this process may get copies meanwhile: same bytes.)
-        NO_POPULATE.store(true, Ordering::Relaxed);
+        // A kernel without MADV_POPULATE_READ gets copies (here forced on
+        // this thread only: tests beside it expect mappings).
+        FORCE_COPIES.with(|c| c.set(true));
         let c = seg.view(SEGMENT_HEADER_BYTES + 100, 10);
-        NO_POPULATE.store(false, Ordering::Relaxed);
+        FORCE_COPIES.with(|c| c.set(false));
         let c = c.unwrap();
         assert!(matches!(c.src, Src::Copy { .. }), "{c:?}");
         assert_eq!(c.bytes(), &data[100..110]);

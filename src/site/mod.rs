@@ -314,10 +314,10 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
     let site = Site::open(cfg)?;
     site.start_storage_watchdog();
     let res = rt.block_on(async {
-        // Every listener is bound before any is served, the replication
-        // listener first: once a client can reach the NBD port, a primary's
-        // first connect reaches the DR listener too (tests and scripts wait
-        // for the NBD port only).
+        // Every listener is bound before any is served, the NBD listener
+        // last: once a client can reach the NBD port, a primary's first
+        // connect reaches the DR listener too, and a status request the
+        // API (tests and scripts wait for the NBD port only).
         let tls_files = crate::replicate::tls::TlsFiles { ca: site.cfg.tls.ca.clone(), cert: site.cfg.tls.cert.clone(), key: site.cfg.tls.key.clone() };
         let mut repl_listener = None;
         if !site.cfg.peers.is_empty() && site.read_only() {
@@ -327,9 +327,6 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
             tracing::info!("site {}: replication listener on {addr}", site.cfg.name);
             repl_listener = Some((l, server));
         }
-        let nbd = tokio::net::TcpListener::bind(site.cfg.nbd_listen)
-            .await
-            .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
         // The API has a runtime of its own: NBD requests append on the main
         // runtime's workers, and a stalled disk can hold every one of them;
         // status must still answer then (ARCHITECTURE.md "A stalled disk is
@@ -337,6 +334,9 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         let api = std::net::TcpListener::bind(site.cfg.api_listen)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .with_context(|| format!("failed to listen for the API on {}", site.cfg.api_listen))?;
+        let nbd = tokio::net::TcpListener::bind(site.cfg.nbd_listen)
+            .await
+            .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
         // Replication: a DR site listens; a primary sends to every peer.
         let repl_task = repl_listener.map(|(l, server)| tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
