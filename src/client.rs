@@ -57,16 +57,24 @@ fn parse(raw: &[u8]) -> Result<Response> {
         let mut rest = &body[..];
         loop {
             let nl = rest.windows(2).position(|w| w == b"\r\n").context("bad chunk header")?;
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl])?.trim(), 16).context("bad chunk size")?;
+            let line = std::str::from_utf8(&rest[..nl]).context("chunk header is not UTF-8")?;
+            // A chunk extension (";name=value") says nothing we use.
+            let digits = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(digits, 16).with_context(|| format!("bad chunk size {line:?}"))?;
             rest = &rest[nl + 2..];
             if size == 0 {
                 break;
             }
-            if rest.len() < size + 2 {
-                bail!("truncated chunk");
+            // Checked: a size near usize::MAX must not wrap past the test.
+            let need = size.checked_add(2).with_context(|| format!("chunk size {size:#x} is larger than any response"))?;
+            if rest.len() < need {
+                bail!("truncated chunk: {size} bytes announced, {} left", rest.len().saturating_sub(2));
+            }
+            if &rest[size..need] != b"\r\n" {
+                bail!("chunk of {size} bytes is not followed by CRLF");
             }
             out.extend_from_slice(&rest[..size]);
-            rest = &rest[size + 2..];
+            rest = &rest[need..];
         }
         body = out;
     }
@@ -102,5 +110,31 @@ mod tests {
         let r = super::parse(b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
         assert_eq!((r.status, &r.body[..]), (404, &b"abcde"[..]));
         assert!(super::parse(b"garbage").is_err());
+    }
+
+    /// Whatever answers on the API port (another process, after a site
+    /// stopped) cannot make the CLI or `up` panic: chunk sizes that would
+    /// wrap past the length check, and chunks that lie, are errors.
+    #[test]
+    fn lying_chunks_are_errors_not_panics() {
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        for (body, want) in [
+            ("ffffffffffffffff\r\nX", "larger than any response"),
+            ("fffffffffffffffe\r\nX", "larger than any response"),
+            ("fffffffffffffffd\r\nX", "truncated chunk"),
+            ("10000000000000000\r\nX", "bad chunk size"),
+            ("5\r\nab", "truncated chunk"),
+            ("2\r\nabcd\r\n0\r\n\r\n", "not followed by CRLF"),
+            ("zz\r\n", "bad chunk size"),
+            ("3", "bad chunk header"),
+        ] {
+            let e = match super::parse(format!("{head}{body}").as_bytes()) {
+                Ok(r) => panic!("{body:?} parsed: {:?}", r.body),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(e.contains(want), "{body:?}: {e}");
+        }
+        let r = super::parse(format!("{head}3;x=y\r\nabc\r\n0\r\n\r\n").as_bytes()).unwrap();
+        assert_eq!(r.body, b"abc");
     }
 }

@@ -183,6 +183,12 @@ const _: () = assert!(SEGMENT_BYTES < u32::MAX as u64);
 const _: () = assert!(REPL_BATCH_BYTES <= 40 * 1024 * 1024);
 const _: () = assert!(64 + WRITE_RECORD_BYTES_MAX * 1025 / 1024 <= 40 * 1024 * 1024);
 
+/// Consistency groups a site creates (each runs a log sync thread, a
+/// maintenance thread and, on a primary, a sender per DR site): a `POST
+/// /volumes` or a primary's HELLO naming ever new groups must not take
+/// every thread and file the system has. Groups already on disk at start
+/// are opened whatever their number.
+pub const GROUPS_PER_SITE_MAX: usize = 256;
 /// Volumes plus snapshots in one consistency group. Every map is walked by
 /// GC accounting and checkpoints, so the count is bounded.
 pub const MAPS_PER_GROUP_MAX: usize = 4096;

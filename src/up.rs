@@ -61,6 +61,7 @@ fn check_dir(dir: &Path) -> Result<Option<Deployment>> {
         if dep.exists() {
             let d: Deployment = serde_json::from_slice(&std::fs::read(&dep)?)
                 .with_context(|| format!("{} is not a tidemark deployment file", dep.display()))?;
+            check_deployment(&d).with_context(|| format!("{} is not a deployment `up` can run", dep.display()))?;
             return Ok(Some(d));
         }
         let non_empty = std::fs::read_dir(dir)?.next().is_some();
@@ -73,6 +74,19 @@ fn check_dir(dir: &Path) -> Result<Option<Deployment>> {
     std::fs::write(&probe, b"").with_context(|| format!("{} is not writable", dir.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(None)
+}
+
+/// What `prepare_sites` needs of a deployment, checked before its file is
+/// written (a value refused only later would stay in the file, and every
+/// later `up` in the directory would fail on it) and after it is read.
+fn check_deployment(d: &Deployment) -> Result<()> {
+    if d.dr_sites > 9 {
+        bail!("{} DR sites: at most 9 (10 sites per deployment: ports P..P+9 are for NBD)", d.dr_sites);
+    }
+    if d.port_base as u32 + 30 > u16::MAX as u32 {
+        bail!("port base {} leaves no room for the site ports (needs P..P+30)", d.port_base);
+    }
+    Ok(())
 }
 
 fn port_free(addr: SocketAddr) -> bool {
@@ -242,6 +256,7 @@ pub fn init(dir: &Path, sites: &[String], port_base: Option<u16>, mode: Option<S
                 dr_sites: sites.len() as u32 - 1,
                 mode: mode.unwrap_or_else(|| "async".into()),
             };
+            check_deployment(&d)?;
             crate::crashsafe::write_file(&dir.join(DEPLOYMENT_FILE), &serde_json::to_vec_pretty(&d)?)?;
             d
         }
@@ -283,6 +298,7 @@ pub fn run(a: UpArgs) -> Result<()> {
                 dr_sites: a.dr_sites.unwrap_or(1),
                 mode: a.mode.clone().unwrap_or_else(|| "async".into()),
             };
+            check_deployment(&d)?;
             crate::crashsafe::write_file(&dir.join(DEPLOYMENT_FILE), &serde_json::to_vec_pretty(&d)?)?;
             d
         }

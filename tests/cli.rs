@@ -239,6 +239,23 @@ fn bad_input_gets_one_line_errors() {
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains(&p.to_string()) && e.contains("in use"), "{e}");
+    // Too many DR sites: refused before the deployment file is written
+    // (before, it was written first, with the count, and the process ran
+    // out of memory making four billion site names; every later `up` in
+    // the directory did the same).
+    let many = t.join("many");
+    let o = tidemark(&["up", "--dir", many.to_str().unwrap(), "--dr-sites", "4294967295"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("4294967295 DR sites: at most 9") && e.trim().lines().count() == 1, "{e}");
+    assert!(!many.join("deployment.json").exists(), "the refused deployment was written");
+    // A deployment file with such a count names the file.
+    std::fs::create_dir_all(&many).unwrap();
+    std::fs::write(many.join("deployment.json"), r#"{"id":"00","port_base":20000,"dr_sites":12,"mode":"async"}"#).unwrap();
+    let o = tidemark(&["up", "--dir", many.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("deployment.json") && e.contains("12 DR sites: at most 9"), "{e}");
     // A site config with a typo names the file and the field.
     let cfg = t.join("site.toml");
     std::fs::write(&cfg, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nmdoe = \"sync\"\n").unwrap();

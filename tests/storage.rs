@@ -398,3 +398,31 @@ fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
     let a = c.read(0, 8 << 20).unwrap();
     assert!(a == b, "the DR copy differs");
 }
+
+/// Each consistency group runs threads of its own (log sync, maintenance,
+/// a sender per DR site), so a site creates at most
+/// `GROUPS_PER_SITE_MAX`: `POST /volumes` naming ever new groups gets a
+/// clear refusal past it, and the site goes on serving. Before, there was
+/// no limit, and a failed thread start panicked in the request (leaving a
+/// group directory half made).
+#[test]
+fn a_site_creates_groups_up_to_its_limit_and_refuses_more_with_the_reason() {
+    let site = Site::start(&[("vol0", "1MiB")]);
+    let max = tidemark::limits::GROUPS_PER_SITE_MAX;
+    let create = |i: usize| tidemark::client::call(&site.api(), "POST", "/volumes", Some(&serde_json::json!({"name": format!("v{i}"), "size": "1MiB", "group": format!("g{i}")})));
+    // cg0 (vol0's) is one.
+    for i in 1..max {
+        create(i).unwrap_or_else(|e| panic!("group {i} of {max}: {e:#}"));
+    }
+    let e = format!("{:#}", create(max).unwrap_err());
+    assert!(e.contains(&format!("already has {max} consistency groups, the most it creates; group g{max} is not created")), "{e}");
+    assert!(site.dir.join("groups").join("g1").is_dir() && !site.dir.join("groups").join(format!("g{max}")).exists(), "the refused group left a directory");
+    // A volume in a group it has is still created, and the site serves.
+    tidemark::client::call(&site.api(), "POST", "/volumes", Some(&serde_json::json!({"name": "more", "size": "1MiB", "group": "g1"}))).unwrap();
+    let st = tidemark::client::call(&site.api(), "GET", "/status", None).unwrap();
+    assert_eq!(st["groups"].as_array().unwrap().len(), max);
+    let mut c = common::nbd_client::Client::connect(&site.addr(), "more").unwrap();
+    c.write(0, &[7u8; 4096], false).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    assert!(!site.log().contains("panicked"));
+}

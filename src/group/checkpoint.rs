@@ -244,6 +244,12 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         }
         volumes.push(v);
     }
+    // Every map id was taken from the counter, which then moved past it:
+    // a counter at or below one would hand that id out again, and the new
+    // map would replace the old one.
+    if let Some(v) = volumes.iter().find(|v| v.id >= next_volume_id) {
+        bail!("next volume id {next_volume_id} is not past map id {} ({})", v.id, v.name);
+    }
     let nseg = c.u32("segment count")?;
     let mut seg_seqs = std::collections::BTreeMap::new();
     for _ in 0..nseg {

@@ -386,6 +386,9 @@ impl Inner {
         if h.body_len > record::BODY_BYTES_MAX {
             return Err(IoError::Failed(format!("a {:?} record of {} body bytes exceeds the {} a record may hold; not written", h.kind, h.body_len, record::BODY_BYTES_MAX)));
         }
+        if h.seq == u64::MAX {
+            return Err(IoError::Failed(format!("group {}: sequence numbers are exhausted; a {:?} record is not written", group.name, h.kind)));
+        }
         if self.tail_off + total > SEGMENT_BYTES {
             let id = self.tail.id + 1;
             let seg = match Segment::create(&group.dir, id, group.id) {
@@ -433,7 +436,8 @@ impl Inner {
             body_len,
             crc: 0,
         };
-        self.next_seq += 1;
+        // Saturating: at u64::MAX the record is refused by `append_bytes`.
+        self.next_seq = self.next_seq.saturating_add(1);
         h
     }
 
@@ -473,7 +477,9 @@ impl Group {
         open::open(dir, name, create)
     }
 
-    pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner) -> Arc<Group> {
+    /// The group over an opened log, with its sync and maintenance threads
+    /// started (an error if the system has no thread left to give).
+    pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner) -> Result<Arc<Group>> {
         let tail = inner.tail_pos();
         let (durable_tx, _) = watch::channel((tail, false));
         let g = Arc::new(Group {
@@ -503,17 +509,24 @@ impl Group {
         });
         #[cfg(test)]
         if crate::util::sim_active() {
-            return g;
+            return Ok(g);
         }
         let g2 = g.clone();
-        let t1 = std::thread::Builder::new().name(format!("sync-{}", meta.name)).spawn(move || g2.sync_thread()).expect("spawn sync thread");
+        let t1 = std::thread::Builder::new()
+            .name(format!("sync-{}", meta.name))
+            .spawn(move || g2.sync_thread())
+            .with_context(|| format!("group {}: failed to start its log sync thread", meta.name))?;
+        g.threads.lock().unwrap().push(t1);
         let g3 = g.clone();
-        let t2 = std::thread::Builder::new()
-            .name(format!("maint-{}", meta.name))
-            .spawn(move || g3.maintenance_thread())
-            .expect("spawn maintenance thread");
-        g.threads.lock().unwrap().extend([t1, t2]);
-        g
+        match std::thread::Builder::new().name(format!("maint-{}", meta.name)).spawn(move || g3.maintenance_thread()) {
+            Ok(t2) => g.threads.lock().unwrap().push(t2),
+            Err(e) => {
+                // The sync thread holds the group: stop it, or it never drops.
+                g.abandon();
+                return Err(e).with_context(|| format!("group {}: failed to start its maintenance thread", meta.name));
+            }
+        }
+        Ok(g)
     }
 
     // ---- volumes -------------------------------------------------------

@@ -35,9 +35,11 @@ fn load_or_create_meta(dir: &Path, name: &str, create: &Create) -> Result<GroupM
             if m.name != name {
                 bail!("{} belongs to group {:?}, not {name:?}", path.display(), m.name);
             }
+            crate::replicate::Mode::parse(&m.mode).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             Ok(m)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::replicate::Mode::parse(&create.mode).map_err(|e| anyhow::anyhow!("group {name} is not created: {e}"))?;
             std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
             let id = create.id.unwrap_or_else(|| crate::util::now_ns() ^ ((std::process::id() as u64) << 40) | 1);
             let m = GroupMeta { name: name.to_string(), id, epoch: 1, mode: create.mode.clone() };
@@ -139,6 +141,17 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // A gap is a segment lost or removed by hand; replaying past it would
     // skip its records.
     let from_seg = segments.keys().copied().find(|&id| id >= pos_seg(replay_from));
+    if replay_from != 0 && from_seg.is_none() {
+        // The checkpoint's segment was durable before the checkpoint was
+        // written, and GC frees only segments before it: without it the
+        // new tail would be an older segment, below where the next open
+        // replays from, and writes made now would be skipped then.
+        bail!(
+            "group {name} in {}: its checkpoint replays from log segment {}, which is missing, and no later segment exists",
+            dir.display(),
+            segment::segment_file_name(pos_seg(replay_from))
+        );
+    }
     if let Some(first) = from_seg {
         if replay_from != 0 && first != pos_seg(replay_from) {
             bail!("group {name} in {}: its checkpoint replays from log segment {}, which is missing (the next present is {})", dir.display(), segment::segment_file_name(pos_seg(replay_from)), segment::segment_file_name(first));
@@ -191,6 +204,13 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         let start = if id == pos_seg(replay_from) { pos_off(replay_from) as u64 } else { SEGMENT_HEADER_BYTES };
         let stop = segment::scan(seg, start, true, |r, body| {
             let at = pos(id, r.off);
+            // What a replicated record must satisfy before it is appended
+            // (sizes and ids this site can act on) holds for every record
+            // in the log; one that does not, yet has a valid checksum, was
+            // not written by this code: an error naming it, not a volume
+            // of 2^64 bytes. (Not a torn tail: acknowledged records follow.)
+            super::snapshot::check_body(&r.header, body.unwrap_or(&r.checked))
+                .map_err(|why| anyhow::anyhow!("record at offset {} of log segment {}: {why}", r.off, seg.path.display()))?;
             inner.apply(&r.header, at, &r.checked, body);
             replayed += 1;
             Ok(())
@@ -294,7 +314,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         inner.segments.len(),
         inner.next_seq - 1
     );
-    let lacking: std::collections::BTreeSet<u64> = inner.pins.values().map(|p| p + 1).collect();
+    let lacking: std::collections::BTreeSet<u64> = inner.pins.values().map(|p| p.saturating_add(1)).collect();
     // A pin is the DR's last durable record as last saved (1 for a DR that
     // holds nothing, or only seq 1: taken as nothing, so its lag is never
     // under-counted), never past this log's end, nor past where its history
@@ -310,7 +330,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
             (peer.clone(), if pin > 1 { pin.min(cap) } else { 0 })
         })
         .collect();
-    let g = Group::from_parts(&meta, dir.to_path_buf(), inner);
+    let g = Group::from_parts(&meta, dir.to_path_buf(), inner)?;
     g.durable_tx.send_modify(|v| v.0 = v.0.min(replay_from));
     g.sync_to(g.flush_target()).with_context(|| format!("group {name}: failed to make the replayed log durable"))?;
     for (peer, seq) in held {

@@ -228,6 +228,11 @@ impl Header {
         if h.body_len > BODY_BYTES_MAX {
             return Err(DecodeError::BodyTooLong(h.body_len));
         }
+        // One must follow the last: a record at u64::MAX would leave the
+        // next sequence number nowhere to go.
+        if h.seq == u64::MAX {
+            return Err(DecodeError::Inconsistent("sequence number out of range"));
+        }
         if h.flags & !(FLAG_RELOCATED | FLAG_RESYNC) != 0 {
             return Err(DecodeError::Inconsistent("unknown record flags"));
         }
@@ -361,6 +366,15 @@ mod tests {
         h.offset = 3;
         h.encode_raw(&mut raw, 0);
         assert!(Header::decode(&raw).is_err());
+        // The last sequence number leaves none for the next record (a DR
+        // would take it and every later one at the same number).
+        let mut h = sample(Kind::Trim);
+        h.seq = u64::MAX;
+        h.encode(&[], &mut raw);
+        assert!(matches!(Header::decode(&raw), Err(DecodeError::Inconsistent("sequence number out of range"))));
+        h.seq = u64::MAX - 1;
+        h.encode(&[], &mut raw);
+        Header::decode(&raw).unwrap();
     }
 
     #[test]

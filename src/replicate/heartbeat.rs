@@ -41,7 +41,11 @@ fn decode(b: &[u8; SLOT as usize]) -> Option<Heartbeat> {
     if u32::from_le_bytes(b[60..64].try_into().unwrap()) != crate::crc::crc32c(&b[0..60]) {
         return None;
     }
-    Some(Heartbeat { gen: u64_at(4), seq: u64_at(12), sent_ns: u64_at(20), received_ns: u64_at(28), epoch: u64_at(36) })
+    // A slot at the last generation leaves none for the next heartbeat
+    // (it would wrap to 0 and lose to this one on every open): not one
+    // this code writes, so not taken.
+    let gen = u64_at(4);
+    (gen != u64::MAX).then(|| Heartbeat { gen, seq: u64_at(12), sent_ns: u64_at(20), received_ns: u64_at(28), epoch: u64_at(36) })
 }
 
 fn encode(h: &Heartbeat) -> [u8; SLOT as usize] {

@@ -133,6 +133,7 @@ impl Site {
         if let Some(g) = self.groups.read().unwrap().get(name) {
             return Ok(g.clone());
         }
+        self.room_for_a_group(name)?;
         let create = crate::group::open::Create { id: None, mode: self.cfg.mode.clone() };
         let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
         crate::crashsafe::fsync_dir(&self.groups_dir())?;
@@ -153,12 +154,22 @@ impl Site {
         if let Some(g) = self.groups.read().unwrap().get(name) {
             return Ok(g.clone());
         }
+        self.room_for_a_group(name)?;
         let create = crate::group::open::Create { id: Some(id), mode: mode.to_string() };
         let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
         crate::crashsafe::fsync_dir(&self.groups_dir())?;
         self.configure_group(&g);
         self.groups.write().unwrap().insert(name.to_string(), g.clone());
         Ok(g)
+    }
+
+    /// Refuses a new group past `GROUPS_PER_SITE_MAX`.
+    fn room_for_a_group(&self, name: &str) -> Result<()> {
+        let n = self.groups.read().unwrap().len();
+        if n >= crate::limits::GROUPS_PER_SITE_MAX {
+            bail!("site {} already has {n} consistency groups, the most it creates; group {name} is not created", self.cfg.name);
+        }
+        Ok(())
     }
 
     fn configure_group(&self, g: &Group) {
