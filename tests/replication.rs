@@ -28,6 +28,15 @@ fn prefix_of(data: &[u8], what: &str) -> u64 {
 fn oracle_round(seed: u64, mode: &str) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut d = Deployment::init(&["a", "b"], &[("vol0", "8MiB")], mode);
+    if mode == "sync" {
+        // Sync mode's promise (k >= acknowledged) holds only while the group
+        // stays sync: with the default `sync_loss = "async"`, a DR slower
+        // than `sync_timeout` (a loaded machine) drops the group to async
+        // and writes are acknowledged without it. Refused, such a write
+        // fails instead, and is not counted.
+        d.sites[0].edit_config(|c| c.replace("sync_loss = \"async\"", "sync_loss = \"refuse\""));
+        assert!(std::fs::read_to_string(&d.sites[0].config).unwrap().contains("sync_loss = \"refuse\""));
+    }
     d.start_all();
     let dr_addr = d.sites[1].addr();
     // The DR learns of vol0 from the stream. A primary killed before its

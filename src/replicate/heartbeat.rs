@@ -28,9 +28,41 @@ pub struct Heartbeat {
     pub epoch: u64,
 }
 
+/// The region of one group. A heartbeat is written to the slot not holding
+/// the newest durable one, then made durable by the region's own thread:
+/// the connection's thread, which also sends the DR's acknowledgements and
+/// their repeats, never waits on an fdatasync (on a busy disk one can take
+/// longer than a primary's link timeout). A heartbeat that arrives while
+/// the one before is still being synced waits in memory and is written
+/// next (only the newest: the region holds the latest), so a slot is never
+/// overwritten while the other one is not yet durable.
 pub struct Region {
+    shared: std::sync::Arc<Shared>,
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
     file: File,
+    path: std::path::PathBuf,
+    state: std::sync::Mutex<State>,
+    cv: std::sync::Condvar,
+    /// Tests: syncs hang (as an fdatasync on a stalled disk does) while set.
+    #[cfg(test)]
+    stall: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    /// The newest heartbeat received (what status shows).
     latest: Heartbeat,
+    /// Generation of the newest slot written, and of the newest durable.
+    written: u64,
+    durable: u64,
+    /// Received while a sync was running: written once it ends.
+    pending: Option<Heartbeat>,
+    /// A write or sync failed: every later store says so.
+    failed: Option<String>,
+    stop: bool,
 }
 
 fn decode(b: &[u8; SLOT as usize]) -> Option<Heartbeat> {
@@ -88,20 +120,116 @@ impl Region {
                 }
             }
         }
-        Ok(Region { file, latest })
+        let state = State { latest, written: latest.gen, durable: latest.gen, ..State::default() };
+        let shared = std::sync::Arc::new(Shared {
+            file,
+            path,
+            state: std::sync::Mutex::new(state),
+            cv: std::sync::Condvar::new(),
+            #[cfg(test)]
+            stall: Default::default(),
+        });
+        let s2 = shared.clone();
+        let syncer = std::thread::Builder::new()
+            .name("heartbeat-sync".into())
+            .spawn(move || s2.sync_loop())
+            .with_context(|| format!("failed to start the sync thread of heartbeat region {}", shared.path.display()))?;
+        Ok(Region { shared, syncer: Some(syncer) })
     }
 
     pub fn latest(&self) -> Heartbeat {
-        self.latest
+        self.shared.lock().latest
     }
 
-    /// Stores a heartbeat durably in the older slot.
+    /// Stores a heartbeat: written to the older slot now if no sync is
+    /// running, else when it ends; made durable by the region's thread.
     pub fn store(&mut self, seq: u64, sent_ns: u64, epoch: u64) -> Result<Heartbeat> {
-        let h = Heartbeat { gen: self.latest.gen + 1, seq, sent_ns, received_ns: crate::util::now_ns(), epoch };
-        self.file.write_all_at(&encode(&h), (h.gen % 2) * SLOT).context("failed to write heartbeat region")?;
-        self.file.sync_data().context("failed to sync heartbeat region")?;
-        self.latest = h;
+        let mut st = self.shared.lock();
+        if let Some(e) = &st.failed {
+            anyhow::bail!("{e}");
+        }
+        // Generations count slots written, so they alternate slots.
+        let h = Heartbeat { gen: st.written + 1, seq, sent_ns, received_ns: crate::util::now_ns(), epoch };
+        st.latest = h;
+        if st.written == st.durable {
+            self.shared.write_slot(&mut st, h);
+            self.shared.cv.notify_all();
+        } else {
+            st.pending = Some(h);
+        }
         Ok(h)
+    }
+
+    /// Waits until the newest heartbeat stored is durable (tests, and a
+    /// clean stop).
+    pub fn wait_durable(&self) -> Result<()> {
+        let mut st = self.shared.lock();
+        while st.failed.is_none() && (st.written != st.durable || st.pending.is_some()) {
+            st = self.shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        match &st.failed {
+            Some(e) => anyhow::bail!("{e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `h` to its slot (the one not holding the durable newest).
+    fn write_slot(&self, st: &mut State, h: Heartbeat) {
+        match self.file.write_all_at(&encode(&h), (h.gen % 2) * SLOT) {
+            Ok(()) => st.written = h.gen,
+            Err(e) => st.failed = Some(format!("failed to write heartbeat region {}: {e}", self.path.display())),
+        }
+    }
+
+    fn sync_loop(&self) {
+        let mut st = self.lock();
+        loop {
+            while !st.stop && st.failed.is_none() && st.written == st.durable {
+                st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.failed.is_some() || (st.stop && st.written == st.durable) {
+                self.cv.notify_all();
+                return;
+            }
+            let target = st.written;
+            drop(st);
+            #[cfg(test)]
+            while self.stall.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let r = self.file.sync_data();
+            st = self.lock();
+            match r {
+                Ok(()) => {
+                    st.durable = target;
+                    if let Some(h) = st.pending.take() {
+                        let h = Heartbeat { gen: st.written + 1, ..h };
+                        st.latest = h;
+                        self.write_slot(&mut st, h);
+                    }
+                }
+                Err(e) => st.failed = Some(format!("failed to sync heartbeat region {}: {e}", self.path.display())),
+            }
+            self.cv.notify_all();
+        }
+    }
+}
+
+impl Drop for Region {
+    /// Stops the thread once what was written is durable (a pending
+    /// heartbeat is written first).
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -115,7 +243,9 @@ mod tests {
         let mut r = Region::open(d.path()).unwrap();
         assert_eq!(r.latest().gen, 0);
         r.store(10, 1, 1).unwrap();
+        r.wait_durable().unwrap();
         r.store(20, 2, 1).unwrap();
+        r.wait_durable().unwrap();
         let r2 = Region::open(d.path()).unwrap();
         assert_eq!(r2.latest().seq, 20);
         // Tear the newest slot: the previous one is used.
@@ -123,5 +253,39 @@ mod tests {
         f.write_all_at(&[0xff; 10], (r2.latest().gen % 2) * SLOT + 20).unwrap();
         let r3 = Region::open(d.path()).unwrap();
         assert_eq!(r3.latest().seq, 10);
+    }
+
+    /// A heartbeat is stored without waiting for a sync: while one hangs
+    /// (a busy or stalled disk), later heartbeats are taken at once (the
+    /// newest waits in memory), the durable slot is not overwritten, and
+    /// once the sync returns the newest is written and made durable.
+    /// Before, `store` ran the fdatasync on the connection's thread, which
+    /// also sends the DR's acknowledgements: a sync longer than the
+    /// primary's link timeout made the link look silent.
+    #[test]
+    fn a_hung_sync_holds_no_store_and_never_the_durable_slot() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = Region::open(d.path()).unwrap();
+        r.store(1, 1, 1).unwrap();
+        r.wait_durable().unwrap();
+        r.shared.stall.store(true, std::sync::atomic::Ordering::Release);
+        r.store(2, 2, 1).unwrap(); // written, its sync hangs
+        let t = std::time::Instant::now();
+        for seq in 3..=20 {
+            r.store(seq, seq, 1).unwrap();
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "stores waited {:?} for the hung sync", t.elapsed());
+        assert_eq!(r.latest().seq, 20);
+        // On disk meanwhile: seq 1 (durable) and seq 2 (written); a power
+        // cut now leaves at least seq 1.
+        let on_disk = Region::open(d.path()).unwrap().latest();
+        assert_eq!(on_disk.seq, 2);
+        let mut slot = [0u8; SLOT as usize];
+        r.shared.file.read_exact_at(&mut slot, (on_disk.gen + 1) % 2 * SLOT).unwrap();
+        assert_eq!(decode(&slot).map(|h| h.seq), Some(1), "the durable slot was overwritten");
+        r.shared.stall.store(false, std::sync::atomic::Ordering::Release);
+        r.wait_durable().unwrap();
+        let after = Region::open(d.path()).unwrap().latest();
+        assert_eq!((after.seq, after.gen), (20, on_disk.gen + 1));
     }
 }

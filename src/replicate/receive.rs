@@ -715,22 +715,35 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 tokio::pin!(limit);
                 loop {
                     tokio::select! {
+                        // Durability first: a batch that became durable while
+                        // this thread was busy past the limit is acknowledged,
+                        // not taken for a stall.
+                        biased;
                         r = &mut durable => {
                             r.map_err(|e| anyhow!("{e}"))?;
                             break;
                         }
-                        _ = tick.tick() => on_tick!(),
-                        m = rx.recv(), if !closed && farewell.is_none() => on_queued!(m),
                         _ = &mut limit => {
                             let storage = match writer_group.io.oldest() {
                                 Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
                                 None => "no storage operation is in progress".to_string(),
                             };
-                            bail!(
+                            let why = format!(
                                 "acknowledgements have waited {:.1} s (link_timeout) for the log to become durable ({storage}); closing the link",
                                 waited.elapsed().as_secs_f64()
                             );
+                            // The primary is told why (the socket is fine; a
+                            // primary that reads nothing does not hold this).
+                            let f = frame::encode(frame::ERROR, 0, why.as_bytes(), false);
+                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                wr.write_all(&f).await?;
+                                wr.flush().await
+                            })
+                            .await;
+                            return Err(StorageStall(why).into());
                         }
+                        _ = tick.tick() => on_tick!(),
+                        m = rx.recv(), if !closed && farewell.is_none() => on_queued!(m),
                     }
                 }
                 wr.write_all(&frame).await?;
@@ -759,6 +772,8 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     // Set when acknowledgements could not be queued for `link_timeout`: the
     // writer is stuck, so no farewell is queued and it is not waited for.
     let mut acks_stuck = false;
+    // Set once the writer's end has been awaited (it is awaited only once).
+    let mut writer_done = false;
     let result = loop {
         // The clock runs while this site waits for the primary, not while
         // it works on what arrived.
@@ -786,6 +801,17 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         let (h, body) = match got {
             Ok(Some(f)) => f,
             Ok(None) => {
+                // The writer gave the link up first (a log sync past
+                // link_timeout) and told the primary, which then closed:
+                // that is why the session ends, not a primary that stopped.
+                if writer.is_finished() {
+                    writer_done = true;
+                    if let Some(w) = finish_writer(&mut writer, link_timeout).await {
+                        if w.downcast_ref::<StorageStall>().is_some() {
+                            break Err(w);
+                        }
+                    }
+                }
                 // TLS close_notify: the primary stopped, as opposed to a
                 // link that broke (an end without it).
                 tracing::info!("replication: {peer} closed the connection for group {} (it stopped)", group.name);
@@ -832,7 +858,13 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 // primary has given up on the link by then anyway.
                 match tokio::time::timeout(link_timeout, tx.send(Out::Ack { end, frame })).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) => break Err(anyhow!("acknowledgement writer stopped")),
+                    Ok(Err(_)) => {
+                        // The writer ended (a log sync past link_timeout, a
+                        // socket error): its reason is the session's, in
+                        // this site's status and log.
+                        writer_done = true;
+                        break Err(finish_writer(&mut writer, link_timeout).await.unwrap_or_else(|| anyhow!("acknowledgement writer stopped")));
+                    }
                     Err(_) => {
                         acks_stuck = true;
                         let storage = match group.io.oldest() {
@@ -866,6 +898,8 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     let writer_failed = if acks_stuck {
         writer.abort();
         None
+    } else if writer_done {
+        None
     } else {
         finish_writer(&mut writer, link_timeout).await
     };
@@ -882,6 +916,20 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
 /// last), but not past `limit`: a link that takes nothing more (full
 /// buffers, nobody reading) must not hold the connection open.
 /// Returns the writer's own error, if it ended with one.
+/// The acknowledgement writer's end when the log did not become durable
+/// within the link timeout: the session's reason even when the primary,
+/// told so, closes the link first.
+#[derive(Debug)]
+struct StorageStall(String);
+
+impl std::fmt::Display for StorageStall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StorageStall {}
+
 async fn finish_writer(writer: &mut tokio::task::JoinHandle<Result<()>>, limit: Duration) -> Option<anyhow::Error> {
     match tokio::time::timeout(limit, &mut *writer).await {
         Ok(Ok(Err(e))) => Some(e.context("the acknowledgement writer failed")),

@@ -313,6 +313,16 @@ struct DrPair {
     dr_timeout: Duration,
 }
 
+impl Drop for DrPair {
+    /// The groups' threads stop before their directory goes.
+    fn drop(&mut self) {
+        // (A test that failed mid-stall must not hang here.)
+        self.d0.stall_syncs.store(false, std::sync::atomic::Ordering::Release);
+        self.p.abandon();
+        self.d0.abandon();
+    }
+}
+
 impl DrPair {
     fn new(primary_timeout: Duration, heartbeat: Duration, dr_timeout: Duration) -> DrPair {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -376,9 +386,17 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
         Ok(Ok(Err(e))) => format!("{e:#}"),
         other => panic!("the receiver did not end with an error while the sync hung: {other:?}"),
     };
-    assert!(e.contains("acknowledgements have waited") && e.contains("log sync has been in progress"), "{e}");
+    assert!(e.contains("acknowledgements have waited") && e.contains("for the log to become durable (a log sync has been in progress"), "{e}");
     assert!(stalled_at.elapsed() < Duration::from_secs(10), "ended only after {:?}", stalled_at.elapsed());
-    sender.abort();
+    // The primary was told why.
+    let sent = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), sender).await });
+    match sent {
+        Ok(Ok(Err(e))) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("b reported: acknowledgements have waited"), "{e}");
+        }
+        other => panic!("the primary's sender did not end with the DR's reason: {other:?}"),
+    }
     // A new HELLO is refused while the sync hangs, naming it.
     std::thread::sleep(link_timeout.saturating_sub(stalled_at.elapsed()));
     let e = format!("{:#}", receive::answers_hello(d0).unwrap_err());
