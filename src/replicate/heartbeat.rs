@@ -160,6 +160,12 @@ impl Region {
         Ok(h)
     }
 
+    /// Tests: this region's syncs hang (as on a stalled disk) while set.
+    #[cfg(test)]
+    pub(crate) fn stall_syncs(&self, on: bool) {
+        self.shared.stall.store(on, std::sync::atomic::Ordering::Release);
+    }
+
     /// Waits until the newest heartbeat stored is durable (tests, and a
     /// clean stop).
     pub fn wait_durable(&self) -> Result<()> {

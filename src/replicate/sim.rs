@@ -347,6 +347,27 @@ impl DrPair {
         (sender, tokio::spawn(receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, self.dr_timeout)))
     }
 
+    /// `start`, with the receiver run as a DR site runs it (`serve`): on a
+    /// thread of its own, in a single-threaded runtime, its steps on that
+    /// thread, so its acknowledgement writer runs only when they let it.
+    fn start_as_served(&self, rt: &tokio::runtime::Runtime) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
+        let st = SendSettings { site: "a".into(), heartbeat_interval: self.heartbeat, periodic_interval: Duration::from_secs(1), link_timeout: self.primary_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
+        let pg = self.p.clone();
+        let h: Arc<dyn Host> = self.host.clone();
+        let dr_timeout = self.dr_timeout;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let crt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let r = crt.block_on(receive::receive(b, h, "a".into(), receive::Intake::OwnThread { nice: 0 }, dr_timeout));
+            let _ = done_tx.send(r);
+        });
+        let _g = rt.enter();
+        let sender = tokio::spawn(async move { send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await.map(|_| ()) });
+        (sender, tokio::spawn(async move { done_rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the receiver's thread ended without a result"))) }))
+    }
+
     /// Waits (10 s at most) until the DR holds all the primary has, durably.
     fn caught_up(&self, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -424,9 +445,15 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
 fn a_slow_log_sync_at_the_dr_is_not_a_silent_link() {
     let pair = DrPair::new(Duration::from_millis(400), Duration::from_millis(100), Duration::from_secs(2));
     let (p, d0, vol, rt) = (&pair.p, &pair.d0, pair.vol, &pair.rt);
-    let (sender, receiver) = pair.start(rt);
+    // As a DR site runs it: the steps (appends, heartbeat stores) on the
+    // thread that also runs the acknowledgement writer.
+    let (sender, receiver) = pair.start_as_served(rt);
     p.write(vol, 0, &[1u8; 4096]).unwrap();
     pair.caught_up("before the slow syncs");
+    // Every sync of the DR's is slow: its log's, and its heartbeat region's
+    // (which the same busy disk holds up; stored on the connection's thread).
+    let region = pair.host.dr.region(d0).unwrap();
+    region.lock().unwrap().stall_syncs(true);
     d0.stall_syncs.store(true, std::sync::atomic::Ordering::Release);
     let slow_from = Instant::now();
     while slow_from.elapsed() < Duration::from_millis(1500) {
@@ -438,6 +465,7 @@ fn a_slow_log_sync_at_the_dr_is_not_a_silent_link() {
         }
     }
     d0.stall_syncs.store(false, std::sync::atomic::Ordering::Release);
+    region.lock().unwrap().stall_syncs(false);
     pair.caught_up("after the slow syncs");
     assert!(!sender.is_finished() && !receiver.is_finished(), "the link did not survive the slow syncs");
     sender.abort();
