@@ -326,3 +326,48 @@ fn up_reports_a_site_that_stops_answering() {
     assert!(!events.iter().any(|l| l.contains("site-restarted") || l.contains("site-exited")), "{events:?}");
     assert!(pid_alive(pid));
 }
+
+/// A disk that stops answering under a running deployment (`up`'s whole
+/// directory on an ext4 frozen with `fsfreeze`, a write in flight at the
+/// primary): `up --json` prints `storage-stalled` for the primary's group
+/// (from its status, whose API answers while the write waits), the write
+/// waits rather than fails, and once the disk answers `storage-recovered`
+/// follows, the write completes, and it reads back at both sites.
+#[test]
+fn up_reports_a_stalled_disk_and_its_recovery() {
+    let tmp = tempfile::Builder::new().prefix("tidemark-upstall").tempdir_in(common::test_root()).unwrap();
+    let disk = common::FrozenDisk::mount(tmp.path());
+    let mnt = disk.mnt.to_str().unwrap().to_string();
+    let dir = disk.mnt.join("d");
+    let port = free_port_block();
+    let u = up(&dir, port, &["--volume", "vol0=64MiB"]);
+    let (a, b) = (format!("nbd://127.0.0.1:{port}/vol0"), format!("nbd://127.0.0.1:{}/vol0", port + 1));
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5c 0 1M", &a]);
+    cmd_ok("fsfreeze", &["--freeze", &mnt]);
+    let w = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x6d 1M 1M", &a]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let events = u.wait_event("\"storage-stalled\"", 60);
+    let ev: serde_json::Value = serde_json::from_str(events.iter().find(|l| l.contains("\"storage-stalled\"")).unwrap()).unwrap();
+    assert_eq!((ev["site"].as_str(), ev["group"].as_str()), (Some("a"), Some("cg0")), "{ev}");
+    assert!(ev["operation"].as_str().is_some_and(|o| o.starts_with("log")) && ev["seconds"].as_f64().is_some_and(|s| s >= 10.0), "{ev}");
+    cmd_ok("fsfreeze", &["--unfreeze", &mnt]);
+    let events = u.wait_event("\"storage-recovered\"", 60);
+    assert!(events.iter().any(|l| l.contains("\"storage-recovered\"") && l.contains("\"site\":\"a\"")), "{events:?}");
+    let out = w.wait_with_output().unwrap();
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"), "the write failed: {}", String::from_utf8_lossy(&out.stdout));
+    let read_ok = |uri: &str| {
+        let o = cmd("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x5c 0 1M", "-c", "read -P 0x6d 1M 1M", uri]);
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed")
+    };
+    assert!(read_ok(&a), "the primary does not read back both writes");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_ok(&b) {
+        if Instant::now() >= deadline {
+            let st = |p: u16| String::from_utf8_lossy(&cmd("curl", &["-s", &format!("http://127.0.0.1:{p}/status")]).stdout).into_owned();
+            let log = |s: &str| std::fs::read_to_string(dir.join(s).join("site.log")).unwrap_or_default();
+            panic!("the DR site does not read back both writes\na: {}\nb: {}\na log:\n{}\nb log:\n{}", st(port + 10), st(port + 11), log("a"), log("b"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(u);
+    drop(disk);
+}

@@ -178,47 +178,6 @@ fn idle_handshakes_are_closed_and_served_clients_kept_alive() {
     common::wait_until(5, "the closed handshake to be logged", || site.log().contains("no export chosen within 10000 ms"));
 }
 
-/// Undoes a frozen ext4 on a loop device, even when the test panics: thaw,
-/// stop the site (it holds files there), unmount, detach.
-struct FrozenDisk {
-    mnt: std::path::PathBuf,
-    loopdev: Option<String>,
-    mounted: bool,
-    site: Option<Site>,
-}
-
-impl FrozenDisk {
-    /// A fresh 256 MiB ext4 on a loop device, mounted at `dir/mnt` (its
-    /// image in `dir`, which must outlive it).
-    fn mount(dir: &std::path::Path) -> FrozenDisk {
-        let img = dir.join("disk.img");
-        std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
-        cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
-        let mnt = dir.join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
-        let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
-        disk.loopdev = Some(dev.clone());
-        cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
-        disk.mounted = true;
-        disk
-    }
-}
-
-impl Drop for FrozenDisk {
-    fn drop(&mut self) {
-        let m = self.mnt.to_str().unwrap().to_string();
-        let _ = common::cmd("fsfreeze", &["--unfreeze", &m]);
-        drop(self.site.take());
-        if self.mounted && !common::cmd("umount", &[&m]).status.success() {
-            let _ = common::cmd("umount", &["-l", &m]);
-        }
-        if let Some(d) = self.loopdev.take() {
-            let _ = common::cmd("losetup", &["-d", &d]);
-        }
-    }
-}
-
 /// A disk that stops answering (an ext4 frozen with `fsfreeze`) under a
 /// primary with a write in flight: the write waits, and is acknowledged once
 /// the disk answers again, with nothing lost; meanwhile status and
@@ -229,7 +188,7 @@ impl Drop for FrozenDisk {
 fn a_stalled_disk_is_reported_while_the_write_waits() {
     const MIB: u64 = 1 << 20;
     let tmp = tempfile::Builder::new().prefix("tidemark-stall").tempdir_in(common::test_root()).unwrap();
-    let mut disk = FrozenDisk::mount(tmp.path());
+    let mut disk = common::FrozenDisk::mount(tmp.path());
     let mnt = disk.mnt.clone();
     // The data on the disk that will stall; config and log beside it (a
     // log on the stalled disk would stall the messages about it).
@@ -350,7 +309,7 @@ fn threads_named(pid: u32, prefix: &str) -> usize {
 fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
     let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "64M")], "async");
     let tmp = tempfile::Builder::new().prefix("tidemark-drstall").tempdir_in(common::test_root()).unwrap();
-    let mut disk = FrozenDisk::mount(tmp.path());
+    let mut disk = common::FrozenDisk::mount(tmp.path());
     let mnt = disk.mnt.clone();
     for s in &d.sites {
         s.edit_config(|c| c.replace("link_timeout_ms = 30000", "link_timeout_ms = 2000"));
@@ -360,7 +319,7 @@ fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
     // The DR site goes with the disk, so that on any failure it is stopped
     // before the disk is unmounted.
     disk.site = Some(d.sites.remove(1));
-    let dr = |disk: &FrozenDisk| -> (u32, String) {
+    let dr = |disk: &common::FrozenDisk| -> (u32, String) {
         let s = disk.site.as_ref().unwrap();
         (s.pid(), s.addr())
     };

@@ -352,3 +352,45 @@ pub fn sha256_of(b: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(b))
 }
+
+/// Undoes a frozen ext4 on a loop device, even when the test panics: thaw,
+/// stop the site (it holds files there), unmount, detach.
+pub struct FrozenDisk {
+    pub mnt: std::path::PathBuf,
+    loopdev: Option<String>,
+    mounted: bool,
+    pub site: Option<Site>,
+}
+
+impl FrozenDisk {
+    /// A fresh 256 MiB ext4 on a loop device, mounted at `dir/mnt` (its
+    /// image in `dir`, which must outlive it).
+    pub fn mount(dir: &std::path::Path) -> FrozenDisk {
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
+        cmd_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut disk = FrozenDisk { mnt: mnt.clone(), loopdev: None, mounted: false, site: None };
+        let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", img.to_str().unwrap()]).stdout).unwrap().trim().to_string();
+        disk.loopdev = Some(dev.clone());
+        cmd_ok("mount", &[&dev, mnt.to_str().unwrap()]);
+        disk.mounted = true;
+        disk
+    }
+}
+
+impl Drop for FrozenDisk {
+    fn drop(&mut self) {
+        let m = self.mnt.to_str().unwrap().to_string();
+        let _ = cmd("fsfreeze", &["--unfreeze", &m]);
+        drop(self.site.take());
+        if self.mounted && !cmd("umount", &[&m]).status.success() {
+            let _ = cmd("umount", &["-l", &m]);
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = cmd("losetup", &["-d", &d]);
+        }
+    }
+}
+
