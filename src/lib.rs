@@ -18,4 +18,5 @@ pub mod nbd;
 pub mod oracle;
 pub mod replicate;
 pub mod site;
+pub mod sitelog;
 pub mod up;

@@ -100,14 +100,18 @@ struct SiteProc {
     nbd: SocketAddr,
     api: SocketAddr,
     child: Option<Child>,
+    /// Takes the running site's output to its log (`sitelog`).
+    pump: Option<crate::sitelog::Pump>,
     restarts: Vec<Instant>,
 }
 
 fn spawn_site(p: &mut SiteProc) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the tidemark executable")?;
-    let log = File::options().create(true).append(true).open(&p.log).with_context(|| format!("cannot open {}", p.log.display()))?;
+    // Through `up`, not into the file: the file is on the site's disk, and
+    // a site writing it would wait in the write when that disk stalls.
+    let (out, err, pump) = crate::sitelog::Pump::start(&p.name, &p.log)?;
     let mut cmd = Command::new(exe);
-    cmd.arg("site").arg("--config").arg(&p.config).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.arg("site").arg("--config").arg(&p.config).stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: prctl is async-signal-safe; the child dies with `up`.
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -118,6 +122,7 @@ fn spawn_site(p: &mut SiteProc) -> Result<()> {
     }
     let child = cmd.spawn().with_context(|| format!("failed to start site {}", p.name))?;
     p.child = Some(child);
+    p.pump = Some(pump);
     Ok(())
 }
 
@@ -138,6 +143,9 @@ fn wait_serving(p: &mut SiteProc) -> Result<()> {
         }
         if let Some(c) = p.child.as_mut() {
             if let Some(st) = c.try_wait()? {
+                if let Some(pump) = &p.pump {
+                    pump.wait_written(Duration::from_secs(2));
+                }
                 let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
                 let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
                 bail!("site {} exited during start ({st}): {last} (log: {})", p.name, p.log.display());
@@ -235,7 +243,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
             cfg.validate()?;
             crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
         }
-        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, restarts: Vec::new() });
+        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new() });
     }
     Ok(procs)
 }

@@ -15,6 +15,8 @@ struct Up {
     child: Child,
     ready: serde_json::Value,
     lines: std::sync::mpsc::Receiver<String>,
+    /// What `up` printed on stderr (its sites' WARN and ERROR lines).
+    errs: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Up {
@@ -30,23 +32,27 @@ fn up(dir: &Path, port: u16, extra: &[&str]) -> Up {
         .args(["up", "--dir", dir.to_str().unwrap(), "--port-base", &port.to_string(), "--json"])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = c.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
+    let lines_of = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        });
+        rx
+    };
+    let rx = lines_of(Box::new(c.stdout.take().unwrap()));
+    let errs = lines_of(Box::new(c.stderr.take().unwrap()));
     let line = rx.recv_timeout(Duration::from_secs(60)).expect("up printed no ready line");
     let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
     assert_eq!(ready["event"], "ready", "{line}");
-    Up { child: c, ready, lines: rx }
+    Up { child: c, ready, lines: rx, errs }
 }
 
 impl Up {
@@ -349,6 +355,18 @@ fn up_reports_a_stalled_disk_and_its_recovery() {
     let ev: serde_json::Value = serde_json::from_str(events.iter().find(|l| l.contains("\"storage-stalled\"")).unwrap()).unwrap();
     assert_eq!((ev["site"].as_str(), ev["group"].as_str()), (Some("a"), Some("cg0")), "{ev}");
     assert!(ev["operation"].as_str().is_some_and(|o| o.starts_with("log")) && ev["seconds"].as_f64().is_some_and(|s| s >= 10.0), "{ev}");
+    // The site's own WARN reaches the operator while its log file (on the
+    // frozen disk) cannot be written: `up` echoes it on stderr. Before, the
+    // site wrote the file itself, and the thread that logs the stall
+    // waited in that write until the thaw.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut errs = Vec::new();
+    while !errs.iter().any(|l: &String| l.starts_with("site a: ") && l.contains("WARN") && l.contains("its storage is stalled")) {
+        assert!(Instant::now() < deadline, "no stall WARN from site a on up's stderr while frozen: {errs:?}");
+        if let Ok(l) = u.errs.recv_timeout(Duration::from_millis(200)) {
+            errs.push(l);
+        }
+    }
     cmd_ok("fsfreeze", &["--unfreeze", &mnt]);
     let events = u.wait_event("\"storage-recovered\"", 60);
     assert!(events.iter().any(|l| l.contains("\"storage-recovered\"") && l.contains("\"site\":\"a\"")), "{events:?}");
@@ -367,6 +385,13 @@ fn up_reports_a_stalled_disk_and_its_recovery() {
             panic!("the DR site does not read back both writes\na: {}\nb: {}\na log:\n{}\nb log:\n{}", st(port + 10), st(port + 11), log("a"), log("b"));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    // And once the disk answers, the file has the WARN too.
+    let log = dir.join("a").join("site.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("its storage is stalled") {
+        assert!(Instant::now() < deadline, "the stall WARN never reached {}", log.display());
+        std::thread::sleep(Duration::from_millis(100));
     }
     drop(u);
     drop(disk);

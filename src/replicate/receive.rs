@@ -103,7 +103,10 @@ impl Host for Site {
             bail!("site {} is a primary; it does not take replication (split brain guard)", self.cfg.name);
         }
         crate::util::check_name("group", &hello.group).map_err(anyhow::Error::msg)?;
-        let g = self.group_for_replication(&hello.group, hello.group_id, &hello.mode)?;
+        // A mode this site does not know (a newer primary's) is taken as
+        // sync, as the session does: the group is still created.
+        let mode = if super::Mode::parse(&hello.mode).is_ok() { hello.mode.as_str() } else { "sync" };
+        let g = self.group_for_replication(&hello.group, hello.group_id, mode)?;
         check_group(&g, hello, epoch)?;
         Ok(g)
     }

@@ -1,0 +1,200 @@
+//! A site's output under `up`: its stdout and stderr go through a pipe to
+//! `up`, one of whose threads reads it and echoes WARN and ERROR lines to
+//! `up`'s own stderr, while another appends everything to the site's log
+//! file (`DIR/<site>/site.log`). The site never writes that file itself:
+//! the file is on the site's data disk, and when that disk stalls a site
+//! writing its log waits in the write, the thread that logs the stall
+//! included. Now the site's writes go to a pipe that is always read, the
+//! operator sees the stall's WARN as it happens, and the file catches up
+//! once the disk answers (up to `LOG_PUMP_BUFFER_CHUNKS` reads are held in
+//! memory meanwhile; past that, what is dropped is counted and said in the
+//! file).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// Reads of a site's output (each up to `READ_BYTES`) held while its log
+/// file cannot be written.
+pub const LOG_PUMP_BUFFER_CHUNKS: usize = 64;
+const READ_BYTES: usize = 64 * 1024;
+/// Longest partial line kept for the echo (a longer one is not echoed).
+const LINE_BYTES_MAX: usize = 64 * 1024;
+
+/// The pump of one site process: started with it, ends when its output
+/// ends (the process exited) and what was read is written.
+pub struct Pump {
+    written: Arc<AtomicBool>,
+}
+
+impl Pump {
+    /// The site's stdout and stderr, and the pump that takes them to `log`
+    /// (opened now, for appending) and echoes the site's warnings as
+    /// `site <name>: <line>` on stderr.
+    pub fn start(site: &str, log: &Path) -> Result<(Stdio, Stdio, Pump)> {
+        let mut file = File::options().create(true).append(true).open(log).with_context(|| format!("cannot open {}", log.display()))?;
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills two new descriptors on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot make a pipe for a site's output");
+        }
+        // SAFETY: both were just created and are owned here alone.
+        let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let wr2 = wr.try_clone().context("cannot duplicate a site's output pipe")?;
+        let (tx, rx) = sync_channel::<Vec<u8>>(LOG_PUMP_BUFFER_CHUNKS);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let written = Arc::new(AtomicBool::new(false));
+        let name = site.to_string();
+        let d2 = dropped.clone();
+        std::thread::Builder::new()
+            .name(format!("log-read-{site}"))
+            .spawn(move || {
+                let mut buf = vec![0u8; READ_BYTES];
+                let mut line = Vec::new();
+                loop {
+                    let n = match rd.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
+                    };
+                    echo_warnings(&name, &buf[..n], &mut line, &mut std::io::stderr());
+                    match tx.try_send(buf[..n].to_vec()) {
+                        Ok(()) => {}
+                        // The file is not being written (a stalled disk):
+                        // the site must not wait for it.
+                        Err(TrySendError::Full(c)) | Err(TrySendError::Disconnected(c)) => {
+                            d2.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+            .context("cannot start a thread for a site's output")?;
+        let w2 = written.clone();
+        let name = site.to_string();
+        std::thread::Builder::new()
+            .name(format!("log-write-{site}"))
+            .spawn(move || {
+                for chunk in rx {
+                    let lost = dropped.swap(0, Ordering::Relaxed);
+                    if lost > 0 {
+                        let _ = writeln!(file, "[up: {lost} bytes of site {name}'s output were dropped here: this file could not be written for a while]");
+                    }
+                    if file.write_all(&chunk).is_err() {
+                        dropped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                w2.store(true, Ordering::Release);
+            })
+            .context("cannot start a thread for a site's log")?;
+        Ok((Stdio::from(wr), Stdio::from(wr2), Pump { written }))
+    }
+
+    /// Waits up to `limit` for everything the exited site wrote to be in
+    /// its log file (before reading the file's last line).
+    pub fn wait_written(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.written.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+/// Echoes each complete WARN or ERROR line of `chunk` (after `partial`,
+/// the incomplete line the last chunk ended with) to `out` as
+/// `site <name>: <line>`, without the terminal colours the log carries.
+fn echo_warnings(site: &str, chunk: &[u8], partial: &mut Vec<u8>, out: &mut impl Write) {
+    let mut rest = chunk;
+    while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        partial.extend_from_slice(&rest[..i]);
+        rest = &rest[i + 1..];
+        let line = strip_ansi(&String::from_utf8_lossy(partial));
+        if line.contains(" WARN ") || line.contains(" ERROR ") {
+            let _ = writeln!(out, "site {site}: {}", line.trim_end());
+        }
+        partial.clear();
+    }
+    if partial.len() + rest.len() <= LINE_BYTES_MAX {
+        partial.extend_from_slice(rest);
+    } else {
+        partial.clear();
+    }
+}
+
+/// `s` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_echoed_whole_and_plain_whatever_the_chunks() {
+        let log = "\x1b[2m2026-12-07T04:00:00Z\x1b[0m \x1b[32m INFO\x1b[0m tidemark::site: serving\n\
+                   \x1b[2m2026-12-07T04:00:01Z\x1b[0m \x1b[33m WARN\x1b[0m tidemark::site: group cg0: a log append has been in progress for 10 s\n\
+                   2026-12-07T04:00:02Z ERROR tidemark::group: failed\npartial WARN ";
+        for cut in [1, 7, 64, log.len()] {
+            let (mut partial, mut out) = (Vec::new(), Vec::new());
+            for piece in log.as_bytes().chunks(cut) {
+                echo_warnings("a", piece, &mut partial, &mut out);
+            }
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                "site a: 2026-12-07T04:00:01Z  WARN tidemark::site: group cg0: a log append has been in progress for 10 s\n\
+                 site a: 2026-12-07T04:00:02Z ERROR tidemark::group: failed\n",
+                "chunks of {cut}"
+            );
+            assert_eq!(partial, b"partial WARN ");
+        }
+    }
+
+    /// Everything the site writes reaches the file, in order, and the pump
+    /// says when it is all there.
+    #[test]
+    fn a_sites_output_reaches_its_log_file() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("site.log");
+        std::fs::write(&log, "before\n").unwrap();
+        let (out, err, pump) = Pump::start("a", &log).unwrap();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "for i in $(seq 1 2000); do echo line $i; done; echo on stderr >&2"])
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        assert!(pump.wait_written(Duration::from_secs(10)));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let want: String = std::iter::once("before".to_string()).chain((1..=2000).map(|i| format!("line {i}"))).chain(std::iter::once("on stderr".to_string())).map(|l| l + "\n").collect();
+        assert_eq!(text, want);
+    }
+}
