@@ -6,25 +6,23 @@
 //! writing its log waits in the write, the thread that logs the stall
 //! included. Now the site's writes go to a pipe that is always read, the
 //! operator sees the stall's WARN as it happens, and the file catches up
-//! once the disk answers (up to `LOG_PUMP_BUFFER_CHUNKS` reads are held in
+//! once the disk answers (up to `LOG_PUMP_BUFFER_BYTES` are held in
 //! memory meanwhile; past that, what is dropped is counted and said in the
-//! file).
+//! file where it would have been).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, TrySendError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-/// Reads of a site's output (each up to `READ_BYTES`) held while its log
-/// file cannot be written.
-pub const LOG_PUMP_BUFFER_CHUNKS: usize = 64;
+/// Bytes of a site's output held while its log file cannot be written.
+pub const LOG_PUMP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 const READ_BYTES: usize = 64 * 1024;
 /// Longest partial line kept for the echo (a longer one is not echoed).
 const LINE_BYTES_MAX: usize = 64 * 1024;
@@ -33,6 +31,19 @@ const LINE_BYTES_MAX: usize = 64 * 1024;
 /// ends (the process exited) and what was read is written.
 pub struct Pump {
     written: Arc<AtomicBool>,
+}
+
+/// Output read and not yet written, in order; bytes dropped since the last
+/// that fit (said in the file where they would have been).
+#[derive(Default)]
+struct Held {
+    data: Vec<u8>,
+    dropped: u64,
+    ended: bool,
+}
+
+fn dropped_note(site: &str, n: u64) -> String {
+    format!("[up: {n} bytes of site {site}'s output were dropped here: this file could not be written for a while]\n")
 }
 
 impl Pump {
@@ -49,11 +60,9 @@ impl Pump {
         // SAFETY: both were just created and are owned here alone.
         let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let wr2 = wr.try_clone().context("cannot duplicate a site's output pipe")?;
-        let (tx, rx) = sync_channel::<Vec<u8>>(LOG_PUMP_BUFFER_CHUNKS);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let held = Arc::new((Mutex::new(Held::default()), Condvar::new()));
         let written = Arc::new(AtomicBool::new(false));
-        let name = site.to_string();
-        let d2 = dropped.clone();
+        let (name, h2) = (site.to_string(), held.clone());
         std::thread::Builder::new()
             .name(format!("log-read-{site}"))
             .spawn(move || {
@@ -67,29 +76,48 @@ impl Pump {
                         Err(_) => break,
                     };
                     echo_warnings(&name, &buf[..n], &mut line, &mut std::io::stderr());
-                    match tx.try_send(buf[..n].to_vec()) {
-                        Ok(()) => {}
-                        // The file is not being written (a stalled disk):
-                        // the site must not wait for it.
-                        Err(TrySendError::Full(c)) | Err(TrySendError::Disconnected(c)) => {
-                            d2.fetch_add(c.len() as u64, Ordering::Relaxed);
-                        }
+                    let mut st = h2.0.lock().unwrap_or_else(|p| p.into_inner());
+                    // Past the bound (the file is not being written: a
+                    // stalled disk) the bytes are dropped, counted, never
+                    // waited for: the site must not wait on its log.
+                    if st.data.len() + n > LOG_PUMP_BUFFER_BYTES {
+                        st.dropped += n as u64;
+                        continue;
                     }
+                    if st.dropped > 0 {
+                        let note = dropped_note(&name, std::mem::take(&mut st.dropped));
+                        st.data.extend_from_slice(note.as_bytes());
+                    }
+                    st.data.extend_from_slice(&buf[..n]);
+                    h2.1.notify_one();
                 }
+                h2.0.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
+                h2.1.notify_one();
             })
             .context("cannot start a thread for a site's output")?;
-        let w2 = written.clone();
-        let name = site.to_string();
+        let (w2, name) = (written.clone(), site.to_string());
         std::thread::Builder::new()
             .name(format!("log-write-{site}"))
             .spawn(move || {
-                for chunk in rx {
-                    let lost = dropped.swap(0, Ordering::Relaxed);
-                    if lost > 0 {
-                        let _ = writeln!(file, "[up: {lost} bytes of site {name}'s output were dropped here: this file could not be written for a while]");
-                    }
-                    if file.write_all(&chunk).is_err() {
-                        dropped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                loop {
+                    let (out, ended, dropped) = {
+                        let mut st = held.0.lock().unwrap_or_else(|p| p.into_inner());
+                        while st.data.is_empty() && !st.ended {
+                            st = held.1.wait(st).unwrap_or_else(|p| p.into_inner());
+                        }
+                        let dropped = if st.ended { std::mem::take(&mut st.dropped) } else { 0 };
+                        (std::mem::take(&mut st.data), st.ended, dropped)
+                    };
+                    // All that was read so far, in one write.
+                    let _ = file.write_all(&out);
+                    if ended {
+                        if dropped > 0 {
+                            let _ = file.write_all(dropped_note(&name, dropped).as_bytes());
+                        }
+                        let done = held.0.lock().unwrap_or_else(|p| p.into_inner()).data.is_empty();
+                        if done {
+                            break;
+                        }
                     }
                 }
                 w2.store(true, Ordering::Release);

@@ -296,6 +296,34 @@ fn seeded_schedules_keep_order_and_converge() {
     eprintln!("{n} schedules in {:?}", started.elapsed());
 }
 
+/// A link end whose reads stop while `mute` is set (a primary that takes
+/// nothing from the DR any more); writes go through.
+struct Muted<S> {
+    inner: S,
+    mute: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Muted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.mute.load(std::sync::atomic::Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Muted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A primary group and a DR group in one process, linked by the real
 /// sender and receiver over an in-memory pipe (`start`), with the group
 /// threads running (unlike `dsim`): for tests of what slow storage does
@@ -338,6 +366,15 @@ impl DrPair {
     /// A new link: the sender's task and the receiver's.
     fn start(&self, rt: &tokio::runtime::Runtime) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
+        self.start_over(rt, a, b)
+    }
+
+    /// `start` over the given ends: the primary's `a`, the DR's `b`.
+    fn start_over<A, B>(&self, rt: &tokio::runtime::Runtime, a: A, b: B) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>)
+    where
+        A: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        B: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
         let st = SendSettings { site: "a".into(), heartbeat_interval: self.heartbeat, periodic_interval: Duration::from_secs(1), link_timeout: self.primary_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
         let pg = self.p.clone();
@@ -470,4 +507,35 @@ fn a_slow_log_sync_at_the_dr_is_not_a_silent_link() {
     assert!(!sender.is_finished() && !receiver.is_finished(), "the link did not survive the slow syncs");
     sender.abort();
     receiver.abort();
+}
+
+/// A primary that stops reading what the DR sends (its acknowledgements
+/// fill the link's buffer, then the writer's queue): the DR gives the link
+/// up once the queue has been full for its link timeout, saying so, rather
+/// than hold the connection's thread as long as the primary stays.
+#[test]
+fn a_primary_that_reads_nothing_cannot_hold_a_dr_connection() {
+    // The primary's own timeout far longer than the test: only the DR ends it.
+    let pair = DrPair::new(Duration::from_secs(120), Duration::from_millis(10), Duration::from_secs(2));
+    let (p, vol, rt) = (&pair.p, pair.vol, &pair.rt);
+    // A small buffer each way: a few acknowledgements fill it.
+    let (a, b) = tokio::io::duplex(1024);
+    let mute = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sender, receiver) = pair.start_over(rt, Muted { inner: a, mute: mute.clone() }, b);
+    p.write(vol, 0, &[1u8; 4096]).unwrap();
+    pair.caught_up("before the primary stops reading");
+    mute.store(true, std::sync::atomic::Ordering::Release);
+    let muted_at = Instant::now();
+    for i in 0..20u64 {
+        p.write(vol, (i % BLOCKS) * 4096, &[i as u8; 4096]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), receiver).await });
+    let e = match ended {
+        Ok(Ok(Err(e))) => format!("{e:#}"),
+        other => panic!("the DR did not give up a link whose primary reads nothing: {other:?}"),
+    };
+    assert!(e.contains("acknowledgements have waited") && e.contains("to go out (no storage operation is in progress, so the primary takes none)"), "{e}");
+    assert!(muted_at.elapsed() < Duration::from_secs(15), "ended only after {:?}", muted_at.elapsed());
+    sender.abort();
 }
