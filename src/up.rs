@@ -180,6 +180,13 @@ fn stop_all(procs: &mut [SiteProc]) {
             }
         }
     }
+    // What the sites said last (a failed close) is in their logs before
+    // `up` exits; bounded, as the disk holding them may be stalled.
+    for p in procs.iter() {
+        if let Some(pump) = &p.pump {
+            pump.wait_written(Duration::from_secs(2));
+        }
+    }
 }
 
 /// Writes the PKI and each site's config (first time only) and returns
