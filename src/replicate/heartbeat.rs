@@ -214,9 +214,10 @@ impl Shared {
             match r {
                 Ok(()) => {
                     st.durable = target;
+                    // (Its generation, and `latest`, were set by `store`:
+                    // nothing was written since.)
                     if let Some(h) = st.pending.take() {
-                        let h = Heartbeat { gen: st.written + 1, ..h };
-                        st.latest = h;
+                        debug_assert_eq!(h.gen, st.written + 1);
                         self.write_slot(&mut st, h);
                     }
                 }

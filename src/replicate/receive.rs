@@ -727,10 +727,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                             break;
                         }
                         _ = &mut limit => {
-                            let storage = match writer_group.io.oldest() {
-                                Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
-                                None => "no storage operation is in progress".to_string(),
-                            };
+                            let storage = storage_now(&writer_group, "no storage operation is in progress");
                             let why = format!(
                                 "acknowledgements have waited {:.1} s (link_timeout) for the log to become durable ({storage}); closing the link",
                                 waited.elapsed().as_secs_f64()
@@ -870,10 +867,7 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                     }
                     Err(_) => {
                         acks_stuck = true;
-                        let storage = match group.io.oldest() {
-                            Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
-                            None => "no storage operation is in progress, so the primary takes none".to_string(),
-                        };
+                        let storage = storage_now(&group, "no storage operation is in progress, so the primary takes none");
                         break Err(anyhow!(
                             "{} acknowledgements have waited {:.1} s (link_timeout) to go out ({storage}); closing the link",
                             crate::limits::REPL_ACK_QUEUE_MAX,
@@ -919,6 +913,15 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
 /// last), but not past `limit`: a link that takes nothing more (full
 /// buffers, nobody reading) must not hold the connection open.
 /// Returns the writer's own error, if it ended with one.
+/// What `g`'s storage is doing, for why acknowledgements could not go
+/// out: its oldest operation in progress, or `idle`.
+fn storage_now(g: &Group, idle: &str) -> String {
+    match g.io.oldest() {
+        Some(p) => format!("a {} has been in progress for {:.1} s", p.op.label(), p.seconds),
+        None => idle.to_string(),
+    }
+}
+
 /// The acknowledgement writer's end when the log did not become durable
 /// within the link timeout: the session's reason even when the primary,
 /// told so, closes the link first.

@@ -324,6 +324,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Muted<S> {
     }
 }
 
+/// A task of a link's (the sender or the receiver), with how it ended.
+type Task = tokio::task::JoinHandle<Result<()>>;
+
 /// A primary group and a DR group in one process, linked by the real
 /// sender and receiver over an in-memory pipe (`start`), with the group
 /// threads running (unlike `dsim`): for tests of what slow storage does
@@ -363,35 +366,29 @@ impl DrPair {
         DrPair { rt, _dir: dir, p, d0, vol, host, primary_timeout, heartbeat, dr_timeout }
     }
 
-    /// A new link: the sender's task and the receiver's.
-    fn start(&self, rt: &tokio::runtime::Runtime) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>) {
+    /// A new link: the sender's task and the receiver's (on the pair's
+    /// runtime's blocking pool).
+    fn start(&self) -> (Task, Task) {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        self.start_over(rt, a, b)
+        self.start_over(a, b)
     }
 
     /// `start` over the given ends: the primary's `a`, the DR's `b`.
-    fn start_over<A, B>(&self, rt: &tokio::runtime::Runtime, a: A, b: B) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>)
+    fn start_over<A, B>(&self, a: A, b: B) -> (Task, Task)
     where
         A: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         B: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
-        let st = SendSettings { site: "a".into(), heartbeat_interval: self.heartbeat, periodic_interval: Duration::from_secs(1), link_timeout: self.primary_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
-        let pg = self.p.clone();
         let h: Arc<dyn Host> = self.host.clone();
-        let _g = rt.enter();
-        let sender = tokio::spawn(async move { send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await.map(|_| ()) });
-        (sender, tokio::spawn(receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, self.dr_timeout)))
+        let _g = self.rt.enter();
+        (self.spawn_sender(a), tokio::spawn(receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, self.dr_timeout)))
     }
 
     /// `start`, with the receiver run as a DR site runs it (`serve`): on a
     /// thread of its own, in a single-threaded runtime, its steps on that
     /// thread, so its acknowledgement writer runs only when they let it.
-    fn start_as_served(&self, rt: &tokio::runtime::Runtime) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinHandle<Result<()>>) {
+    fn start_as_served(&self) -> (Task, Task) {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
-        let st = SendSettings { site: "a".into(), heartbeat_interval: self.heartbeat, periodic_interval: Duration::from_secs(1), link_timeout: self.primary_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
-        let pg = self.p.clone();
         let h: Arc<dyn Host> = self.host.clone();
         let dr_timeout = self.dr_timeout;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -400,9 +397,25 @@ impl DrPair {
             let r = crt.block_on(receive::receive(b, h, "a".into(), receive::Intake::OwnThread { nice: 0 }, dr_timeout));
             let _ = done_tx.send(r);
         });
-        let _g = rt.enter();
-        let sender = tokio::spawn(async move { send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await.map(|_| ()) });
-        (sender, tokio::spawn(async move { done_rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the receiver's thread ended without a result"))) }))
+        let _g = self.rt.enter();
+        (self.spawn_sender(a), tokio::spawn(async move { done_rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the receiver's thread ended without a result"))) }))
+    }
+
+    /// The primary's sender over `a`, on the pair's runtime.
+    fn spawn_sender<A: AsyncRead + AsyncWrite + Send + Unpin + 'static>(&self, a: A) -> Task {
+        let peer = PeerLink { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), lz4: false };
+        let st = SendSettings { site: "a".into(), heartbeat_interval: self.heartbeat, periodic_interval: Duration::from_secs(1), link_timeout: self.primary_timeout, stop: tokio::sync::watch::channel(false).1, running: Default::default(), nice: 0 };
+        let pg = self.p.clone();
+        self.rt.spawn(async move { send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await.map(|_| ()) })
+    }
+
+    /// The receiver's error, which it must end with within `secs` (`why`
+    /// names what should have ended it).
+    fn receiver_error(&self, receiver: Task, secs: u64, why: &str) -> String {
+        match self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(secs), receiver).await }) {
+            Ok(Ok(Err(e))) => format!("{e:#}"),
+            other => panic!("the receiver did not end with an error {why}: {other:?}"),
+        }
     }
 
     /// Waits (10 s at most) until the DR holds all the primary has, durably.
@@ -426,11 +439,9 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
     let link_timeout = Duration::from_secs(2);
     let pair = DrPair::new(link_timeout, Duration::from_millis(20), link_timeout);
     let (p, d0, vol, rt) = (&pair.p, &pair.d0, pair.vol, &pair.rt);
-    let start = |rt: &tokio::runtime::Runtime| pair.start(rt);
-    let caught_up = |what: &str| pair.caught_up(what);
-    let (sender, receiver) = start(rt);
+    let (sender, receiver) = pair.start();
     p.write(vol, 0, &[1u8; 4096]).unwrap();
-    caught_up("before the stall");
+    pair.caught_up("before the stall");
 
     d0.stall_syncs.store(true, std::sync::atomic::Ordering::Release);
     let stalled_at = Instant::now();
@@ -439,11 +450,7 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
         p.write(vol, (i % BLOCKS) * 4096, &[i as u8; 4096]).unwrap();
         std::thread::sleep(Duration::from_millis(2));
     }
-    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), receiver).await });
-    let e = match ended {
-        Ok(Ok(Err(e))) => format!("{e:#}"),
-        other => panic!("the receiver did not end with an error while the sync hung: {other:?}"),
-    };
+    let e = pair.receiver_error(receiver, 15, "while the sync hung");
     assert!(e.contains("acknowledgements have waited") && e.contains("for the log to become durable (a log sync has been in progress"), "{e}");
     assert!(stalled_at.elapsed() < Duration::from_secs(10), "ended only after {:?}", stalled_at.elapsed());
     // The primary was told why.
@@ -466,8 +473,8 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
         assert!(Instant::now() < deadline, "{e:#}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (sender, receiver) = start(rt);
-    caught_up("after the stall");
+    let (sender, receiver) = pair.start();
+    pair.caught_up("after the stall");
     sender.abort();
     receiver.abort();
 }
@@ -484,7 +491,7 @@ fn a_slow_log_sync_at_the_dr_is_not_a_silent_link() {
     let (p, d0, vol, rt) = (&pair.p, &pair.d0, pair.vol, &pair.rt);
     // As a DR site runs it: the steps (appends, heartbeat stores) on the
     // thread that also runs the acknowledgement writer.
-    let (sender, receiver) = pair.start_as_served(rt);
+    let (sender, receiver) = pair.start_as_served();
     p.write(vol, 0, &[1u8; 4096]).unwrap();
     pair.caught_up("before the slow syncs");
     // Every sync of the DR's is slow: its log's, and its heartbeat region's
@@ -517,11 +524,11 @@ fn a_slow_log_sync_at_the_dr_is_not_a_silent_link() {
 fn a_primary_that_reads_nothing_cannot_hold_a_dr_connection() {
     // The primary's own timeout far longer than the test: only the DR ends it.
     let pair = DrPair::new(Duration::from_secs(120), Duration::from_millis(10), Duration::from_secs(2));
-    let (p, vol, rt) = (&pair.p, pair.vol, &pair.rt);
+    let (p, vol) = (&pair.p, pair.vol);
     // A small buffer each way: a few acknowledgements fill it.
     let (a, b) = tokio::io::duplex(1024);
     let mute = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sender, receiver) = pair.start_over(rt, Muted { inner: a, mute: mute.clone() }, b);
+    let (sender, receiver) = pair.start_over(Muted { inner: a, mute: mute.clone() }, b);
     p.write(vol, 0, &[1u8; 4096]).unwrap();
     pair.caught_up("before the primary stops reading");
     mute.store(true, std::sync::atomic::Ordering::Release);
@@ -530,11 +537,7 @@ fn a_primary_that_reads_nothing_cannot_hold_a_dr_connection() {
         p.write(vol, (i % BLOCKS) * 4096, &[i as u8; 4096]).unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
-    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), receiver).await });
-    let e = match ended {
-        Ok(Ok(Err(e))) => format!("{e:#}"),
-        other => panic!("the DR did not give up a link whose primary reads nothing: {other:?}"),
-    };
+    let e = pair.receiver_error(receiver, 20, "for a link whose primary reads nothing");
     assert!(e.contains("acknowledgements have waited") && e.contains("to go out (no storage operation is in progress, so the primary takes none)"), "{e}");
     assert!(muted_at.elapsed() < Duration::from_secs(15), "ended only after {:?}", muted_at.elapsed());
     sender.abort();
