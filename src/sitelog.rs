@@ -100,24 +100,26 @@ impl Pump {
             .name(format!("log-write-{site}"))
             .spawn(move || {
                 loop {
-                    let (out, ended, dropped) = {
+                    let (out, ended) = {
                         let mut st = held.0.lock().unwrap_or_else(|p| p.into_inner());
                         while st.data.is_empty() && !st.ended {
                             st = held.1.wait(st).unwrap_or_else(|p| p.into_inner());
                         }
-                        let dropped = if st.ended { std::mem::take(&mut st.dropped) } else { 0 };
-                        (std::mem::take(&mut st.data), st.ended, dropped)
+                        (std::mem::take(&mut st.data), st.ended)
                     };
-                    // All that was read so far, in one write.
-                    let _ = file.write_all(&out);
+                    // All that was read so far, in one write. One that
+                    // fails (a full disk) counts as dropped, said with the
+                    // next that fits.
+                    if file.write_all(&out).is_err() {
+                        held.0.lock().unwrap_or_else(|p| p.into_inner()).dropped += out.len() as u64;
+                    }
+                    // Ended: the reader adds nothing more.
                     if ended {
+                        let dropped = std::mem::take(&mut held.0.lock().unwrap_or_else(|p| p.into_inner()).dropped);
                         if dropped > 0 {
                             let _ = file.write_all(dropped_note(&name, dropped).as_bytes());
                         }
-                        let done = held.0.lock().unwrap_or_else(|p| p.into_inner()).data.is_empty();
-                        if done {
-                            break;
-                        }
+                        break;
                     }
                 }
                 w2.store(true, Ordering::Release);
