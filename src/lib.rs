@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod nbd;
 pub mod oracle;
+pub mod outlet;
 pub mod replicate;
 pub mod site;
 pub mod sitelog;

@@ -172,6 +172,10 @@ pub const SITE_START_TIMEOUT_MS: u64 = 60_000;
 pub const SITE_STOP_TIMEOUT_MS: u64 = 30_000;
 /// Restarts of a crashed site by `up` within one minute before it gives up.
 pub const SITE_RESTARTS_PER_MINUTE_MAX: u32 = 5;
+/// Texts `up` holds for its stdout (events) and for its stderr (the sites'
+/// warnings) while nobody reads them; past that they are dropped and
+/// counted (`outlet`), never waited for.
+pub const UP_OUTPUT_QUEUE_MAX: usize = 4096;
 
 const _: () = assert!(STATUS_GROUP_WAIT_MS < STATUS_TIME_LIMIT_MS && STORAGE_SLOW_MS < STORAGE_STALL_MS);
 const _: () = assert!(BLOCK_BYTES.is_power_of_two());

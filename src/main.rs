@@ -71,12 +71,21 @@ fn main() -> ExitCode {
             raise_open_files_limit();
             tidemark::site::config::SiteConfig::load(config).and_then(tidemark::site::run)
         }
-        _ => tidemark::cli::run_admin(&cli),
+        _ => {
+            // An admin command whose reader went away (`tidemark status |
+            // head -1`) ends as `cat` or `ls` would, by SIGPIPE, not with
+            // a panic about a failed print. `up` and `site` keep ignoring
+            // it: they handle a failed write themselves (`outlet`).
+            // SAFETY: restores the default disposition; no handler runs.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            tidemark::cli::run_admin(&cli)
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tidemark: {e:#}");
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tidemark: {e:#}");
             ExitCode::from(1)
         }
     }

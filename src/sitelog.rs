@@ -1,6 +1,7 @@
 //! A site's output under `up`: its stdout and stderr go through a pipe to
 //! `up`, one of whose threads reads it and echoes WARN and ERROR lines to
-//! `up`'s own stderr, while another appends everything to the site's log
+//! `up`'s own stderr (through an `Outlet`, so a stderr nobody reads holds
+//! up no site), while another appends everything to the site's log
 //! file (`DIR/<site>/site.log`). The site never writes that file itself:
 //! the file is on the site's data disk, and when that disk stalls a site
 //! writing its log waits in the write, the thread that logs the stall
@@ -20,6 +21,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+
+use crate::outlet::Outlet;
 
 /// Bytes of a site's output held while its log file cannot be written.
 pub const LOG_PUMP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -50,7 +53,7 @@ impl Pump {
     /// The site's stdout and stderr, and the pump that takes them to `log`
     /// (opened now, for appending) and echoes the site's warnings as
     /// `site <name>: <line>` on stderr.
-    pub fn start(site: &str, log: &Path) -> Result<(Stdio, Stdio, Pump)> {
+    pub fn start(site: &str, log: &Path, echo: Outlet) -> Result<(Stdio, Stdio, Pump)> {
         let mut file = File::options().create(true).append(true).open(log).with_context(|| format!("cannot open {}", log.display()))?;
         let mut fds = [0i32; 2];
         // SAFETY: pipe2 fills two new descriptors on success.
@@ -75,7 +78,7 @@ impl Pump {
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(_) => break,
                     };
-                    echo_warnings(&name, &buf[..n], &mut line, &mut std::io::stderr());
+                    echo_warnings(&name, &buf[..n], &mut line, &mut |l| echo.send(l));
                     let mut st = h2.0.lock().unwrap_or_else(|p| p.into_inner());
                     // Past the bound (the file is not being written: a
                     // stalled disk) the bytes are dropped, counted, never
@@ -144,15 +147,15 @@ impl Pump {
 
 /// Echoes each complete WARN or ERROR line of `chunk` (after `partial`,
 /// the incomplete line the last chunk ended with) to `out` as
-/// `site <name>: <line>`, without the terminal colours the log carries.
-fn echo_warnings(site: &str, chunk: &[u8], partial: &mut Vec<u8>, out: &mut impl Write) {
+/// `site <name>: <line>\n`, without the terminal colours the log carries.
+fn echo_warnings(site: &str, chunk: &[u8], partial: &mut Vec<u8>, out: &mut impl FnMut(String)) {
     let mut rest = chunk;
     while let Some(i) = rest.iter().position(|&b| b == b'\n') {
         partial.extend_from_slice(&rest[..i]);
         rest = &rest[i + 1..];
         let line = strip_ansi(&String::from_utf8_lossy(partial));
         if line.contains(" WARN ") || line.contains(" ERROR ") {
-            let _ = writeln!(out, "site {site}: {}", line.trim_end());
+            out(format!("site {site}: {}\n", line.trim_end()));
         }
         partial.clear();
     }
@@ -193,18 +196,54 @@ mod tests {
                    \x1b[2m2026-12-07T04:00:01Z\x1b[0m \x1b[33m WARN\x1b[0m tidemark::site: group cg0: a log append has been in progress for 10 s\n\
                    2026-12-07T04:00:02Z ERROR tidemark::group: failed\npartial WARN ";
         for cut in [1, 7, 64, log.len()] {
-            let (mut partial, mut out) = (Vec::new(), Vec::new());
+            let (mut partial, mut out) = (Vec::new(), String::new());
             for piece in log.as_bytes().chunks(cut) {
-                echo_warnings("a", piece, &mut partial, &mut out);
+                echo_warnings("a", piece, &mut partial, &mut |l| out.push_str(&l));
             }
             assert_eq!(
-                String::from_utf8(out).unwrap(),
+                out,
                 "site a: 2026-12-07T04:00:01Z  WARN tidemark::site: group cg0: a log append has been in progress for 10 s\n\
                  site a: 2026-12-07T04:00:02Z ERROR tidemark::group: failed\n",
                 "chunks of {cut}"
             );
             assert_eq!(partial, b"partial WARN ");
         }
+    }
+
+    fn sink_outlet() -> Outlet {
+        Outlet::start("echo-test", Box::new(std::io::sink()), 16, Box::new(|n| format!("[{n} dropped]\n")), Box::new(|_| {})).unwrap()
+    }
+
+    /// `up`'s stderr is a pipe nobody reads: a site printing warning after
+    /// warning is not held up (before, the echo's write blocked the pump,
+    /// and the site then blocked on its own output), and its log file
+    /// still gets every line.
+    #[test]
+    fn a_stderr_nobody_reads_holds_up_no_site() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("site.log");
+        let mut fds = [0i32; 2];
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // The read end stays open and unread for the whole test.
+        let (_unread, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let echo = Outlet::start("echo-test", Box::new(wr), 16, Box::new(|n| format!("[{n} dropped]\n")), Box::new(|_| {})).unwrap();
+        let (out, err, pump) = Pump::start("a", &log, echo).unwrap();
+        // 20,000 warnings of ~110 bytes: ~2 MiB, far past the pipe's 64 KiB.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 20000 ]; do echo \"2026-12-07T06:00:00Z  WARN tidemark::site: warning number $i of a site that warns a lot\"; i=$((i+1)); done"])
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the site was held up by a stderr nobody reads");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(pump.wait_written(Duration::from_secs(10)));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.lines().count(), 20_000);
+        assert!(text.lines().last().unwrap().contains("warning number 19999 "), "{:?}", text.lines().last());
     }
 
     /// Everything the site writes reaches the file, in order, and the pump
@@ -214,7 +253,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("site.log");
         std::fs::write(&log, "before\n").unwrap();
-        let (out, err, pump) = Pump::start("a", &log).unwrap();
+        let (out, err, pump) = Pump::start("a", &log, sink_outlet()).unwrap();
         let mut child = std::process::Command::new("sh")
             .args(["-c", "for i in $(seq 1 2000); do echo line $i; done; echo on stderr >&2"])
             .stdout(out)

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::limits;
+use crate::outlet::{OnFail, Outlet};
 use crate::site::config::{PeerSpec, Role, SiteConfig, VolumeSpec};
 
 pub struct UpArgs {
@@ -43,13 +44,58 @@ pub fn site_name(i: u32) -> String {
     ((b'a' + i as u8) as char).to_string()
 }
 
-fn emit(json_mode: bool, v: serde_json::Value, human: &str) {
-    if json_mode {
-        println!("{v}");
-    } else {
-        println!("{human}");
+/// `up`'s own output: events on stdout (JSON lines with `--json`) and its
+/// sites' warnings on stderr, each through an `Outlet`, so that a reader
+/// that stops reading or goes away (`up --json | head -1`) holds up no
+/// supervision and no site (ARCHITECTURE.md "`up`'s output never holds it
+/// up").
+struct Output {
+    json: bool,
+    events: Outlet,
+    echo: Outlet,
+}
+
+impl Output {
+    fn start(json: bool) -> Result<Output> {
+        let stderr_note = |what: &'static str| -> OnFail {
+            Box::new(move |e| {
+                let _ = writeln!(std::io::stderr(), "tidemark up: cannot write {what} any more ({e}); the sites keep running, and `tidemark status` shows their state");
+            })
+        };
+        let events = Outlet::start(
+            "up-events",
+            Box::new(std::io::stdout()),
+            limits::UP_OUTPUT_QUEUE_MAX,
+            Box::new(move |n| {
+                if json {
+                    format!("{}\n", json!({"event": "events-dropped", "count": n}))
+                } else {
+                    format!("{n} events were not printed here: stdout was not being read\n")
+                }
+            }),
+            stderr_note("events to stdout"),
+        )?;
+        let echo = Outlet::start(
+            "up-echo",
+            Box::new(std::io::stderr()),
+            limits::UP_OUTPUT_QUEUE_MAX,
+            Box::new(|n| format!("tidemark up: {n} warning lines of the sites were not echoed here (stderr was not being read); their log files have them\n")),
+            // Where else would it say so: the sites' log files keep everything.
+            Box::new(|_| {}),
+        )?;
+        Ok(Output { json, events, echo })
     }
-    let _ = std::io::stdout().flush();
+
+    fn emit(&self, v: serde_json::Value, human: &str) {
+        self.events.send(if self.json { format!("{v}\n") } else { format!("{human}\n") });
+    }
+
+    /// Before `up` exits: its last events and echoes are out, if the
+    /// readers read within `limit`.
+    fn drain(&self, limit: Duration) {
+        self.events.drain(limit);
+        self.echo.drain(limit);
+    }
 }
 
 fn check_dir(dir: &Path) -> Result<Option<Deployment>> {
@@ -105,11 +151,11 @@ struct SiteProc {
     restarts: Vec<Instant>,
 }
 
-fn spawn_site(p: &mut SiteProc) -> Result<()> {
+fn spawn_site(p: &mut SiteProc, echo: &Outlet) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the tidemark executable")?;
     // Through `up`, not into the file: the file is on the site's disk, and
     // a site writing it would wait in the write when that disk stalls.
-    let (out, err, pump) = crate::sitelog::Pump::start(&p.name, &p.log)?;
+    let (out, err, pump) = crate::sitelog::Pump::start(&p.name, &p.log, echo.clone())?;
     let mut cmd = Command::new(exe);
     cmd.arg("site").arg("--config").arg(&p.config).stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: prctl is async-signal-safe; the child dies with `up`.
@@ -327,8 +373,9 @@ pub fn run(a: UpArgs) -> Result<()> {
     let mut procs = prepare_sites(&dir, &dep, &names, &volumes, true)?;
 
     let signals = Signals::install()?;
+    let out = Output::start(a.json)?;
     for p in procs.iter_mut() {
-        spawn_site(p)?;
+        spawn_site(p, &out.echo)?;
     }
     for i in 0..procs.len() {
         if let Err(e) = wait_serving(&mut procs[i]) {
@@ -345,8 +392,7 @@ pub fn run(a: UpArgs) -> Result<()> {
     }
     let endpoints = json!({"deployment": dep.id, "sites": sites});
     crate::crashsafe::write_file(&dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?.as_bytes())?;
-    emit(
-        a.json,
+    out.emit(
         json!({"event": "ready", "sites": sites}),
         &format!("ready: site a serves nbd://{}/vol0 (API http://{}); data in {}", procs[0].nbd, procs[0].api, dir.display()),
     );
@@ -367,7 +413,7 @@ pub fn run(a: UpArgs) -> Result<()> {
                 let answer = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT);
                 let state = unanswered.entry(p.name.clone()).or_default();
                 if let Some(ev) = responsiveness_event(&p.name, answer.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")), state) {
-                    emit(a.json, ev.clone(), &format!("{}", ev));
+                    out.emit(ev.clone(), &format!("{}", ev));
                 }
                 let Ok(st) = answer else { continue };
                 let mut events = if i == 0 {
@@ -378,14 +424,15 @@ pub fn run(a: UpArgs) -> Result<()> {
                 };
                 events.extend(storage_events(&p.name, &st, &mut stalls_seen));
                 for ev in events {
-                    emit(a.json, ev.clone(), &format!("{}", ev));
+                    out.emit(ev.clone(), &format!("{}", ev));
                 }
             }
         }
         if let Some(sig) = signals.pending() {
-            emit(a.json, json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
+            out.emit(json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
             stop_all(&mut procs);
-            emit(a.json, json!({"event": "stopped"}), "stopped");
+            out.emit(json!({"event": "stopped"}), "stopped");
+            out.drain(Duration::from_secs(2));
             return Ok(());
         }
         for p in procs.iter_mut() {
@@ -399,24 +446,22 @@ pub fn run(a: UpArgs) -> Result<()> {
                 unanswered.remove(&p.name);
                 let now = Instant::now();
                 p.restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-                emit(a.json, json!({"event": "site-exited", "site": p.name, "status": st.to_string()}), &format!("site {} exited ({st})", p.name));
+                out.emit(json!({"event": "site-exited", "site": p.name, "status": st.to_string()}), &format!("site {} exited ({st})", p.name));
                 if p.restarts.len() as u32 >= limits::SITE_RESTARTS_PER_MINUTE_MAX {
-                    emit(
-                        a.json,
+                    out.emit(
                         json!({"event": "error", "site": p.name, "error": "restarted too often; giving up on it"}),
                         &format!("site {} restarted too often; not restarting it (log: {})", p.name, p.log.display()),
                     );
                     continue;
                 }
                 p.restarts.push(now);
-                spawn_site(p)?;
+                spawn_site(p, &out.echo)?;
                 match wait_serving(p) {
-                    Ok(()) => emit(
-                        a.json,
+                    Ok(()) => out.emit(
                         json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}),
                         &format!("site {} restarted", p.name),
                     ),
-                    Err(e) => emit(a.json, json!({"event": "error", "site": p.name, "error": format!("{e:#}")}), &format!("site {}: {e:#}", p.name)),
+                    Err(e) => out.emit(json!({"event": "error", "site": p.name, "error": format!("{e:#}")}), &format!("site {}: {e:#}", p.name)),
                 }
             }
         }

@@ -230,6 +230,86 @@ fn up_restarts_a_killed_site_without_losing_flushed_writes() {
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
 }
 
+/// `up --json | head -1`: the reader of `up`'s events goes away after the
+/// first. Before, the next event's `println!` panicked in `up`, and every
+/// site died with it. Now `up` says once on stderr that it cannot print
+/// events, and goes on supervising: a killed site is restarted and serves,
+/// and SIGTERM still stops everything cleanly.
+#[test]
+fn up_outlives_a_reader_of_its_events_that_went_away() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let mut c = Command::new(bin())
+        .args(["up", "--dir", dir.to_str().unwrap(), "--port-base", &port.to_string(), "--json", "--volume", "vol0=64MiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+    assert_eq!(ready["event"], "ready", "{line}");
+    // The reader goes away, as `head -1` does.
+    drop(out);
+    let (etx, errs) = std::sync::mpsc::channel();
+    let stderr = c.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = etx.send(l);
+        }
+    });
+    let mut u = Up { child: c, ready, lines: std::sync::mpsc::channel().1, errs };
+    // Events follow: b is connected, then killed (site-exited, site-restarted).
+    let b_pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    let b_nbd = format!("nbd://127.0.0.1:{}/vol0", port + 1);
+    let b_serves = || cmd("qemu-io", &["-f", "raw", "-r", "-c", "read 0 4k", &b_nbd]).status.success();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b_serves() {
+        assert!(Instant::now() < deadline, "b never served vol0");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    unsafe { libc::kill(b_pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("cannot write events to stdout any more")) {
+        assert!(Instant::now() < deadline, "up did not say it cannot print its events: {said:?}");
+        if let Ok(l) = u.errs.recv_timeout(Duration::from_millis(200)) {
+            said.push(l);
+        }
+    }
+    assert!(u.child.try_wait().unwrap().is_none(), "up exited: {said:?}");
+    // b is back (a new process), serving, and a still serves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pids: Vec<u64> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains(&*dir.join("b/site.toml").to_string_lossy()))
+            .collect();
+        if pids.iter().any(|&p| p != b_pid && pid_alive(p)) && b_serves() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "site b was not restarted (up's stderr: {said:?})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "flush", &format!("nbd://127.0.0.1:{port}/vol0")]);
+    assert!(u.child.try_wait().unwrap().is_none(), "up exited");
+    // An admin command whose reader is gone ends by SIGPIPE, quietly.
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    let gone = unsafe { <std::process::Stdio as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let o = Command::new(bin()).args(["--dir", dir.to_str().unwrap(), "status"]).stdout(gone).output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    sigterm_and_wait(&mut u);
+    let rest: Vec<String> = u.errs.try_iter().collect();
+    assert!(!rest.iter().chain(&said).any(|l| l.contains("panicked")), "{said:?} {rest:?}");
+}
+
 #[test]
 fn bad_input_gets_one_line_errors() {
     let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
