@@ -149,6 +149,76 @@ struct SiteProc {
     /// Takes the running site's output to its log (`sitelog`).
     pump: Option<crate::sitelog::Pump>,
     restarts: Vec<Instant>,
+    /// Restarted, not serving yet: the time by which it must.
+    start_by: Option<Instant>,
+    /// Exited: when to start it again.
+    restart_at: Option<Instant>,
+}
+
+/// One step of supervision, which never waits on a site: a site that
+/// exited is started again (at most `SITE_RESTARTS_PER_MINUTE_MAX` times a
+/// minute), and reported restarted once it serves. Before, `up` waited
+/// for a restarted site to serve (up to a minute: a long log replay) with
+/// no signal handling and no supervision of the others meanwhile, and a
+/// restart that could not start the process (its log file unopenable, no
+/// processes left) ended `up`, and with it every healthy site.
+fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<String, Unanswered>) {
+    let now = Instant::now();
+    for p in procs.iter_mut() {
+        if let Some(c) = p.child.as_mut() {
+            let exited = match c.try_wait() {
+                Ok(st) => st.map(|st| st.to_string()),
+                Err(e) => Some(format!("cannot wait for it: {e}")),
+            };
+            if let Some(st) = exited {
+                p.child = None;
+                // A new process starts with a clean record.
+                unanswered.remove(&p.name);
+                out.emit(json!({"event": "site-exited", "site": p.name, "status": st}), &format!("site {} exited ({st})", p.name));
+                if p.start_by.take().is_some() {
+                    // What it said last says why (its log is written by `up`).
+                    if let Some(pump) = &p.pump {
+                        pump.wait_written(Duration::from_millis(500));
+                    }
+                    let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
+                    let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                    let e = format!("exited during start ({st}): {last} (log: {})", p.log.display());
+                    out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                }
+                p.restart_at = Some(now);
+            }
+        }
+        if p.child.is_none() && p.restart_at.is_some_and(|t| t <= now) {
+            p.restart_at = None;
+            p.restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+            if p.restarts.len() as u32 >= limits::SITE_RESTARTS_PER_MINUTE_MAX {
+                out.emit(
+                    json!({"event": "error", "site": p.name, "error": "restarted too often; giving up on it"}),
+                    &format!("site {} restarted too often; not restarting it (log: {})", p.name, p.log.display()),
+                );
+                continue;
+            }
+            p.restarts.push(now);
+            match spawn_site(p, &out.echo) {
+                Ok(()) => p.start_by = Some(now + Duration::from_millis(limits::SITE_START_TIMEOUT_MS)),
+                Err(e) => {
+                    let e = format!("cannot restart it: {e:#}; trying again in 1 s");
+                    out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                    p.restart_at = Some(now + Duration::from_secs(1));
+                }
+            }
+        }
+        if let Some(by) = p.start_by {
+            if serving(p) {
+                p.start_by = None;
+                out.emit(json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}), &format!("site {} restarted", p.name));
+            } else if now > by {
+                p.start_by = None;
+                let e = format!("did not start serving within {} ms; left running (log: {})", limits::SITE_START_TIMEOUT_MS, p.log.display());
+                out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+            }
+        }
+    }
 }
 
 fn spawn_site(p: &mut SiteProc, echo: &Outlet) -> Result<()> {
@@ -296,7 +366,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
             cfg.validate()?;
             crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
         }
-        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new() });
+        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new(), start_by: None, restart_at: None });
     }
     Ok(procs)
 }
@@ -407,7 +477,8 @@ pub fn run(a: UpArgs) -> Result<()> {
         tick += 1;
         if tick.is_multiple_of(5) {
             for (i, p) in procs.iter().enumerate() {
-                if p.child.is_none() {
+                // Not running, or restarted and not serving yet (`supervise`).
+                if p.child.is_none() || p.start_by.is_some() {
                     continue;
                 }
                 let answer = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT);
@@ -435,36 +506,7 @@ pub fn run(a: UpArgs) -> Result<()> {
             out.drain(Duration::from_secs(2));
             return Ok(());
         }
-        for p in procs.iter_mut() {
-            let exited = match p.child.as_mut() {
-                Some(c) => c.try_wait()?,
-                None => None,
-            };
-            if let Some(st) = exited {
-                p.child = None;
-                // A new process starts with a clean record.
-                unanswered.remove(&p.name);
-                let now = Instant::now();
-                p.restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-                out.emit(json!({"event": "site-exited", "site": p.name, "status": st.to_string()}), &format!("site {} exited ({st})", p.name));
-                if p.restarts.len() as u32 >= limits::SITE_RESTARTS_PER_MINUTE_MAX {
-                    out.emit(
-                        json!({"event": "error", "site": p.name, "error": "restarted too often; giving up on it"}),
-                        &format!("site {} restarted too often; not restarting it (log: {})", p.name, p.log.display()),
-                    );
-                    continue;
-                }
-                p.restarts.push(now);
-                spawn_site(p, &out.echo)?;
-                match wait_serving(p) {
-                    Ok(()) => out.emit(
-                        json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}),
-                        &format!("site {} restarted", p.name),
-                    ),
-                    Err(e) => out.emit(json!({"event": "error", "site": p.name, "error": format!("{e:#}")}), &format!("site {}: {e:#}", p.name)),
-                }
-            }
-        }
+        supervise(&mut procs, &out, &mut unanswered);
         std::thread::sleep(Duration::from_millis(100));
     }
 }

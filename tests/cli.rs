@@ -230,6 +230,47 @@ fn up_restarts_a_killed_site_without_losing_flushed_writes() {
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
 }
 
+/// A restart that cannot even start the process (here: the site's log
+/// file cannot be opened, as on a full or read-only disk) is an error
+/// event and a retry a second later. Before, it ended `up`, and every
+/// healthy site died with it.
+#[test]
+fn up_survives_a_restart_that_cannot_start_and_retries_it() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let mut u = up(&dir, port, &["--volume", "vol0=64MiB"]);
+    let b_pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    // The running pump keeps writing the renamed file; a new one cannot
+    // open a directory.
+    let log = dir.join("b/site.log");
+    std::fs::rename(&log, dir.join("b/site.log.old")).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    unsafe { libc::kill(b_pid as i32, libc::SIGKILL) };
+    let err = u.wait_site_event("error", "b", 30);
+    let e = err["error"].as_str().unwrap();
+    assert!(e.contains("cannot restart it") && e.contains("site.log") && e.contains("trying again"), "{err}");
+    assert!(u.child.try_wait().unwrap().is_none(), "up exited");
+    // a serves on meanwhile.
+    let uri = format!("nbd://127.0.0.1:{port}/vol0");
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 0 64k", "-c", "flush", &uri]);
+    // Once the log file can be opened again, the retry starts b.
+    std::fs::remove_dir(&log).unwrap();
+    let restarted = u.wait_site_event("site-restarted", "b", 30);
+    assert_ne!(restarted["pid"].as_u64().unwrap(), b_pid);
+    let b_nbd = format!("nbd://127.0.0.1:{}/vol0", port + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let b_shows_it = || {
+        let o = cmd("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x3c 0 64k", &b_nbd]);
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed")
+    };
+    while !b_shows_it() {
+        assert!(Instant::now() < deadline, "b never showed a's write after its restart");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sigterm_and_wait(&mut u);
+}
+
 /// `up --json | head -1`: the reader of `up`'s events goes away after the
 /// first. Before, the next event's `println!` panicked in `up`, and every
 /// site died with it. Now `up` says once on stderr that it cannot print
