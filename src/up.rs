@@ -10,6 +10,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -162,8 +163,10 @@ struct SiteProc {
 /// no signal handling and no supervision of the others meanwhile, and a
 /// restart that could not start the process (its log file unopenable, no
 /// processes left) ended `up`, and with it every healthy site.
-fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<String, Unanswered>) {
+/// True if a site was restarted (its pid changed).
+fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<String, Unanswered>) -> bool {
     let now = Instant::now();
+    let mut restarted = false;
     for p in procs.iter_mut() {
         if let Some(c) = p.child.as_mut() {
             let exited = match c.try_wait() {
@@ -211,6 +214,7 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
         if let Some(by) = p.start_by {
             if serving(p) {
                 p.start_by = None;
+                restarted = true;
                 out.emit(json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}), &format!("site {} restarted", p.name));
             } else if now > by {
                 p.start_by = None;
@@ -218,6 +222,55 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
                 out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
             }
         }
+    }
+    restarted
+}
+
+/// Each site's NBD and API address and pid, as in the ready event and
+/// `endpoints.json`.
+fn sites_json(procs: &[SiteProc]) -> BTreeMap<String, serde_json::Value> {
+    procs
+        .iter()
+        .map(|p| (p.name.clone(), json!({"nbd": format!("nbd://{}", p.nbd), "api": format!("http://{}", p.api), "pid": p.child.as_ref().map(|c| c.id())})))
+        .collect()
+}
+
+/// `endpoints.json` rewritten after a restart (the new pid), by a thread
+/// of its own: the file is on the deployment's disk, and supervision must
+/// not wait on a stalled one. The newest contents win; older ones not yet
+/// written are skipped. A failed write is said on stderr.
+struct Endpoints {
+    latest: Arc<(Mutex<Option<Vec<u8>>>, Condvar)>,
+}
+
+impl Endpoints {
+    fn start(path: PathBuf) -> Result<Endpoints> {
+        let latest: Arc<(Mutex<Option<Vec<u8>>>, Condvar)> = Arc::default();
+        let l2 = latest.clone();
+        std::thread::Builder::new()
+            .name("up-endpoints".into())
+            .spawn(move || loop {
+                let bytes = {
+                    let mut g = l2.0.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if let Some(b) = g.take() {
+                            break b;
+                        }
+                        g = l2.1.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                if let Err(e) = crate::crashsafe::write_file(&path, &bytes) {
+                    let _ = writeln!(std::io::stderr(), "tidemark up: cannot update {}: {e:#}", path.display());
+                }
+            })
+            .context("cannot start the up-endpoints thread")?;
+        Ok(Endpoints { latest })
+    }
+
+    fn set(&self, v: &serde_json::Value) {
+        let bytes = serde_json::to_string_pretty(v).unwrap_or_default().into_bytes();
+        *self.latest.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        self.latest.1.notify_one();
     }
 }
 
@@ -453,15 +506,10 @@ pub fn run(a: UpArgs) -> Result<()> {
             return Err(e);
         }
     }
-    let mut sites = BTreeMap::new();
-    for p in &procs {
-        sites.insert(
-            p.name.clone(),
-            json!({"nbd": format!("nbd://{}", p.nbd), "api": format!("http://{}", p.api), "pid": p.child.as_ref().map(|c| c.id())}),
-        );
-    }
+    let sites = sites_json(&procs);
     let endpoints = json!({"deployment": dep.id, "sites": sites});
     crate::crashsafe::write_file(&dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?.as_bytes())?;
+    let endpoints = Endpoints::start(dir.join("endpoints.json"))?;
     out.emit(
         json!({"event": "ready", "sites": sites}),
         &format!("ready: site a serves nbd://{}/vol0 (API http://{}); data in {}", procs[0].nbd, procs[0].api, dir.display()),
@@ -506,7 +554,9 @@ pub fn run(a: UpArgs) -> Result<()> {
             out.drain(Duration::from_secs(2));
             return Ok(());
         }
-        supervise(&mut procs, &out, &mut unanswered);
+        if supervise(&mut procs, &out, &mut unanswered) {
+            endpoints.set(&json!({"deployment": dep.id, "sites": sites_json(&procs)}));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

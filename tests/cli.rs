@@ -225,9 +225,23 @@ fn up_restarts_a_killed_site_without_losing_flushed_writes() {
     let uri = format!("nbd://127.0.0.1:{port}/vol0");
     cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 4096 64k", "-c", "flush", &uri]);
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    u.wait_event("site-restarted", 30);
+    let restarted = u.wait_site_event("site-restarted", "a", 30);
     let o = cmd_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x77 4096 64k", &uri]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    // endpoints.json names the new process (a script that kills a site by
+    // its pid must not hit a stale one).
+    let new_pid = restarted["pid"].as_u64().unwrap();
+    assert_ne!(new_pid, pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("endpoints.json")).unwrap()).unwrap();
+        if e["sites"]["a"]["pid"].as_u64() == Some(new_pid) {
+            assert_eq!(e["sites"]["b"]["pid"], u.ready["sites"]["b"]["pid"], "{e}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "endpoints.json still names the old pid: {e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A restart that cannot even start the process (here: the site's log
