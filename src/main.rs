@@ -83,6 +83,7 @@ fn main() -> ExitCode {
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<tidemark::up::AlreadySaid>() => ExitCode::from(1),
         Err(e) => {
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "tidemark: {e:#}");

@@ -34,7 +34,12 @@ const LINE_BYTES_MAX: usize = 64 * 1024;
 /// ends (the process exited) and what was read is written.
 pub struct Pump {
     written: Arc<AtomicBool>,
+    /// The last bytes read (up to `TAIL_BYTES`), and whether the output
+    /// has ended: what a site said last, without reading its log file.
+    tail: Arc<(Mutex<Vec<u8>>, AtomicBool)>,
 }
+
+const TAIL_BYTES: usize = 4096;
 
 /// Output read and not yet written, in order; bytes dropped since the last
 /// that fit (said in the file where they would have been).
@@ -65,7 +70,8 @@ impl Pump {
         let wr2 = wr.try_clone().context("cannot duplicate a site's output pipe")?;
         let held = Arc::new((Mutex::new(Held::default()), Condvar::new()));
         let written = Arc::new(AtomicBool::new(false));
-        let (name, h2) = (site.to_string(), held.clone());
+        let tail: Arc<(Mutex<Vec<u8>>, AtomicBool)> = Arc::default();
+        let (name, h2, t2) = (site.to_string(), held.clone(), tail.clone());
         std::thread::Builder::new()
             .name(format!("log-read-{site}"))
             .spawn(move || {
@@ -79,6 +85,12 @@ impl Pump {
                         Err(_) => break,
                     };
                     echo_warnings(&name, &buf[..n], &mut line, &mut |l| echo.send(l));
+                    {
+                        let mut t = t2.0.lock().unwrap_or_else(|p| p.into_inner());
+                        t.extend_from_slice(&buf[..n]);
+                        let excess = t.len().saturating_sub(TAIL_BYTES);
+                        t.drain(..excess);
+                    }
                     let mut st = h2.0.lock().unwrap_or_else(|p| p.into_inner());
                     // Past the bound (the file is not being written: a
                     // stalled disk) the bytes are dropped, counted, never
@@ -94,6 +106,7 @@ impl Pump {
                     st.data.extend_from_slice(&buf[..n]);
                     h2.1.notify_one();
                 }
+                t2.1.store(true, Ordering::Release);
                 h2.0.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
                 h2.1.notify_one();
             })
@@ -128,7 +141,21 @@ impl Pump {
                 w2.store(true, Ordering::Release);
             })
             .context("cannot start a thread for a site's log")?;
-        Ok((Stdio::from(wr), Stdio::from(wr2), Pump { written }))
+        Ok((Stdio::from(wr), Stdio::from(wr2), Pump { written, tail }))
+    }
+
+    /// The last non-empty line the site wrote, without terminal colours,
+    /// once its output has ended (waiting up to `limit` for that): why a
+    /// site that exited during start did, from memory, not from its log
+    /// file on a disk that may be stalled.
+    pub fn last_line(&self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        while !self.tail.1.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = self.tail.0.lock().unwrap_or_else(|p| p.into_inner());
+        let text = String::from_utf8_lossy(&t);
+        strip_ansi(text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")).trim_end().to_string()
     }
 
     /// Waits up to `limit` for everything the exited site wrote to be in
@@ -265,5 +292,6 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         let want: String = std::iter::once("before".to_string()).chain((1..=2000).map(|i| format!("line {i}"))).chain(std::iter::once("on stderr".to_string())).map(|l| l + "\n").collect();
         assert_eq!(text, want);
+        assert_eq!(pump.last_line(Duration::from_secs(1)), "on stderr");
     }
 }

@@ -149,42 +149,63 @@ struct SiteProc {
     child: Option<Child>,
     /// Takes the running site's output to its log (`sitelog`).
     pump: Option<crate::sitelog::Pump>,
+    /// When it was restarted in the last minute (a crash loop is given up).
     restarts: Vec<Instant>,
-    /// Restarted, not serving yet: the time by which it must.
-    start_by: Option<Instant>,
+    /// Restarted, not serving yet.
+    starting: Option<Starting>,
     /// Exited: when to start it again.
     restart_at: Option<Instant>,
+    /// Restarts in a row that could not start the process (backoff).
+    spawn_failures: u32,
 }
+
+#[derive(Clone, Copy)]
+struct Starting {
+    /// When it should serve by; past it, an `error` event (once), and it is
+    /// still reported `site-restarted` if it serves later.
+    by: Instant,
+    late: bool,
+}
+
+/// How long a restarted site's API may take to answer the check of
+/// whether it serves yet (each tick; a site that binds and then hangs
+/// must not hold up supervision for `STATUS_POLL_LIMIT` a tick).
+const START_PROBE_LIMIT: Duration = Duration::from_millis(500);
 
 /// One step of supervision, which never waits on a site: a site that
 /// exited is started again (at most `SITE_RESTARTS_PER_MINUTE_MAX` times a
-/// minute), and reported restarted once it serves. Before, `up` waited
-/// for a restarted site to serve (up to a minute: a long log replay) with
-/// no signal handling and no supervision of the others meanwhile, and a
-/// restart that could not start the process (its log file unopenable, no
-/// processes left) ended `up`, and with it every healthy site.
-/// True if a site was restarted (its pid changed).
+/// minute), and reported restarted once it serves. A restart that cannot
+/// start the process at all (its log file unopenable, no processes left)
+/// is not a crash loop: it is tried again, backing off from 1 s to 32 s,
+/// for as long as it takes. Before, `up` waited for a restarted site to
+/// serve (up to a minute: a long log replay) with no signal handling and
+/// no supervision of the others meanwhile, and a restart that could not
+/// start the process ended `up`, and with it every healthy site.
+/// True if a site's pid changed (exited, or started again).
 fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<String, Unanswered>) -> bool {
     let now = Instant::now();
-    let mut restarted = false;
+    let mut changed = false;
     for p in procs.iter_mut() {
         if let Some(c) = p.child.as_mut() {
             let exited = match c.try_wait() {
                 Ok(st) => st.map(|st| st.to_string()),
-                Err(e) => Some(format!("cannot wait for it: {e}")),
+                Err(e) => {
+                    // Cannot tell: make sure it is gone before another
+                    // process opens its data.
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    Some(format!("cannot wait for it ({e}); killed"))
+                }
             };
             if let Some(st) = exited {
                 p.child = None;
+                changed = true;
                 // A new process starts with a clean record.
                 unanswered.remove(&p.name);
                 out.emit(json!({"event": "site-exited", "site": p.name, "status": st}), &format!("site {} exited ({st})", p.name));
-                if p.start_by.take().is_some() {
-                    // What it said last says why (its log is written by `up`).
-                    if let Some(pump) = &p.pump {
-                        pump.wait_written(Duration::from_millis(500));
-                    }
-                    let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
-                    let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                if p.starting.take().is_some() {
+                    // What it said last says why.
+                    let last = p.pump.as_ref().map(|pump| pump.last_line(Duration::from_millis(200))).unwrap_or_default();
                     let e = format!("exited during start ({st}): {last} (log: {})", p.log.display());
                     out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
                 }
@@ -201,29 +222,34 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
                 );
                 continue;
             }
-            p.restarts.push(now);
             match spawn_site(p, &out.echo) {
-                Ok(()) => p.start_by = Some(now + Duration::from_millis(limits::SITE_START_TIMEOUT_MS)),
+                Ok(()) => {
+                    p.restarts.push(now);
+                    p.spawn_failures = 0;
+                    p.starting = Some(Starting { by: now + Duration::from_millis(limits::SITE_START_TIMEOUT_MS), late: false });
+                    changed = true;
+                }
                 Err(e) => {
-                    let e = format!("cannot restart it: {e:#}; trying again in 1 s");
+                    let wait = Duration::from_secs(1 << p.spawn_failures.min(5));
+                    p.spawn_failures += 1;
+                    let e = format!("cannot restart it: {e:#}; trying again in {} s", wait.as_secs());
                     out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
-                    p.restart_at = Some(now + Duration::from_secs(1));
+                    p.restart_at = Some(now + wait);
                 }
             }
         }
-        if let Some(by) = p.start_by {
-            if serving(p) {
-                p.start_by = None;
-                restarted = true;
+        if let Some(s) = p.starting {
+            if serving(p, START_PROBE_LIMIT) {
+                p.starting = None;
                 out.emit(json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}), &format!("site {} restarted", p.name));
-            } else if now > by {
-                p.start_by = None;
+            } else if !s.late && now > s.by {
+                p.starting = Some(Starting { late: true, ..s });
                 let e = format!("did not start serving within {} ms; left running (log: {})", limits::SITE_START_TIMEOUT_MS, p.log.display());
                 out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
             }
         }
     }
-    restarted
+    changed
 }
 
 /// Each site's NBD and API address and pid, as in the ready event and
@@ -299,24 +325,25 @@ fn spawn_site(p: &mut SiteProc, echo: &Outlet) -> Result<()> {
 /// hold up supervision (restarts, signals) of all the others.
 const STATUS_POLL_LIMIT: Duration = Duration::from_secs(5);
 
-fn serving(p: &SiteProc) -> bool {
+fn serving(p: &SiteProc, limit: Duration) -> bool {
     TcpStream::connect_timeout(&p.nbd, Duration::from_millis(200)).is_ok()
-        && crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT).is_ok()
+        && crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, limit).is_ok()
 }
 
-fn wait_serving(p: &mut SiteProc) -> Result<()> {
+/// At `up`'s start: waits until `p` serves. `Some(signal)`: a signal
+/// came first (taken from `signals`).
+fn wait_serving(p: &mut SiteProc, signals: &Signals) -> Result<Option<&'static str>> {
     let deadline = Instant::now() + Duration::from_millis(limits::SITE_START_TIMEOUT_MS);
     loop {
-        if serving(p) {
-            return Ok(());
+        if let Some(sig) = signals.pending() {
+            return Ok(Some(sig));
+        }
+        if serving(p, START_PROBE_LIMIT) {
+            return Ok(None);
         }
         if let Some(c) = p.child.as_mut() {
             if let Some(st) = c.try_wait()? {
-                if let Some(pump) = &p.pump {
-                    pump.wait_written(Duration::from_secs(2));
-                }
-                let tail = std::fs::read_to_string(&p.log).unwrap_or_default();
-                let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                let last = p.pump.as_ref().map(|pump| pump.last_line(Duration::from_secs(1))).unwrap_or_default();
                 bail!("site {} exited during start ({st}): {last} (log: {})", p.name, p.log.display());
             }
         }
@@ -419,7 +446,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
             cfg.validate()?;
             crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
         }
-        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new(), start_by: None, restart_at: None });
+        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new(), starting: None, restart_at: None, spawn_failures: 0 });
     }
     Ok(procs)
 }
@@ -497,16 +524,51 @@ pub fn run(a: UpArgs) -> Result<()> {
 
     let signals = Signals::install()?;
     let out = Output::start(a.json)?;
+    match run_sites(&dir, &dep, &mut procs, &signals, &out) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            stop_all(&mut procs);
+            // Said through the outlet, behind what the sites said last
+            // (the why, often), and not held up by a stderr nobody reads.
+            out.echo.send(format!("tidemark: {e:#}\n"));
+            out.drain(Duration::from_secs(2));
+            Err(anyhow::Error::new(AlreadySaid))
+        }
+    }
+}
+
+/// An error `up` has already written on its stderr: `main` exits 1
+/// without writing it again.
+#[derive(Debug)]
+pub struct AlreadySaid;
+
+impl std::fmt::Display for AlreadySaid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(said above)")
+    }
+}
+
+impl std::error::Error for AlreadySaid {}
+
+/// `up` once its output is set up: start the sites, say ready, supervise
+/// until a signal. An error stops every site (the caller).
+fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Signals, out: &Output) -> Result<()> {
+    let stopped = |sig: &str, procs: &mut [SiteProc]| {
+        out.emit(json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
+        stop_all(procs);
+        out.emit(json!({"event": "stopped"}), "stopped");
+        out.drain(Duration::from_secs(2));
+    };
     for p in procs.iter_mut() {
         spawn_site(p, &out.echo)?;
     }
     for i in 0..procs.len() {
-        if let Err(e) = wait_serving(&mut procs[i]) {
-            stop_all(&mut procs);
-            return Err(e);
+        if let Some(sig) = wait_serving(&mut procs[i], signals)? {
+            stopped(sig, procs);
+            return Ok(());
         }
     }
-    let sites = sites_json(&procs);
+    let sites = sites_json(procs);
     let endpoints = json!({"deployment": dep.id, "sites": sites});
     crate::crashsafe::write_file(&dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?.as_bytes())?;
     let endpoints = Endpoints::start(dir.join("endpoints.json"))?;
@@ -526,7 +588,7 @@ pub fn run(a: UpArgs) -> Result<()> {
         if tick.is_multiple_of(5) {
             for (i, p) in procs.iter().enumerate() {
                 // Not running, or restarted and not serving yet (`supervise`).
-                if p.child.is_none() || p.start_by.is_some() {
+                if p.child.is_none() || p.starting.is_some() {
                     continue;
                 }
                 let answer = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT);
@@ -548,14 +610,11 @@ pub fn run(a: UpArgs) -> Result<()> {
             }
         }
         if let Some(sig) = signals.pending() {
-            out.emit(json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
-            stop_all(&mut procs);
-            out.emit(json!({"event": "stopped"}), "stopped");
-            out.drain(Duration::from_secs(2));
+            stopped(sig, procs);
             return Ok(());
         }
-        if supervise(&mut procs, &out, &mut unanswered) {
-            endpoints.set(&json!({"deployment": dep.id, "sites": sites_json(&procs)}));
+        if supervise(procs, out, &mut unanswered) {
+            endpoints.set(&json!({"deployment": dep.id, "sites": sites_json(procs)}));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -285,6 +285,33 @@ fn up_survives_a_restart_that_cannot_start_and_retries_it() {
     sigterm_and_wait(&mut u);
 }
 
+/// A site that cannot start (here: its site.toml, edited by hand, no
+/// longer parses): `up` stops the others and exits 1, saying once which
+/// site and why, with the site's own last line.
+#[test]
+fn up_says_why_a_site_cannot_start_and_stops_the_others() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let mut u = up(&dir, port, &["--volume", "vol0=64MiB"]);
+    sigterm_and_wait(&mut u);
+    let cfg = dir.join("b/site.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replacen("role", "rolle", 1)).unwrap();
+    let o = Command::new(bin())
+        .args(["up", "--dir", dir.to_str().unwrap(), "--port-base", &port.to_string(), "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let said: Vec<&str> = err.lines().filter(|l| l.starts_with("tidemark: ")).collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(said[0].contains("site b exited during start") && said[0].contains("rolle"), "{err}");
+    // a was stopped with it: its NBD port is free again.
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "site a still runs");
+}
+
 /// `up --json | head -1`: the reader of `up`'s events goes away after the
 /// first. Before, the next event's `println!` panicked in `up`, and every
 /// site died with it. Now `up` says once on stderr that it cannot print
