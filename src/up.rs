@@ -10,6 +10,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,6 +158,7 @@ struct SiteProc {
     restart_at: Option<Instant>,
     /// Restarts in a row that could not start the process (backoff).
     spawn_failures: u32,
+    poll: Arc<PollState>,
 }
 
 #[derive(Clone, Copy)]
@@ -199,6 +201,8 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
             };
             if let Some(st) = exited {
                 p.child = None;
+                p.poll.active.store(false, Ordering::Release);
+                p.poll.gen.fetch_add(1, Ordering::AcqRel);
                 changed = true;
                 // A new process starts with a clean record.
                 unanswered.remove(&p.name);
@@ -241,6 +245,7 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
         if let Some(s) = p.starting {
             if serving(p, START_PROBE_LIMIT) {
                 p.starting = None;
+                p.poll.active.store(true, Ordering::Release);
                 out.emit(json!({"event": "site-restarted", "site": p.name, "pid": p.child.as_ref().map(|c| c.id())}), &format!("site {} restarted", p.name));
             } else if !s.late && now > s.by {
                 p.starting = Some(Starting { late: true, ..s });
@@ -250,6 +255,50 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
         }
     }
     changed
+}
+
+/// What a site's poller thread found.
+struct Poll {
+    site: usize,
+    /// `PollState::gen` when it asked.
+    gen: u64,
+    answer: std::result::Result<serde_json::Value, String>,
+}
+
+/// Shared by `up`'s loop and a site's poller: whether the site is running
+/// and serving (polled), and which process that is (bumped at each exit).
+#[derive(Default)]
+struct PollState {
+    active: AtomicBool,
+    gen: AtomicU64,
+}
+
+/// One thread per site asks its status every 500 ms (each ask limited to
+/// `STATUS_POLL_LIMIT`) and hands the answer to `up`'s loop. Before, the
+/// loop asked the sites in turn, so one whose API hung held up, for 5 s a
+/// round, the supervision of all the others: a crashed primary's restart,
+/// and SIGTERM.
+fn start_pollers(procs: &[SiteProc]) -> Result<std::sync::mpsc::Receiver<Poll>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, p) in procs.iter().enumerate() {
+        p.poll.active.store(p.child.is_some() && p.starting.is_none(), Ordering::Release);
+        let (tx, st, base) = (tx.clone(), p.poll.clone(), format!("http://{}", p.api));
+        std::thread::Builder::new()
+            .name(format!("up-poll-{}", p.name))
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(500));
+                if !st.active.load(Ordering::Acquire) {
+                    continue;
+                }
+                let gen = st.gen.load(Ordering::Acquire);
+                let answer = crate::client::call_within(&base, "GET", "/status", None, STATUS_POLL_LIMIT).map_err(|e| format!("{e:#}"));
+                if tx.send(Poll { site: i, gen, answer }).is_err() {
+                    break;
+                }
+            })
+            .context("cannot start a status poller thread")?;
+    }
+    Ok(rx)
 }
 
 /// Each site's NBD and API address and pid, as in the ready event and
@@ -321,8 +370,8 @@ fn spawn_site(p: &mut SiteProc, echo: &Outlet) -> Result<()> {
     Ok(())
 }
 
-/// Longest a status poll of a site waits: a site whose API hangs must not
-/// hold up supervision (restarts, signals) of all the others.
+/// Longest a status poll of a site waits (on its poller's thread:
+/// `start_pollers`).
 const STATUS_POLL_LIMIT: Duration = Duration::from_secs(5);
 
 fn serving(p: &SiteProc, limit: Duration) -> bool {
@@ -446,7 +495,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
             cfg.validate()?;
             crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;
         }
-        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new(), starting: None, restart_at: None, spawn_failures: 0 });
+        procs.push(SiteProc { name: name.clone(), config, log: sdir.join("site.log"), nbd, api, child: None, pump: None, restarts: Vec::new(), starting: None, restart_at: None, spawn_failures: 0, poll: Arc::default() });
     }
     Ok(procs)
 }
@@ -577,36 +626,35 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
         &format!("ready: site a serves nbd://{}/vol0 (API http://{}); data in {}", procs[0].nbd, procs[0].api, dir.display()),
     );
 
-    // Supervise, and report replication state changes seen at the primary.
+    // Supervise, and report what the sites' status says: replication
+    // state changes seen at the primary, storage stalls everywhere.
     let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refusals_seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut stalls_seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut unanswered: BTreeMap<String, Unanswered> = BTreeMap::new();
-    let mut tick = 0u64;
+    let polls = start_pollers(procs)?;
     loop {
-        tick += 1;
-        if tick.is_multiple_of(5) {
-            for (i, p) in procs.iter().enumerate() {
-                // Not running, or restarted and not serving yet (`supervise`).
-                if p.child.is_none() || p.starting.is_some() {
-                    continue;
-                }
-                let answer = crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, STATUS_POLL_LIMIT);
-                let state = unanswered.entry(p.name.clone()).or_default();
-                if let Some(ev) = responsiveness_event(&p.name, answer.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")), state) {
-                    out.emit(ev.clone(), &format!("{}", ev));
-                }
-                let Ok(st) = answer else { continue };
-                let mut events = if i == 0 {
-                    replica_events(&st, &mut seen)
-                } else {
-                    // DR sites report what only they know: refused snapshot deletions.
-                    refusal_events(&p.name, &st, &mut refusals_seen)
-                };
-                events.extend(storage_events(&p.name, &st, &mut stalls_seen));
-                for ev in events {
-                    out.emit(ev.clone(), &format!("{}", ev));
-                }
+        while let Ok(poll) = polls.try_recv() {
+            let (i, p) = (poll.site, &procs[poll.site]);
+            // Asked of a process that has exited since, or of one not
+            // serving yet: not news of the running one.
+            if poll.gen != p.poll.gen.load(Ordering::Acquire) || !p.poll.active.load(Ordering::Acquire) {
+                continue;
+            }
+            let state = unanswered.entry(p.name.clone()).or_default();
+            if let Some(ev) = responsiveness_event(&p.name, poll.answer.as_ref().map(|_| ()).map_err(|e| e.clone()), state) {
+                out.emit(ev.clone(), &format!("{}", ev));
+            }
+            let Ok(st) = poll.answer else { continue };
+            let mut events = if i == 0 {
+                replica_events(&st, &mut seen)
+            } else {
+                // DR sites report what only they know: refused snapshot deletions.
+                refusal_events(&p.name, &st, &mut refusals_seen)
+            };
+            events.extend(storage_events(&p.name, &st, &mut stalls_seen));
+            for ev in events {
+                out.emit(ev.clone(), &format!("{}", ev));
             }
         }
         if let Some(sig) = signals.pending() {

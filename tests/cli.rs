@@ -506,6 +506,18 @@ fn up_reports_a_site_that_stops_answering() {
     let events = u.wait_event("\"site-unresponsive\"", 30);
     let ev: serde_json::Value = serde_json::from_str(events.iter().find(|l| l.contains("site-unresponsive")).unwrap()).unwrap();
     assert_eq!(ev["site"], "b", "{ev}");
+    // b's API hangs (each status poll of it waits 5 s), and that holds up
+    // no supervision of a: killed three times, a is seen gone and started
+    // again each time at once (before, the loop polled the sites in turn
+    // and sat in b's poll for 5 s of every 5.5).
+    let mut a_pid = u.ready["sites"]["a"]["pid"].as_u64().unwrap();
+    for round in 0..3 {
+        unsafe { libc::kill(a_pid as i32, libc::SIGKILL) };
+        let t = Instant::now();
+        u.wait_site_event("site-exited", "a", 30);
+        assert!(t.elapsed() < Duration::from_millis(2500), "round {round}: a's exit seen after {:?}, with b's API hung", t.elapsed());
+        a_pid = u.wait_site_event("site-restarted", "a", 60)["pid"].as_u64().unwrap();
+    }
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
     let events = u.wait_event("\"site-responsive\"", 30);
     assert!(!events.iter().any(|l| l.contains("site-restarted") || l.contains("site-exited")), "{events:?}");
