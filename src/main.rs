@@ -68,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Init { dir, sites, port_base, mode } => tidemark::up::init(dir, sites, *port_base, mode.clone()),
         Cmd::Site { config } => {
             init_logging();
+            tidemark::util::stop_process_on_panic();
             raise_open_files_limit();
             tidemark::site::config::SiteConfig::load(config).and_then(tidemark::site::run)
         }

@@ -217,6 +217,28 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     Ok((before, want))
 }
 
+/// In a site process, a panic in any thread (a task's included) stops the
+/// whole process at once, after an ERROR line naming the thread and where.
+/// A panic means an invariant did not hold. Going on would leave a thread
+/// dead in silence (a sender whose replica still reads "replicating", a
+/// sync thread whose writers wait forever) and let other threads carry on
+/// from state it may have half updated (locks here shrug off poisoning).
+/// What was acknowledged is durable in the log, and a restart replays it
+/// (`up` restarts a site that exits), which is the path the kill -9 tests
+/// exercise. ARCHITECTURE.md "A panic stops the site".
+pub fn stop_process_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!(
+            event = "panic",
+            "thread {thread} panicked: {info}; this site stops now: an invariant did not hold, and going on could act on half-updated state (what was acknowledged is in the log; a restart replays it)"
+        );
+        default(info);
+        std::process::abort();
+    }));
+}
+
 /// Turns on TCP keepalive on `sock`: `(idle, interval, probes)` in seconds
 /// and probes, so that a peer gone without a FIN is noticed.
 pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd, (idle, interval, probes): (u32, u32, u32)) -> std::io::Result<()> {
@@ -239,6 +261,34 @@ pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd, (idle, interval, probes):
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panic in some thread of a process that called
+    /// `stop_process_on_panic` ends the process (SIGABRT) with an ERROR line
+    /// naming the thread: run in a child process (this test binary again,
+    /// this test only, with `TIDEMARK_PANIC_CHILD` set).
+    #[test]
+    fn a_panic_in_any_thread_stops_the_process_loudly() {
+        if std::env::var_os("TIDEMARK_PANIC_CHILD").is_some() {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+            stop_process_on_panic();
+            let t = std::thread::Builder::new().name("worker-x".into()).spawn(|| {
+                let v: Vec<u32> = Vec::new();
+                v[std::hint::black_box(3)]
+            });
+            let _ = t.unwrap().join();
+            // Only reached if the panic did not stop the process.
+            std::process::exit(0);
+        }
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "util::tests::a_panic_in_any_thread_stops_the_process_loudly", "--nocapture", "--test-threads=1"])
+            .env("TIDEMARK_PANIC_CHILD", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{}: {err}", o.status);
+        assert!(err.contains("ERROR") && err.contains("thread worker-x panicked") && err.contains("index out of bounds") && err.contains("this site stops now"), "{err}");
+    }
 
     #[test]
     fn sizes() {
