@@ -287,10 +287,12 @@ fn start_pollers(procs: &[SiteProc]) -> Result<std::sync::mpsc::Receiver<Poll>> 
             .name(format!("up-poll-{}", p.name))
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(500));
+                // `gen` first: an exit handled between the two loads then
+                // shows as a stale `gen`, never as a new process's answer.
+                let gen = st.gen.load(Ordering::Acquire);
                 if !st.active.load(Ordering::Acquire) {
                     continue;
                 }
-                let gen = st.gen.load(Ordering::Acquire);
                 let answer = crate::client::call_within(&base, "GET", "/status", None, STATUS_POLL_LIMIT).map_err(|e| format!("{e:#}"));
                 if tx.send(Poll { site: i, gen, answer }).is_err() {
                     break;
@@ -634,13 +636,27 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
     let mut unanswered: BTreeMap<String, Unanswered> = BTreeMap::new();
     let polls = start_pollers(procs)?;
     loop {
+        if let Some(sig) = signals.pending() {
+            stopped(sig, procs);
+            return Ok(());
+        }
+        if supervise(procs, out, &mut unanswered) {
+            endpoints.set(&json!({"deployment": dep.id, "sites": sites_json(procs)}));
+        }
         while let Ok(poll) = polls.try_recv() {
-            let (i, p) = (poll.site, &procs[poll.site]);
+            let (i, p) = (poll.site, &mut procs[poll.site]);
             // Asked of a process that has exited since, or of one not
-            // serving yet: not news of the running one.
+            // serving yet: not news of the running one. (Taken after
+            // `supervise`, which sees exits; and a miss from a process that
+            // is exiting but not yet reaped is no miss either: its
+            // listeners close before it can be waited for.)
             if poll.gen != p.poll.gen.load(Ordering::Acquire) || !p.poll.active.load(Ordering::Acquire) {
                 continue;
             }
+            if poll.answer.is_err() && !p.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))) {
+                continue;
+            }
+            let p = &*p;
             let state = unanswered.entry(p.name.clone()).or_default();
             if let Some(ev) = responsiveness_event(&p.name, poll.answer.as_ref().map(|_| ()).map_err(|e| e.clone()), state) {
                 out.emit(ev.clone(), &format!("{}", ev));
@@ -656,13 +672,6 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
             for ev in events {
                 out.emit(ev.clone(), &format!("{}", ev));
             }
-        }
-        if let Some(sig) = signals.pending() {
-            stopped(sig, procs);
-            return Ok(());
-        }
-        if supervise(procs, out, &mut unanswered) {
-            endpoints.set(&json!({"deployment": dep.id, "sites": sites_json(procs)}));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

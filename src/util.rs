@@ -229,12 +229,19 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
 pub fn stop_process_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // Rust's own message first (plain stderr): out even if logging is
+        // what panicked.
+        default(info);
         let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let place = info.location().map_or_else(|| "an unknown place".to_string(), |l| format!("{}:{}", l.file(), l.line()));
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
+        // One line, so that `up` echoes all of it (it echoes lines).
+        let msg = msg.replace('\n', " / ");
         tracing::error!(
             event = "panic",
-            "thread {thread} panicked: {info}; this site stops now: an invariant did not hold, and going on could act on half-updated state (what was acknowledged is in the log; a restart replays it)"
+            "thread {thread} panicked at {place}: {msg}; this site stops now: an invariant did not hold, and going on could act on half-updated state (what was acknowledged is in the log; a restart replays it)"
         );
-        default(info);
         std::process::abort();
     }));
 }
@@ -269,7 +276,7 @@ mod tests {
     #[test]
     fn a_panic_in_any_thread_stops_the_process_loudly() {
         if std::env::var_os("TIDEMARK_PANIC_CHILD").is_some() {
-            tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
             stop_process_on_panic();
             let t = std::thread::Builder::new().name("worker-x".into()).spawn(|| {
                 let v: Vec<u32> = Vec::new();
@@ -287,7 +294,9 @@ mod tests {
         let err = String::from_utf8_lossy(&o.stderr);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{}: {err}", o.status);
-        assert!(err.contains("ERROR") && err.contains("thread worker-x panicked") && err.contains("index out of bounds") && err.contains("this site stops now"), "{err}");
+        // All of it on the one ERROR line (what `up` echoes).
+        let line = err.lines().find(|l| l.contains(" ERROR ")).unwrap_or_else(|| panic!("no ERROR line: {err}"));
+        assert!(line.contains("thread worker-x panicked at src/util.rs:") && line.contains("index out of bounds") && line.contains("this site stops now"), "{line}");
     }
 
     #[test]
