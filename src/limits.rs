@@ -172,6 +172,9 @@ pub const SITE_START_TIMEOUT_MS: u64 = 60_000;
 pub const SITE_STOP_TIMEOUT_MS: u64 = 30_000;
 /// Restarts of a crashed site by `up` within one minute before it gives up.
 pub const SITE_RESTARTS_PER_MINUTE_MAX: u32 = 5;
+/// How long `up` pauses a site's restarts once it has crashed
+/// `SITE_RESTARTS_PER_MINUTE_MAX` times within a minute.
+pub const SITE_RESTART_PAUSE_S: u64 = 300;
 /// Texts `up` holds for its stdout (events) and for its stderr (the sites'
 /// warnings) while nobody reads them; past that they are dropped and
 /// counted (`outlet`), never waited for.

@@ -176,7 +176,8 @@ const START_PROBE_LIMIT: Duration = Duration::from_millis(500);
 
 /// One step of supervision, which never waits on a site: a site that
 /// exited is started again (at most `SITE_RESTARTS_PER_MINUTE_MAX` times a
-/// minute), and reported restarted once it serves. A restart that cannot
+/// minute, then after a pause of `SITE_RESTART_PAUSE_S`), and reported
+/// restarted once it serves. A restart that cannot
 /// start the process at all (its log file unopenable, no processes left)
 /// is not a crash loop: it is tried again, backing off from 1 s to 32 s,
 /// for as long as it takes. Before, `up` waited for a restarted site to
@@ -220,10 +221,12 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
             p.restart_at = None;
             p.restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
             if p.restarts.len() as u32 >= limits::SITE_RESTARTS_PER_MINUTE_MAX {
-                out.emit(
-                    json!({"event": "error", "site": p.name, "error": "restarted too often; giving up on it"}),
-                    &format!("site {} restarted too often; not restarting it (log: {})", p.name, p.log.display()),
-                );
+                // A crash loop: a pause, not the end (a DR site left down
+                // for good over a passing shortage is the worse failure).
+                let wait = Duration::from_secs(limits::SITE_RESTART_PAUSE_S);
+                let e = format!("restarted {} times in the last minute; trying again in {} s (log: {})", p.restarts.len(), wait.as_secs(), p.log.display());
+                out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                p.restart_at = Some(now + wait);
                 continue;
             }
             match spawn_site(p, &out.echo) {

@@ -312,6 +312,40 @@ fn up_says_why_a_site_cannot_start_and_stops_the_others() {
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "site a still runs");
 }
 
+/// A site that crashes on every start (its site.toml broken under it):
+/// each start is an `error` event with the site's own reason, and after 5
+/// in a minute `up` pauses its restarts (5 minutes) rather than loop or
+/// give up for good; the other site serves on throughout.
+#[test]
+fn up_pauses_a_crash_loop_and_says_why() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let mut u = up(&dir, port, &["--volume", "vol0=64MiB"]);
+    let b_pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    let cfg = dir.join("b/site.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replacen("role", "rolle", 1)).unwrap();
+    unsafe { libc::kill(b_pid as i32, libc::SIGKILL) };
+    let mut reasons = 0;
+    let pause = loop {
+        let e = u.wait_site_event("error", "b", 60);
+        let msg = e["error"].as_str().unwrap().to_string();
+        if msg.contains("exited during start") {
+            assert!(msg.contains("rolle"), "{e}");
+            reasons += 1;
+            continue;
+        }
+        break msg;
+    };
+    assert!(pause.contains("restarted 5 times in the last minute; trying again in 300 s"), "{pause}");
+    assert_eq!(reasons, 5);
+    assert!(u.child.try_wait().unwrap().is_none(), "up exited");
+    let uri = format!("nbd://127.0.0.1:{port}/vol0");
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x21 0 64k", "-c", "flush", &uri]);
+    sigterm_and_wait(&mut u);
+}
+
 /// `up --json | head -1`: the reader of `up`'s events goes away after the
 /// first. Before, the next event's `println!` panicked in `up`, and every
 /// site died with it. Now `up` says once on stderr that it cannot print
