@@ -143,6 +143,39 @@ impl LogThrottle {
     }
 }
 
+/// A line that may repeat every few seconds while a condition lasts (a
+/// DR out of space refusing each reconnect): the same text is logged once
+/// a minute, a different one at once.
+pub struct RepeatLog {
+    last: std::sync::Mutex<Option<(String, LogThrottle)>>,
+}
+
+impl RepeatLog {
+    pub const fn new() -> RepeatLog {
+        RepeatLog { last: std::sync::Mutex::new(None) }
+    }
+
+    /// As `LogThrottle::admit`, per text.
+    pub fn admit(&self, text: &str) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.as_mut() {
+            Some((t, throttle)) if t == text => throttle.admit(),
+            _ => {
+                let mut throttle = LogThrottle::new(std::time::Duration::from_secs(60));
+                let n = throttle.admit();
+                *last = Some((text.to_string(), throttle));
+                n
+            }
+        }
+    }
+}
+
+impl Default for RepeatLog {
+    fn default() -> RepeatLog {
+        RepeatLog::new()
+    }
+}
+
 /// " (N more, unlogged, since the last such line)" or nothing.
 pub fn unlogged_note(n: u64) -> String {
     match n {
@@ -215,6 +248,24 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
         return Err(std::io::Error::last_os_error());
     }
     Ok((before, want))
+}
+
+/// The file system is full (or the quota used up): an error that passes
+/// once space is freed or added, unlike an I/O error.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Bytes an unprivileged writer may still use on the file system of `path`.
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs fills the struct for a valid NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// In a site process, a panic in any thread (a task's included) stops the

@@ -385,3 +385,80 @@ fn a_site_creates_groups_up_to_its_limit_and_refuses_more_with_the_reason() {
     assert_eq!(c.read(0, 4096).unwrap(), vec![7u8; 4096]);
     assert!(!site.log().contains("panicked"));
 }
+
+/// A tmpfs of `size` mounted at `path`, grown with `grow`, unmounted (lazily)
+/// when dropped, whatever the test did.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        cmd_ok("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()]);
+        SmallDisk(path.to_path_buf())
+    }
+    fn grow(&self, size: &str) {
+        cmd_ok("mount", &["-o", &format!("remount,size={size}"), self.0.to_str().unwrap()]);
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = common::cmd("umount", &["-l", self.0.to_str().unwrap()]);
+    }
+}
+
+/// A full disk is waited out, at the DR and at the primary, with the
+/// reason shown and nothing lost:
+/// - the DR's log fills (a 48 MiB tmpfs under its groups): its group does
+///   not fail; it refuses the primary, saying it is out of space, until
+///   the file system is grown, then catches up without a restart;
+/// - the primary's log fills (160 MiB): a write fails with ENOSPC (what
+///   qemu pauses a guest on), the group goes on, and the same write
+///   succeeds once the file system is grown.
+///
+/// Before, the first full append failed the group until the site
+/// restarted, at either end.
+#[test]
+fn a_full_disk_is_waited_out_at_the_dr_and_at_the_primary() {
+    let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "512MiB")], "async");
+    let a_disk = SmallDisk::mount(&d.sites[0].dir.join("groups"), "160m");
+    let b_disk = SmallDisk::mount(&d.sites[1].dir.join("groups"), "48m");
+    d.start_all();
+    let (a, b) = (d.sites[0].uri("vol0"), d.sites[1].uri("vol0"));
+    let replica = |d: &common::Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
+    let caught_up = |d: &common::Deployment| {
+        let r = replica(d);
+        r["state"] == "replicating" && r["lag_writes"] == 0
+    };
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 96M", "-c", "flush", &a]);
+    // The DR is out of space, says so, and refuses the primary with why.
+    common::wait_until(30, "b out of space", || d.sites[1].status()["groups"][0]["out_of_space"]["error"].as_str().is_some_and(|e| e.contains("No space left on device")));
+    common::wait_until(30, "the primary told why", || replica(&d)["last_error"].as_str().is_some_and(|e| e.contains("out of space")));
+    assert!(d.sites[1].status()["groups"][0]["failed"].is_null(), "b's group failed");
+    assert!(!caught_up(&d));
+    b_disk.grow("512m");
+    common::wait_until(60, "b caught up after its disk grew", || caught_up(&d));
+    assert!(d.sites[1].status()["groups"][0]["out_of_space"].is_null());
+
+    // The primary's own log fills: ENOSPC, not EIO, and not a failed group.
+    let o = common::cmd("qemu-io", &["-f", "raw", "-c", "write -P 0x62 96M 128M", "-c", "flush", &a]);
+    let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains("No space left on device"), "the write did not fail with ENOSPC: {said}");
+    let st = d.sites[0].status();
+    assert!(st["groups"][0]["failed"].is_null(), "a's group failed: {st}");
+    assert!(st["groups"][0]["out_of_space"]["error"].as_str().is_some(), "{st}");
+    // Reads go on meanwhile.
+    let o = cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x61 0 96M", &a]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    a_disk.grow("1g");
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x62 96M 128M", "-c", "flush", &a]);
+    assert!(d.sites[0].status()["groups"][0]["out_of_space"].is_null());
+    common::wait_until(60, "b caught up after the primary's disk grew", || caught_up(&d));
+    for (uri, what) in [(&a, "a"), (&b, "b")] {
+        let o = cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x61 0 96M", "-c", "read -P 0x62 96M 128M", uri]);
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"), "{what} lost data");
+    }
+    let sa = common::sha256_of(&cmd_ok("nbdcopy", &[&a, "-"]).stdout);
+    let sb = common::sha256_of(&cmd_ok("nbdcopy", &[&b, "-"]).stdout);
+    assert_eq!(sa, sb, "b differs from a");
+}

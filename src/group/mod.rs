@@ -43,6 +43,11 @@ pub enum IoError {
     ReadOnly(String),
     #[error("{0}")]
     Failed(String),
+    /// The log's file system is full (ENOSPC, EDQUOT): nothing was
+    /// appended, the group goes on, and the same write succeeds once there
+    /// is space (ARCHITECTURE.md "A full disk is waited out").
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 /// Persistent identity of a group (`group.json` in its directory).
@@ -83,6 +88,9 @@ pub(crate) struct Inner {
     /// Replay start of the last durable checkpoint: segments below it may be cleaned.
     pub checkpoint_pos: LogPos,
     pub failed: Option<String>,
+    /// Since when (wall ns) and why the last append found the file system
+    /// full; cleared by the next append that succeeds.
+    pub out_of_space: Option<(u64, String)>,
     /// (lowest, highest) sequence number of the original (not relocated)
     /// records in each segment: lets replication find a sequence number in
     /// the log, and GC keep what a DR site still needs.
@@ -120,6 +128,8 @@ pub struct Group {
     pub id: u64,
     pub dir: PathBuf,
     pub(crate) inner: Mutex<Inner>,
+    /// Appends that find the file system full are said once a minute.
+    no_space_log: Mutex<crate::util::LogThrottle>,
     sync_lock: Mutex<()>,
     /// Held while a checkpoint is encoded and written, so that two (the
     /// maintenance thread's and `close`'s) cannot land out of order.
@@ -371,7 +381,16 @@ impl Inner {
     pub fn append(&mut self, group: &Group, h: &mut Header, checked: &[u8], payload: &[u8]) -> Result<LogPos, IoError> {
         let mut raw = [0u8; HEADER_BYTES];
         h.encode(checked, &mut raw);
-        self.append_bytes(group, h, &[&raw, checked, payload])
+        let r = self.append_bytes(group, h, &[&raw, checked, payload]);
+        // A record that was not written gives its sequence number back
+        // (`new_header` took it, under this same lock): the next one must
+        // follow the last written without a gap, or a DR would wait for
+        // the missing number for ever. Relocated and local records reuse
+        // an existing number and took none.
+        if matches!(r, Err(IoError::NoSpace(_))) && h.flags & record::FLAG_RELOCATED == 0 && self.next_seq == h.seq.saturating_add(1) {
+            self.next_seq = h.seq;
+        }
+        r
     }
 
     /// Appends the bytes of an already encoded record (`parts` concatenated
@@ -395,6 +414,12 @@ impl Inner {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     let msg = format!("{e:#}");
+                    // A full file system leaves no new segment behind
+                    // (`Segment::create` removes it), so a later append
+                    // simply tries again.
+                    if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(crate::util::is_no_space)) {
+                        return Err(self.no_space(group, msg));
+                    }
                     self.failed = Some(msg.clone());
                     return Err(IoError::Failed(msg));
                 }
@@ -408,9 +433,20 @@ impl Inner {
         let at = pos(self.tail.id, self.tail_off as u32);
         if let Err(e) = crate::log::pwritev_all(&self.tail.file, parts, self.tail_off) {
             let msg = format!("failed to append {total} bytes at offset {} of log segment {}: {e}", self.tail_off, self.tail.path.display());
+            // A full file system wrote nothing usable: the tail stays where
+            // it was, and the next append overwrites whatever part of this
+            // record reached the file (replay would cut a torn record there
+            // anyway). Any other error may have left a hole: the group fails.
+            if crate::util::is_no_space(&e) {
+                return Err(self.no_space(group, msg));
+            }
             tracing::error!("{msg}");
             self.failed = Some(msg.clone());
             return Err(IoError::Failed(msg));
+        }
+        if let Some((since, _)) = self.out_of_space.take() {
+            let secs = crate::util::now_ns().saturating_sub(since) as f64 / 1e9;
+            tracing::info!(event = "space-recovered", "group {}: the log's file system has space again (appends failed for {secs:.1} s)", group.name);
         }
         self.tail_off += total;
         self.log_bytes_written += total;
@@ -421,6 +457,18 @@ impl Inner {
         group.tail_pos.store(self.tail_pos(), Ordering::Release);
         group.appended.notify_waiters();
         Ok(at)
+    }
+
+    /// Records that an append found the file system full, says so (once
+    /// a minute while it lasts), and returns the error for the caller.
+    fn no_space(&mut self, group: &Group, msg: String) -> IoError {
+        if self.out_of_space.is_none() {
+            self.out_of_space = Some((crate::util::now_ns(), msg.clone()));
+        }
+        if let Some(n) = group.no_space_log.lock().unwrap_or_else(|p| p.into_inner()).admit() {
+            tracing::warn!(event = "out-of-space", "group {}: {msg}; nothing was appended, writes fail with ENOSPC until there is space{}", group.name, crate::util::unlogged_note(n));
+        }
+        IoError::NoSpace(msg)
     }
 
     fn new_header(&mut self, kind: Kind, volume: u32, offset: u64, length: u32, body_len: u32) -> Header {
@@ -487,6 +535,7 @@ impl Group {
             id: meta.id,
             dir,
             inner: Mutex::new(inner),
+            no_space_log: Mutex::new(crate::util::LogThrottle::new(std::time::Duration::from_secs(60))),
             sync_lock: Mutex::new(()),
             checkpoint_lock: Mutex::new(()),
             sync_req: Mutex::new((0, false)),
@@ -1323,6 +1372,11 @@ impl Group {
 
     pub fn failed(&self) -> Option<String> {
         self.lock_read().failed.clone()
+    }
+
+    /// `(seconds, error)` while appends find the log's file system full.
+    pub fn out_of_space(&self) -> Option<(f64, String)> {
+        self.lock_read().out_of_space.as_ref().map(|(since, e)| (crate::util::now_ns().saturating_sub(*since) as f64 / 1e9, e.clone()))
     }
 
     fn maintenance_thread(self: Arc<Self>) {

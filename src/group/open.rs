@@ -126,6 +126,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         log_bytes_written: 0,
         checkpoint_pos: replay_from,
         failed: None,
+        out_of_space: None,
         seg_seqs,
         pins: BTreeMap::new(),
         unverified: BTreeMap::new(),

@@ -1076,3 +1076,67 @@ fn a_round_with_segments_it_cannot_unlink_ends() {
         assert!(g.inner.lock().unwrap().segments.contains_key(&crate::log::segment::parse_segment_file_name(p.file_name().unwrap().to_str().unwrap()).unwrap()));
     }
 }
+
+/// A full file system under the log (a real tmpfs of 12 MiB): a write that
+/// finds no space fails with `NoSpace` (ENOSPC to an NBD client), uses no
+/// sequence number and leaves the group working: reads go on, the same
+/// write succeeds once the file system is grown, with the next number, and
+/// everything acknowledged is there after a reopen. Before, the first full
+/// append failed the group until the site restarted.
+#[test]
+fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(ok.success(), "cannot mount a tmpfs (the tests run as root)");
+    let _m = Mount(mnt.clone());
+    let stamp = |i: u64| -> Vec<u8> { (0..4096u64).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect() };
+    let (vol, last);
+    {
+        let g = Group::open(&mnt, "cg0").unwrap();
+        vol = g.create_volume("vol0", 64 << 20).unwrap();
+        let mut acked = 0u64;
+        let err = loop {
+            match g.write(vol, acked * 4096, &stamp(acked)) {
+                Ok(_) => acked += 1,
+                Err(e) => break e,
+            }
+            assert!(acked < 16_000, "12 MiB never filled");
+        };
+        assert!(matches!(err, IoError::NoSpace(_)), "{err:?}");
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        assert!(acked > 1000, "only {acked} writes fitted");
+        assert!(g.failed().is_none(), "the group failed: {:?}", g.failed());
+        assert!(g.out_of_space().is_some());
+        let seq_before = g.lock_read().next_seq;
+        // Again: the same error, no sequence number used, reads unaffected.
+        assert!(matches!(g.write(vol, acked * 4096, &stamp(acked)), Err(IoError::NoSpace(_))));
+        assert_eq!(g.lock_read().next_seq, seq_before, "a failed write used up a sequence number");
+        let mut buf = vec![0u8; 4096];
+        g.read(vol, 0, &mut buf).unwrap();
+        assert_eq!(buf, stamp(0));
+        // Space comes back: the write goes through with the next number.
+        let ok = std::process::Command::new("mount").args(["-o", "remount,size=256m"]).arg(&mnt).status().unwrap();
+        assert!(ok.success());
+        let a = g.write(vol, acked * 4096, &stamp(acked)).unwrap();
+        assert_eq!(a.seq, seq_before, "not the next sequence number after the last written");
+        assert!(g.out_of_space().is_none());
+        acked += 1;
+        last = acked;
+        g.close().unwrap();
+    }
+    let g = Group::open(&mnt, "cg0").unwrap();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..last {
+        g.read(vol, i * 4096, &mut buf).unwrap();
+        assert!(buf == stamp(i), "block {i} of {last} differs after the reopen");
+    }
+    g.close().unwrap();
+}

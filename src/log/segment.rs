@@ -273,8 +273,12 @@ impl Segment {
             .create_new(true)
             .open(&path)
             .with_context(|| format!("failed to create log segment {}", path.display()))?;
-        file.write_all_at(&header_bytes(id, group_id), 0)
-            .with_context(|| format!("failed to write header of log segment {}", path.display()))?;
+        if let Err(e) = file.write_all_at(&header_bytes(id, group_id), 0) {
+            // Not left behind half made (a full file system): the next
+            // attempt creates it afresh.
+            let _ = std::fs::remove_file(&path);
+            return Err(anyhow::Error::new(e).context(format!("failed to write header of log segment {}", path.display())));
+        }
         Ok(Segment {
             id,
             path,

@@ -266,6 +266,9 @@ fn io_errno(e: &IoError) -> u32 {
         IoError::OutOfRange { .. } => proto::EINVAL,
         IoError::VolumeGone(_) => proto::ESHUTDOWN,
         IoError::Failed(_) => proto::EIO,
+        // A client such as qemu pauses the guest on ENOSPC (werror=enospc,
+        // its default) and resumes it once space is back.
+        IoError::NoSpace(_) => proto::ENOSPC,
         IoError::ReadOnly(_) => proto::EPERM,
     }
 }

@@ -122,6 +122,7 @@ impl Host for Site {
 /// group's storage is seen to answer (`answers_hello`).
 pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
     answers_hello(g)?;
+    has_room(g)?;
     if g.id != hello.group_id {
         bail!("group {} here has id {:#x}, the primary's has id {:#x}", g.name, g.id, hello.group_id);
     }
@@ -129,6 +130,23 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
         bail!("stale primary: epoch {epoch} is older than this site's epoch {}", g.epoch());
     }
     Ok(())
+}
+
+/// Refuses a HELLO for a group whose last append found its file system
+/// full, until there is room for a whole segment again. Accepting sooner
+/// would have the primary resend up to a window of data every couple of
+/// seconds, for the append to fail again; the refusal costs a handshake
+/// and says why (ARCHITECTURE.md "A full disk is waited out").
+pub fn has_room(g: &Group) -> Result<()> {
+    // Without the time it has lasted (status shows that): the same text at
+    // each refusal is logged once a minute.
+    let Some((_, error)) = g.out_of_space() else { return Ok(()) };
+    let need = crate::limits::SEGMENT_BYTES;
+    match crate::util::free_bytes(&g.dir) {
+        Ok(free) if free >= need => Ok(()),
+        Ok(free) => bail!("group {} is out of space ({error}); {} MiB free, it takes the stream again at {} MiB", g.name, free >> 20, need >> 20),
+        Err(e) => bail!("group {} is out of space ({error}); its free space cannot be read: {e}", g.name),
+    }
 }
 
 /// Refuses a HELLO for a group whose storage does not answer: an append or
@@ -362,7 +380,14 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
                 if hangup {
                     tracing::info!("replication: connection from {addr} closed: {e:#}");
                 } else {
-                    tracing::warn!("replication: connection from {addr} ended: {e:#}");
+                    // The same reason at every reconnect (a group out of
+                    // space refuses each) is said once a minute.
+                    static ENDED: crate::util::RepeatLog = crate::util::RepeatLog::new();
+                    let why = format!("{e:#}");
+                    match ENDED.admit(&why) {
+                        Some(n) => tracing::warn!("replication: connection from {addr} ended: {why}{}", crate::util::unlogged_note(n)),
+                        None => tracing::debug!("replication: connection from {addr} ended: {why}"),
+                    }
                 }
             }
         });

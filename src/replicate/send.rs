@@ -93,6 +93,7 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
     // site never reached was retried in silence (debug lines only).
     let mut unreachable_since = Instant::now();
     let mut unreachable = crate::util::LogThrottle::new(Duration::from_secs(60));
+    let lost = crate::util::RepeatLog::new();
     loop {
         if *stop.borrow() {
             return;
@@ -121,7 +122,10 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
             r.last_error = Some(msg.clone());
         });
         if was_connected {
-            tracing::warn!(event = "dr-lost", "replication of {} to {}: lost: {msg}", group.name, peer.name);
+            // Lost the same way at every reconnect: said once a minute.
+            if let Some(n) = lost.admit(&msg) {
+                tracing::warn!(event = "dr-lost", "replication of {} to {}: lost: {msg}{}", group.name, peer.name, crate::util::unlogged_note(n));
+            }
             unreachable_since = Instant::now();
         } else if unreachable_since.elapsed() >= Duration::from_millis(limits::REPL_UNREACHABLE_WARN_MS) {
             if let Some(n) = unreachable.admit() {

@@ -183,6 +183,9 @@ fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
         "live_bytes": g.live_bytes(),
         "failed": g.failed(),
     });
+    if let Some((secs, error)) = g.out_of_space() {
+        gj["out_of_space"] = json!({"seconds": secs, "error": error});
+    }
     // From the map table only: `snapshots()` would also walk every
     // map to count unique bytes, which status (polled) does not show.
     let maps = g.maps();
