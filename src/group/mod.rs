@@ -434,11 +434,23 @@ impl Inner {
         if let Err(e) = crate::log::pwritev_all(&self.tail.file, parts, self.tail_off) {
             let msg = format!("failed to append {total} bytes at offset {} of log segment {}: {e}", self.tail_off, self.tail.path.display());
             // A full file system wrote nothing usable: the tail stays where
-            // it was, and the next append overwrites whatever part of this
-            // record reached the file (replay would cut a torn record there
-            // anyway). Any other error may have left a hole: the group fails.
+            // it was, and whatever part of this record reached the file is
+            // cut off. Any other error may have left a hole: the group fails.
             if crate::util::is_no_space(&e) {
-                return Err(self.no_space(group, msg));
+                // And none of it stays in the file: a later, shorter
+                // record would leave the rest of this one's payload after
+                // it, which replay after a crash could otherwise read on
+                // into (guest data shaped like a record). Shrinking takes
+                // no space.
+                match self.tail.file.set_len(self.tail_off) {
+                    Ok(()) => return Err(self.no_space(group, msg)),
+                    Err(e2) => {
+                        let msg = format!("{msg}; and cutting the partial record off failed: {e2}");
+                        tracing::error!("{msg}");
+                        self.failed = Some(msg.clone());
+                        return Err(IoError::Failed(msg));
+                    }
+                }
             }
             tracing::error!("{msg}");
             self.failed = Some(msg.clone());

@@ -1115,6 +1115,11 @@ fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
         assert!(acked > 1000, "only {acked} writes fitted");
         assert!(g.failed().is_none(), "the group failed: {:?}", g.failed());
         assert!(g.out_of_space().is_some());
+        // Nothing of the failed record stays in the file.
+        {
+            let inner = g.lock_read();
+            assert_eq!(inner.tail.file.metadata().unwrap().len(), inner.tail_off, "part of the failed record is left after the tail");
+        }
         let seq_before = g.lock_read().next_seq;
         // Again: the same error, no sequence number used, reads unaffected.
         assert!(matches!(g.write(vol, acked * 4096, &stamp(acked)), Err(IoError::NoSpace(_))));
