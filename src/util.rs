@@ -256,7 +256,9 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-/// Bytes an unprivileged writer may still use on the file system of `path`.
+/// Bytes this process may still write on the file system of `path` (as
+/// root, the blocks reserved for root count too: ext4 refuses root's
+/// writes only once those are gone).
 pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -265,7 +267,9 @@ pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    // SAFETY: geteuid has no preconditions.
+    let blocks = if unsafe { libc::geteuid() } == 0 { st.f_bfree } else { st.f_bavail };
+    Ok((blocks as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// In a site process, a panic in any thread (a task's included) stops the

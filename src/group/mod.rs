@@ -89,8 +89,9 @@ pub(crate) struct Inner {
     pub checkpoint_pos: LogPos,
     pub failed: Option<String>,
     /// Since when (wall ns) and why the last append found the file system
-    /// full; cleared by the next append that succeeds.
-    pub out_of_space: Option<(u64, String)>,
+    /// full, and the bytes it needed; cleared by the next append that
+    /// succeeds, or once that much is free (`Group::out_of_space`).
+    pub out_of_space: Option<(u64, String, u64)>,
     /// (lowest, highest) sequence number of the original (not relocated)
     /// records in each segment: lets replication find a sequence number in
     /// the log, and GC keep what a DR site still needs.
@@ -418,7 +419,7 @@ impl Inner {
                     // (`Segment::create` removes it), so a later append
                     // simply tries again.
                     if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(crate::util::is_no_space)) {
-                        return Err(self.no_space(group, msg));
+                        return Err(self.no_space(group, msg, total + segment::SEGMENT_HEADER_BYTES));
                     }
                     self.failed = Some(msg.clone());
                     return Err(IoError::Failed(msg));
@@ -443,7 +444,7 @@ impl Inner {
                 // into (guest data shaped like a record). Shrinking takes
                 // no space.
                 match self.tail.file.set_len(self.tail_off) {
-                    Ok(()) => return Err(self.no_space(group, msg)),
+                    Ok(()) => return Err(self.no_space(group, msg, total)),
                     Err(e2) => {
                         let msg = format!("{msg}; and cutting the partial record off failed: {e2}");
                         tracing::error!("{msg}");
@@ -456,9 +457,8 @@ impl Inner {
             self.failed = Some(msg.clone());
             return Err(IoError::Failed(msg));
         }
-        if let Some((since, _)) = self.out_of_space.take() {
-            let secs = crate::util::now_ns().saturating_sub(since) as f64 / 1e9;
-            tracing::info!(event = "space-recovered", "group {}: the log's file system has space again (appends failed for {secs:.1} s)", group.name);
+        if let Some((since, _, _)) = self.out_of_space.take() {
+            space_recovered(&group.name, since);
         }
         self.tail_off += total;
         self.log_bytes_written += total;
@@ -473,10 +473,9 @@ impl Inner {
 
     /// Records that an append found the file system full, says so (once
     /// a minute while it lasts), and returns the error for the caller.
-    fn no_space(&mut self, group: &Group, msg: String) -> IoError {
-        if self.out_of_space.is_none() {
-            self.out_of_space = Some((crate::util::now_ns(), msg.clone()));
-        }
+    fn no_space(&mut self, group: &Group, msg: String, needed: u64) -> IoError {
+        let since = self.out_of_space.as_ref().map_or_else(crate::util::now_ns, |o| o.0);
+        self.out_of_space = Some((since, msg.clone(), needed));
         if let Some(n) = group.no_space_log.lock().unwrap_or_else(|p| p.into_inner()).admit() {
             tracing::warn!(event = "out-of-space", "group {}: {msg}; nothing was appended, writes fail with ENOSPC until there is space{}", group.name, crate::util::unlogged_note(n));
         }
@@ -516,6 +515,11 @@ impl Inner {
     pub fn live_bytes(&self) -> u64 {
         self.volumes.values().map(|v| v.map.seg_ref_counts().values().sum::<u64>()).sum::<u64>() * BLOCK_BYTES
     }
+}
+
+fn space_recovered(group: &str, since: u64) {
+    let secs = crate::util::now_ns().saturating_sub(since) as f64 / 1e9;
+    tracing::info!(event = "space-recovered", "group {group}: the log's file system has space again ({secs:.1} s after an append found it full)");
 }
 
 impl Group {
@@ -1386,9 +1390,23 @@ impl Group {
         self.lock_read().failed.clone()
     }
 
-    /// `(seconds, error)` while appends find the log's file system full.
-    pub fn out_of_space(&self) -> Option<(f64, String)> {
-        self.lock_read().out_of_space.as_ref().map(|(since, e)| (crate::util::now_ns().saturating_sub(*since) as f64 / 1e9, e.clone()))
+    /// `(seconds, error, bytes needed)` while the last append found the
+    /// log's file system full and that much is still not free. Checked
+    /// here too, not only at the next append: a group nobody writes to
+    /// (an idle primary, a DR refusing its primary for this very reason)
+    /// would otherwise say it is full for ever.
+    pub fn out_of_space(&self) -> Option<(f64, String, u64)> {
+        let (since, e, needed) = self.lock_read().out_of_space.clone()?;
+        // Not under the lock: statvfs on a sick file system may take long.
+        if crate::util::free_bytes(&self.dir).is_ok_and(|free| free >= needed) {
+            let mut inner = self.lock();
+            if inner.out_of_space.as_ref().is_some_and(|o| o.0 == since) {
+                inner.out_of_space = None;
+                space_recovered(&self.name, since);
+            }
+            return None;
+        }
+        Some((crate::util::now_ns().saturating_sub(since) as f64 / 1e9, e, needed))
     }
 
     fn maintenance_thread(self: Arc<Self>) {

@@ -1102,10 +1102,13 @@ fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
     {
         let g = Group::open(&mnt, "cg0").unwrap();
         vol = g.create_volume("vol0", 64 << 20).unwrap();
-        let mut acked = 0u64;
+        let (mut acked, mut last_seq) = (0u64, 0u64);
         let err = loop {
             match g.write(vol, acked * 4096, &stamp(acked)) {
-                Ok(_) => acked += 1,
+                Ok(a) => {
+                    acked += 1;
+                    last_seq = a.seq;
+                }
                 Err(e) => break e,
             }
             assert!(acked < 16_000, "12 MiB never filled");
@@ -1121,15 +1124,19 @@ fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
             assert_eq!(inner.tail.file.metadata().unwrap().len(), inner.tail_off, "part of the failed record is left after the tail");
         }
         let seq_before = g.lock_read().next_seq;
+        assert_eq!(seq_before, last_seq + 1, "the failed write used up a sequence number");
         // Again: the same error, no sequence number used, reads unaffected.
         assert!(matches!(g.write(vol, acked * 4096, &stamp(acked)), Err(IoError::NoSpace(_))));
         assert_eq!(g.lock_read().next_seq, seq_before, "a failed write used up a sequence number");
         let mut buf = vec![0u8; 4096];
         g.read(vol, 0, &mut buf).unwrap();
         assert_eq!(buf, stamp(0));
-        // Space comes back: the write goes through with the next number.
+        // Space comes back: status says so before any write (a group nobody
+        // writes to must not say it is full for ever), and the write goes
+        // through with the next number.
         let ok = std::process::Command::new("mount").args(["-o", "remount,size=256m"]).arg(&mnt).status().unwrap();
         assert!(ok.success());
+        assert!(g.out_of_space().is_none(), "still out of space with room again");
         let a = g.write(vol, acked * 4096, &stamp(acked)).unwrap();
         assert_eq!(a.seq, seq_before, "not the next sequence number after the last written");
         assert!(g.out_of_space().is_none());

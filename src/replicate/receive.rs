@@ -133,20 +133,16 @@ pub fn check_group(g: &Group, hello: &Hello, epoch: u64) -> Result<()> {
 }
 
 /// Refuses a HELLO for a group whose last append found its file system
-/// full, until there is room for a whole segment again. Accepting sooner
-/// would have the primary resend up to a window of data every couple of
+/// full, until the append that failed would fit. Accepting sooner would
+/// have the primary resend up to a window of data every couple of
 /// seconds, for the append to fail again; the refusal costs a handshake
 /// and says why (ARCHITECTURE.md "A full disk is waited out").
 pub fn has_room(g: &Group) -> Result<()> {
-    // Without the time it has lasted (status shows that): the same text at
-    // each refusal is logged once a minute.
-    let Some((_, error)) = g.out_of_space() else { return Ok(()) };
-    let need = crate::limits::SEGMENT_BYTES;
-    match crate::util::free_bytes(&g.dir) {
-        Ok(free) if free >= need => Ok(()),
-        Ok(free) => bail!("group {} is out of space ({error}); {} MiB free, it takes the stream again at {} MiB", g.name, free >> 20, need >> 20),
-        Err(e) => bail!("group {} is out of space ({error}); its free space cannot be read: {e}", g.name),
-    }
+    // `out_of_space` clears itself once the append that failed would fit.
+    // Without the time it has lasted or the space free now (status shows
+    // both): the same text at each refusal is logged once a minute.
+    let Some((_, error, needed)) = g.out_of_space() else { return Ok(()) };
+    bail!("group {} is out of space ({error}); it takes the stream again once {} MiB are free", g.name, needed.div_ceil(1 << 20))
 }
 
 /// Refuses a HELLO for a group whose storage does not answer: an append or

@@ -183,8 +183,8 @@ fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
         "live_bytes": g.live_bytes(),
         "failed": g.failed(),
     });
-    if let Some((secs, error)) = g.out_of_space() {
-        gj["out_of_space"] = json!({"seconds": secs, "error": error});
+    if let Some((secs, error, needed)) = g.out_of_space() {
+        gj["out_of_space"] = json!({"seconds": secs, "error": error, "needed_bytes": needed});
     }
     // From the map table only: `snapshots()` would also walk every
     // map to count unique bytes, which status (polled) does not show.
