@@ -100,6 +100,14 @@ fn sigterm_and_wait(u: &mut Up) {
     }
 }
 
+/// Breaks `site`'s site.toml as a hand edit could (an unknown key: the
+/// site refuses to start, naming it).
+fn break_config(dir: &Path, site: &str) {
+    let cfg = dir.join(site).join("site.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replacen("role", "rolle", 1)).unwrap();
+}
+
 fn pid_alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists() && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
 }
@@ -295,9 +303,7 @@ fn up_says_why_a_site_cannot_start_and_stops_the_others() {
     let port = free_port_block();
     let mut u = up(&dir, port, &["--volume", "vol0=64MiB"]);
     sigterm_and_wait(&mut u);
-    let cfg = dir.join("b/site.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replacen("role", "rolle", 1)).unwrap();
+    break_config(&dir, "b");
     let o = Command::new(bin())
         .args(["up", "--dir", dir.to_str().unwrap(), "--port-base", &port.to_string(), "--json"])
         .stdin(Stdio::null())
@@ -323,9 +329,7 @@ fn up_pauses_a_crash_loop_and_says_why() {
     let port = free_port_block();
     let mut u = up(&dir, port, &["--volume", "vol0=64MiB"]);
     let b_pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
-    let cfg = dir.join("b/site.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replacen("role", "rolle", 1)).unwrap();
+    break_config(&dir, "b");
     unsafe { libc::kill(b_pid as i32, libc::SIGKILL) };
     let mut reasons = 0;
     let pause = loop {
