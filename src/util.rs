@@ -143,30 +143,39 @@ impl LogThrottle {
     }
 }
 
-/// A line that may repeat every few seconds while a condition lasts (a
-/// DR out of space refusing each reconnect): the same text is logged once
-/// a minute, a different one at once.
+/// Lines that may repeat every few seconds while a condition lasts (a
+/// DR out of space refusing each reconnect): each text is logged once a
+/// minute, a new one at once. Up to `REPEAT_LOG_TEXTS` texts are
+/// remembered (two groups refused in turn are each throttled); past that
+/// the one unseen longest is forgotten.
 pub struct RepeatLog {
-    last: std::sync::Mutex<Option<(String, LogThrottle)>>,
+    seen: std::sync::Mutex<Vec<(String, LogThrottle, u64)>>,
 }
+
+const REPEAT_LOG_TEXTS: usize = 64;
 
 impl RepeatLog {
     pub const fn new() -> RepeatLog {
-        RepeatLog { last: std::sync::Mutex::new(None) }
+        RepeatLog { seen: std::sync::Mutex::new(Vec::new()) }
     }
 
     /// As `LogThrottle::admit`, per text.
     pub fn admit(&self, text: &str) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match last.as_mut() {
-            Some((t, throttle)) if t == text => throttle.admit(),
-            _ => {
-                let mut throttle = LogThrottle::new(std::time::Duration::from_secs(60));
-                let n = throttle.admit();
-                *last = Some((text.to_string(), throttle));
-                n
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let tick = seen.iter().map(|e| e.2).max().unwrap_or(0) + 1;
+        if let Some(e) = seen.iter_mut().find(|e| e.0 == text) {
+            e.2 = tick;
+            return e.1.admit();
+        }
+        if seen.len() >= REPEAT_LOG_TEXTS {
+            if let Some(i) = seen.iter().enumerate().min_by_key(|(_, e)| e.2).map(|(i, _)| i) {
+                seen.swap_remove(i);
             }
         }
+        let mut throttle = LogThrottle::new(std::time::Duration::from_secs(60));
+        let n = throttle.admit();
+        seen.push((text.to_string(), throttle, tick));
+        n
     }
 }
 
@@ -323,6 +332,23 @@ pub fn set_keepalive(sock: &impl std::os::fd::AsRawFd, (idle, interval, probes):
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_texts_are_each_said_once_a_minute() {
+        let r = RepeatLog::new();
+        assert_eq!(r.admit("group g1 is out of space"), Some(0));
+        assert_eq!(r.admit("group g2 is out of space"), Some(0));
+        for _ in 0..5 {
+            assert_eq!(r.admit("group g1 is out of space"), None);
+            assert_eq!(r.admit("group g2 is out of space"), None);
+        }
+        assert_eq!(r.admit("something else"), Some(0));
+        // More texts than it remembers: none is lost track of wrongly (a
+        // forgotten text is simply said again).
+        for i in 0..200 {
+            assert_eq!(r.admit(&format!("text {i}")), Some(0));
+        }
+    }
 
     /// A panic in some thread of a process that called
     /// `stop_process_on_panic` ends the process (SIGABRT) with an ERROR line

@@ -386,9 +386,11 @@ impl Inner {
         // A record that was not written gives its sequence number back
         // (`new_header` took it, under this same lock): the next one must
         // follow the last written without a gap, or a DR would wait for
-        // the missing number for ever. Relocated and local records reuse
-        // an existing number and took none.
-        if matches!(r, Err(IoError::NoSpace(_))) && h.flags & record::FLAG_RELOCATED == 0 && self.next_seq == h.seq.saturating_add(1) {
+        // the missing number for ever. Whatever the error (a full disk, a
+        // record too large to write); after one that fails the group it
+        // does not matter. Relocated and local records reuse an existing
+        // number and took none.
+        if r.is_err() && h.flags & record::FLAG_RELOCATED == 0 && self.next_seq == h.seq.saturating_add(1) {
             self.next_seq = h.seq;
         }
         r
