@@ -930,10 +930,6 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
     }
 }
 
-/// Waits for the acknowledgement writer to send what it has (the farewell
-/// last), but not past `limit`: a link that takes nothing more (full
-/// buffers, nobody reading) must not hold the connection open.
-/// Returns the writer's own error, if it ended with one.
 /// What `g`'s storage is doing, for why acknowledgements could not go
 /// out: its oldest operation in progress, or `idle`.
 fn storage_now(g: &Group, idle: &str) -> String {
@@ -957,6 +953,10 @@ impl std::fmt::Display for StorageStall {
 
 impl std::error::Error for StorageStall {}
 
+/// Waits for the acknowledgement writer to send what it has (the farewell
+/// last), but not past `limit`: a link that takes nothing more (full
+/// buffers, nobody reading) must not hold the connection open.
+/// Returns the writer's own error, if it ended with one.
 async fn finish_writer(writer: &mut tokio::task::JoinHandle<Result<()>>, limit: Duration) -> Option<anyhow::Error> {
     match tokio::time::timeout(limit, &mut *writer).await {
         Ok(Ok(Err(e))) => Some(e.context("the acknowledgement writer failed")),
