@@ -123,53 +123,42 @@ impl Site {
 
     pub fn group_or_create(&self, name: &str) -> Result<Arc<Group>> {
         crate::util::check_name("group", name).map_err(anyhow::Error::msg)?;
-        if let Some(g) = self.groups.read().unwrap().get(name) {
-            return Ok(g.clone());
+        let (g, new) = self.open_group(name, crate::group::open::Create { id: None, mode: self.cfg.mode.clone() })?;
+        if new {
+            self.start_senders(&g);
         }
-        // Created outside the `groups` lock (only `creating` serializes
-        // creators): its files are written and synced meanwhile, and on a
-        // stalled disk that lock would stall status and the watchdog too.
-        let _one = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(g) = self.groups.read().unwrap().get(name) {
-            return Ok(g.clone());
-        }
-        self.room_for_a_group(name)?;
-        let create = crate::group::open::Create { id: None, mode: self.cfg.mode.clone() };
-        let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
-        crate::crashsafe::fsync_dir(&self.groups_dir())?;
-        self.configure_group(&g);
-        self.groups.write().unwrap().insert(name.to_string(), g.clone());
-        self.start_senders(&g);
         Ok(g)
     }
 
     /// The local copy of a group a primary replicates to this DR site,
     /// created with the primary's group id if it does not exist yet.
     pub fn group_for_replication(&self, name: &str, id: u64, mode: &str) -> Result<Arc<Group>> {
-        if let Some(g) = self.groups.read().unwrap().get(name) {
-            return Ok(g.clone());
-        }
-        // As in `group_or_create`: the files are made outside the `groups` lock.
-        let _one = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(g) = self.groups.read().unwrap().get(name) {
-            return Ok(g.clone());
-        }
-        self.room_for_a_group(name)?;
-        let create = crate::group::open::Create { id: Some(id), mode: mode.to_string() };
-        let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
-        crate::crashsafe::fsync_dir(&self.groups_dir())?;
-        self.configure_group(&g);
-        self.groups.write().unwrap().insert(name.to_string(), g.clone());
-        Ok(g)
+        Ok(self.open_group(name, crate::group::open::Create { id: Some(id), mode: mode.to_string() })?.0)
     }
 
-    /// Refuses a new group past `GROUPS_PER_SITE_MAX`.
-    fn room_for_a_group(&self, name: &str) -> Result<()> {
+    /// The group `name`, and whether this call opened it: opened or
+    /// created as `create` says if this site does not serve it yet (up to
+    /// `GROUPS_PER_SITE_MAX`). Created outside
+    /// the `groups` lock (only `creating` serializes creators): its files
+    /// are written and synced meanwhile, and on a stalled disk that lock
+    /// would stall status and the watchdog too.
+    fn open_group(&self, name: &str, create: crate::group::open::Create) -> Result<(Arc<Group>, bool)> {
+        if let Some(g) = self.groups.read().unwrap().get(name) {
+            return Ok((g.clone(), false));
+        }
+        let _one = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = self.groups.read().unwrap().get(name) {
+            return Ok((g.clone(), false));
+        }
         let n = self.groups.read().unwrap().len();
         if n >= crate::limits::GROUPS_PER_SITE_MAX {
             bail!("site {} already has {n} consistency groups, the most it creates; group {name} is not created", self.cfg.name);
         }
-        Ok(())
+        let g = Group::open_or_create(&self.groups_dir().join(name), name, &create)?;
+        crate::crashsafe::fsync_dir(&self.groups_dir())?;
+        self.configure_group(&g);
+        self.groups.write().unwrap().insert(name.to_string(), g.clone());
+        Ok((g, true))
     }
 
     fn configure_group(&self, g: &Group) {
