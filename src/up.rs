@@ -92,6 +92,11 @@ impl Output {
         self.events.send(if self.json { format!("{v}\n") } else { format!("{human}\n") });
     }
 
+    /// An `error` event about `site`.
+    fn error(&self, site: &str, e: &str) {
+        self.emit(json!({"event": "error", "site": site, "error": e}), &format!("site {site}: {e}"));
+    }
+
     /// Before `up` exits: its last events and echoes are out, if the
     /// readers read within `limit`.
     fn drain(&self, limit: Duration) {
@@ -150,7 +155,7 @@ struct SiteProc {
     child: Option<Child>,
     /// Takes the running site's output to its log (`sitelog`).
     pump: Option<crate::sitelog::Pump>,
-    /// When it was restarted in the last minute (a crash loop is given up).
+    /// When it was restarted in the last minute (a crash loop is paused).
     restarts: Vec<Instant>,
     /// Restarted, not serving yet.
     starting: Option<Starting>,
@@ -210,9 +215,7 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
                 out.emit(json!({"event": "site-exited", "site": p.name, "status": st}), &format!("site {} exited ({st})", p.name));
                 if p.starting.take().is_some() {
                     // What it said last says why.
-                    let last = p.pump.as_ref().map(|pump| pump.last_line(Duration::from_millis(200))).unwrap_or_default();
-                    let e = format!("exited during start ({st}): {last} (log: {})", p.log.display());
-                    out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                    out.error(&p.name, &exited_during_start(p, &st, Duration::from_millis(200)));
                 }
                 p.restart_at = Some(now);
             }
@@ -225,7 +228,7 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
                 // for good over a passing shortage is the worse failure).
                 let wait = Duration::from_secs(limits::SITE_RESTART_PAUSE_S);
                 let e = format!("restarted {} times in the last minute; trying again in {} s (log: {})", p.restarts.len(), wait.as_secs(), p.log.display());
-                out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                out.error(&p.name, &e);
                 p.restart_at = Some(now + wait);
                 continue;
             }
@@ -240,7 +243,7 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
                     let wait = Duration::from_secs(1 << p.spawn_failures.min(5));
                     p.spawn_failures += 1;
                     let e = format!("cannot restart it: {e:#}; trying again in {} s", wait.as_secs());
-                    out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                    out.error(&p.name, &e);
                     p.restart_at = Some(now + wait);
                 }
             }
@@ -253,7 +256,7 @@ fn supervise(procs: &mut [SiteProc], out: &Output, unanswered: &mut BTreeMap<Str
             } else if !s.late && now > s.by {
                 p.starting = Some(Starting { late: true, ..s });
                 let e = format!("did not start serving within {} ms; left running (log: {})", limits::SITE_START_TIMEOUT_MS, p.log.display());
-                out.emit(json!({"event": "error", "site": p.name, "error": e}), &format!("site {}: {e}", p.name));
+                out.error(&p.name, &e);
             }
         }
     }
@@ -384,6 +387,14 @@ fn serving(p: &SiteProc, limit: Duration) -> bool {
         && crate::client::call_within(&format!("http://{}", p.api), "GET", "/status", None, limit).is_ok()
 }
 
+/// Why `p` exited before it served: its status and the last line it
+/// wrote (from its pump's memory, waiting up to `limit` for its output to
+/// end; not from its log file, on a disk that may be stalled).
+fn exited_during_start(p: &SiteProc, status: &str, limit: Duration) -> String {
+    let last = p.pump.as_ref().map(|pump| pump.last_line(limit)).unwrap_or_default();
+    format!("exited during start ({status}): {last} (log: {})", p.log.display())
+}
+
 /// At `up`'s start: waits until `p` serves. `Some(signal)`: a signal
 /// came first (taken from `signals`).
 fn wait_serving(p: &mut SiteProc, signals: &Signals) -> Result<Option<&'static str>> {
@@ -397,8 +408,7 @@ fn wait_serving(p: &mut SiteProc, signals: &Signals) -> Result<Option<&'static s
         }
         if let Some(c) = p.child.as_mut() {
             if let Some(st) = c.try_wait()? {
-                let last = p.pump.as_ref().map(|pump| pump.last_line(Duration::from_secs(1))).unwrap_or_default();
-                bail!("site {} exited during start ({st}): {last} (log: {})", p.name, p.log.display());
+                bail!("site {} {}", p.name, exited_during_start(p, &st.to_string(), Duration::from_secs(1)));
             }
         }
         if Instant::now() > deadline {
@@ -442,11 +452,10 @@ fn stop_all(procs: &mut [SiteProc]) {
 /// Writes the PKI and each site's config (first time only) and returns
 /// the sites to run. Site i gets NBD P+i, API P+10+i, replication P+20+i.
 fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[VolumeSpec], check_ports: bool) -> Result<Vec<SiteProc>> {
+    // `dep` passed `check_deployment` (its port base among others) when it
+    // was made or read; the names may be more than its DR sites (`init`).
     if names.len() > 10 {
         bail!("at most 10 sites per deployment (ports P..P+9 are for NBD)");
-    }
-    if dep.port_base as u32 + 30 > u16::MAX as u32 {
-        bail!("port base {} leaves no room for the site ports (needs P..P+30)", dep.port_base);
     }
     crate::replicate::tls::create_deployment_pki(dir, &dep.id, names)?;
     let addr = |off: u32, i: usize| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], (dep.port_base as u32 + off + i as u32) as u16)) };
