@@ -423,8 +423,7 @@ impl Inner {
                     if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(crate::util::is_no_space)) {
                         return Err(self.no_space(group, msg, total + segment::SEGMENT_HEADER_BYTES));
                     }
-                    self.failed = Some(msg.clone());
-                    return Err(IoError::Failed(msg));
+                    return Err(self.fail(msg));
                 }
             };
             self.segments.insert(id, seg.clone());
@@ -435,29 +434,22 @@ impl Inner {
         }
         let at = pos(self.tail.id, self.tail_off as u32);
         if let Err(e) = crate::log::pwritev_all(&self.tail.file, parts, self.tail_off) {
-            let msg = format!("failed to append {total} bytes at offset {} of log segment {}: {e}", self.tail_off, self.tail.path.display());
+            let mut msg = format!("failed to append {total} bytes at offset {} of log segment {}: {e}", self.tail_off, self.tail.path.display());
             // A full file system wrote nothing usable: the tail stays where
             // it was, and whatever part of this record reached the file is
-            // cut off. Any other error may have left a hole: the group fails.
+            // cut off: a later, shorter record would leave the rest of this
+            // one's payload after it, which replay after a crash could
+            // otherwise read on into (guest data shaped like a record).
+            // Shrinking takes no space. Any other error may have left a
+            // hole: the group fails.
             if crate::util::is_no_space(&e) {
-                // And none of it stays in the file: a later, shorter
-                // record would leave the rest of this one's payload after
-                // it, which replay after a crash could otherwise read on
-                // into (guest data shaped like a record). Shrinking takes
-                // no space.
                 match self.tail.file.set_len(self.tail_off) {
                     Ok(()) => return Err(self.no_space(group, msg, total)),
-                    Err(e2) => {
-                        let msg = format!("{msg}; and cutting the partial record off failed: {e2}");
-                        tracing::error!("{msg}");
-                        self.failed = Some(msg.clone());
-                        return Err(IoError::Failed(msg));
-                    }
+                    Err(e2) => msg = format!("{msg}; and cutting the partial record off failed: {e2}"),
                 }
             }
             tracing::error!("{msg}");
-            self.failed = Some(msg.clone());
-            return Err(IoError::Failed(msg));
+            return Err(self.fail(msg));
         }
         if let Some((since, _, _)) = self.out_of_space.take() {
             space_recovered(&group.name, since);
@@ -471,6 +463,13 @@ impl Inner {
         group.tail_pos.store(self.tail_pos(), Ordering::Release);
         group.appended.notify_waiters();
         Ok(at)
+    }
+
+    /// Fails the group for good (an append error that may have left a
+    /// hole) and returns the error for the caller.
+    fn fail(&mut self, msg: String) -> IoError {
+        self.failed = Some(msg.clone());
+        IoError::Failed(msg)
     }
 
     /// Records that an append found the file system full, says so (once
