@@ -118,16 +118,9 @@ fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, dropped_text: D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
     use std::io::Read;
-    use std::os::fd::FromRawFd;
     use std::sync::Mutex;
 
-    fn pipe() -> (File, File) {
-        let mut fds = [0i32; 2];
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
-    }
 
     fn dropped_line() -> DroppedText {
         Box::new(|n| format!("[{n} dropped]\n"))
@@ -138,7 +131,7 @@ mod tests {
     /// with the number of those that did not fit where they went missing.
     #[test]
     fn a_reader_that_does_not_read_holds_up_nobody() {
-        let (mut rd, wr) = pipe();
+        let (mut rd, wr) = crate::util::pipe().unwrap();
         let failed = Arc::new(Mutex::new(None::<String>));
         let f2 = failed.clone();
         let o = Outlet::start("outlet-test", Box::new(wr), 16, dropped_line(), Box::new(move |e| *f2.lock().unwrap() = Some(e.to_string()))).unwrap();
@@ -183,7 +176,7 @@ mod tests {
     /// keeps taking texts (and draining) as if they were written.
     #[test]
     fn a_reader_that_went_away_is_said_once_and_nothing_else_changes() {
-        let (rd, wr) = pipe();
+        let (rd, wr) = crate::util::pipe().unwrap();
         drop(rd);
         let notes = Arc::new(Mutex::new(Vec::<String>::new()));
         let n2 = notes.clone();

@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,19 +33,20 @@ const LINE_BYTES_MAX: usize = 64 * 1024;
 /// ends (the process exited) and what was read is written.
 pub struct Pump {
     written: Arc<AtomicBool>,
-    /// The last bytes read (up to `TAIL_BYTES`), and whether the output
-    /// has ended: what a site said last, without reading its log file.
-    tail: Arc<(Mutex<Vec<u8>>, AtomicBool)>,
+    held: Arc<(Mutex<Held>, Condvar)>,
 }
 
 const TAIL_BYTES: usize = 4096;
 
 /// Output read and not yet written, in order; bytes dropped since the last
-/// that fit (said in the file where they would have been).
+/// that fit (said in the file where they would have been); the last bytes
+/// read (up to `TAIL_BYTES`: what a site said last, without reading its
+/// log file); whether the output has ended.
 #[derive(Default)]
 struct Held {
     data: Vec<u8>,
     dropped: u64,
+    tail: Vec<u8>,
     ended: bool,
 }
 
@@ -60,18 +60,11 @@ impl Pump {
     /// `site <name>: <line>` on stderr.
     pub fn start(site: &str, log: &Path, echo: Outlet) -> Result<(Stdio, Stdio, Pump)> {
         let mut file = File::options().create(true).append(true).open(log).with_context(|| format!("cannot open {}", log.display()))?;
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 fills two new descriptors on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot make a pipe for a site's output");
-        }
-        // SAFETY: both were just created and are owned here alone.
-        let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (mut rd, wr) = crate::util::pipe().context("cannot make a pipe for a site's output")?;
         let wr2 = wr.try_clone().context("cannot duplicate a site's output pipe")?;
         let held = Arc::new((Mutex::new(Held::default()), Condvar::new()));
         let written = Arc::new(AtomicBool::new(false));
-        let tail: Arc<(Mutex<Vec<u8>>, AtomicBool)> = Arc::default();
-        let (name, h2, t2) = (site.to_string(), held.clone(), tail.clone());
+        let (name, h2) = (site.to_string(), held.clone());
         std::thread::Builder::new()
             .name(format!("log-read-{site}"))
             .spawn(move || {
@@ -85,13 +78,10 @@ impl Pump {
                         Err(_) => break,
                     };
                     echo_warnings(&name, &buf[..n], &mut line, &mut |l| echo.send(l));
-                    {
-                        let mut t = t2.0.lock().unwrap_or_else(|p| p.into_inner());
-                        t.extend_from_slice(&buf[..n]);
-                        let excess = t.len().saturating_sub(TAIL_BYTES);
-                        t.drain(..excess);
-                    }
                     let mut st = h2.0.lock().unwrap_or_else(|p| p.into_inner());
+                    st.tail.extend_from_slice(&buf[..n]);
+                    let excess = st.tail.len().saturating_sub(TAIL_BYTES);
+                    st.tail.drain(..excess);
                     // Past the bound (the file is not being written: a
                     // stalled disk) the bytes are dropped, counted, never
                     // waited for: the site must not wait on its log.
@@ -106,12 +96,11 @@ impl Pump {
                     st.data.extend_from_slice(&buf[..n]);
                     h2.1.notify_one();
                 }
-                t2.1.store(true, Ordering::Release);
                 h2.0.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
                 h2.1.notify_one();
             })
             .context("cannot start a thread for a site's output")?;
-        let (w2, name) = (written.clone(), site.to_string());
+        let (w2, name, h3) = (written.clone(), site.to_string(), held.clone());
         std::thread::Builder::new()
             .name(format!("log-write-{site}"))
             .spawn(move || {
@@ -141,7 +130,7 @@ impl Pump {
                 w2.store(true, Ordering::Release);
             })
             .context("cannot start a thread for a site's log")?;
-        Ok((Stdio::from(wr), Stdio::from(wr2), Pump { written, tail }))
+        Ok((Stdio::from(wr), Stdio::from(wr2), Pump { written, held: h3 }))
     }
 
     /// The last non-empty line the site wrote, without terminal colours,
@@ -149,17 +138,22 @@ impl Pump {
     /// site that exited during start did, from memory, not from its log
     /// file on a disk that may be stalled.
     pub fn last_line(&self, limit: Duration) -> String {
+        // Polled, not waited on the condvar: the writer thread waits there,
+        // and the reader's one wake-up at the end must reach it.
         let deadline = Instant::now() + limit;
-        while !self.tail.1.load(Ordering::Acquire) && Instant::now() < deadline {
+        loop {
+            let st = self.held.0.lock().unwrap_or_else(|p| p.into_inner());
+            if st.ended || Instant::now() >= deadline {
+                let text = String::from_utf8_lossy(&st.tail);
+                return strip_ansi(text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")).trim_end().to_string();
+            }
+            drop(st);
             std::thread::sleep(Duration::from_millis(5));
         }
-        let t = self.tail.0.lock().unwrap_or_else(|p| p.into_inner());
-        let text = String::from_utf8_lossy(&t);
-        strip_ansi(text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")).trim_end().to_string()
     }
 
     /// Waits up to `limit` for everything the exited site wrote to be in
-    /// its log file (before reading the file's last line).
+    /// its log file (before `up` exits).
     pub fn wait_written(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while !self.written.load(Ordering::Acquire) {
@@ -249,10 +243,8 @@ mod tests {
     fn a_stderr_nobody_reads_holds_up_no_site() {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("site.log");
-        let mut fds = [0i32; 2];
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         // The read end stays open and unread for the whole test.
-        let (_unread, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let (_unread, wr) = crate::util::pipe().unwrap();
         let echo = Outlet::start("echo-test", Box::new(wr), 16, Box::new(|n| format!("[{n} dropped]\n")), Box::new(|_| {})).unwrap();
         let (out, err, pump) = Pump::start("a", &log, echo).unwrap();
         // 20,000 warnings of ~110 bytes: ~2 MiB, far past the pipe's 64 KiB.

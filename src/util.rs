@@ -259,6 +259,18 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     Ok((before, want))
 }
 
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two new descriptors on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just created and are owned by the caller alone.
+    Ok(unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) })
+}
+
 /// The file system is full (or the quota used up): an error that passes
 /// once space is freed or added, unlike an I/O error.
 pub fn is_no_space(e: &std::io::Error) -> bool {
