@@ -149,7 +149,8 @@ impl LogThrottle {
 /// remembered (two groups refused in turn are each throttled); past that
 /// the one unseen longest is forgotten.
 pub struct RepeatLog {
-    seen: std::sync::Mutex<Vec<(String, LogThrottle, u64)>>,
+    /// Most recently seen last.
+    seen: std::sync::Mutex<Vec<(String, LogThrottle)>>,
 }
 
 const REPEAT_LOG_TEXTS: usize = 64;
@@ -162,19 +163,17 @@ impl RepeatLog {
     /// As `LogThrottle::admit`, per text.
     pub fn admit(&self, text: &str) -> Option<u64> {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let tick = seen.iter().map(|e| e.2).max().unwrap_or(0) + 1;
-        if let Some(e) = seen.iter_mut().find(|e| e.0 == text) {
-            e.2 = tick;
-            return e.1.admit();
-        }
-        if seen.len() >= REPEAT_LOG_TEXTS {
-            if let Some(i) = seen.iter().enumerate().min_by_key(|(_, e)| e.2).map(|(i, _)| i) {
-                seen.swap_remove(i);
+        let mut entry = match seen.iter().position(|e| e.0 == text) {
+            Some(i) => seen.remove(i),
+            None => {
+                if seen.len() >= REPEAT_LOG_TEXTS {
+                    seen.remove(0);
+                }
+                (text.to_string(), LogThrottle::new(std::time::Duration::from_secs(60)))
             }
-        }
-        let mut throttle = LogThrottle::new(std::time::Duration::from_secs(60));
-        let n = throttle.admit();
-        seen.push((text.to_string(), throttle, tick));
+        };
+        let n = entry.1.admit();
+        seen.push(entry);
         n
     }
 }
