@@ -85,11 +85,12 @@ impl Outlet {
 }
 
 fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, dropped_text: DroppedText, on_fail: OnFail) {
+    // Taken (and called) at the first failed write, after which nothing
+    // more is written.
     let mut on_fail = Some(on_fail);
-    let mut failed = false;
     // Writes `text` after the note of the `n` dropped before it, if any.
     let mut write = |n: u64, text: &str, out: &mut Box<dyn Write + Send>| {
-        if failed {
+        if on_fail.is_none() {
             return;
         }
         let mut all = if n > 0 { dropped_text(n) } else { String::new() };
@@ -98,7 +99,6 @@ fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, dropped_text: D
             return;
         }
         if let Err(e) = out.write_all(all.as_bytes()).and_then(|()| out.flush()) {
-            failed = true;
             if let Some(f) = on_fail.take() {
                 f(&e);
             }
