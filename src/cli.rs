@@ -22,6 +22,11 @@ pub struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The site's admin token file (`<site data dir>/admin.token` on its
+    /// host). Needed for changes from another host or by another local
+    /// user than the site's; reads need none.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -156,11 +161,34 @@ fn human_size(n: u64) -> String {
     format!("{f}{}", U[i])
 }
 
+/// A site's API, with the admin token to send, if one was given.
+struct Api {
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn of(cli: &Cli) -> Result<Api> {
+        let token = match &cli.token_file {
+            None => None,
+            Some(f) => {
+                let raw = std::fs::read(f).with_context(|| format!("cannot read the admin token file {}", f.display()))?;
+                Some(crate::site::admin::parse_token(&raw).with_context(|| format!("{} is not a tidemark admin token", f.display()))?)
+            }
+        };
+        Ok(Api { base: api_url(cli)?, token })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        crate::client::call_as(&self.base, self.token.as_deref(), method, path, body)
+    }
+}
+
 pub fn run_admin(cli: &Cli) -> Result<()> {
-    let api = api_url(cli)?;
+    let api = Api::of(cli)?;
     let out: Value = match &cli.cmd {
         Cmd::Status => {
-            let s = crate::client::call(&api, "GET", "/status", None)?;
+            let s = api.call("GET", "/status", None)?;
             if !cli.json {
                 println!("site {} role {} epoch {}", s["site"].as_str().unwrap_or("?"), s["role"].as_str().unwrap_or("?"), s["epoch"]);
                 for g in s["groups"].as_array().into_iter().flatten() {
@@ -213,7 +241,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             if let Some(g) = group {
                 body["group"] = json!(g);
             }
-            let v = crate::client::call(&api, "POST", "/volumes", Some(&body))?;
+            let v = api.call("POST", "/volumes", Some(&body))?;
             if !cli.json {
                 println!("created volume {name} ({})", human_size(*size));
                 return Ok(());
@@ -221,7 +249,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Volume(VolumeCmd::List) => {
-            let v = crate::client::call(&api, "GET", "/volumes", None)?;
+            let v = api.call("GET", "/volumes", None)?;
             if !cli.json {
                 for x in v.as_array().into_iter().flatten() {
                     println!("{}\t{}\t{}", x["name"].as_str().unwrap_or("?"), human_size(x["size"].as_u64().unwrap_or(0)), x["group"].as_str().unwrap_or("?"));
@@ -231,7 +259,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Volume(VolumeCmd::Resize { name, size }) => {
-            let v = crate::client::call(&api, "POST", &format!("/volumes/{name}/resize"), Some(&json!({"size": size})))?;
+            let v = api.call("POST", &format!("/volumes/{name}/resize"), Some(&json!({"size": size})))?;
             if !cli.json {
                 println!("resized volume {name} to {}", human_size(*size));
                 return Ok(());
@@ -239,7 +267,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Volume(VolumeCmd::Delete { name }) => {
-            let v = crate::client::call(&api, "DELETE", &format!("/volumes/{name}"), None)?;
+            let v = api.call("DELETE", &format!("/volumes/{name}"), None)?;
             if !cli.json {
                 println!("deleted volume {name}");
                 return Ok(());
@@ -247,7 +275,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Group(GroupCmd::Set { name, mode }) => {
-            let v = crate::client::call(&api, "POST", &format!("/groups/{name}"), Some(&json!({"mode": mode})))?;
+            let v = api.call("POST", &format!("/groups/{name}"), Some(&json!({"mode": mode})))?;
             if !cli.json {
                 println!("group {name}: mode {}", v["mode"].as_str().unwrap_or("?"));
                 return Ok(());
@@ -265,10 +293,10 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
 }
 
 /// `snapshot ...`: returns the JSON to print, or None when it printed text.
-fn run_snapshot(api: &str, c: &SnapshotCmd, json_out: bool) -> Result<Option<Value>> {
+fn run_snapshot(api: &Api, c: &SnapshotCmd, json_out: bool) -> Result<Option<Value>> {
     let (v, text) = match c {
         SnapshotCmd::Create { volume, snapshot, writable } => {
-            let v = crate::client::call(api, "POST", "/snapshots", Some(&json!({"volume": volume, "name": snapshot, "writable": writable})))?;
+            let v = api.call("POST", "/snapshots", Some(&json!({"volume": volume, "name": snapshot, "writable": writable})))?;
             let t = format!("created snapshot {} of {volume} at seq {}", v["name"].as_str().unwrap_or("?"), v["created_seq"]);
             (v, t)
         }
@@ -277,7 +305,7 @@ fn run_snapshot(api: &str, c: &SnapshotCmd, json_out: bool) -> Result<Option<Val
                 Some(vol) => format!("/snapshots?volume={}", vol.replace('@', "%40")),
                 None => "/snapshots".into(),
             };
-            let v = crate::client::call(api, "GET", &path, None)?;
+            let v = api.call("GET", &path, None)?;
             let mut t = String::from("NAME\tPARENT\tSEQ\tCREATED\tSIZE\tUNIQUE\tMODE");
             for x in v.as_array().into_iter().flatten() {
                 t.push_str(&format!(
@@ -295,19 +323,19 @@ fn run_snapshot(api: &str, c: &SnapshotCmd, json_out: bool) -> Result<Option<Val
             (v, t)
         }
         SnapshotCmd::Restore { volume, snapshot } => {
-            let v = crate::client::call(api, "POST", "/snapshots/restore", Some(&json!({"volume": volume, "snapshot": snapshot})))?;
+            let v = api.call("POST", "/snapshots/restore", Some(&json!({"volume": volume, "snapshot": snapshot})))?;
             (v, format!("restored {volume} from snapshot {snapshot}"))
         }
         SnapshotCmd::Refresh { volume, snapshot } => {
-            let v = crate::client::call(api, "POST", "/snapshots/refresh", Some(&json!({"volume": volume, "snapshot": snapshot})))?;
+            let v = api.call("POST", "/snapshots/refresh", Some(&json!({"volume": volume, "snapshot": snapshot})))?;
             (v, format!("refreshed snapshot {snapshot} from {volume}"))
         }
         SnapshotCmd::Sync { snap_a, snap_b } => {
-            let v = crate::client::call(api, "POST", "/snapshots/sync", Some(&json!({"from": snap_a, "to": snap_b})))?;
+            let v = api.call("POST", "/snapshots/sync", Some(&json!({"from": snap_a, "to": snap_b})))?;
             (v, format!("snapshot {snap_b} now equals {snap_a}"))
         }
         SnapshotCmd::Delete { volume, snapshot } => {
-            let v = crate::client::call(api, "DELETE", &format!("/snapshots/{volume}/{snapshot}"), None)?;
+            let v = api.call("DELETE", &format!("/snapshots/{volume}/{snapshot}"), None)?;
             (v, format!("deleted snapshot {snapshot} of {volume}"))
         }
     };

@@ -20,6 +20,12 @@ pub fn request(base: &str, method: &str, path: &str, body: Option<&serde_json::V
 /// `request`, each read waiting at most `limit` (the CLI's commands may
 /// take long; a supervisor's status poll must not).
 pub fn request_within(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<Response> {
+    request_as(base, None, method, path, body, limit)
+}
+
+/// `request_within`, sending `token` as the site's admin token (a change
+/// from another host, or by another local user, needs it: `site::admin`).
+pub fn request_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<Response> {
     let hostport = base.strip_prefix("http://").with_context(|| format!("API URL {base:?} must start with http://"))?;
     let hostport = hostport.trim_end_matches('/');
     let mut s = TcpStream::connect(hostport).with_context(|| format!("failed to connect to the API at {base}"))?;
@@ -27,6 +33,9 @@ pub fn request_within(base: &str, method: &str, path: &str, body: Option<&serde_
     s.set_write_timeout(Some(limit))?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: application/json\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
     if body.is_some() {
         req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", payload.len()));
     }
@@ -85,6 +94,11 @@ fn parse(raw: &[u8]) -> Result<Response> {
 /// error carrying the API's own message.
 pub fn call(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
     json_of(request(base, method, path, body)?)
+}
+
+/// `call` with the admin token `token`, if any.
+pub fn call_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
+    json_of(request_as(base, token, method, path, body, Duration::from_secs(120))?)
 }
 
 /// `call` with `request_within`'s limit.

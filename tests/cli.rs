@@ -637,3 +637,82 @@ fn up_reports_a_stalled_disk_and_its_recovery() {
     drop(u);
     drop(disk);
 }
+
+/// R25: each site has its own admin credentials. Reads are open; a change
+/// is accepted from the site's own token, or from its host's loopback by
+/// the site's user or root, and from nothing else: not another local user
+/// without the token, not another site's token. A refusal changes nothing,
+/// names what is needed, is logged and counted.
+#[test]
+fn each_site_has_its_own_admin_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let port = free_port_block();
+    let mut u = up(&dir, port, &["--volume", "vol0=64MiB"]);
+    let d = dir.to_str().unwrap();
+    let (api_a, api_b) = (format!("http://127.0.0.1:{}", port + 10), format!("http://127.0.0.1:{}", port + 11));
+    let (tok_a, tok_b) = (dir.join("a/admin.token"), dir.join("b/admin.token"));
+    for t in [&tok_a, &tok_b] {
+        assert_eq!(std::fs::metadata(t).unwrap().permissions().mode() & 0o777, 0o600, "{}", t.display());
+    }
+    let (secret_a, secret_b) = (std::fs::read_to_string(&tok_a).unwrap(), std::fs::read_to_string(&tok_b).unwrap());
+    assert_ne!(secret_a, secret_b, "each site has its own token");
+
+    // The site's user (root here) on its host needs no token: the
+    // contract's CLI works as it is.
+    let o = tidemark(&["--dir", d, "volume", "create", "mine", "--size", "1M"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Another local user: reads yes, changes no (curl, run as nobody).
+    let as_nobody = |args: &[&str]| {
+        let mut all = vec!["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "curl", "-s", "-w", "\n%{http_code}"];
+        all.extend_from_slice(args);
+        let out = String::from_utf8_lossy(&cmd("setpriv", &all).stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap_or_default();
+        (code.to_string(), body.to_string())
+    };
+    let (code, _) = as_nobody(&[&format!("{api_a}/status")]);
+    assert_eq!(code, "200");
+    let create = |name: &str| format!("{{\"name\":\"{name}\",\"size\":\"1MiB\"}}");
+    let (code, body) = as_nobody(&["-X", "POST", "-H", "Content-Type: application/json", "-d", &create("refused"), &format!("{api_a}/volumes")]);
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("local user 65534") && body.contains(tok_a.to_str().unwrap()), "names who was refused and where the token is: {body}");
+    // With site a's token, the same user may.
+    let bearer_a = format!("Authorization: Bearer {}", secret_a.trim());
+    let (code, body) = as_nobody(&["-X", "POST", "-H", "Content-Type: application/json", "-H", &bearer_a, "-d", &create("granted"), &format!("{api_a}/volumes")]);
+    assert_eq!(code, "200", "{body}");
+    // A's token is not B's: refused at B even from root, before anything
+    // is looked at; B's own token gets through to the operation.
+    let o = tidemark(&["--dir", d, "--site", "b", "--token-file", tok_a.to_str().unwrap(), "snapshot", "delete", "vol0", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not site b's") && err.trim().lines().count() == 1, "{err}");
+    let o = tidemark(&["--api", &api_b, "--token-file", tok_b.to_str().unwrap(), "snapshot", "delete", "vol0", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, body) = as_nobody(&["-X", "DELETE", "-H", &format!("Authorization: Bearer {}", secret_a.trim()), &format!("{api_b}/snapshots/vol0/nosuch")]);
+    assert_eq!(code, "401", "{body}");
+    // A token file that is not one is a clear error, before any request.
+    std::fs::write(tmp.path().join("bad.token"), "not a token\n").unwrap();
+    let o = tidemark(&["--dir", d, "--token-file", tmp.path().join("bad.token").to_str().unwrap(), "volume", "create", "x", "--size", "1M"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.token"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // What the refusals changed: nothing.
+    let o = tidemark(&["--dir", d, "--json", "volume", "list"]);
+    let names: Vec<String> = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.contains(&"mine".to_string()) && names.contains(&"granted".to_string()) && !names.contains(&"refused".to_string()), "{names:?}");
+    // Counted and logged (up echoes the sites' warnings).
+    let m = String::from_utf8(cmd_ok("curl", &["-sf", &format!("{api_a}/metrics")]).stdout).unwrap();
+    assert!(m.lines().any(|l| l == "tidemark_admin_refused_total 1"), "{m}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut errs = Vec::new();
+    while !errs.iter().any(|l: &String| l.contains("admin API: refused POST /volumes")) {
+        assert!(Instant::now() < deadline, "refusal not logged: {errs:?}");
+        if let Ok(l) = u.errs.recv_timeout(Duration::from_millis(200)) {
+            errs.push(l);
+        }
+    }
+    sigterm_and_wait(&mut u);
+}

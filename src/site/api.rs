@@ -5,7 +5,8 @@
 //! GET /snapshots[?volume=V] · POST /snapshots {volume,name,writable}
 //! POST /snapshots/restore {volume,snapshot} · POST /snapshots/refresh {volume,snapshot}
 //! POST /snapshots/sync {from,to} · DELETE /snapshots/{volume}/{snapshot}
-//! Errors: `{"error": "..."}` with 400 (bad request), 404, 409 or 500.
+//! Errors: `{"error": "..."}` with 400 (bad request), 401 (a change without
+//! this site's admin credentials, see `admin`), 404, 409 or 500.
 
 use std::sync::Arc;
 
@@ -58,10 +59,54 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
         .route("/snapshots/refresh", post(refresh_snapshot))
         .route("/snapshots/sync", post(sync_snapshots))
         .route("/snapshots/{volume}/{snapshot}", axum::routing::delete(delete_snapshot))
+        .layer(axum::middleware::from_fn_with_state(site.clone(), admitted))
         .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
         .with_state(site);
-    axum::serve(listener, app).await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<Conn>()).await?;
     Ok(())
+}
+
+/// Both ends of an API connection: whose socket the client's end is, is
+/// looked up by the pair.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: std::net::SocketAddr,
+    local: Option<std::net::SocketAddr>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Conn {
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Conn {
+        Conn { peer: *s.remote_addr(), local: s.io().local_addr().ok() }
+    }
+}
+
+/// Reads pass; a change needs this site's admin credentials
+/// (`admin::AdminAuth::admit`). A refusal is answered 401, counted, and
+/// logged once a minute per client address and reason.
+async fn admitted(State(site): State<Arc<Site>>, axum::extract::ConnectInfo(conn): axum::extract::ConnectInfo<Conn>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::Method;
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    let auth = req.headers().get(axum::http::header::AUTHORIZATION).map(|h| h.as_bytes().to_vec());
+    let Some(local) = conn.local else {
+        return ApiError(StatusCode::UNAUTHORIZED, "the API's own address of this connection is unknown".into()).into_response();
+    };
+    let s = site.clone();
+    // The owner lookup reads /proc: not on the runtime's worker.
+    let verdict = tokio::task::spawn_blocking(move || s.admin.admit(&s.cfg.name, auth.as_deref(), conn.peer, local)).await;
+    match verdict {
+        Ok(Ok(_)) => next.run(req).await,
+        Ok(Err(why)) => {
+            site.metrics.count_admin_refused();
+            static SAID: crate::util::RepeatLog = crate::util::RepeatLog::new();
+            if let Some(n) = SAID.admit(&format!("{} {why}", conn.peer.ip())) {
+                tracing::warn!("admin API: refused {} {} from {}: {why}{}", req.method(), req.uri().path(), conn.peer, crate::util::unlogged_note(n));
+            }
+            ApiError(StatusCode::UNAUTHORIZED, why).into_response()
+        }
+        Err(e) => failed(anyhow::anyhow!("admin check failed: {e}")).into_response(),
+    }
 }
 
 /// The site's status. A group whose lock is not free within

@@ -61,6 +61,8 @@ pub struct Metrics {
     exports: Mutex<BTreeMap<String, Arc<OpCounters>>>,
     /// Replication connections refused before authentication, by `Refused`.
     refused: [AtomicU64; 7],
+    /// Admin API changes refused for want of this site's credentials.
+    admin_refused: AtomicU64,
     buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
     sum_ns: AtomicU64,
     count: AtomicU64,
@@ -73,6 +75,10 @@ impl Metrics {
 
     pub fn count_refused(&self, why: Refused) {
         self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_admin_refused(&self) {
+        self.admin_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn refused(&self, why: Refused) -> u64 {
@@ -173,6 +179,9 @@ impl Metrics {
         for r in Refused::ALL {
             let _ = writeln!(o, "tidemark_replication_refused_total{{reason=\"{}\"}} {}", r.label(), self.refused(r));
         }
+        let _ = writeln!(o, "# HELP tidemark_admin_refused_total Admin API changes refused for want of this site's admin credentials.");
+        let _ = writeln!(o, "# TYPE tidemark_admin_refused_total counter");
+        let _ = writeln!(o, "tidemark_admin_refused_total {}", self.admin_refused.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP tidemark_group_lock_wait_max_seconds Longest wait of a writer for its group's lock since start.");
         let _ = writeln!(o, "# TYPE tidemark_group_lock_wait_max_seconds gauge");
         for g in groups {

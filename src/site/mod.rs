@@ -2,6 +2,7 @@
 //! and the admin API over HTTP, and stops cleanly on SIGINT/SIGTERM (final
 //! group commit and checkpoint).
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod metrics;
@@ -22,6 +23,8 @@ pub struct Site {
     pub cfg: SiteConfig,
     pub groups: RwLock<BTreeMap<String, Arc<Group>>>,
     pub metrics: Arc<Metrics>,
+    /// Who may change this site through its API.
+    pub admin: admin::AdminAuth,
     /// What this site knows as a DR site (heartbeats, connected primary).
     pub dr: crate::replicate::receive::DrState,
     /// Started senders, by (group, peer): a group created later gets its own.
@@ -59,10 +62,12 @@ impl Site {
         if lock.try_lock().is_err() {
             bail!("data directory {} is in use by another tidemark site", cfg.data_dir.display());
         }
+        let admin = admin::AdminAuth::load_or_create(&cfg.data_dir)?;
         let site = Arc::new(Site {
             cfg,
             groups: RwLock::new(BTreeMap::new()),
             metrics: Arc::new(Metrics::default()),
+            admin,
             dr: Default::default(),
             senders: Default::default(),
             client_tls: Default::default(),
