@@ -34,6 +34,10 @@ pub fn request_as(base: &str, token: Option<&str>, method: &str, path: &str, bod
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: application/json\r\n");
     if let Some(t) = token {
+        // Never a way to end the header early and add others.
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!("an admin token is printable ASCII without spaces");
+        }
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     if body.is_some() {

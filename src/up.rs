@@ -505,6 +505,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
                 receiver_nice: crate::limits::RECEIVER_NICE_DEFAULT,
                 replication_log_cap: "64GiB".into(),
                 protect_snapshots: false,
+                admin_peer_auth: true,
             };
             cfg.validate()?;
             crate::crashsafe::write_file(&config, cfg.to_toml().as_bytes())?;

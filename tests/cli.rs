@@ -678,6 +678,33 @@ fn each_site_has_its_own_admin_credentials() {
     let (code, body) = as_nobody(&["-X", "POST", "-H", "Content-Type: application/json", "-d", &create("refused"), &format!("{api_a}/volumes")]);
     assert_eq!(code, "401", "{body}");
     assert!(body.contains("local user 65534") && body.contains(tok_a.to_str().unwrap()), "names who was refused and where the token is: {body}");
+    // Nor by sending a change and closing at once (the kernel shows a
+    // socket no process holds any more as root's).
+    let o = tidemark(&["--dir", d, "volume", "create", "victim", "--size", "1M"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hit_and_run = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {}))\ns.sendall(b'DELETE /volumes/victim HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\nGET /status HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n')\ns.close()\n",
+        port + 10
+    );
+    // Site a is paused meanwhile, so it reads the request only once the
+    // client's socket is closed (what a busy site does by itself, some
+    // of the time).
+    let pid_a = u.ready["sites"]["a"]["pid"].as_u64().unwrap() as i32;
+    for _ in 0..5 {
+        unsafe { libc::kill(pid_a, libc::SIGSTOP) };
+        let o = cmd("setpriv", &["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", "-c", &hit_and_run]);
+        std::thread::sleep(Duration::from_millis(100));
+        unsafe { libc::kill(pid_a, libc::SIGCONT) };
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // A web page cannot either: requests from browsers carry an Origin.
+    let (code, body) = as_nobody(&["-X", "DELETE", "-H", "Origin: http://evil.example", &format!("{api_a}/volumes/victim")]);
+    assert_eq!(code, "401", "{body}");
+    let o = cmd_ok("curl", &["-s", "-X", "DELETE", "-H", "Origin: http://evil.example", "-w", "%{http_code}", &format!("{api_a}/volumes/victim")]);
+    assert!(String::from_utf8_lossy(&o.stdout).ends_with("401"), "even as root: {}", String::from_utf8_lossy(&o.stdout));
+    let o = tidemark(&["--dir", d, "--json", "volume", "list"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"victim\""), "a refused client deleted a volume: {}", String::from_utf8_lossy(&o.stdout));
     // With site a's token, the same user may.
     let bearer_a = format!("Authorization: Bearer {}", secret_a.trim());
     let (code, body) = as_nobody(&["-X", "POST", "-H", "Content-Type: application/json", "-H", &bearer_a, "-d", &create("granted"), &format!("{api_a}/volumes")]);
@@ -705,7 +732,8 @@ fn each_site_has_its_own_admin_credentials() {
     assert!(names.contains(&"mine".to_string()) && names.contains(&"granted".to_string()) && !names.contains(&"refused".to_string()), "{names:?}");
     // Counted and logged (up echoes the sites' warnings).
     let m = String::from_utf8(cmd_ok("curl", &["-sf", &format!("{api_a}/metrics")]).stdout).unwrap();
-    assert!(m.lines().any(|l| l == "tidemark_admin_refused_total 1"), "{m}");
+    let refused: u64 = m.lines().find_map(|l| l.strip_prefix("tidemark_admin_refused_total ")).unwrap().parse().unwrap();
+    assert_eq!(refused, 1 + 5 + 2, "{m}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut errs = Vec::new();
     while !errs.iter().any(|l: &String| l.contains("admin API: refused POST /volumes")) {
@@ -715,4 +743,28 @@ fn each_site_has_its_own_admin_credentials() {
         }
     }
     sigterm_and_wait(&mut u);
+}
+
+/// The admin API is bounded like the other listeners: a client holding
+/// many idle connections gets no more than `API_CONNECTIONS_MAX`, the one
+/// past them is closed at once and counted, and the slots come back when
+/// they close (site::apiconn's unit tests time the idle close).
+#[test]
+fn the_admin_api_bounds_its_connections() {
+    use std::io::{Read, Write};
+    let site = common::Site::start(&[("vol0", "16MiB")]);
+    let addr = format!("127.0.0.1:{}", site.api_port);
+    let held: Vec<std::net::TcpStream> = (0..tidemark::limits::API_CONNECTIONS_MAX).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(&addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = extra.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut b = [0u8; 64];
+    let n = extra.read(&mut b);
+    assert!(matches!(n, Ok(0)) || n.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "one past the cap was answered: {n:?}");
+    drop(held);
+    // Slots come back; the count of refusals says what happened.
+    common::wait_until(10, "the API to answer again", || cmd("curl", &["-sf", "-m", "2", &format!("http://{addr}/status")]).status.success());
+    assert!(site.metric("tidemark_api_connections_refused_total") >= 1.0, "{}", site.metrics());
+    assert!(site.log().contains("api: refusing connection"), "{}", site.log());
 }

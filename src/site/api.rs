@@ -47,6 +47,7 @@ fn failed(e: anyhow::Error) -> ApiError {
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow::Result<()> {
+    let refused = site.metrics.api_connections_refused.clone();
     let app = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -62,48 +63,63 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
         .layer(axum::middleware::from_fn_with_state(site.clone(), admitted))
         .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
         .with_state(site);
+    let listener = super::apiconn::ApiListener::new(listener, crate::limits::API_CONNECTIONS_MAX, std::time::Duration::from_millis(crate::limits::API_IDLE_TIMEOUT_MS), refused);
     axum::serve(listener, app.into_make_service_with_connect_info::<Conn>()).await?;
     Ok(())
 }
 
-/// Both ends of an API connection: whose socket the client's end is, is
-/// looked up by the pair.
-#[derive(Clone, Copy)]
+/// Both ends of an API connection (whose socket the client's end is, is
+/// looked up by the pair), and its count of requests being answered.
+#[derive(Clone)]
 struct Conn {
     peer: std::net::SocketAddr,
     local: Option<std::net::SocketAddr>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Conn {
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Conn {
-        Conn { peer: *s.remote_addr(), local: s.io().local_addr().ok() }
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, super::apiconn::ApiListener>> for Conn {
+    fn connect_info(s: axum::serve::IncomingStream<'_, super::apiconn::ApiListener>) -> Conn {
+        Conn { peer: *s.remote_addr(), local: s.io().local, busy: s.io().busy.clone() }
     }
 }
 
-/// Reads pass; a change needs this site's admin credentials
+/// Marks the connection busy for the request's length; reads pass; a change needs this site's admin credentials
 /// (`admin::AdminAuth::admit`). A refusal is answered 401, counted, and
 /// logged once a minute per client address and reason.
 async fn admitted(State(site): State<Arc<Site>>, axum::extract::ConnectInfo(conn): axum::extract::ConnectInfo<Conn>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use axum::http::Method;
+    // The connection's idle clock stops while this request is answered.
+    let _busy = super::apiconn::Busy::new(&conn.busy);
     if req.method() == Method::GET || req.method() == Method::HEAD {
         return next.run(req).await;
     }
-    let auth = req.headers().get(axum::http::header::AUTHORIZATION).map(|h| h.as_bytes().to_vec());
+    let (auth, host, origin) = {
+        let h = req.headers();
+        let header = |name| h.get(name).map(|v: &axum::http::HeaderValue| v.as_bytes().to_vec());
+        (header(axum::http::header::AUTHORIZATION), header(axum::http::header::HOST), h.contains_key(axum::http::header::ORIGIN))
+    };
     let Some(local) = conn.local else {
         return ApiError(StatusCode::UNAUTHORIZED, "the API's own address of this connection is unknown".into()).into_response();
     };
     let s = site.clone();
+    let peer = conn.peer;
     // The owner lookup reads /proc: not on the runtime's worker.
-    let verdict = tokio::task::spawn_blocking(move || s.admin.admit(&s.cfg.name, auth.as_deref(), conn.peer, local)).await;
+    let verdict = tokio::task::spawn_blocking(move || {
+        let q = super::admin::Asking { authorization: auth.as_deref(), host: host.as_deref(), origin, peer, local };
+        s.admin.admit(&s.cfg.name, &q)
+    })
+    .await;
     match verdict {
         Ok(Ok(_)) => next.run(req).await,
-        Ok(Err(why)) => {
+        Ok(Err(no)) => {
             site.metrics.count_admin_refused();
             static SAID: crate::util::RepeatLog = crate::util::RepeatLog::new();
-            if let Some(n) = SAID.admit(&format!("{} {why}", conn.peer.ip())) {
-                tracing::warn!("admin API: refused {} {} from {}: {why}{}", req.method(), req.uri().path(), conn.peer, crate::util::unlogged_note(n));
+            if let Some(n) = SAID.admit(&format!("{} {}", peer.ip(), no.kind)) {
+                tracing::warn!("admin API: refused {} {} from {peer}: {}{}", req.method(), req.uri().path(), no.reason, crate::util::unlogged_note(n));
             }
-            ApiError(StatusCode::UNAUTHORIZED, why).into_response()
+            let mut r = ApiError(StatusCode::UNAUTHORIZED, no.reason).into_response();
+            r.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer realm=\"tidemark\""));
+            r
         }
         Err(e) => failed(anyhow::anyhow!("admin check failed: {e}")).into_response(),
     }

@@ -108,6 +108,16 @@ pub struct SiteConfig {
     /// admin deletes it here.
     #[serde(default)]
     pub protect_snapshots: bool,
+    /// Whether a change through the admin API from this host's loopback,
+    /// by the site's user or root, needs no token (`site::admin`). Off:
+    /// every change needs `<data_dir>/admin.token`, e.g. where other
+    /// sites or proxies run as the same user on this host.
+    #[serde(default = "yes")]
+    pub admin_peer_auth: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_log_cap() -> String {

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod api;
+mod apiconn;
 pub mod config;
 pub mod metrics;
 
@@ -62,7 +63,7 @@ impl Site {
         if lock.try_lock().is_err() {
             bail!("data directory {} is in use by another tidemark site", cfg.data_dir.display());
         }
-        let admin = admin::AdminAuth::load_or_create(&cfg.data_dir)?;
+        let admin = admin::AdminAuth::load_or_create(&cfg.data_dir, cfg.admin_peer_auth)?;
         let site = Arc::new(Site {
             cfg,
             groups: RwLock::new(BTreeMap::new()),
