@@ -64,7 +64,7 @@ pub struct Asking<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The `Host` header.
     pub host: Option<&'a [u8]>,
-    /// Whether an `Origin` header came (a browser's request).
+    /// Whether an `Origin` or `Sec-Fetch-*` header came (a browser's request).
     pub origin: bool,
     /// The client's address.
     pub peer: SocketAddr,
@@ -155,7 +155,7 @@ impl AdminAuth {
 fn read_private(path: &Path, uid: u32) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut f = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mut f = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?; // not a link; a FIFO planted there cannot hold the start
     let m = f.metadata()?;
     if !m.is_file() {
         bail!("not a regular file");

@@ -96,7 +96,12 @@ async fn admitted(State(site): State<Arc<Site>>, axum::extract::ConnectInfo(conn
     let (auth, host, origin) = {
         let h = req.headers();
         let header = |name| h.get(name).map(|v: &axum::http::HeaderValue| v.as_bytes().to_vec());
-        (header(axum::http::header::AUTHORIZATION), header(axum::http::header::HOST), h.contains_key(axum::http::header::ORIGIN))
+        (
+            header(axum::http::header::AUTHORIZATION),
+            header(axum::http::header::HOST),
+            // What browsers add to requests a page makes (fetch metadata too).
+            ["origin", "sec-fetch-site", "sec-fetch-mode"].iter().any(|n| h.contains_key(*n)),
+        )
     };
     let Some(local) = conn.local else {
         return ApiError(StatusCode::UNAUTHORIZED, "the API's own address of this connection is unknown".into()).into_response();
