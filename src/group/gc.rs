@@ -57,7 +57,7 @@ impl Group {
                     .segments
                     .values()
                     .filter(|s| s.id < limit && s.id != inner.tail.id && !inner.pinned(s.id) && !inner.gc_skipped.contains_key(&s.id) && !stuck.contains(&s.id))
-                    .map(|s| (inner.live_refs(s.id) * BLOCK_BYTES, s.clone()))
+                    .map(|s| (inner.distinct_refs(s.id) * BLOCK_BYTES, s.clone()))
                     .min_by_key(|(l, _)| *l);
                 match best {
                     Some((l, s)) if (l as f64) <= s.len() as f64 * GC_LIVE_RATIO_MAX => Some(s),

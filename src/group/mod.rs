@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::limits::{BLOCK_BYTES, SEGMENT_BYTES};
 use crate::log::record::{self, Header, Kind, FLAG_RELOCATED, FLAG_RESYNC, HEADER_BYTES};
 use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment};
-use crate::volume::map::{Entry, SEG_HOLE, SEG_ZERO};
+use crate::volume::map::{Entry, REGION_BLOCKS, SEG_HOLE, SEG_ZERO};
 use crate::volume::Volume;
 
 /// Data-path errors, mapped to NBD error codes by the server.
@@ -76,6 +76,13 @@ pub(crate) struct Inner {
     pub last_ident: Option<u32>,
     pub next_volume_id: u32,
     pub volumes: BTreeMap<u32, Volume>,
+    /// Per log segment, the distinct log blocks any map points at: a block
+    /// shared by several maps (a volume and its snapshots) counts once.
+    /// What GC weighs (`distinct_refs`, `live_bytes`); freeing a segment
+    /// still asks every map (`live_refs`). Kept up to date by every change
+    /// to the maps (`set_entry`, `relocate_entry`, `forget_map`,
+    /// `recount_distinct`).
+    pub distinct: HashMap<u32, u64>,
     pub segments: BTreeMap<u32, Arc<Segment>>,
     pub tail: Arc<Segment>,
     pub tail_off: u64,
@@ -240,17 +247,102 @@ impl Inner {
         }
     }
 
-    fn set_entry(&mut self, vol: u32, block: u64, e: Entry) {
-        let Some(v) = self.volumes.get_mut(&vol) else { return };
+    /// Sets block `block` of map `vol` to `e`. `fresh`: `e` is a place
+    /// no map points at yet (a write just appended), so no other map is
+    /// asked whether it holds it.
+    fn set_entry(&mut self, vol: u32, block: u64, e: Entry, fresh: bool) {
+        let Some(v) = self.volumes.get(&vol) else { return };
         if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
             return;
         }
-        v.map.set(block, e);
+        let old = v.map.get(block);
+        if old == e {
+            return;
+        }
+        let alone = self.volumes.len() == 1;
+        let old_gone = old.is_data() && (alone || !self.held_by_other(vol, block, old));
+        let new_here = e.is_data() && (alone || fresh || !self.held_by_other(vol, block, e));
+        if let Some(v) = self.volumes.get_mut(&vol) {
+            v.map.set(block, e);
+        }
+        if old_gone {
+            self.uncount(old.seg, 1);
+        }
+        if new_here {
+            *self.distinct.entry(e.seg).or_insert(0) += 1;
+        }
     }
 
-    /// References to segment `seg` from all maps (volumes and snapshots).
+    fn uncount(&mut self, seg: u32, n: u64) {
+        if let Some(c) = self.distinct.get_mut(&seg) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.distinct.remove(&seg);
+            }
+        }
+    }
+
+    /// Does a map other than `vol` have `e` at block `b`? (Maps share a
+    /// block only at the same place: they are copies of one another.)
+    fn held_by_other(&self, vol: u32, b: u64, e: Entry) -> bool {
+        self.volumes.values().any(|v| v.id != vol && b < v.map.blocks() && v.map.get(b) == e)
+    }
+
+    /// Before map `vol` is dropped or replaced: its blocks that no other
+    /// map holds stop counting. A region it shares with another map is
+    /// skipped whole (the other holds every block of it).
+    pub(super) fn forget_map(&mut self, vol: u32) {
+        let Some(v) = self.volumes.get(&vol) else { return };
+        let mut gone: HashMap<u32, u64> = HashMap::new();
+        for r in 0..v.map.regions() {
+            if !v.map.region_present(r) || self.volumes.values().any(|w| w.id != vol && w.map.region_present(r) && v.map.region_shared(&w.map, r)) {
+                continue;
+            }
+            let (from, to) = (r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS);
+            v.map.for_each_mapped_in(from, to, |b, e| {
+                if e.is_data() && !self.held_by_other(vol, b, e) {
+                    *gone.entry(e.seg).or_insert(0) += 1;
+                }
+            });
+        }
+        for (seg, n) in gone {
+            self.uncount(seg, n);
+        }
+    }
+
+    /// Counts `distinct` afresh from the maps (at open, and after a resync
+    /// commit replaced maps wholesale): each map's blocks that no map
+    /// before it (by id) holds at the same place.
+    pub(super) fn recount_distinct(&mut self) {
+        let mut d: HashMap<u32, u64> = HashMap::new();
+        let maps: Vec<&Volume> = self.volumes.values().collect();
+        for (i, v) in maps.iter().enumerate() {
+            let before = &maps[..i];
+            for r in 0..v.map.regions() {
+                if !v.map.region_present(r) || before.iter().any(|w| w.map.region_present(r) && v.map.region_shared(&w.map, r)) {
+                    continue;
+                }
+                let (from, to) = (r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS);
+                v.map.for_each_mapped_in(from, to, |b, e| {
+                    if e.is_data() && !before.iter().any(|w| b < w.map.blocks() && w.map.get(b) == e) {
+                        *d.entry(e.seg).or_insert(0) += 1;
+                    }
+                });
+            }
+        }
+        self.distinct = d;
+    }
+
+    /// References to segment `seg` from all maps (volumes and snapshots):
+    /// zero means no map needs it (what freeing a segment asks).
     pub fn live_refs(&self, seg: u32) -> u64 {
         self.volumes.values().map(|v| v.map.seg_refs(seg)).sum()
+    }
+
+    /// Distinct blocks of segment `seg` that some map needs: what cleaning
+    /// it would copy.
+    pub fn distinct_refs(&self, seg: u32) -> u64 {
+        self.distinct.get(&seg).copied().unwrap_or(0)
     }
 
     /// The first map (by id) whose block `block` is exactly `e`: a GC
@@ -266,10 +358,16 @@ impl Inner {
         if !old.is_data() {
             return;
         }
+        let mut moved = false;
         for v in self.volumes.values_mut() {
             if b < v.map.blocks() && v.map.get(b) == old {
                 v.map.set(b, new);
+                moved = true;
             }
+        }
+        if moved && old != new {
+            self.uncount(old.seg, 1);
+            *self.distinct.entry(new.seg).or_insert(0) += 1;
         }
     }
 
@@ -309,25 +407,38 @@ impl Inner {
                     if relocated {
                         self.relocate_entry(h.volume, first + i as u64, e);
                     } else {
-                        self.set_entry(h.volume, first + i as u64, e);
+                        self.set_entry(h.volume, first + i as u64, e, true);
                     }
                 }
             }
             Kind::Zero | Kind::Trim => {
                 let e = if h.kind == Kind::Zero { Entry::ZERO } else { Entry::HOLE };
                 for b in first..first + h.length as u64 / BLOCK_BYTES {
-                    self.set_entry(h.volume, b, e);
+                    self.set_entry(h.volume, b, e, false);
                 }
             }
             Kind::VolumeCreate => {
                 let name = String::from_utf8_lossy(body.unwrap_or_default()).into_owned();
+                self.forget_map(h.volume);
                 self.volumes.insert(h.volume, Volume::new(h.volume, name, h.offset));
                 self.next_volume_id = self.next_volume_id.max(h.volume + 1);
             }
             Kind::VolumeResize => {
+                let new_blocks = h.offset.div_ceil(BLOCK_BYTES);
+                // Blocks past a smaller end are dropped: each stops
+                // counting unless another map holds it.
+                let mut dropped = Vec::new();
+                if let Some(v) = self.volumes.get(&h.volume) {
+                    v.map.for_each_mapped_from(new_blocks, |b, e| dropped.push((b, e)));
+                }
                 if let Some(v) = self.volumes.get_mut(&h.volume) {
-                    v.map.resize(h.offset.div_ceil(BLOCK_BYTES));
+                    v.map.resize(new_blocks);
                     v.size = h.offset;
+                }
+                for (b, e) in dropped {
+                    if e.is_data() && !self.held_by_other(h.volume, b, e) {
+                        self.uncount(e.seg, 1);
+                    }
                 }
             }
             Kind::VolumeDelete => self.apply_delete(h),
@@ -511,10 +622,12 @@ impl Inner {
         self.seg_seqs.get(&seg).is_some_and(|(_, hi)| hi >= min_pin)
     }
 
-    /// Bytes referenced by all maps (a block shared by a volume and its
-    /// snapshot counts twice: GC is then less eager, never wrong).
+    /// Bytes of log the maps need, each block once however many maps
+    /// share it (before, a block shared by a volume and its snapshot
+    /// counted once per map, and with a few snapshots GC waited for a log
+    /// several times the data it held before cleaning).
     pub fn live_bytes(&self) -> u64 {
-        self.volumes.values().map(|v| v.map.seg_ref_counts().values().sum::<u64>()).sum::<u64>() * BLOCK_BYTES
+        self.distinct.values().sum::<u64>() * BLOCK_BYTES
     }
 }
 

@@ -116,6 +116,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         last_ident,
         next_volume_id,
         volumes: inner_volumes.drain(..).map(|v| (v.id, v)).collect(),
+        distinct: std::collections::HashMap::new(),
         segments: BTreeMap::new(),
         tail: first_tail.clone(),
         tail_off: first_tail.len(),
@@ -136,6 +137,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         gc_skipped: BTreeMap::new(),
         times: Default::default(),
     };
+    inner.recount_distinct();
 
     // From the replay start on, no segment is missing: GC frees only
     // segments before the checkpoint, and a cut moves all the later ones.

@@ -126,6 +126,9 @@ impl Inner {
             retained: false,
         };
         let v = Volume { id: h.volume, name: b.name.clone(), size: src.size, map: src.map.clone(), snap: Some(snap) };
+        // A copy: every block it points at is the source's (nothing new
+        // to count), unless it replaces a map of the same id.
+        self.forget_map(h.volume);
         // A snapshot this DR site retained against the primary's delete
         // gives its name up to the new one.
         if let Some(old) = self.volumes.values_mut().find(|o| o.name == b.name && o.snap.as_ref().is_some_and(|s| s.retained)) {
@@ -139,6 +142,10 @@ impl Inner {
     pub(super) fn apply_map_copy(&mut self, h: &Header) {
         let Some(src) = self.volumes.get(&(h.offset as u32)) else { return };
         let (map, size) = (src.map.clone(), src.size);
+        if h.volume == h.offset as u32 {
+            return;
+        }
+        self.forget_map(h.volume);
         if let Some(dst) = self.volumes.get_mut(&h.volume) {
             dst.map = map;
             dst.size = size;
@@ -153,6 +160,7 @@ impl Inner {
                 return;
             }
         }
+        self.forget_map(h.volume);
         self.volumes.remove(&h.volume);
     }
 
@@ -208,9 +216,12 @@ impl Inner {
         // if the attempt staged blocks for it before the primary deleted it.
         for ((vol, block), e) in self.staging.take().unwrap_or_default() {
             if keep.contains(&vol) {
-                self.set_entry(vol, block, e);
+                self.set_entry(vol, block, e, false);
             }
         }
+        // Maps were dropped, replaced and rebuilt above: count afresh
+        // (a resync commit is rare; this walks every map once).
+        self.recount_distinct();
         self.next_seq = h.seq + 1;
     }
 

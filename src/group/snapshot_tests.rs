@@ -19,7 +19,27 @@ fn read_all(g: &Group, name: &str) -> Vec<u8> {
     buf
 }
 
+/// The distinct-block counts GC weighs equal a count made from scratch:
+/// every log place some map points at, once.
+pub(super) fn check_distinct(g: &Group, when: &str) {
+    let inner = g.lock_read();
+    let mut places = std::collections::HashSet::new();
+    for v in inner.volumes.values() {
+        v.map.for_each_mapped(|_, e| {
+            if e.is_data() {
+                places.insert((e.seg, e.off));
+            }
+        });
+    }
+    let mut want: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for (seg, _) in places {
+        *want.entry(seg).or_insert(0) += 1;
+    }
+    assert_eq!(inner.distinct, want, "{when}: distinct block counts are off");
+}
+
 fn check(g: &Group, model: &BTreeMap<String, Vec<u8>>, when: &str) {
+    check_distinct(g, when);
     let names: Vec<String> = g.maps().into_iter().map(|v| v.name).collect();
     assert_eq!(names.len(), model.len(), "{when}: maps {names:?} vs model {:?}", model.keys().collect::<Vec<_>>());
     for (name, want) in model {
@@ -94,6 +114,13 @@ fn seeded_snapshot_ops_match_model_and_survive_reopen_and_crash() {
             }
             if step % 50 == 0 {
                 check(&g, &model, &format!("seed {seed} step {step}"));
+            }
+            check_distinct(&g, &format!("seed {seed} step {step}"));
+            if step % 60 == 59 {
+                // GC relocations move shared blocks of every map at once.
+                g.checkpoint().unwrap();
+                g.collect_garbage().unwrap();
+                check_distinct(&g, &format!("seed {seed} step {step} after GC"));
             }
         }
         check(&g, &model, &format!("seed {seed} end"));
@@ -200,6 +227,7 @@ fn gc_keeps_snapshot_blocks_and_frees_them_after_delete() {
     let first = g.segment(1).expect("segment 1 still held by the snapshot");
     assert_eq!(g.relocate(&first).unwrap(), None);
     assert_eq!(g.lock_read().live_refs(1), 0, "segment 1 still referenced after relocation");
+    check_distinct(&g, "after relocating blocks shared by a volume and its snapshot");
     assert!(g.stats.gc_relocated_bytes.load(Ordering::Relaxed) > 0);
     assert!(read_all(&g, "v@keep") == snap_model, "snapshot changed under GC");
     assert!(read_all(&g, "v") == model, "volume changed under GC");
@@ -227,6 +255,7 @@ fn gc_keeps_snapshot_blocks_and_frees_them_after_delete() {
         }
     }
     g.collect_garbage().unwrap();
+    check_distinct(&g, "after the snapshot's delete and cleaning");
     for seg in &snap_segs {
         assert!(g.segment(*seg).is_none(), "segment {seg} (the deleted snapshot's) was not freed after cleaning");
     }
@@ -235,6 +264,59 @@ fn gc_keeps_snapshot_blocks_and_frees_them_after_delete() {
     drop(g);
     let g = Group::open(dir.path(), "cg0").unwrap();
     assert!(read_all(&g, "v") == model);
+}
+
+/// GC weighs a block shared by a volume and its snapshots once: with
+/// three snapshots of a written volume, the live bytes are the volume's,
+/// not four times them, and a segment half of whose blocks are garbage is
+/// a candidate for cleaning although every live block in it is shared.
+#[test]
+fn a_block_shared_by_snapshots_counts_once_for_gc() {
+    crate::util::set_sim_clock(Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let g: Arc<Group> = Group::open(dir.path(), "cg0").unwrap();
+    let size: u64 = 32 << 20;
+    let vol = g.create_volume("v", size).unwrap();
+    for i in 0..size / 65536 {
+        g.write(vol, i * 65536, &vec![1u8; 65536]).unwrap();
+    }
+    // The first half again: segment 1's first half is garbage now.
+    for i in 0..size / 2 / 65536 {
+        g.write(vol, i * 65536, &vec![2u8; 65536]).unwrap();
+    }
+    assert_eq!(g.live_bytes(), size);
+    for s in ["a", "b", "c"] {
+        g.create_snapshot("v", s, false).unwrap();
+    }
+    assert_eq!(g.live_bytes(), size, "four maps sharing every block");
+    {
+        let inner = g.lock_read();
+        let seg1 = inner.segments[&1].len();
+        let live = inner.distinct_refs(1) * BLOCK_BYTES;
+        assert_eq!(inner.live_refs(1) * BLOCK_BYTES, 4 * live, "every map still points at the shared half");
+        assert!(live as f64 <= seg1 as f64 * crate::limits::GC_LIVE_RATIO_MAX, "segment 1 ({seg1} bytes, {live} live) is no cleaning candidate");
+    }
+    // The volume moves on: the snapshots' copy of the second half is
+    // theirs alone, counted once for the three.
+    for i in size / 2 / 65536..size / 65536 {
+        g.write(vol, i * 65536, &vec![3u8; 65536]).unwrap();
+    }
+    assert_eq!(g.live_bytes(), size + size / 2);
+    check_distinct(&g, "after the volume moved on");
+    g.delete_snapshot("v", "a").unwrap();
+    g.delete_snapshot("v", "b").unwrap();
+    assert_eq!(g.live_bytes(), size + size / 2, "c still holds the old half");
+    g.delete_snapshot("v", "c").unwrap();
+    assert_eq!(g.live_bytes(), size);
+    g.resize_volume("v", size / 2).unwrap();
+    assert_eq!(g.live_bytes(), size / 2);
+    check_distinct(&g, "after the shrink");
+    // The same after a reopen (counted from the checkpoint and replay).
+    g.close().unwrap();
+    drop(g);
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    assert_eq!(g.live_bytes(), size / 2);
+    check_distinct(&g, "after reopen");
 }
 
 /// A checkpoint stores a region shared by several maps once, and loading
@@ -344,6 +426,7 @@ fn a_retained_snapshot_takes_no_staged_blocks_at_the_commit() {
     assert!(buf.iter().all(|b| *b == 7), "the retained snapshot kept its own content");
     g.read(v, 0, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 7));
+    check_distinct(&g, "after a resync commit");
 }
 
 /// Records from a primary that this site would act on are bounded before

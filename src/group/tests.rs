@@ -354,10 +354,12 @@ fn gc_reclaims_overwritten_space() {
     }
     assert!(g.stats.gc_segments_freed.load(std::sync::atomic::Ordering::Relaxed) > 0);
     model_check(&g, vol, &model);
+    super::snapshot_tests::check_distinct(&g, "after GC caught up");
     g.close().unwrap();
     drop(g);
     let g = Group::open(dir.path(), "cg0").unwrap();
     model_check(&g, vol, &model);
+    super::snapshot_tests::check_distinct(&g, "after reopen");
 }
 
 mod garbage_on_disk {
@@ -544,6 +546,7 @@ pub(crate) mod power_cut {
             };
             let c = Group::open(&copy, "cg0").unwrap_or_else(|e| panic!("seed {seed} cut {cut}: log does not open: {e:#}"));
             let cv = c.volume("v").expect("volume survives").id;
+            crate::group::snapshot_tests::check_distinct(&c, &format!("seed {seed} cut {cut}"));
             let mut all = vec![0u8; (BLOCKS * 4096) as usize];
             c.read(cv, 0, &mut all).unwrap();
             for b in 0..BLOCKS {
