@@ -248,29 +248,29 @@ impl Inner {
     }
 
     /// Sets block `block` of map `vol` to `e`. `fresh`: `e` is a place
-    /// no map points at yet (a write just appended), so no other map is
-    /// asked whether it holds it.
-    fn set_entry(&mut self, vol: u32, block: u64, e: Entry, fresh: bool) {
-        let Some(v) = self.volumes.get(&vol) else { return };
+    /// no map points at yet (a write just appended): no other map is asked
+    /// whether it holds it, and the caller counts it (once per record);
+    /// returns whether the block was set to it.
+    fn set_entry(&mut self, vol: u32, block: u64, e: Entry, fresh: bool) -> bool {
+        let Some(v) = self.volumes.get(&vol) else { return false };
         if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
-            return;
-        }
-        let old = v.map.get(block);
-        if old == e {
-            return;
+            return false;
         }
         let alone = self.volumes.len() == 1;
-        let old_gone = old.is_data() && (alone || !self.held_by_other(vol, block, old));
-        let new_here = e.is_data() && (alone || fresh || !self.held_by_other(vol, block, e));
-        if let Some(v) = self.volumes.get_mut(&vol) {
-            v.map.set(block, e);
+        let Some(v) = self.volumes.get_mut(&vol) else { return false };
+        let old = v.map.set(block, e);
+        if old == e {
+            return false;
         }
-        if old_gone {
+        // Asked after the set: this map no longer holds `old`, and other
+        // maps are unchanged.
+        if old.is_data() && (alone || !self.held_by_other(vol, block, old)) {
             self.uncount(old.seg, 1);
         }
-        if new_here {
+        if e.is_data() && !fresh && (alone || !self.held_by_other(vol, block, e)) {
             *self.distinct.entry(e.seg).or_insert(0) += 1;
         }
+        true
     }
 
     fn uncount(&mut self, seg: u32, n: u64) {
@@ -401,14 +401,18 @@ impl Inner {
         match h.kind {
             Kind::Write => {
                 let relocated = h.flags & FLAG_RELOCATED != 0;
+                let mut set = 0;
                 for i in 0..h.blocks() {
                     let off = pos_off(at) as u64 + h.block_payload_offset(i);
                     let e = Entry { seg: pos_seg(at), off: off as u32, crc: record::crc_at(checked, i as usize) };
                     if relocated {
                         self.relocate_entry(h.volume, first + i as u64, e);
-                    } else {
-                        self.set_entry(h.volume, first + i as u64, e, true);
+                    } else if self.set_entry(h.volume, first + i as u64, e, true) {
+                        set += 1;
                     }
+                }
+                if set > 0 {
+                    *self.distinct.entry(pos_seg(at)).or_insert(0) += set;
                 }
             }
             Kind::Zero | Kind::Trim => {
