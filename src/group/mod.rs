@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::limits::{BLOCK_BYTES, SEGMENT_BYTES};
 use crate::log::record::{self, Header, Kind, FLAG_RELOCATED, FLAG_RESYNC, HEADER_BYTES};
 use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment};
-use crate::volume::map::{Entry, REGION_BLOCKS, SEG_HOLE, SEG_ZERO};
+use crate::volume::map::{Entry, SEG_HOLE, SEG_ZERO};
 use crate::volume::Volume;
 
 /// Data-path errors, mapped to NBD error codes by the server.
@@ -83,6 +83,10 @@ pub(crate) struct Inner {
     /// to the maps (`set_entry`, `relocate_entry`, `forget_map`,
     /// `recount_distinct`).
     pub distinct: HashMap<u32, u64>,
+    /// Per log segment, the references of all maps together (a block two
+    /// maps share counts twice). Where it equals `distinct`, no block of
+    /// the segment is shared, and no other map needs asking.
+    pub refs: HashMap<u32, u64>,
     pub segments: BTreeMap<u32, Arc<Segment>>,
     pub tail: Arc<Segment>,
     pub tail_off: u64,
@@ -249,58 +253,105 @@ impl Inner {
 
     /// Sets block `block` of map `vol` to `e`. `fresh`: `e` is a place
     /// no map points at yet (a write just appended): no other map is asked
-    /// whether it holds it, and the caller counts it (once per record);
-    /// returns whether the block was set to it.
+    /// whether it holds it, and the caller counts it in `refs` and
+    /// `distinct` (once per record); returns whether the block was set to it.
     fn set_entry(&mut self, vol: u32, block: u64, e: Entry, fresh: bool) -> bool {
-        let Some(v) = self.volumes.get(&vol) else { return false };
+        let Some(v) = self.volumes.get_mut(&vol) else { return false };
         if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
             return false;
         }
-        let alone = self.volumes.len() == 1;
-        let Some(v) = self.volumes.get_mut(&vol) else { return false };
         let old = v.map.set(block, e);
         if old == e {
             return false;
         }
-        // Asked after the set: this map no longer holds `old`, and other
-        // maps are unchanged.
-        if old.is_data() && (alone || !self.held_by_other(vol, block, old)) {
-            self.uncount(old.seg, 1);
+        if old.is_data() {
+            // A segment with no block held twice needs no asking.
+            let ask = self.shared_in(old.seg);
+            self.add_refs(old.seg, -1);
+            // Asked after the set: this map no longer holds `old`, and
+            // other maps are unchanged.
+            if !ask || !self.held_by_other(vol, block, old) {
+                self.uncount(old.seg, 1);
+            }
         }
-        if e.is_data() && !fresh && (alone || !self.held_by_other(vol, block, e)) {
-            *self.distinct.entry(e.seg).or_insert(0) += 1;
+        if e.is_data() && !fresh {
+            self.add_refs(e.seg, 1);
+            if !self.held_by_other(vol, block, e) {
+                *self.distinct.entry(e.seg).or_insert(0) += 1;
+            }
         }
         true
     }
 
+    /// Does some block of segment `seg` have more than one map pointing at it?
+    fn shared_in(&self, seg: u32) -> bool {
+        self.refs.get(&seg).copied().unwrap_or(0) > self.distinct_refs(seg)
+    }
+
+    fn add_refs(&mut self, seg: u32, n: i64) {
+        let c = self.refs.entry(seg).or_insert(0);
+        if cfg!(test) {
+            assert!(n >= 0 || *c >= n.unsigned_abs(), "segment {seg}: {} references, dropping {}", *c, -n);
+        }
+        *c = c.saturating_add_signed(n);
+        if *c == 0 {
+            self.refs.remove(&seg);
+        }
+    }
+
     fn uncount(&mut self, seg: u32, n: u64) {
-        if let Some(c) = self.distinct.get_mut(&seg) {
-            *c = c.saturating_sub(n);
-            if *c == 0 {
-                self.distinct.remove(&seg);
-            }
+        let c = self.distinct.entry(seg).or_insert(0);
+        // A count that would go below zero is a bug in this accounting
+        // (GC's eagerness, never what it frees): loud in tests.
+        if cfg!(test) {
+            assert!(*c >= n, "segment {seg}: {} distinct blocks counted, dropping {n}", *c);
+        }
+        *c = c.saturating_sub(n);
+        if *c == 0 {
+            self.distinct.remove(&seg);
         }
     }
 
     /// Does a map other than `vol` have `e` at block `b`? (Maps share a
     /// block only at the same place: they are copies of one another.)
+    /// Maps that point at nothing in `e`'s segment are passed over.
     fn held_by_other(&self, vol: u32, b: u64, e: Entry) -> bool {
-        self.volumes.values().any(|v| v.id != vol && b < v.map.blocks() && v.map.get(b) == e)
+        self.volumes.values().any(|v| v.id != vol && b < v.map.blocks() && v.map.seg_refs(e.seg) > 0 && v.map.get(b) == e)
+    }
+
+    /// Map `vol` (a copy of map `from`) was just added or replaced by a
+    /// copy: its references are `from`'s, and all its blocks are shared.
+    pub(super) fn count_copy(&mut self, from: u32) {
+        let Some(v) = self.volumes.get(&from) else { return };
+        let add: Vec<(u32, u64)> = v.map.seg_ref_counts().iter().map(|(s, n)| (*s, *n)).collect();
+        for (seg, n) in add {
+            self.add_refs(seg, n as i64);
+        }
     }
 
     /// Before map `vol` is dropped or replaced: its blocks that no other
-    /// map holds stop counting. A region it shares with another map is
-    /// skipped whole (the other holds every block of it).
+    /// map holds stop counting. A segment that no other map points at, or
+    /// in which no block is held twice, is taken off whole; only the
+    /// map's blocks in segments with shared blocks are asked about, and
+    /// a region it shares with another map is skipped (the other holds
+    /// every block of it).
     pub(super) fn forget_map(&mut self, vol: u32) {
         let Some(v) = self.volumes.get(&vol) else { return };
+        let mine: Vec<(u32, u64)> = v.map.seg_ref_counts().iter().map(|(s, n)| (*s, *n)).collect();
         let mut gone: HashMap<u32, u64> = HashMap::new();
-        for r in 0..v.map.regions() {
-            if !v.map.region_present(r) || self.volumes.values().any(|w| w.id != vol && w.map.region_present(r) && v.map.region_shared(&w.map, r)) {
-                continue;
+        let mut ask = std::collections::HashSet::new();
+        for &(seg, n) in &mine {
+            let all = self.refs.get(&seg).copied().unwrap_or(0);
+            if all > n && self.shared_in(seg) {
+                ask.insert(seg);
+            } else {
+                gone.insert(seg, n);
             }
-            let (from, to) = (r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS);
-            v.map.for_each_mapped_in(from, to, |b, e| {
-                if e.is_data() && !self.held_by_other(vol, b, e) {
+        }
+        if !ask.is_empty() {
+            let others: Vec<&Volume> = self.volumes.values().filter(|w| w.id != vol).collect();
+            walk_unshared(&v.map, &others, |_, e, held| {
+                if !held && ask.contains(&e.seg) {
                     *gone.entry(e.seg).or_insert(0) += 1;
                 }
             });
@@ -308,29 +359,31 @@ impl Inner {
         for (seg, n) in gone {
             self.uncount(seg, n);
         }
+        for (seg, n) in mine {
+            self.add_refs(seg, -(n as i64));
+        }
     }
 
-    /// Counts `distinct` afresh from the maps (at open, and after a resync
-    /// commit replaced maps wholesale): each map's blocks that no map
-    /// before it (by id) holds at the same place.
+    /// Counts `refs` and `distinct` afresh from the maps (at open, and
+    /// after a resync commit replaced maps wholesale): each map's blocks
+    /// that no map before it (by id) holds at the same place.
     pub(super) fn recount_distinct(&mut self) {
         let mut d: HashMap<u32, u64> = HashMap::new();
+        let mut refs: HashMap<u32, u64> = HashMap::new();
         let maps: Vec<&Volume> = self.volumes.values().collect();
         for (i, v) in maps.iter().enumerate() {
-            let before = &maps[..i];
-            for r in 0..v.map.regions() {
-                if !v.map.region_present(r) || before.iter().any(|w| w.map.region_present(r) && v.map.region_shared(&w.map, r)) {
-                    continue;
-                }
-                let (from, to) = (r as u64 * REGION_BLOCKS, (r as u64 + 1) * REGION_BLOCKS);
-                v.map.for_each_mapped_in(from, to, |b, e| {
-                    if e.is_data() && !before.iter().any(|w| b < w.map.blocks() && w.map.get(b) == e) {
-                        *d.entry(e.seg).or_insert(0) += 1;
-                    }
-                });
+            for (seg, n) in v.map.seg_ref_counts() {
+                *refs.entry(*seg).or_insert(0) += n;
             }
+            let before = &maps[..i];
+            walk_unshared(&v.map, before, |_, e, held| {
+                if !held {
+                    *d.entry(e.seg).or_insert(0) += 1;
+                }
+            });
         }
         self.distinct = d;
+        self.refs = refs;
     }
 
     /// References to segment `seg` from all maps (volumes and snapshots):
@@ -358,14 +411,19 @@ impl Inner {
         if !old.is_data() {
             return;
         }
-        let mut moved = false;
+        if old == new {
+            return;
+        }
+        let mut moved = 0;
         for v in self.volumes.values_mut() {
             if b < v.map.blocks() && v.map.get(b) == old {
                 v.map.set(b, new);
-                moved = true;
+                moved += 1;
             }
         }
-        if moved && old != new {
+        if moved > 0 {
+            self.add_refs(old.seg, -moved);
+            self.add_refs(new.seg, moved);
             self.uncount(old.seg, 1);
             *self.distinct.entry(new.seg).or_insert(0) += 1;
         }
@@ -412,6 +470,7 @@ impl Inner {
                     }
                 }
                 if set > 0 {
+                    self.add_refs(pos_seg(at), set as i64);
                     *self.distinct.entry(pos_seg(at)).or_insert(0) += set;
                 }
             }
@@ -440,8 +499,12 @@ impl Inner {
                     v.size = h.offset;
                 }
                 for (b, e) in dropped {
-                    if e.is_data() && !self.held_by_other(h.volume, b, e) {
-                        self.uncount(e.seg, 1);
+                    if e.is_data() {
+                        let ask = self.shared_in(e.seg);
+                        self.add_refs(e.seg, -1);
+                        if !ask || !self.held_by_other(h.volume, b, e) {
+                            self.uncount(e.seg, 1);
+                        }
                     }
                 }
             }
@@ -632,6 +695,38 @@ impl Inner {
     /// several times the data it held before cleaning).
     pub fn live_bytes(&self) -> u64 {
         self.distinct.values().sum::<u64>() * BLOCK_BYTES
+    }
+}
+
+/// Calls `f(block, entry, held)` for each data block of `map`, `held`
+/// telling whether one of `others` has the same entry at the same place.
+/// A region `map` shares by pointer with one of them, or a chunk one of
+/// them holds identically, is skipped whole (every block there is held).
+/// The others' chunks are compared as arrays, not looked up block by block.
+fn walk_unshared(map: &crate::volume::map::BlockMap, others: &[&Volume], mut f: impl FnMut(u64, Entry, bool)) {
+    use crate::volume::map::{CHUNK_BLOCKS, GROUP_CHUNKS};
+    for r in 0..map.regions() {
+        if !map.region_present(r) || others.iter().any(|w| w.map.region_present(r) && map.region_shared(&w.map, r)) {
+            continue;
+        }
+        // Only maps that have this region at all can hold a block of it.
+        let near: Vec<&&Volume> = others.iter().filter(|w| w.map.region_present(r)).collect();
+        for c in r * GROUP_CHUNKS..(r + 1) * GROUP_CHUNKS {
+            let from = (c * CHUNK_BLOCKS) as u64;
+            if from >= map.blocks() {
+                break;
+            }
+            if map.chunk_is_empty(from) || near.iter().any(|w| map.chunk_same(&w.map, c)) {
+                continue;
+            }
+            let mine = map.chunk_entries(c);
+            let theirs: Vec<[Entry; CHUNK_BLOCKS]> = near.iter().map(|w| w.map.chunk_entries(c)).collect();
+            for (i, e) in mine.iter().enumerate() {
+                if e.is_data() {
+                    f(from + i as u64, *e, theirs.iter().any(|t| t[i] == *e));
+                }
+            }
+        }
     }
 }
 

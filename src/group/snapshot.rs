@@ -116,6 +116,10 @@ impl Inner {
             tracing::error!("snapshot record seq {} has an unreadable body; skipped", h.seq);
             return;
         };
+        if h.volume == h.offset as u32 {
+            tracing::error!("snapshot record seq {} names map {} as its own source; skipped", h.seq, h.volume);
+            return;
+        }
         let Some(src) = self.volumes.get(&(h.offset as u32)) else { return };
         let snap = SnapMeta {
             parent: src.id,
@@ -136,6 +140,7 @@ impl Inner {
             tracing::warn!("retained snapshot {} renamed to {} (the primary made a new {})", b.name, old.name, b.name);
         }
         self.volumes.insert(h.volume, v);
+        self.count_copy(h.volume);
         self.next_volume_id = self.next_volume_id.max(h.volume + 1);
     }
 
@@ -145,11 +150,15 @@ impl Inner {
         if h.volume == h.offset as u32 {
             return;
         }
+        if !self.volumes.contains_key(&h.volume) {
+            return;
+        }
         self.forget_map(h.volume);
         if let Some(dst) = self.volumes.get_mut(&h.volume) {
             dst.map = map;
             dst.size = size;
         }
+        self.count_copy(h.volume);
     }
 
     pub(super) fn apply_delete(&mut self, h: &Header) {
@@ -215,8 +224,9 @@ impl Inner {
         // this site retained (protect_snapshots) keeps its own content, even
         // if the attempt staged blocks for it before the primary deleted it.
         for ((vol, block), e) in self.staging.take().unwrap_or_default() {
-            if keep.contains(&vol) {
-                self.set_entry(vol, block, e, false);
+            // Counted by the recount below, not block by block.
+            if let Some(v) = self.volumes.get_mut(&vol).filter(|v| keep.contains(&vol) && block < v.map.blocks() && block * BLOCK_BYTES < v.size) {
+                v.map.set(block, e);
             }
         }
         // Maps were dropped, replaced and rebuilt above: count afresh

@@ -262,6 +262,33 @@ impl BlockMap {
         }
     }
 
+    /// Chunk `c`'s 64 entries (holes past the end or where nothing is mapped).
+    pub fn chunk_entries(&self, c: usize) -> [Entry; CHUNK_BLOCKS] {
+        let mut out = [Entry::HOLE; CHUNK_BLOCKS];
+        match self.chunk(c) {
+            None | Some(Chunk::Empty) => {}
+            Some(Chunk::Dense(d)) => out = **d,
+            Some(Chunk::Sparse(v)) => {
+                for s in v {
+                    out[s.idx as usize] = s.e;
+                }
+            }
+        }
+        out
+    }
+
+    /// Do both maps hold the same entries in chunk `c` (blocks
+    /// `c * CHUNK_BLOCKS ..`)? Cheap where they do: one comparison of the
+    /// chunk, not one lookup per block.
+    pub fn chunk_same(&self, other: &BlockMap, c: usize) -> bool {
+        match (self.chunk(c), other.chunk(c)) {
+            (None | Some(Chunk::Empty), None | Some(Chunk::Empty)) => true,
+            (Some(Chunk::Dense(a)), Some(Chunk::Dense(b))) => a[..] == b[..],
+            (Some(Chunk::Sparse(a)), Some(Chunk::Sparse(b))) => a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.idx == y.idx && x.e == y.e),
+            _ => self.chunk_entries(c) == other.chunk_entries(c),
+        }
+    }
+
     /// Makes region `r` of this map the same shared region as `other`'s
     /// (used when loading a checkpoint that stored it once). Both maps must
     /// cover the region.
