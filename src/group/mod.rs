@@ -319,10 +319,11 @@ impl Inner {
         self.volumes.values().any(|v| v.id != vol && b < v.map.blocks() && v.map.seg_refs(e.seg) > 0 && v.map.get(b) == e)
     }
 
-    /// Map `vol` (a copy of map `from`) was just added or replaced by a
-    /// copy: its references are `from`'s, and all its blocks are shared.
-    pub(super) fn count_copy(&mut self, from: u32) {
-        let Some(v) = self.volumes.get(&from) else { return };
+    /// Map `vol` was just added as, or replaced by, a copy of another map
+    /// (still there): its references add to `refs`, and every block of it
+    /// is shared, so `distinct` does not change.
+    pub(super) fn count_copy(&mut self, vol: u32) {
+        let Some(v) = self.volumes.get(&vol) else { return };
         let add: Vec<(u32, u64)> = v.map.seg_ref_counts().iter().map(|(s, n)| (*s, *n)).collect();
         for (seg, n) in add {
             self.add_refs(seg, n as i64);
