@@ -256,6 +256,8 @@ impl Inner {
     /// whether it holds it, and the caller counts it in `refs` and
     /// `distinct` (once per record); returns whether the block was set to it.
     fn set_entry(&mut self, vol: u32, block: u64, e: Entry, fresh: bool) -> bool {
+        // One map shares with nobody: nothing to look up.
+        let alone = self.volumes.len() == 1;
         let Some(v) = self.volumes.get_mut(&vol) else { return false };
         if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
             return false;
@@ -266,7 +268,7 @@ impl Inner {
         }
         if old.is_data() {
             // A segment with no block held twice needs no asking.
-            let ask = self.shared_in(old.seg);
+            let ask = !alone && self.shared_in(old.seg);
             self.add_refs(old.seg, -1);
             // Asked after the set: this map no longer holds `old`, and
             // other maps are unchanged.
