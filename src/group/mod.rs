@@ -251,38 +251,42 @@ impl Inner {
         }
     }
 
-    /// Sets block `block` of map `vol` to `e`. `fresh`: `e` is a place
-    /// no map points at yet (a write just appended): no other map is asked
-    /// whether it holds it, and the caller counts it in `refs` and
-    /// `distinct` (once per record); returns whether the block was set to it.
-    fn set_entry(&mut self, vol: u32, block: u64, e: Entry, fresh: bool) -> bool {
+    /// Sets block `block` of map `vol` to `e`, which is a hole, zeros, or
+    /// a place just appended that no map points at yet; the caller counts
+    /// such a place in `refs` and `distinct` (once per record). Returns
+    /// whether the block was set to it.
+    fn set_entry(&mut self, vol: u32, block: u64, e: Entry) -> bool {
         // One map shares with nobody: nothing to look up.
         let alone = self.volumes.len() == 1;
-        let Some(v) = self.volumes.get_mut(&vol) else { return false };
-        if block >= v.map.blocks() || block * BLOCK_BYTES >= v.size {
-            return false;
-        }
+        let Some(v) = self.volumes.get_mut(&vol).filter(|v| v.covers(block)) else { return false };
         let old = v.map.set(block, e);
         if old == e {
             return false;
         }
-        if old.is_data() {
-            // A segment with no block held twice needs no asking.
-            let ask = !alone && self.shared_in(old.seg);
-            self.add_refs(old.seg, -1);
-            // Asked after the set: this map no longer holds `old`, and
-            // other maps are unchanged.
-            if !ask || !self.held_by_other(vol, block, old) {
-                self.uncount(old.seg, 1);
-            }
+        if cfg!(test) {
+            assert!(!e.is_data() || !self.held_by_other(vol, block, e), "set_entry given a place another map holds");
         }
-        if e.is_data() && !fresh {
-            self.add_refs(e.seg, 1);
-            if !self.held_by_other(vol, block, e) {
-                *self.distinct.entry(e.seg).or_insert(0) += 1;
-            }
+        if old.is_data() {
+            self.drop_ref(vol, block, old, alone);
         }
         true
+    }
+
+    /// Map `vol` no longer points at `old` at block `b` (already changed):
+    /// one reference less, and one distinct block less unless another map
+    /// holds it there. A segment with no block held twice, or a group with
+    /// one map, needs no asking.
+    fn drop_ref(&mut self, vol: u32, b: u64, old: Entry, alone: bool) {
+        let ask = !alone && self.shared_in(old.seg);
+        self.add_refs(old.seg, -1);
+        if !ask || !self.held_by_other(vol, b, old) {
+            self.uncount(old.seg, 1);
+        }
+    }
+
+    /// `n` more distinct blocks in segment `seg`.
+    fn count(&mut self, seg: u32, n: u64) {
+        *self.distinct.entry(seg).or_insert(0) += n;
     }
 
     /// Does some block of segment `seg` have more than one map pointing at it?
@@ -428,7 +432,7 @@ impl Inner {
             self.add_refs(old.seg, -moved);
             self.add_refs(new.seg, moved);
             self.uncount(old.seg, 1);
-            *self.distinct.entry(new.seg).or_insert(0) += 1;
+            self.count(new.seg, 1);
         }
     }
 
@@ -468,19 +472,19 @@ impl Inner {
                     let e = Entry { seg: pos_seg(at), off: off as u32, crc: record::crc_at(checked, i as usize) };
                     if relocated {
                         self.relocate_entry(h.volume, first + i as u64, e);
-                    } else if self.set_entry(h.volume, first + i as u64, e, true) {
+                    } else if self.set_entry(h.volume, first + i as u64, e) {
                         set += 1;
                     }
                 }
                 if set > 0 {
                     self.add_refs(pos_seg(at), set as i64);
-                    *self.distinct.entry(pos_seg(at)).or_insert(0) += set;
+                    self.count(pos_seg(at), set);
                 }
             }
             Kind::Zero | Kind::Trim => {
                 let e = if h.kind == Kind::Zero { Entry::ZERO } else { Entry::HOLE };
                 for b in first..first + h.length as u64 / BLOCK_BYTES {
-                    self.set_entry(h.volume, b, e, false);
+                    self.set_entry(h.volume, b, e);
                 }
             }
             Kind::VolumeCreate => {
@@ -501,13 +505,10 @@ impl Inner {
                     v.map.resize(new_blocks);
                     v.size = h.offset;
                 }
+                let alone = self.volumes.len() == 1;
                 for (b, e) in dropped {
                     if e.is_data() {
-                        let ask = self.shared_in(e.seg);
-                        self.add_refs(e.seg, -1);
-                        if !ask || !self.held_by_other(h.volume, b, e) {
-                            self.uncount(e.seg, 1);
-                        }
+                        self.drop_ref(h.volume, b, e, alone);
                     }
                 }
             }

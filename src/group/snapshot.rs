@@ -145,14 +145,11 @@ impl Inner {
     }
 
     pub(super) fn apply_map_copy(&mut self, h: &Header) {
+        if h.volume == h.offset as u32 || !self.volumes.contains_key(&h.volume) {
+            return;
+        }
         let Some(src) = self.volumes.get(&(h.offset as u32)) else { return };
         let (map, size) = (src.map.clone(), src.size);
-        if h.volume == h.offset as u32 {
-            return;
-        }
-        if !self.volumes.contains_key(&h.volume) {
-            return;
-        }
         self.forget_map(h.volume);
         if let Some(dst) = self.volumes.get_mut(&h.volume) {
             dst.map = map;
@@ -225,7 +222,7 @@ impl Inner {
         // if the attempt staged blocks for it before the primary deleted it.
         for ((vol, block), e) in self.staging.take().unwrap_or_default() {
             // Counted by the recount below, not block by block.
-            if let Some(v) = self.volumes.get_mut(&vol).filter(|v| keep.contains(&vol) && block < v.map.blocks() && block * BLOCK_BYTES < v.size) {
+            if let Some(v) = self.volumes.get_mut(&vol).filter(|v| keep.contains(&vol) && v.covers(block)) {
                 v.map.set(block, e);
             }
         }
@@ -423,7 +420,8 @@ impl Group {
 
     /// Snapshots of this group (all, or those of volume `vol`), with the
     /// bytes unique to each (computed outside the group lock on cheap map
-    /// clones; regions shared with another map are skipped whole).
+    /// clones, by the walk that keeps GC's distinct counts: regions and
+    /// chunks another map shares are skipped whole).
     pub fn snapshots(&self, vol: Option<&str>) -> Vec<SnapshotInfo> {
         let maps: Vec<Volume> = self.lock_read().volumes.values().cloned().collect();
         let mut out = Vec::new();
@@ -432,19 +430,13 @@ impl Group {
             if vol.is_some_and(|r| v.root_name() != r) {
                 continue;
             }
+            let others: Vec<&Volume> = maps.iter().filter(|o| o.id != v.id).collect();
             let mut unique = 0u64;
-            for r in 0..v.map.regions() {
-                let others: Vec<&Volume> = maps.iter().filter(|o| o.id != v.id && !v.map.region_shared(&o.map, r)).collect();
-                if others.len() + 1 < maps.len() {
-                    continue; // some map shares the whole region
+            super::walk_unshared(&v.map, &others, |_, _, held| {
+                if !held {
+                    unique += 1;
                 }
-                let from = r as u64 * crate::volume::map::REGION_BLOCKS;
-                v.map.for_each_mapped_in(from, from + crate::volume::map::REGION_BLOCKS, |b, e| {
-                    if e.is_data() && !others.iter().any(|o| b < o.map.blocks() && o.map.get(b) == e) {
-                        unique += 1;
-                    }
-                });
-            }
+            });
             out.push(SnapshotInfo {
                 name: v.name.clone(),
                 volume: v.root_name().to_string(),

@@ -49,6 +49,11 @@ impl Volume {
         self.name.split('@').next().unwrap_or(&self.name)
     }
 
+    /// Is block `block` inside the volume (its map and its size)?
+    pub fn covers(&self, block: u64) -> bool {
+        block < self.map.blocks() && block * BLOCK_BYTES < self.size
+    }
+
     pub fn writable(&self) -> bool {
         self.snap.as_ref().is_none_or(|s| s.writable)
     }
