@@ -12,12 +12,11 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// Sends `method path` to `base` (`http://host:port`) with an optional JSON body.
-pub fn request(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response> {
-    request_within(base, method, path, body, Duration::from_secs(120))
-}
+/// How long a command waits for each read of its answer.
+const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 
-/// `request`, each read waiting at most `limit` (the CLI's commands may
+/// Sends `method path` to `base` (`http://host:port`) with an optional
+/// JSON body, each read waiting at most `limit` (the CLI's commands may
 /// take long; a supervisor's status poll must not).
 pub fn request_within(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<Response> {
     request_as(base, None, method, path, body, limit)
@@ -97,12 +96,12 @@ fn parse(raw: &[u8]) -> Result<Response> {
 /// Sends a request and returns the JSON body, turning an API error into an
 /// error carrying the API's own message.
 pub fn call(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
-    json_of(request(base, method, path, body)?)
+    call_as(base, None, method, path, body)
 }
 
 /// `call` with the admin token `token`, if any.
 pub fn call_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
-    json_of(request_as(base, token, method, path, body, Duration::from_secs(120))?)
+    json_of(request_as(base, token, method, path, body, COMMAND_LIMIT)?)
 }
 
 /// `call` with `request_within`'s limit.

@@ -151,11 +151,14 @@ pub const PERIODIC_INTERVAL_S_MAX: u64 = 86_400;
 
 /// HTTP API request body limit.
 pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
-/// Concurrent admin API connections per site; one more is closed at
-/// accept (`up`'s polls and an operator's commands use one each, briefly).
+/// Concurrent admin API connections per site (`up`'s polls and an
+/// operator's commands use one each, briefly). One more displaces the
+/// longest idle one, or is closed at accept if every one is answering a
+/// request (`site::apiconn`).
 pub const API_CONNECTIONS_MAX: usize = 64;
-/// An API connection that sends nothing for this long while none of its
-/// requests is being answered is closed (half a header, an idle keep-alive).
+/// An API connection with no answer written and no request being answered
+/// for this long since its accept or last answer is closed (half a header,
+/// an idle keep-alive).
 pub const API_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// How long status and metrics wait for a group's lock before they report
 /// the group from what they can read without it (a writer holds the lock

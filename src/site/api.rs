@@ -79,13 +79,14 @@ struct Conn {
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, super::apiconn::ApiListener>> for Conn {
     fn connect_info(s: axum::serve::IncomingStream<'_, super::apiconn::ApiListener>) -> Conn {
-        Conn { peer: *s.remote_addr(), local: s.io().local, busy: s.io().busy.clone() }
+        Conn { peer: *s.remote_addr(), local: s.io().local, busy: s.io().busy().clone() }
     }
 }
 
-/// Marks the connection busy for the request's length; reads pass; a change needs this site's admin credentials
-/// (`admin::AdminAuth::admit`). A refusal is answered 401, counted, and
-/// logged once a minute per client address and reason.
+/// Marks the connection busy for the request's length. Reads pass; a
+/// change needs this site's admin credentials (`admin::AdminAuth::admit`).
+/// A refusal is answered 401, counted, and logged once a minute per client
+/// address and kind of refusal.
 async fn admitted(State(site): State<Arc<Site>>, axum::extract::ConnectInfo(conn): axum::extract::ConnectInfo<Conn>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use axum::http::Method;
     // The connection's idle clock stops while this request is answered.

@@ -155,7 +155,7 @@ impl axum::serve::Listener for ApiListener {
             let local = io.local_addr().ok();
             let slot = Arc::new(Slot { busy: Default::default(), last: AtomicU64::new(self.now_ms()), fd: Mutex::new(Some(io.as_raw_fd())) });
             self.live.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&slot));
-            let conn = ApiConn { io: Some(io), local, busy: slot.busy.clone(), slot, epoch: self.epoch, _permit: permit };
+            let conn = ApiConn { io: Some(io), local, slot, epoch: self.epoch, _permit: permit };
             return (conn, peer);
         }
     }
@@ -172,8 +172,6 @@ pub struct ApiConn {
     /// The API's side of the connection (whose the client's end is, is
     /// looked up by the pair: `admin`).
     pub local: Option<SocketAddr>,
-    /// Requests of this connection being answered (`Busy`).
-    pub busy: Arc<AtomicUsize>,
     slot: Arc<Slot>,
     epoch: Instant,
     _permit: OwnedSemaphorePermit,
@@ -205,6 +203,11 @@ impl Drop for Busy {
 }
 
 impl ApiConn {
+    /// Requests of this connection being answered (`Busy`).
+    pub fn busy(&self) -> &Arc<AtomicUsize> {
+        &self.slot.busy
+    }
+
     fn io(&mut self) -> Pin<&mut TcpStream> {
         Pin::new(self.io.as_mut().expect("an ApiConn has its socket until dropped"))
     }
@@ -265,7 +268,7 @@ mod tests {
         struct C(Arc<AtomicUsize>);
         impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, ApiListener>> for C {
             fn connect_info(s: axum::serve::IncomingStream<'_, ApiListener>) -> C {
-                C(s.io().busy.clone())
+                C(s.io().busy().clone())
             }
         }
         let app = axum::Router::new()

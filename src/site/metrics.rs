@@ -63,7 +63,8 @@ pub struct Metrics {
     refused: [AtomicU64; 7],
     /// Admin API changes refused for want of this site's credentials.
     admin_refused: AtomicU64,
-    /// API connections closed at accept: `API_CONNECTIONS_MAX` were open.
+    /// API connections closed at accept: `API_CONNECTIONS_MAX` were open
+    /// and none could be displaced.
     pub api_connections_refused: Arc<AtomicU64>,
     buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
     sum_ns: AtomicU64,
@@ -184,7 +185,7 @@ impl Metrics {
         let _ = writeln!(o, "# HELP tidemark_admin_refused_total Admin API changes refused for want of this site's admin credentials.");
         let _ = writeln!(o, "# TYPE tidemark_admin_refused_total counter");
         let _ = writeln!(o, "tidemark_admin_refused_total {}", self.admin_refused.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP tidemark_api_connections_refused_total Admin API connections closed at accept because the limit of open ones was reached.");
+        let _ = writeln!(o, "# HELP tidemark_api_connections_refused_total Admin API connections closed at accept: the limit of open ones was reached and every one was answering a request.");
         let _ = writeln!(o, "# TYPE tidemark_api_connections_refused_total counter");
         let _ = writeln!(o, "tidemark_api_connections_refused_total {}", self.api_connections_refused.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP tidemark_group_lock_wait_max_seconds Longest wait of a writer for its group's lock since start.");
