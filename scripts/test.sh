@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(fio libnbd-bin python3-libnbd nbdkit fuse3 e2fsprogs qemu-utils util-linux mount openssl curl iproute2)
+pkgs=(fio libnbd-bin python3 python3-libnbd nbdkit fuse3 e2fsprogs qemu-utils util-linux mount openssl curl iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
