@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     /// maps share counts twice). Where it equals `distinct`, no block of
     /// the segment is shared, and no other map needs asking.
     pub refs: HashMap<u32, u64>,
+    /// Dropped maps whose blocks in segments with shared blocks are still
+    /// to be weighed, off the lock (`Group::settle_counts`).
+    pub weighing: Weighing,
     pub segments: BTreeMap<u32, Arc<Segment>>,
     pub tail: Arc<Segment>,
     pub tail_off: u64,
@@ -159,6 +162,10 @@ pub struct Group {
     /// Tests: log syncs hang (as an fdatasync on a stalled disk does) while set.
     #[cfg(test)]
     pub stall_syncs: AtomicBool,
+    /// Tests: `settle_counts` leaves the walks queued while set (as if
+    /// the thread to run them had not come to it yet).
+    #[cfg(test)]
+    pub hold_walks: AtomicBool,
     /// Woken after every append (replication senders wait on it).
     pub appended: tokio::sync::Notify,
     /// Replication mode and, on the primary, the state of each DR replica.
@@ -289,9 +296,11 @@ impl Inner {
         *self.distinct.entry(seg).or_insert(0) += n;
     }
 
-    /// Does some block of segment `seg` have more than one map pointing at it?
+    /// Does some block of segment `seg` have more than one map pointing at
+    /// it? (Or may it: while a dropped map's blocks there are being
+    /// weighed, its count is over, and so not to be compared.)
     fn shared_in(&self, seg: u32) -> bool {
-        self.refs.get(&seg).copied().unwrap_or(0) > self.distinct_refs(seg)
+        self.weighing.segs.contains_key(&seg) || self.refs.get(&seg).copied().unwrap_or(0) > self.distinct_refs(seg)
     }
 
     fn add_refs(&mut self, seg: u32, n: i64) {
@@ -338,10 +347,14 @@ impl Inner {
 
     /// Before map `vol` is dropped or replaced: its blocks that no other
     /// map holds stop counting. A segment that no other map points at, or
-    /// in which no block is held twice, is taken off whole; only the
-    /// map's blocks in segments with shared blocks are asked about, and
-    /// a region it shares with another map is skipped (the other holds
-    /// every block of it).
+    /// in which no block is held twice, is taken off whole, here. The
+    /// map's blocks in segments with shared blocks must be asked about one
+    /// by one (a walk of O(volume) at worst: ~4 ms per GiB written in
+    /// random places), so that is left to `Group::settle_counts`, off the
+    /// lock, on copies of the maps as they are now (copy-on-write clones:
+    /// O(regions)). Until then those segments count over by exactly what
+    /// the walk will find, because every change meanwhile is counted
+    /// exactly against the maps as they are then.
     pub(super) fn forget_map(&mut self, vol: u32) {
         let Some(v) = self.volumes.get(&vol) else { return };
         let mine: Vec<(u32, u64)> = v.map.seg_ref_counts().iter().map(|(s, n)| (*s, *n)).collect();
@@ -356,18 +369,37 @@ impl Inner {
             }
         }
         if !ask.is_empty() {
-            let others: Vec<&Volume> = self.volumes.values().filter(|w| w.id != vol).collect();
-            walk_unshared(&v.map, &others, |_, e, held| {
-                if !held && ask.contains(&e.seg) {
-                    *gone.entry(e.seg).or_insert(0) += 1;
-                }
-            });
+            let others: Vec<Volume> = self.volumes.values().filter(|w| w.id != vol).cloned().collect();
+            for &seg in &ask {
+                *self.weighing.segs.entry(seg).or_insert(0) += 1;
+            }
+            self.weighing.walks.push(Walk { map: v.map.clone(), others, ask, gen: self.weighing.gen });
         }
         for (seg, n) in gone {
             self.uncount(seg, n);
         }
         for (seg, n) in mine {
             self.add_refs(seg, -(n as i64));
+        }
+    }
+
+    /// The result of a walk taken by `Group::settle_counts`: its blocks
+    /// that no other map held stop counting (unless the counts were made
+    /// afresh since it was queued).
+    fn finish_walk(&mut self, w: &Walk, gone: HashMap<u32, u64>) {
+        if w.gen != self.weighing.gen {
+            return;
+        }
+        for (seg, n) in gone {
+            self.uncount(seg, n);
+        }
+        for seg in &w.ask {
+            if let Some(c) = self.weighing.segs.get_mut(seg) {
+                *c -= 1;
+                if *c == 0 {
+                    self.weighing.segs.remove(seg);
+                }
+            }
         }
     }
 
@@ -391,6 +423,10 @@ impl Inner {
         }
         self.distinct = d;
         self.refs = refs;
+        // Exact now: walks queued or under way are void.
+        self.weighing.walks.clear();
+        self.weighing.segs.clear();
+        self.weighing.gen += 1;
     }
 
     /// References to segment `seg` from all maps (volumes and snapshots):
@@ -702,6 +738,47 @@ impl Inner {
     }
 }
 
+/// Maps dropped (deleted, restored over, refreshed, shrunk away) whose
+/// blocks in segments with shared blocks are still to be weighed.
+#[derive(Default)]
+pub struct Weighing {
+    walks: Vec<Walk>,
+    /// Segments some queued or running walk will weigh (how many walks):
+    /// their `distinct` count is over until it finishes.
+    segs: HashMap<u32, u32>,
+    /// Bumped when the counts are made afresh: walks of before are void.
+    gen: u64,
+}
+
+impl Weighing {
+    /// Nothing queued or under way.
+    pub fn settled(&self) -> bool {
+        self.walks.is_empty() && self.segs.is_empty()
+    }
+}
+
+/// One dropped map, with the other maps as they were when it was dropped.
+struct Walk {
+    map: crate::volume::map::BlockMap,
+    others: Vec<Volume>,
+    ask: std::collections::HashSet<u32>,
+    gen: u64,
+}
+
+impl Walk {
+    /// Per segment asked about, the dropped map's blocks no other map held.
+    fn weigh(&self) -> HashMap<u32, u64> {
+        let others: Vec<&Volume> = self.others.iter().collect();
+        let mut gone: HashMap<u32, u64> = HashMap::new();
+        walk_unshared(&self.map, &others, |_, e, held| {
+            if !held && self.ask.contains(&e.seg) {
+                *gone.entry(e.seg).or_insert(0) += 1;
+            }
+        });
+        gone
+    }
+}
+
 /// Calls `f(block, entry, held)` for each data block of `map`, `held`
 /// telling whether one of `others` has the same entry at the same place.
 /// A region `map` shares by pointer with one of them, or a chunk one of
@@ -780,6 +857,8 @@ impl Group {
             io: iowatch::IoWatch::default(),
             #[cfg(test)]
             stall_syncs: AtomicBool::new(false),
+            #[cfg(test)]
+            hold_walks: AtomicBool::new(false),
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
@@ -872,6 +951,7 @@ impl Group {
             inner.apply(&h, at, name.as_bytes(), Some(name.as_bytes()));
             at
         };
+        self.settle_counts();
         self.sync_to(at + 1)?;
         Ok(self.lock().volume_id(name).unwrap_or(0))
     }
@@ -908,6 +988,7 @@ impl Group {
             inner.apply(&h, at, &[], Some(&[]));
             at
         };
+        self.settle_counts();
         self.sync_to(at + 1)
     }
 
@@ -1150,6 +1231,9 @@ impl Group {
         inner.apply(&h, at, checked, Some(body));
         let end = inner.tail_pos();
         drop(inner);
+        if h.kind != Kind::Write {
+            self.settle_counts();
+        }
         for name in refused {
             tracing::warn!(event = "snapshot-delete-refused", "group {}: the primary deleted snapshot {name} (seq {}); protect_snapshots keeps this site's copy", self.name, h.seq);
             self.refusals.lock().unwrap_or_else(|p| p.into_inner()).push((name, h.seq, h.timestamp_ns));
@@ -1645,10 +1729,32 @@ impl Group {
         }
     }
 
+    /// Weighs the blocks of dropped maps that `forget_map` left for later
+    /// (on the caller's thread, without the lock), so that GC's counts are
+    /// exact again. Called by every operation that drops a map, after it
+    /// let go of the lock, and by each maintenance round.
+    pub(crate) fn settle_counts(&self) {
+        #[cfg(test)]
+        if self.hold_walks.load(Ordering::Acquire) {
+            return;
+        }
+        loop {
+            let walks = std::mem::take(&mut self.lock().weighing.walks);
+            if walks.is_empty() {
+                return;
+            }
+            for w in walks {
+                let gone = w.weigh();
+                self.lock().finish_walk(&w, gone);
+            }
+        }
+    }
+
     /// One round: the log cap, a checkpoint if due, GC. Each runs whatever
     /// the others did: a checkpoint that cannot be written (a full disk)
     /// must not stop GC from freeing the segments that are already free.
     pub(crate) fn maintain(self: &Arc<Self>) -> Result<()> {
+        self.settle_counts();
         let mut failed: Vec<String> = Vec::new();
         if let Err(e) = self.enforce_log_cap() {
             failed.push(format!("log cap: {e:#}"));

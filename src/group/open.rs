@@ -118,6 +118,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         volumes: inner_volumes.drain(..).map(|v| (v.id, v)).collect(),
         distinct: std::collections::HashMap::new(),
         refs: std::collections::HashMap::new(),
+        weighing: Default::default(),
         segments: BTreeMap::new(),
         tail: first_tail.clone(),
         tail_off: first_tail.len(),

@@ -257,6 +257,7 @@ impl Group {
         self.sync_to(at + 1)?;
         self.replication.ship_through(seq);
         self.appended.notify_waiters();
+        self.settle_counts();
         Ok(seq)
     }
 
@@ -387,6 +388,7 @@ impl Group {
             inner.apply(&h, at, &[], Some(&[]));
             at
         };
+        self.settle_counts();
         self.sync_to(at + 1)
     }
 
