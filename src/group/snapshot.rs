@@ -409,12 +409,14 @@ impl Group {
         };
         let mut names = Vec::new();
         for id in doomed {
-            if inner.protected.contains(&id) {
-                continue;
+            // Already protected: by an earlier attempt at this same record
+            // that found the disk full after its Protect went in. The
+            // refusal is this attempt's to report.
+            if !inner.protected.contains(&id) {
+                let mut p = inner.local_header(Kind::Protect, id);
+                let at = inner.append(self, &mut p, &[], &[]).map_err(|e| e.to_string())?;
+                inner.apply(&p, at, &[], Some(&[]));
             }
-            let mut p = inner.local_header(Kind::Protect, id);
-            let at = inner.append(self, &mut p, &[], &[]).map_err(|e| e.to_string())?;
-            inner.apply(&p, at, &[], Some(&[]));
             names.push(inner.volumes.get(&id).map(|v| v.name.clone()).unwrap_or_default());
         }
         Ok(names)

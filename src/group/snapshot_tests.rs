@@ -596,6 +596,48 @@ fn a_retained_snapshot_takes_no_staged_blocks_at_the_commit() {
     check_distinct(&g, "after a resync commit");
 }
 
+/// A DR site with `protect_snapshots` whose disk fills between the local
+/// `Protect` record and the primary's record that deletes the snapshot:
+/// the record fails with no space, the primary sends it again, and the
+/// refusal is reported then (it was lost: the snapshot was already marked
+/// protected, so the second attempt named nothing).
+#[test]
+fn a_refusal_is_reported_when_the_deleting_record_is_sent_again() {
+    use crate::log::record::Kind;
+    let m = super::tests::Tmpfs::mount("12m");
+    let g = Group::open(&m.path, "cg0").unwrap();
+    g.protect_snapshots.store(true, Ordering::Relaxed);
+    let v = g.create_volume("v", 64 << 20).unwrap();
+    g.write(v, 0, &vec![7u8; 4096]).unwrap();
+    g.create_snapshot("v", "s", false).unwrap();
+    let gen = g.receiver_gen.load(Ordering::Acquire);
+    g.append_replicated(&raw_record(Kind::ResyncBegin, 0, 0, 0, 0, &[], &[]), gen).unwrap();
+    // Full: no block-sized record fits, then no header-sized one.
+    let mut b = 1;
+    while g.write(v, b * 4096, &[1u8; 4096]).is_ok() {
+        b += 1;
+    }
+    while g.zero(v, 0, 4096, false).is_ok() {}
+    // Room for a few headers (the Protect record), not for a 12 KiB table:
+    // the primary's commit lists only the volume (and new maps), so s goes.
+    m.resize("12292k");
+    let mut table = vec![resync::CommitEntry { id: v, name: "v".into(), size: 64 << 20, snap: None, base: None }];
+    table.extend((0..200).map(|i| resync::CommitEntry { id: 100 + i, name: format!("new-volume-{i:04}"), size: 4096, snap: None, base: None }));
+    let body = serde_json::to_vec(&table).unwrap();
+    assert!(body.len() > 8192, "{}", body.len());
+    let commit = raw_record(Kind::ResyncCommit, 0, g.last_seq() + 5, 0, 0, &body, &[]);
+    let e = g.append_replicated(&commit, gen).unwrap_err();
+    assert!(e.contains("No space left"), "{e}");
+    assert!(g.lock_read().protected.contains(&(v + 1)), "the Protect record went in");
+    assert!(g.refusals.lock().unwrap().is_empty(), "nothing refused yet: the commit did not go in");
+    m.resize("64m");
+    g.append_replicated(&commit, gen).unwrap();
+    let refused: Vec<String> = g.refusals.lock().unwrap().iter().map(|r| r.0.clone()).collect();
+    assert_eq!(refused, vec!["v@s".to_string()], "the refusal is reported with the record that made it");
+    assert!(g.volume("v@s").is_some_and(|s| s.retained), "s is retained");
+    g.close().unwrap();
+}
+
 /// Records from a primary that this site would act on are bounded before
 /// they are appended (`check_body`): a size past the largest volume (its
 /// map would be grown to it, on every replay too), an id with no next, a

@@ -1080,6 +1080,35 @@ fn a_round_with_segments_it_cannot_unlink_ends() {
     }
 }
 
+/// A real tmpfs of a given size (the tests run as root), unmounted on drop.
+pub(super) struct Tmpfs {
+    pub path: std::path::PathBuf,
+    _base: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let base = tempfile::tempdir().unwrap();
+        let path = base.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&path).status().unwrap();
+        assert!(ok.success(), "cannot mount a tmpfs (the tests run as root)");
+        Tmpfs { path, _base: base }
+    }
+
+    /// Grows or shrinks it (`size` as for `mount`).
+    pub fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.path).status().unwrap();
+        assert!(ok.success(), "remount to {size} failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// A full file system under the log (a real tmpfs of 12 MiB): a write that
 /// finds no space fails with `NoSpace` (ENOSPC to an NBD client), uses no
 /// sequence number and leaves the group working: reads go on, the same
@@ -1088,18 +1117,8 @@ fn a_round_with_segments_it_cannot_unlink_ends() {
 /// append failed the group until the site restarted.
 #[test]
 fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
-    struct Mount(std::path::PathBuf);
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let base = tempfile::tempdir().unwrap();
-    let mnt = base.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(ok.success(), "cannot mount a tmpfs (the tests run as root)");
-    let _m = Mount(mnt.clone());
+    let m = Tmpfs::mount("12m");
+    let mnt = m.path.clone();
     let stamp = |i: u64| -> Vec<u8> { (0..4096u64).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect() };
     let (vol, last);
     {
@@ -1137,8 +1156,7 @@ fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
         // Space comes back: status says so before any write (a group nobody
         // writes to must not say it is full for ever), and the write goes
         // through with the next number.
-        let ok = std::process::Command::new("mount").args(["-o", "remount,size=256m"]).arg(&mnt).status().unwrap();
-        assert!(ok.success());
+        m.resize("256m");
         assert!(g.out_of_space().is_none(), "still out of space with room again");
         let a = g.write(vol, acked * 4096, &stamp(acked)).unwrap();
         assert_eq!(a.seq, seq_before, "not the next sequence number after the last written");
