@@ -166,6 +166,8 @@ pub struct Group {
     /// the thread to run them had not come to it yet).
     #[cfg(test)]
     pub hold_walks: AtomicBool,
+    /// Held while `settle_counts` runs walks.
+    settle_lock: Mutex<()>,
     /// Woken after every append (replication senders wait on it).
     pub appended: tokio::sync::Notify,
     /// Replication mode and, on the primary, the state of each DR replica.
@@ -369,11 +371,23 @@ impl Inner {
             }
         }
         if !ask.is_empty() {
-            let others: Vec<Volume> = self.volumes.values().filter(|w| w.id != vol).cloned().collect();
-            for &seg in &ask {
-                *self.weighing.segs.entry(seg).or_insert(0) += 1;
+            // Only a map that points into a segment asked about can hold a
+            // block there.
+            let others: Vec<Volume> = self.volumes.values().filter(|w| w.id != vol && ask.iter().any(|s| w.map.seg_refs(*s) > 0)).cloned().collect();
+            let w = Walk { map: v.map.clone(), others, ask, gen: self.weighing.gen };
+            if self.weighing.inline {
+                // Replay at open: nobody waits for the lock, and queued
+                // walks would keep a copy of every map per drop.
+                let gone_shared = w.weigh();
+                for (seg, n) in gone_shared {
+                    *gone.entry(seg).or_insert(0) += n;
+                }
+            } else {
+                for &seg in &w.ask {
+                    *self.weighing.segs.entry(seg).or_insert(0) += 1;
+                }
+                self.weighing.walks.push(w);
             }
-            self.weighing.walks.push(Walk { map: v.map.clone(), others, ask, gen: self.weighing.gen });
         }
         for (seg, n) in gone {
             self.uncount(seg, n);
@@ -748,6 +762,8 @@ pub struct Weighing {
     segs: HashMap<u32, u32>,
     /// Bumped when the counts are made afresh: walks of before are void.
     gen: u64,
+    /// Walk at once, under the lock (replay at open).
+    pub inline: bool,
 }
 
 impl Weighing {
@@ -859,6 +875,7 @@ impl Group {
             stall_syncs: AtomicBool::new(false),
             #[cfg(test)]
             hold_walks: AtomicBool::new(false),
+            settle_lock: Mutex::new(()),
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
@@ -1738,6 +1755,9 @@ impl Group {
         if self.hold_walks.load(Ordering::Acquire) {
             return;
         }
+        // One at a time, so that a walk another thread took (the
+        // maintenance thread) is done too when this returns.
+        let _one = self.settle_lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let walks = std::mem::take(&mut self.lock().weighing.walks);
             if walks.is_empty() {

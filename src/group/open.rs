@@ -196,6 +196,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     // power loss that kept later writes, or a crash inside a cut) and what
     // follows is not a prefix of the log.
     let mut prev: Option<(u32, u64)> = None;
+    inner.weighing.inline = true;
     for (&id, seg) in &segments {
         if id < pos_seg(replay_from) {
             continue;
@@ -227,6 +228,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         }
         prev = Some((id, seg.len()));
     }
+    inner.weighing.inline = false;
     if let Some((id, off, reason)) = cut {
         tracing::warn!("log of group {name}: cutting torn tail of {} at offset {off}: {reason}", segments[&id].path.display());
         // The later segments go first: a crash between the two steps then
