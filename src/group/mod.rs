@@ -374,7 +374,7 @@ impl Inner {
             // Only a map that points into a segment asked about can hold a
             // block there.
             let others: Vec<Volume> = self.volumes.values().filter(|w| w.id != vol && ask.iter().any(|s| w.map.seg_refs(*s) > 0)).cloned().collect();
-            let w = Walk { map: v.map.clone(), others, ask, gen: self.weighing.gen };
+            let w = Walk { what: Weigh::Dropped { map: v.map.clone(), others }, ask, gen: self.weighing.gen };
             if self.weighing.inline {
                 // Replay at open: nobody waits for the lock, and queued
                 // walks would keep a copy of every map per drop.
@@ -417,30 +417,39 @@ impl Inner {
         }
     }
 
-    /// Counts `refs` and `distinct` afresh from the maps (at open, and
-    /// after a resync commit replaced maps wholesale): each map's blocks
-    /// that no map before it (by id) holds at the same place.
+    /// Counts `refs` and `distinct` afresh from the maps (at open).
     pub(super) fn recount_distinct(&mut self) {
-        let mut d: HashMap<u32, u64> = HashMap::new();
-        let mut refs: HashMap<u32, u64> = HashMap::new();
-        let maps: Vec<&Volume> = self.volumes.values().collect();
-        for (i, v) in maps.iter().enumerate() {
-            for (seg, n) in v.map.seg_ref_counts() {
-                *refs.entry(*seg).or_insert(0) += n;
-            }
-            let before = &maps[..i];
-            walk_unshared(&v.map, before, |_, e, held| {
-                if !held {
-                    *d.entry(e.seg).or_insert(0) += 1;
-                }
-            });
-        }
+        let (refs, d) = count_maps(&self.volumes.values().collect::<Vec<_>>());
         self.distinct = d;
         self.refs = refs;
         // Exact now: walks queued or under way are void.
         self.weighing.walks.clear();
         self.weighing.segs.clear();
         self.weighing.gen += 1;
+    }
+
+    /// After maps were replaced wholesale (a DR resync commit): `refs`
+    /// afresh now (O(maps × segments)), and `distinct` at its upper bound,
+    /// `refs`, until a walk of every map, off the lock, takes off the
+    /// references past the first to each block (`Weigh::All`).
+    pub(super) fn recount_later(&mut self) {
+        if self.weighing.inline {
+            return self.recount_distinct();
+        }
+        let maps: Vec<Volume> = self.volumes.values().cloned().collect();
+        let mut refs: HashMap<u32, u64> = HashMap::new();
+        for v in &maps {
+            for (seg, n) in v.map.seg_ref_counts() {
+                *refs.entry(*seg).or_insert(0) += n;
+            }
+        }
+        self.weighing.walks.clear();
+        self.weighing.gen += 1;
+        self.weighing.segs = refs.keys().map(|s| (*s, 1)).collect();
+        let ask = refs.keys().copied().collect();
+        self.distinct = refs.clone();
+        self.refs = refs;
+        self.weighing.walks.push(Walk { what: Weigh::All(maps), ask, gen: self.weighing.gen });
     }
 
     /// References to segment `seg` from all maps (volumes and snapshots):
@@ -773,26 +782,66 @@ impl Weighing {
     }
 }
 
-/// One dropped map, with the other maps as they were when it was dropped.
+/// A count to take off segments `ask`, to be found by a walk of copies of
+/// maps as they were when it was queued.
 struct Walk {
-    map: crate::volume::map::BlockMap,
-    others: Vec<Volume>,
+    what: Weigh,
     ask: std::collections::HashSet<u32>,
     gen: u64,
 }
 
+enum Weigh {
+    /// A dropped map, with the maps that point into `ask` besides it.
+    Dropped { map: crate::volume::map::BlockMap, others: Vec<Volume> },
+    /// Every map, just after `distinct` was set to `refs` (its upper bound).
+    All(Vec<Volume>),
+}
+
 impl Walk {
-    /// Per segment asked about, the dropped map's blocks no other map held.
+    /// Per segment: what its count is over by. For a dropped map, its
+    /// blocks no other map held; after a recount, the references past
+    /// the first to each block.
     fn weigh(&self) -> HashMap<u32, u64> {
-        let others: Vec<&Volume> = self.others.iter().collect();
-        let mut gone: HashMap<u32, u64> = HashMap::new();
-        walk_unshared(&self.map, &others, |_, e, held| {
-            if !held && self.ask.contains(&e.seg) {
-                *gone.entry(e.seg).or_insert(0) += 1;
+        let mut over: HashMap<u32, u64> = HashMap::new();
+        match &self.what {
+            Weigh::Dropped { map, others } => {
+                let others: Vec<&Volume> = others.iter().collect();
+                walk_unshared(map, &others, |_, e, held| {
+                    if !held && self.ask.contains(&e.seg) {
+                        *over.entry(e.seg).or_insert(0) += 1;
+                    }
+                });
+            }
+            Weigh::All(maps) => {
+                let (refs, distinct) = count_maps(&maps.iter().collect::<Vec<_>>());
+                for (seg, n) in refs {
+                    let extra = n.saturating_sub(distinct.get(&seg).copied().unwrap_or(0));
+                    if extra > 0 {
+                        over.insert(seg, extra);
+                    }
+                }
+            }
+        }
+        over
+    }
+}
+
+/// (references, distinct blocks) per segment of `maps`: each map's blocks
+/// that no map before it holds at the same place count as distinct.
+fn count_maps(maps: &[&Volume]) -> (HashMap<u32, u64>, HashMap<u32, u64>) {
+    let mut d: HashMap<u32, u64> = HashMap::new();
+    let mut refs: HashMap<u32, u64> = HashMap::new();
+    for (i, v) in maps.iter().enumerate() {
+        for (seg, n) in v.map.seg_ref_counts() {
+            *refs.entry(*seg).or_insert(0) += n;
+        }
+        walk_unshared(&v.map, &maps[..i], |_, e, held| {
+            if !held {
+                *d.entry(e.seg).or_insert(0) += 1;
             }
         });
-        gone
     }
+    (refs, d)
 }
 
 /// Calls `f(block, entry, held)` for each data block of `map`, `held`

@@ -226,9 +226,9 @@ impl Inner {
                 v.map.set(block, e);
             }
         }
-        // Maps were dropped, replaced and rebuilt above: count afresh
-        // (a resync commit is rare; this walks every map once).
-        self.recount_distinct();
+        // Maps were dropped, replaced and rebuilt above: count afresh,
+        // the walk of every map off the lock.
+        self.recount_later();
         self.next_seq = h.seq + 1;
     }
 

@@ -604,6 +604,50 @@ fn a_retained_snapshot_takes_no_staged_blocks_at_the_commit() {
     check_distinct(&g, "after a resync commit");
 }
 
+/// A resync commit replaces maps wholesale: `distinct` is set to its upper
+/// bound (`refs`) at once and brought down by a walk of every map off the
+/// lock. Changes before that walk (an overwrite of a shared block, a
+/// snapshot delete with its own queued walk) still end exact.
+#[test]
+fn a_resync_commit_counts_afresh_off_the_lock() {
+    use crate::log::record::{self, Kind, FLAG_RESYNC};
+    crate::util::set_sim_clock(Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let v = g.create_volume("v", 1 << 20).unwrap();
+    g.write(v, 0, &[1u8; 8 * 4096]).unwrap();
+    let s = g.create_snapshot("v", "s", false).unwrap();
+    g.write(v, 32 * 4096, &[2u8; 4 * 4096]).unwrap();
+    let gen = g.receiver_gen.load(Ordering::Acquire);
+    g.append_replicated(&raw_record(Kind::ResyncBegin, 0, 0, 0, 0, &[], &[]), gen).unwrap();
+    let data = vec![9u8; 4096];
+    g.append_replicated(&raw_record(Kind::Write, FLAG_RESYNC, 0, v, 4096, &record::block_crcs(&data), &data), gen).unwrap();
+    let meta = g.lock_read().volumes[&s].snap.clone();
+    let table = vec![
+        resync::CommitEntry { id: v, name: "v".into(), size: 1 << 20, snap: None, base: None },
+        resync::CommitEntry { id: s, name: "v@s".into(), size: 1 << 20, snap: meta, base: None },
+    ];
+    let body = serde_json::to_vec(&table).unwrap();
+    g.hold_walks.store(true, Ordering::Release);
+    g.append_replicated(&raw_record(Kind::ResyncCommit, 0, g.last_seq() + 5, 0, 0, &body, &[]), gen).unwrap();
+    {
+        let inner = g.lock_read();
+        assert_eq!(inner.distinct, inner.refs, "the upper bound until the walk");
+        assert_eq!(inner.weighing.walks.len(), 1);
+    }
+    check_counts(&g, "after the commit");
+    // Block 1 is s's too: it keeps counting. Then s goes, with a walk of its own.
+    g.write(v, 4096, &[3u8; 4096]).unwrap();
+    check_counts(&g, "an overwrite before the walk");
+    g.delete_snapshot("v", "s").unwrap();
+    check_counts(&g, "a delete before the walk");
+    g.hold_walks.store(false, Ordering::Release);
+    g.settle_counts();
+    check_distinct(&g, "after the walks");
+    assert_eq!(g.live_bytes(), (8 + 4) * 4096, "v's blocks 0-7 and 32-35");
+    g.close().unwrap();
+}
+
 /// A DR site with `protect_snapshots` whose disk fills between the local
 /// `Protect` record and the primary's record that deletes the snapshot:
 /// the record fails with no space, the primary sends it again, and the
