@@ -127,14 +127,17 @@ pub enum VolumeCmd {
     },
 }
 
+/// A volume size (a usage error, exit 2, if it cannot be one).
 fn parse_size_arg(s: &str) -> Result<u64, String> {
-    crate::util::parse_size(s)
+    let n = crate::util::parse_size(s)?;
+    crate::util::check_volume_size(n)?;
+    Ok(n)
 }
 
 fn parse_volume_arg(s: &str) -> Result<(String, u64), String> {
     let (n, sz) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=SIZE"))?;
     crate::util::check_name("volume", n)?;
-    Ok((n.to_string(), crate::util::parse_size(sz)?))
+    Ok((n.to_string(), parse_size_arg(sz).map_err(|e| format!("volume {n}: {e}"))?))
 }
 
 /// API base URL for the chosen site.

@@ -35,6 +35,20 @@ fn raise_open_files_limit() {
     }
 }
 
+/// clap's error in one line: its first paragraph, whose first line may be
+/// followed by the items it names, one per line ("the following required
+/// arguments were not provided:" then `<NAME>`, `--size <SIZE>`).
+fn usage_problem(text: &str) -> String {
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty()).take_while(|l| !l.trim().is_empty()).map(str::trim);
+    let first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+    let items: Vec<&str> = lines.collect();
+    if items.is_empty() {
+        first
+    } else {
+        format!("{} {}", first, items.join(", "))
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = match Cli::try_parse() {
@@ -45,10 +59,8 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { ExitCode::from(2) } else { ExitCode::SUCCESS };
             }
-            // One line naming the problem (clap's first line), exit 2.
-            let text = e.render().to_string();
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-            eprintln!("tidemark: {} (see tidemark --help)", first.trim_start_matches("error: "));
+            // One line naming the problem, exit 2.
+            eprintln!("tidemark: {} (see tidemark --help)", usage_problem(&e.render().to_string()));
             return ExitCode::from(2);
         }
     };

@@ -117,7 +117,9 @@ fn check_dir(dir: &Path) -> Result<Option<Deployment>> {
             check_deployment(&d).with_context(|| format!("{} is not a deployment `up` can run", dep.display()))?;
             return Ok(Some(d));
         }
-        let non_empty = std::fs::read_dir(dir)?.next().is_some();
+        // A lone up.lock is what an `up` that failed before making the
+        // deployment leaves: not a reason to refuse the directory.
+        let non_empty = std::fs::read_dir(dir)?.any(|e| e.map_or(true, |e| e.file_name() != "up.lock"));
         if non_empty {
             bail!("{} holds files but no {DEPLOYMENT_FILE}: it is not a tidemark deployment (use an empty or new directory)", dir.display());
         }
@@ -144,6 +146,19 @@ fn check_deployment(d: &Deployment) -> Result<()> {
 
 fn port_free(addr: SocketAddr) -> bool {
     TcpListener::bind(addr).is_ok()
+}
+
+/// The ports of the `i`-th site (`name`) of `dep` are free: NBD `P+i`, API
+/// `P+10+i`, replication `P+20+i` (CONTRACT.md; a primary listens on its
+/// replication port too).
+fn check_site_ports(dep: &Deployment, i: usize, name: &str) -> Result<()> {
+    for (what, off) in [("NBD", 0), ("API", 10), ("replication", 20)] {
+        let a = SocketAddr::from(([127, 0, 0, 1], (dep.port_base as u32 + off + i as u32) as u16));
+        if !port_free(a) {
+            bail!("port {} ({what} of site {name}) is in use", a.port());
+        }
+    }
+    Ok(())
 }
 
 struct SiteProc {
@@ -323,50 +338,97 @@ fn sites_json(procs: &[SiteProc]) -> BTreeMap<String, serde_json::Value> {
 /// not wait on a stalled one. The newest contents win; older ones not yet
 /// written are skipped. A failed write is said on stderr.
 struct Endpoints {
-    latest: Arc<(Mutex<Option<Vec<u8>>>, Condvar)>,
+    slot: Arc<(Mutex<EndpointsSlot>, Condvar)>,
+}
+
+#[derive(Default)]
+struct EndpointsSlot {
+    /// Contents not written yet, with their number.
+    pending: Option<(u64, Vec<u8>)>,
+    /// Number of the last contents given, and of the last written.
+    given: u64,
+    written: u64,
 }
 
 impl Endpoints {
     fn start(path: PathBuf) -> Result<Endpoints> {
-        let latest: Arc<(Mutex<Option<Vec<u8>>>, Condvar)> = Arc::default();
-        let l2 = latest.clone();
+        let slot: Arc<(Mutex<EndpointsSlot>, Condvar)> = Arc::default();
+        let s2 = slot.clone();
         std::thread::Builder::new()
             .name("up-endpoints".into())
             .spawn(move || loop {
-                let bytes = {
-                    let mut g = l2.0.lock().unwrap_or_else(|p| p.into_inner());
+                let (n, bytes) = {
+                    let mut g = s2.0.lock().unwrap_or_else(|p| p.into_inner());
                     loop {
-                        if let Some(b) = g.take() {
+                        if let Some(b) = g.pending.take() {
                             break b;
                         }
-                        g = l2.1.wait(g).unwrap_or_else(|p| p.into_inner());
+                        g = s2.1.wait(g).unwrap_or_else(|p| p.into_inner());
                     }
                 };
                 if let Err(e) = crate::crashsafe::write_file(&path, &bytes) {
                     let _ = writeln!(std::io::stderr(), "tidemark up: cannot update {}: {e:#}", path.display());
                 }
+                s2.0.lock().unwrap_or_else(|p| p.into_inner()).written = n;
+                s2.1.notify_all();
             })
             .context("cannot start the up-endpoints thread")?;
-        Ok(Endpoints { latest })
+        Ok(Endpoints { slot })
     }
 
-    fn set(&self, v: &serde_json::Value) {
+    /// Queues new contents; returns their number (for `flush`).
+    fn set(&self, v: &serde_json::Value) -> u64 {
         let bytes = serde_json::to_string_pretty(v).unwrap_or_default().into_bytes();
-        *self.latest.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
-        self.latest.1.notify_one();
+        let mut g = self.slot.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.given += 1;
+        let n = g.given;
+        g.pending = Some((n, bytes));
+        self.slot.1.notify_all();
+        n
+    }
+
+    /// Waits at most `limit` for contents `n` (or later) to be written.
+    fn flush(&self, n: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut g = self.slot.0.lock().unwrap_or_else(|p| p.into_inner());
+        while g.written < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            g = self.slot.1.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
 }
 
+/// The executable `up` runs, opened when it started: sites are started
+/// from it, not from its path, which an upgrade in place may have given
+/// to another file (or to none) since. Also the path, for their argv[0].
+static OWN_EXE: std::sync::OnceLock<(File, PathBuf)> = std::sync::OnceLock::new();
+
+fn own_exe() -> Result<&'static (File, PathBuf)> {
+    if let Some(e) = OWN_EXE.get() {
+        return Ok(e);
+    }
+    let path = std::env::current_exe().context("cannot find the tidemark executable")?;
+    let file = File::open("/proc/self/exe").context("cannot open the tidemark executable (/proc/self/exe)")?;
+    Ok(OWN_EXE.get_or_init(|| (file, path)))
+}
+
 fn spawn_site(p: &mut SiteProc, echo: &Outlet) -> Result<()> {
-    let exe = std::env::current_exe().context("cannot find the tidemark executable")?;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (exe, path) = own_exe()?;
     // Through `up`, not into the file: the file is on the site's disk, and
     // a site writing it would wait in the write when that disk stalls.
     let (out, err, pump) = crate::sitelog::Pump::start(&p.name, &p.log, echo.clone())?;
-    let mut cmd = Command::new(exe);
+    // The child's copy of the descriptor (close-on-exec: gone once the
+    // exec has opened the file).
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+    cmd.arg0(path);
     cmd.arg("site").arg("--config").arg(&p.config).stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: prctl is async-signal-safe; the child dies with `up`.
     unsafe {
-        use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
@@ -466,15 +528,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
         std::fs::create_dir_all(&sdir)?;
         let (nbd, api, repl) = (addr(0, i), addr(10, i), addr(20, i));
         if check_ports {
-            let mut ports = vec![("NBD", nbd), ("API", api)];
-            if i > 0 {
-                ports.push(("replication", repl));
-            }
-            for (what, a) in ports {
-                if !port_free(a) {
-                    bail!("port {} ({what} of site {name}) is in use", a.port());
-                }
-            }
+            check_site_ports(dep, i, name)?;
         }
         let config = sdir.join("site.toml");
         if !config.exists() {
@@ -545,12 +599,19 @@ pub fn init(dir: &Path, sites: &[String], port_base: Option<u16>, mode: Option<S
 }
 
 pub fn run(a: UpArgs) -> Result<()> {
+    own_exe()?;
     let dir = if a.dir.is_absolute() { a.dir.clone() } else { std::env::current_dir()?.join(&a.dir) };
     let existing = check_dir(&dir)?;
     let lock_path = dir.join("up.lock");
     let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!("{} is in use by another running `tidemark up`", dir.display());
+    }
+    let mut given = BTreeSet::new();
+    for (n, _) in &a.volumes {
+        if !given.insert(n) {
+            bail!("volume {n} is given twice (--volume)");
+        }
     }
     let dep = match existing {
         Some(d) => {
@@ -564,6 +625,13 @@ pub fn run(a: UpArgs) -> Result<()> {
                     bail!("{} holds a deployment with {} DR sites, not {n}", dir.display(), d.dr_sites);
                 }
             }
+            // What only a new deployment takes: said, not silently dropped.
+            if let Some(m) = a.mode.as_ref().filter(|m| **m != d.mode) {
+                eprintln!("tidemark: note: --mode {m} not applied: {} holds a deployment already, whose groups keep their mode (change it online: tidemark group set GROUP --mode {m})", dir.display());
+            }
+            if !a.volumes.is_empty() {
+                eprintln!("tidemark: note: --volume not applied: {} holds a deployment already, with its volumes (add one: tidemark volume create NAME --size SIZE)", dir.display());
+            }
             d
         }
         None => {
@@ -574,6 +642,11 @@ pub fn run(a: UpArgs) -> Result<()> {
                 mode: a.mode.clone().unwrap_or_else(|| "async".into()),
             };
             check_deployment(&d)?;
+            // Every port before anything is written: a deployment file made
+            // here would tie the directory to a port base that was refused.
+            for i in 0..=d.dr_sites as usize {
+                check_site_ports(&d, i, &site_name(i as u32))?;
+            }
             crate::crashsafe::write_file(&dir.join(DEPLOYMENT_FILE), &serde_json::to_vec_pretty(&d)?)?;
             d
         }
@@ -617,9 +690,14 @@ impl std::error::Error for AlreadySaid {}
 /// `up` once its output is set up: start the sites, say ready, supervise
 /// until a signal. An error stops every site (the caller).
 fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Signals, out: &Output) -> Result<()> {
-    let stopped = |sig: &str, procs: &mut [SiteProc]| {
+    let stopped = |sig: &str, procs: &mut [SiteProc], endpoints: Option<&Endpoints>| {
         out.emit(json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
         stop_all(procs);
+        // No site runs: endpoints.json says so (pid null) before `stopped`.
+        if let Some(e) = endpoints {
+            let n = e.set(&json!({"deployment": dep.id, "sites": sites_json(procs)}));
+            e.flush(n, Duration::from_secs(2));
+        }
         out.emit(json!({"event": "stopped"}), "stopped");
         out.drain(Duration::from_secs(2));
     };
@@ -628,7 +706,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
     }
     for i in 0..procs.len() {
         if let Some(sig) = wait_serving(&mut procs[i], signals)? {
-            stopped(sig, procs);
+            stopped(sig, procs, None);
             return Ok(());
         }
     }
@@ -643,14 +721,14 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
 
     // Supervise, and report what the sites' status says: replication
     // state changes seen at the primary, storage stalls everywhere.
-    let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut seen = ReplicaSeen::default();
     let mut refusals_seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut stalls_seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut unanswered: BTreeMap<String, Unanswered> = BTreeMap::new();
     let polls = start_pollers(procs)?;
     loop {
         if let Some(sig) = signals.pending() {
-            stopped(sig, procs);
+            stopped(sig, procs, Some(&endpoints));
             return Ok(());
         }
         if supervise(procs, out, &mut unanswered) {
@@ -763,19 +841,40 @@ fn storage_events(site: &str, status: &serde_json::Value, seen: &mut BTreeSet<(S
     out
 }
 
-/// Events for replica state changes between two status snapshots.
-fn replica_events(status: &serde_json::Value, seen: &mut BTreeMap<(String, String), String>) -> Vec<serde_json::Value> {
+/// What `replica_events` remembers of each replica (group, site) and group
+/// between polls of the primary's status.
+#[derive(Default)]
+struct ReplicaSeen {
+    /// State and sessions established, per (group, site).
+    replicas: BTreeMap<(String, String), (String, u64)>,
+    /// Groups whose sync mode was degraded at the last poll.
+    degraded: BTreeSet<String>,
+}
+
+/// Events for replica state changes between two status snapshots of the
+/// primary, and for a sync group degrading to async and back.
+///
+/// A link lost and made again between two polls (a DR site killed and
+/// restarted at once) leaves the state as it was; the replica's
+/// `sessions` count says it happened, and it is reported as it would have
+/// been seen: `dr-lost` (with why the session ended), then `dr-connected`.
+fn replica_events(status: &serde_json::Value, seen: &mut ReplicaSeen) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for g in status["groups"].as_array().into_iter().flatten() {
         let group = g["name"].as_str().unwrap_or("?").to_string();
         for r in g["replicas"].as_array().into_iter().flatten() {
             let site = r["site"].as_str().unwrap_or("?").to_string();
             let state = r["state"].as_str().unwrap_or("?").to_string();
-            let prev = seen.insert((group.clone(), site.clone()), state.clone());
-            if prev.as_deref() == Some(state.as_str()) {
+            let sessions = r["sessions"].as_u64().unwrap_or(0);
+            let prev = seen.replicas.insert((group.clone(), site.clone()), (state.clone(), sessions));
+            let mut was_up = prev.as_ref().is_some_and(|(p, _)| p != "disconnected");
+            let new_session = prev.as_ref().is_some_and(|(_, n)| sessions > *n);
+            if was_up && new_session {
+                out.push(json!({"event": "dr-lost", "group": group, "site": site, "state": "disconnected", "applied_seq": r["applied_seq"], "error": r["last_lost"]}));
+                was_up = false;
+            } else if prev.as_ref().is_some_and(|(p, _)| *p == state) {
                 continue;
             }
-            let was_up = prev.as_deref().is_some_and(|p| p != "disconnected");
             let event = match state.as_str() {
                 "disconnected" if was_up => "dr-lost",
                 "disconnected" => continue,
@@ -788,6 +887,14 @@ fn replica_events(status: &serde_json::Value, seen: &mut BTreeMap<(String, Strin
             if event == "dr-connected" && state == "replicating" {
                 out.push(json!({"event": "dr-caught-up", "group": group, "site": site, "state": state, "applied_seq": r["applied_seq"]}));
             }
+        }
+        let degraded = g["degraded"].as_str();
+        if let Some(why) = degraded {
+            if seen.degraded.insert(group.clone()) {
+                out.push(json!({"event": "sync-degraded", "group": group, "reason": why}));
+            }
+        } else if seen.degraded.remove(&group) {
+            out.push(json!({"event": "sync-restored", "group": group}));
         }
     }
     out
@@ -830,6 +937,32 @@ mod tests {
 
     /// Unresponsive after two unanswered polls in a row, once; responsive
     /// when it answers again.
+    /// A DR site restarted between two polls is reported lost and
+    /// connected again (its state alone reads the same before and after);
+    /// a sync group's degradation comes and goes as events.
+    #[test]
+    fn replica_events_see_what_happened_between_polls() {
+        let st = |state: &str, sessions: u64, degraded: bool| {
+            let mut g = json!({"name": "cg0", "replicas": [{"site": "b", "state": state, "sessions": sessions, "applied_seq": 7, "last_error": null, "last_lost": "connection closed"}]});
+            if degraded {
+                g["degraded"] = json!("sync DR site lost: replicating asynchronously");
+            }
+            json!({"groups": [g]})
+        };
+        let names = |ev: Vec<serde_json::Value>| -> Vec<String> { ev.iter().map(|e| e["event"].as_str().unwrap().to_string()).collect() };
+        let mut seen = super::ReplicaSeen::default();
+        assert_eq!(names(super::replica_events(&st("replicating", 1, false), &mut seen)), ["dr-connected", "dr-caught-up"]);
+        assert!(super::replica_events(&st("replicating", 1, false), &mut seen).is_empty());
+        let ev = super::replica_events(&st("replicating", 2, false), &mut seen);
+        assert_eq!(names(ev.clone()), ["dr-lost", "dr-connected", "dr-caught-up"]);
+        assert_eq!(ev[0]["error"], "connection closed");
+        assert_eq!(names(super::replica_events(&st("catching-up", 3, false), &mut seen)), ["dr-lost", "dr-connected"]);
+        assert_eq!(names(super::replica_events(&st("replicating", 3, false), &mut seen)), ["dr-caught-up"]);
+        assert_eq!(names(super::replica_events(&st("disconnected", 3, true), &mut seen)), ["dr-lost", "sync-degraded"]);
+        assert!(super::replica_events(&st("disconnected", 3, true), &mut seen).is_empty(), "once");
+        assert_eq!(names(super::replica_events(&st("replicating", 4, false), &mut seen)), ["dr-connected", "dr-caught-up", "sync-restored"]);
+    }
+
     #[test]
     fn a_site_that_stops_answering_is_one_event_each_way() {
         let mut st = super::Unanswered::default();

@@ -26,6 +26,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Checks a volume size: whole 4 KiB blocks, at least one, at most
+/// `VOLUME_BYTES_MAX`.
+pub fn check_volume_size(size: u64) -> Result<(), String> {
+    use crate::limits::{BLOCK_BYTES, VOLUME_BYTES_MAX};
+    if size == 0 || !size.is_multiple_of(BLOCK_BYTES) {
+        return Err(format!("size {size} must be a positive multiple of {BLOCK_BYTES} bytes"));
+    }
+    if size > VOLUME_BYTES_MAX {
+        return Err(format!("size {size} exceeds the largest volume size {VOLUME_BYTES_MAX}"));
+    }
+    Ok(())
+}
+
 /// Checks a volume or group name: 1..=128 bytes of `[A-Za-z0-9_.-]`, not
 /// starting with `.` or `-`, and without `@` (reserved for snapshot exports).
 pub fn check_name(kind: &str, name: &str) -> Result<(), String> {

@@ -28,7 +28,12 @@ impl Drop for Up {
 
 /// Starts `tidemark up --json` and waits for its ready event.
 fn up(dir: &Path, port: u16, extra: &[&str]) -> Up {
-    let mut c = Command::new(bin())
+    up_from(&bin(), dir, port, extra)
+}
+
+/// `up`, run from the binary at `exe`.
+fn up_from(exe: &Path, dir: &Path, port: u16, extra: &[&str]) -> Up {
+    let mut c = Command::new(exe)
         .args(["up", "--dir", dir.to_str().unwrap(), "--port-base", &port.to_string(), "--json"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -164,6 +169,19 @@ fn up_serves_admin_commands_and_resumes() {
     let s2: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s2["groups"][0]["mode"], "sync");
     assert_eq!(s2["groups"][0]["replicas"][0]["lag_writes"], 0, "sync write acknowledged before the DR had it: {s2}");
+    // The DR site's group runs in the primary's mode, and says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = tidemark(&["--dir", d, "--site", "b", "--json", "status"]);
+        let sb: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if sb["groups"][0]["mode"] == "sync" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b still shows its group's mode as {}", sb["groups"][0]["mode"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every site holds its replication port, the primary too (P+20).
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port + 20)).is_err(), "a does not hold its replication port");
     let o = tidemark(&["--dir", d, "group", "set", "cg0", "--mode", "async"]);
     assert!(o.status.success());
 
@@ -187,8 +205,9 @@ fn up_serves_admin_commands_and_resumes() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("nosuch"));
     let o = tidemark(&["--dir", d, "volume", "create", "v2", "--size", "12X"]);
     assert_eq!(o.status.code(), Some(2));
+    // Not whole blocks: a usage error, said before anything is asked of the site.
     let o = tidemark(&["--dir", d, "volume", "create", "v2", "--size", "1000"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 4096"));
     let o = tidemark(&["--dir", d, "bogus-command"]);
     assert_eq!(o.status.code(), Some(2));
@@ -216,8 +235,12 @@ fn up_serves_admin_commands_and_resumes() {
     // Waited for: the reader thread may not have passed the last line on yet.
     u.wait_event("\"stopped\"", 10);
 
-    // Resume with the data.
-    let _u2 = up(&dir, port, &[]);
+    // Resume with the data. What only a new deployment takes is said to
+    // be left alone, not silently dropped.
+    let u2 = up(&dir, port, &["--mode", "periodic", "--volume", "other=1G"]);
+    let notes: Vec<String> = (0..2).map(|_| u2.errs.recv_timeout(Duration::from_secs(10)).expect("no note on stderr")).collect();
+    assert!(notes.iter().any(|l| l.contains("--mode periodic not applied")), "{notes:?}");
+    assert!(notes.iter().any(|l| l.contains("--volume not applied")), "{notes:?}");
     cmd_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x5c 0 1M", &uri]);
     let o = cmd("qemu-io", &["-f", "raw", "-c", "read -P 0x5c 0 1M", &uri]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
@@ -291,6 +314,52 @@ fn up_survives_a_restart_that_cannot_start_and_retries_it() {
         std::thread::sleep(Duration::from_millis(200));
     }
     sigterm_and_wait(&mut u);
+}
+
+/// The binary `up` runs from is replaced (an upgrade in place) and then a
+/// DR site is killed: `up` restarts it from the binary it runs itself
+/// (before, from the path, which now held something else: "No such file",
+/// retried for ever). The primary's `dr-lost` and `dr-connected` are
+/// printed even though b is back before the next status poll could see it
+/// gone (`sessions`). After a clean stop, endpoints.json names no pid.
+#[test]
+fn up_restarts_a_site_from_its_own_binary_and_reports_the_lost_link() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let exe = tmp.path().join("tidemark");
+    std::fs::copy(bin(), &exe).unwrap();
+    let port = free_port_block();
+    let mut u = up_from(&exe, &dir, port, &["--volume", "vol0=64MiB"]);
+    u.wait_site_event("dr-caught-up", "b", 30);
+    // Replaced: another file at the same path.
+    std::fs::remove_file(&exe).unwrap();
+    std::fs::write(&exe, "#!/bin/sh\necho not tidemark >&2\nexit 7\n").unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut b_pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    for _ in 0..2 {
+        unsafe { libc::kill(b_pid as i32, libc::SIGKILL) };
+        // In the order they come (a restart may be seen before the loss).
+        let want = ["site-restarted", "dr-lost", "dr-connected", "dr-caught-up"];
+        let mut got: Vec<serde_json::Value> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !want.iter().all(|w| got.iter().any(|e| e["event"] == *w)) {
+            assert!(Instant::now() < deadline, "events for b after a SIGKILL: {got:?}");
+            if let Ok(l) = u.lines.recv_timeout(Duration::from_millis(200)) {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                if v["site"] == "b" {
+                    got.push(v);
+                }
+            }
+        }
+        let at = |w: &str| got.iter().position(|e| e["event"] == w).unwrap();
+        assert!(at("dr-lost") < at("dr-connected") && at("dr-connected") < at("dr-caught-up"), "{got:?}");
+        let restarted = &got[at("site-restarted")];
+        assert_ne!(restarted["pid"].as_u64().unwrap(), b_pid);
+        b_pid = restarted["pid"].as_u64().unwrap();
+    }
+    sigterm_and_wait(&mut u);
+    let ep: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("endpoints.json")).unwrap()).unwrap();
+    assert!(ep["sites"]["a"]["pid"].is_null() && ep["sites"]["b"]["pid"].is_null(), "{ep}");
 }
 
 /// A site that cannot start (here: its site.toml, edited by hand, no
@@ -462,6 +531,39 @@ fn bad_input_gets_one_line_errors() {
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains(&p.to_string()) && e.contains("in use"), "{e}");
+    // The primary's replication port (P+20) too, and the refusal leaves
+    // the directory as it found it: no deployment tied to that port base.
+    let base = free_port_block();
+    let busy = std::net::TcpListener::bind(("127.0.0.1", base + 20)).unwrap();
+    let fresh = t.join("fresh");
+    let o = tidemark(&["up", "--dir", fresh.to_str().unwrap(), "--port-base", &base.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains(&(base + 20).to_string()) && e.contains("replication of site a") && e.trim().lines().count() == 1, "{e}");
+    drop(busy);
+    assert!(!fresh.join("deployment.json").exists(), "a deployment was written before its ports were checked");
+    // So is a refused port base (a lone up.lock is not in the way after).
+    let o = tidemark(&["up", "--dir", fresh.to_str().unwrap(), "--port-base", "65530"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = tidemark(&["up", "--dir", fresh.to_str().unwrap(), "--port-base", &base.to_string(), "--dr-sites", "12"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("at most 9") && !e.contains("holds files"), "{e}");
+    // Volume sizes and names are usage errors, found before anything is written.
+    for (arg, want) in [("vol0=1000", "multiple of 4096"), ("vol0=0", "multiple of 4096")] {
+        let o = tidemark(&["up", "--dir", t.join("v").to_str().unwrap(), "--volume", arg]);
+        assert_eq!(o.status.code(), Some(2), "{arg}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want) && e.trim().lines().count() == 1, "{arg}: {e}");
+    }
+    let o = tidemark(&["up", "--dir", t.join("v").to_str().unwrap(), "--port-base", &free_port_block().to_string(), "--volume", "a=1M", "--volume", "a=2M"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("volume a is given twice"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!t.join("v").join("deployment.json").exists());
+    // A missing argument is named.
+    let o = tidemark(&["--dir", t.join("v").to_str().unwrap(), "volume", "create", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--size") && e.trim().lines().count() == 1, "{e}");
     // Too many DR sites: refused before the deployment file is written
     // (before, it was written first, with the count, and the process ran
     // out of memory making four billion site names; every later `up` in

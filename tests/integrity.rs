@@ -56,6 +56,8 @@ fn secondary_exports_are_read_only() {
     let info = String::from_utf8(cmd_ok("nbdinfo", &["--json", &uri]).stdout).unwrap();
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["exports"][0]["is_read_only"], true, "{info}");
+    // Nothing that would change it is offered (as with qemu-nbd -r).
+    assert_eq!((v["exports"][0]["can_trim"].as_bool(), v["exports"][0]["can_zero"].as_bool()), (Some(false), Some(false)), "{info}");
     let o = cmd("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &uri]);
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("Operation not permitted") || out.contains("Permission denied") || out.contains("read-only") || out.contains("read only"), "{out}");
@@ -64,5 +66,10 @@ fn secondary_exports_are_read_only() {
     let h = c.raw_request(1, 0, 0, 4096, &[7u8; 4096]).unwrap();
     let (rh, err) = c.reply().unwrap();
     assert_eq!((rh, err), (h, 1));
+    // TRIM (4) and WRITE_ZEROES (6), not offered, sent anyway: EPERM too.
+    for cmd in [4u16, 6] {
+        let h = c.raw_request(cmd, 0, 0, 4096, &[]).unwrap();
+        assert_eq!(c.reply().unwrap(), (h, 1), "command {cmd}");
+    }
     assert_eq!(c.read(0, 4096).unwrap(), vec![0u8; 4096]);
 }

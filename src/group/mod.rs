@@ -991,13 +991,7 @@ impl Group {
     }
 
     fn check_size(size: u64) -> Result<()> {
-        if size == 0 || !size.is_multiple_of(BLOCK_BYTES) {
-            bail!("size {size} must be a positive multiple of {BLOCK_BYTES} bytes");
-        }
-        if size > crate::limits::VOLUME_BYTES_MAX {
-            bail!("size {size} exceeds the largest volume size {}", crate::limits::VOLUME_BYTES_MAX);
-        }
-        Ok(())
+        crate::util::check_volume_size(size).map_err(anyhow::Error::msg)
     }
 
     /// Creates a volume; the operation is a record in the group's log and is

@@ -99,16 +99,13 @@ pub struct ExportInfo {
 
 impl ExportInfo {
     pub fn transmission_flags(&self, structured: bool) -> u16 {
-        let mut f = TF_HAS_FLAGS
-            | TF_SEND_FLUSH
-            | TF_SEND_FUA
-            | TF_SEND_TRIM
-            | TF_SEND_WRITE_ZEROES
-            | TF_CAN_MULTI_CONN
-            | TF_SEND_CACHE
-            | TF_SEND_FAST_ZERO;
+        let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+        // A read-only export offers no command that changes it (as
+        // qemu-nbd -r does); one sent anyway still fails with EPERM.
         if self.read_only {
             f |= TF_READ_ONLY;
+        } else {
+            f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
         }
         if structured {
             f |= TF_SEND_DF;

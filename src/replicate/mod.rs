@@ -102,6 +102,13 @@ pub struct Replica {
     /// Full resyncs started because the DR's last record was not this
     /// primary's (since this process started).
     pub diverged_resyncs: u64,
+    /// Sessions established with it since this process started: a
+    /// watcher that polls sees a link lost and made again between two
+    /// polls (a DR site restarted at once) by this changing.
+    pub sessions: u64,
+    /// Why the last session that was established ended (kept when the
+    /// next connects, unlike `last_error`).
+    pub last_lost: Option<String>,
 }
 
 /// What DR site `r` lacks, as status and metrics report it: (`lag_seconds`,

@@ -120,6 +120,9 @@ async fn run_forever(group: Arc<Group>, peer: PeerLink, tls: Arc<rustls::ClientC
             r.connected = false;
             r.state = "disconnected".into();
             r.last_error = Some(msg.clone());
+            if was_connected {
+                r.last_lost = Some(msg.clone());
+            }
         });
         if was_connected {
             // Lost the same way at every reconnect: said once a minute.

@@ -370,6 +370,7 @@ impl Sender {
         let diverged = self.diverged;
         g.replication.update(peer, |r| {
             r.connected = true;
+            r.sessions += 1;
             // A diverged DR holds none of this primary's records past where
             // the histories part, and where that is is not known: nothing
             // counts as held (sync writers wait for the resync's commit).

@@ -236,6 +236,7 @@ fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
                 "dirty_tracking": g.in_dirty_mode(&r.site),
                 "sender_nice": r.sender_nice,
                 "diverged_resyncs": r.diverged_resyncs,
+                "sessions": r.sessions, "last_lost": r.last_lost,
             })
         })
         .collect();
@@ -281,6 +282,11 @@ fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
         gj["degraded"] = json!("sync DR site lost: replicating asynchronously");
     }
     if let Some(d) = site.dr.groups.lock().unwrap().get(&g.name) {
+        // A DR site's group runs in its primary's mode (HELLO, then MODE
+        // frames), not the one it was made with.
+        if !d.mode.is_empty() {
+            gj["mode"] = json!(d.mode);
+        }
         let hb = &d.heartbeat;
         gj["primary"] = json!({
             "site": d.primary, "connected": d.connected, "last_error": d.last_error,

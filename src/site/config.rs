@@ -225,10 +225,15 @@ impl SiteConfig {
                 bail!("peer {} is this site itself", p.name);
             }
         }
+        let mut names = std::collections::BTreeSet::new();
         for v in &self.volumes {
             crate::util::check_name("volume", &v.name).map_err(anyhow::Error::msg)?;
             crate::util::check_name("group", &v.group).map_err(anyhow::Error::msg)?;
-            crate::util::parse_size(&v.size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
+            let size = crate::util::parse_size(&v.size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
+            crate::util::check_volume_size(size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
+            if !names.insert(v.name.as_str()) {
+                bail!("volume {} is listed twice", v.name);
+            }
         }
         Ok(())
     }

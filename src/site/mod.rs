@@ -326,7 +326,11 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         // API (tests and scripts wait for the NBD port only).
         let tls_files = crate::replicate::tls::TlsFiles { ca: site.cfg.tls.ca.clone(), cert: site.cfg.tls.cert.clone(), key: site.cfg.tls.key.clone() };
         let mut repl_listener = None;
-        if !site.cfg.peers.is_empty() && site.read_only() {
+        // A primary listens too, where it has an address for it: a site
+        // that also believes itself primary is told so with the reason
+        // (split brain guard, `accept_group`), not met with a closed port;
+        // and the port is this site's while it runs (CONTRACT: P+20+i).
+        if !site.cfg.peers.is_empty() && (site.read_only() || site.cfg.repl_listen.is_some()) {
             let addr = site.cfg.repl_listen.context("a DR site with peers needs repl_listen")?;
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to listen for replication on {addr}"))?;
             let server = crate::replicate::tls::server_config(&tls_files)?;
@@ -344,7 +348,8 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
-        // Replication: a DR site listens; a primary sends to every peer.
+        // Replication: a DR site listens; a primary sends to every peer
+        // (and refuses any that sends to it).
         let repl_task = repl_listener.map(|(l, server)| tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
         if !site.cfg.peers.is_empty() && !site.read_only() {
             *site.client_tls.lock().unwrap() = Some(crate::replicate::tls::client_config(&tls_files)?);

@@ -196,3 +196,15 @@ proptest! {
         }
     }
 }
+
+/// A read-only export (a DR site's, a snapshot's) offers no command that
+/// would change it; flush, FUA and cache stay, as with `qemu-nbd -r`.
+#[test]
+fn read_only_exports_offer_no_command_that_changes_them() {
+    let e = |read_only| ExportInfo { name: "vol0".into(), size: 1 << 20, read_only };
+    let ro = e(true).transmission_flags(true);
+    assert_eq!(ro & (TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO), 0, "{ro:#x}");
+    assert_eq!(ro & (TF_READ_ONLY | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN), TF_READ_ONLY | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN);
+    let rw = e(false).transmission_flags(true);
+    assert_eq!(rw & (TF_READ_ONLY | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO), TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO);
+}
