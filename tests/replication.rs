@@ -782,3 +782,25 @@ fn a_stopping_primary_says_goodbye_and_a_killed_one_does_not() {
     let err = dr_primary(&d)["last_error"].as_str().unwrap_or("").to_string();
     assert!(!err.contains("it stopped"), "a killed primary read as a clean stop: {err}");
 }
+
+/// Two sites that both believe they are the primary (a DR site's config
+/// edited into a primary's): the second's replication to the first is
+/// refused with the reason, on the first's own replication port (which a
+/// primary binds too), and nothing it sends is applied there. Before, the
+/// port was closed, and the second saw only "connection refused".
+#[test]
+fn a_second_primary_is_told_the_first_is_a_primary() {
+    let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "16MiB")], "async");
+    d.sites[1].edit_config(|c| c.replace("role = \"secondary\"", "role = \"primary\"").replace("volume = []\n", "") + "\n[[volume]]\nname = \"vol0\"\nsize = \"16MiB\"\ngroup = \"cg0\"\n");
+    d.start_all();
+    let b = &d.sites[1];
+    common::wait_until(20, "b's replication to a refused with the reason", || {
+        b.status()["groups"][0]["replicas"][0]["last_error"].as_str().is_some_and(|e| e.contains("is a primary"))
+    });
+    assert!(d.sites[0].log().contains("is a primary; it does not take replication"), "{}", d.sites[0].log());
+    // Writes at b do not reach a.
+    common::cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 64k", "-c", "flush", &b.uri("vol0")]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = common::cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0 0 64k", &d.sites[0].uri("vol0")]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"), "b's write reached a");
+}
