@@ -14,10 +14,10 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub dir: Option<PathBuf>,
     /// API URL of a site (instead of --dir).
-    #[arg(long, global = true, conflicts_with = "dir")]
+    #[arg(long, global = true, conflicts_with = "dir", value_parser = parse_api_url)]
     pub api: Option<String>,
     /// Site to talk to (default: the primary, `a`).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = parse_site_name)]
     pub site: Option<String>,
     /// Machine-readable output.
     #[arg(long, global = true)]
@@ -125,6 +125,22 @@ pub enum VolumeCmd {
     Delete {
         name: String,
     },
+}
+
+/// `http://HOST:PORT[/]` (a usage error, exit 2, otherwise).
+fn parse_api_url(s: &str) -> Result<String, String> {
+    let hostport = s.strip_prefix("http://").ok_or_else(|| format!("API URL {s:?} must start with http://"))?.trim_end_matches('/');
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("API URL {s:?} has no port (http://HOST:PORT)"))?;
+    if host.is_empty() || host.contains('/') || port.parse::<u16>().is_err() {
+        return Err(format!("API URL {s:?} is not http://HOST:PORT"));
+    }
+    Ok(s.to_string())
+}
+
+/// A site name as `up` and `init` make them.
+fn parse_site_name(s: &str) -> Result<String, String> {
+    crate::util::check_name("site", s)?;
+    Ok(s.to_string())
 }
 
 /// A volume size (a usage error, exit 2, if it cannot be one).

@@ -410,8 +410,10 @@ fn own_exe() -> Result<&'static (File, PathBuf)> {
     if let Some(e) = OWN_EXE.get() {
         return Ok(e);
     }
+    use std::os::unix::fs::OpenOptionsExt;
     let path = std::env::current_exe().context("cannot find the tidemark executable")?;
-    let file = File::open("/proc/self/exe").context("cannot open the tidemark executable (/proc/self/exe)")?;
+    // O_PATH: exec needs no read permission (an execute-only install).
+    let file = File::options().read(true).custom_flags(libc::O_PATH).open("/proc/self/exe").context("cannot open the tidemark executable (/proc/self/exe)")?;
     Ok(OWN_EXE.get_or_init(|| (file, path)))
 }
 
@@ -601,12 +603,15 @@ pub fn init(dir: &Path, sites: &[String], port_base: Option<u16>, mode: Option<S
 pub fn run(a: UpArgs) -> Result<()> {
     own_exe()?;
     let dir = if a.dir.is_absolute() { a.dir.clone() } else { std::env::current_dir()?.join(&a.dir) };
-    let existing = check_dir(&dir)?;
+    check_dir(&dir)?;
     let lock_path = dir.join("up.lock");
     let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!("{} is in use by another running `tidemark up`", dir.display());
     }
+    // Again under the lock: another `up` may have made the deployment (or
+    // failed half-way) between the first look and the lock.
+    let existing = check_dir(&dir)?;
     let mut given = BTreeSet::new();
     for (n, _) in &a.volumes {
         if !given.insert(n) {
@@ -868,7 +873,8 @@ fn replica_events(status: &serde_json::Value, seen: &mut ReplicaSeen) -> Vec<ser
             let sessions = r["sessions"].as_u64().unwrap_or(0);
             let prev = seen.replicas.insert((group.clone(), site.clone()), (state.clone(), sessions));
             let mut was_up = prev.as_ref().is_some_and(|(p, _)| p != "disconnected");
-            let new_session = prev.as_ref().is_some_and(|(_, n)| sessions > *n);
+            // Fewer: the primary restarted (its counts start again).
+            let new_session = prev.as_ref().is_some_and(|(_, n)| sessions != *n);
             if was_up && new_session {
                 out.push(json!({"event": "dr-lost", "group": group, "site": site, "state": "disconnected", "applied_seq": r["applied_seq"], "error": r["last_lost"]}));
                 was_up = false;
@@ -935,8 +941,6 @@ impl Signals {
 mod tests {
     use serde_json::json;
 
-    /// Unresponsive after two unanswered polls in a row, once; responsive
-    /// when it answers again.
     /// A DR site restarted between two polls is reported lost and
     /// connected again (its state alone reads the same before and after);
     /// a sync group's degradation comes and goes as events.
@@ -961,7 +965,12 @@ mod tests {
         assert_eq!(names(super::replica_events(&st("disconnected", 3, true), &mut seen)), ["dr-lost", "sync-degraded"]);
         assert!(super::replica_events(&st("disconnected", 3, true), &mut seen).is_empty(), "once");
         assert_eq!(names(super::replica_events(&st("replicating", 4, false), &mut seen)), ["dr-connected", "dr-caught-up", "sync-restored"]);
+        // The primary restarted: its count starts again.
+        assert_eq!(names(super::replica_events(&st("replicating", 1, false), &mut seen)), ["dr-lost", "dr-connected", "dr-caught-up"]);
     }
+
+    /// Unresponsive after two unanswered polls in a row, once; responsive
+    /// when it answers again.
 
     #[test]
     fn a_site_that_stops_answering_is_one_event_each_way() {

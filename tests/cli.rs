@@ -559,6 +559,13 @@ fn bad_input_gets_one_line_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("volume a is given twice"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!t.join("v").join("deployment.json").exists());
+    // A malformed --api or --site is a usage error too.
+    for args in [&["--api", "notaurl", "status"][..], &["--api", "http://127.0.0.1", "status"], &["--site", "b c", "status"]] {
+        let o = tidemark(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(args[1]) && e.trim().lines().count() == 1, "{args:?}: {e}");
+    }
     // A missing argument is named.
     let o = tidemark(&["--dir", t.join("v").to_str().unwrap(), "volume", "create", "x"]);
     assert_eq!(o.status.code(), Some(2));

@@ -798,6 +798,9 @@ fn a_second_primary_is_told_the_first_is_a_primary() {
         b.status()["groups"][0]["replicas"][0]["last_error"].as_str().is_some_and(|e| e.contains("is a primary"))
     });
     assert!(d.sites[0].log().contains("is a primary; it does not take replication"), "{}", d.sites[0].log());
+    // a's status stays a primary's: no DR state for the group b named.
+    let sa = d.sites[0].status();
+    assert!(sa["groups"][0]["primary"].is_null() && sa["groups"][0]["heartbeat"].is_null(), "{sa}");
     // Writes at b do not reach a.
     common::cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 64k", "-c", "flush", &b.uri("vol0")]);
     std::thread::sleep(std::time::Duration::from_millis(500));

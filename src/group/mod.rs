@@ -1291,9 +1291,10 @@ impl Group {
         inner.apply(&h, at, checked, Some(body));
         let end = inner.tail_pos();
         drop(inner);
-        if h.kind != Kind::Write {
-            self.settle_counts();
-        }
+        // A walk queued by this record (a snapshot deleted, a resync
+        // commit) is left to the maintenance thread (next round, within
+        // `MAINTENANCE_INTERVAL_MS`): on this thread it would hold up the
+        // records behind it, and with them a sync primary's writes.
         for name in refused {
             tracing::warn!(event = "snapshot-delete-refused", "group {}: the primary deleted snapshot {name} (seq {}); protect_snapshots keeps this site's copy", self.name, h.seq);
             self.refusals.lock().unwrap_or_else(|p| p.into_inner()).push((name, h.seq, h.timestamp_ns));

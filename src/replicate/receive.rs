@@ -92,6 +92,11 @@ pub trait Host: Send + Sync + 'static {
     fn link_timeout(&self) -> Option<Duration> {
         None
     }
+    /// A primary refuses every HELLO (`accept_group`) and keeps no DR
+    /// state of the groups they name.
+    fn is_primary(&self) -> bool {
+        false
+    }
 }
 
 impl Host for Site {
@@ -109,6 +114,9 @@ impl Host for Site {
         let g = self.group_for_replication(&hello.group, hello.group_id, mode)?;
         check_group(&g, hello, epoch)?;
         Ok(g)
+    }
+    fn is_primary(&self) -> bool {
+        !self.read_only()
     }
     fn dr(&self) -> &DrState {
         &self.dr

@@ -931,7 +931,7 @@ impl Receiver {
     /// reason also goes into this site's status.
     pub fn farewell(&self, e: &anyhow::Error) -> Vec<u8> {
         let msg = format!("{e:#}");
-        if let Some(g) = &self.group_name {
+        if let Some(g) = self.group_name.as_ref().filter(|_| !self.host.is_primary()) {
             self.host.dr().update(g, |d| d.last_error = Some(msg.clone()));
         }
         frame::encode(frame::ERROR, self.epoch(), msg.as_bytes(), false)

@@ -230,9 +230,13 @@ impl SiteConfig {
             crate::util::check_name("volume", &v.name).map_err(anyhow::Error::msg)?;
             crate::util::check_name("group", &v.group).map_err(anyhow::Error::msg)?;
             let size = crate::util::parse_size(&v.size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
-            crate::util::check_volume_size(size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
-            if !names.insert(v.name.as_str()) {
-                bail!("volume {} is listed twice", v.name);
+            // A DR site ignores its volume list (with a warning): only a
+            // primary's must be one it can make.
+            if self.role == Role::Primary {
+                crate::util::check_volume_size(size).map_err(|e| anyhow::anyhow!("volume {}: {e}", v.name))?;
+                if !names.insert(v.name.as_str()) {
+                    bail!("volume {} is listed twice", v.name);
+                }
             }
         }
         Ok(())
