@@ -670,6 +670,14 @@ pub fn run(a: UpArgs) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) => {
             stop_all(&mut procs);
+            // No site runs: endpoints.json (if a run wrote it) names no pid.
+            let path = dir.join("endpoints.json");
+            if path.exists() {
+                if let Ok(ep) = Endpoints::start(path) {
+                    let n = ep.set(&json!({"deployment": dep.id, "sites": sites_json(&procs)}));
+                    ep.flush(n, Duration::from_secs(2));
+                }
+            }
             // Said through the outlet, behind what the sites said last
             // (the why, often), and not held up by a stderr nobody reads.
             out.echo.send(format!("tidemark: {e:#}\n"));
