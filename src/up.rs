@@ -119,7 +119,9 @@ fn check_dir(dir: &Path) -> Result<Option<Deployment>> {
         }
         // A lone up.lock is what an `up` that failed before making the
         // deployment leaves: not a reason to refuse the directory.
-        let non_empty = std::fs::read_dir(dir)?.any(|e| e.map_or(true, |e| e.file_name() != "up.lock"));
+        // Nor is another `up`'s write probe (it may be looking at the
+        // same new directory just now).
+        let non_empty = std::fs::read_dir(dir)?.any(|e| e.map_or(true, |e| e.file_name() != "up.lock" && e.file_name() != ".write-test"));
         if non_empty {
             bail!("{} holds files but no {DEPLOYMENT_FILE}: it is not a tidemark deployment (use an empty or new directory)", dir.display());
         }
@@ -979,7 +981,6 @@ mod tests {
 
     /// Unresponsive after two unanswered polls in a row, once; responsive
     /// when it answers again.
-
     #[test]
     fn a_site_that_stops_answering_is_one_event_each_way() {
         let mut st = super::Unanswered::default();
