@@ -293,6 +293,33 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
     read_back();
 }
 
+/// A group's directory may be a symlink (how an operator puts one group on
+/// a disk of its own): the group is made in it, and found again after a
+/// restart. Before, the scan of `groups/` passed symlinks over, so after a
+/// restart the group's volumes were gone from the site; and a symlink made
+/// ready for a group to come would have been removed as a half-made group.
+#[test]
+fn a_group_directory_may_be_a_symlink() {
+    let tmp = tempfile::Builder::new().prefix("tidemark-symlink").tempdir_in(common::test_root()).unwrap();
+    let elsewhere = tmp.path().join("other-disk").join("cg1");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let sdir = tmp.path().join("site");
+    std::fs::create_dir(&sdir).unwrap();
+    let mut site = Site::configure(&sdir, &[("vol0", "16M")]);
+    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"16M\"\ngroup = \"cg1\"\n";
+    std::fs::write(&site.config, cfg).unwrap();
+    std::fs::create_dir_all(sdir.join("groups")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, sdir.join("groups/cg1")).unwrap();
+    site.spawn();
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "flush", &site.uri("vol1")]);
+    assert!(elsewhere.join("group.json").exists(), "cg1 was not made in the symlinked directory");
+    site.stop();
+    site.spawn();
+    let o = cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x44 0 64k", &site.uri("vol1")]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    assert!(std::fs::symlink_metadata(sdir.join("groups/cg1")).unwrap().file_type().is_symlink());
+}
+
 /// Counts the threads of a process whose name starts with `prefix`.
 fn threads_named(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

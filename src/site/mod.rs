@@ -83,7 +83,9 @@ impl Site {
         let mut names: Vec<String> = Vec::new();
         for ent in std::fs::read_dir(&gdir)? {
             let ent = ent?;
-            if ent.file_type()?.is_dir() {
+            // A symlink to a directory is a group too: how an operator puts
+            // one group on a disk of its own.
+            if ent.path().is_dir() {
                 if let Some(n) = ent.file_name().to_str() {
                     names.push(n.to_string());
                 }
@@ -100,6 +102,12 @@ impl Site {
                 let mut segments = std::fs::read_dir(&d)?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_str().and_then(crate::log::segment::parse_segment_file_name).is_some());
                 if segments.next().is_some() {
                     anyhow::bail!("group directory {} holds log segments but no {}: restore it from a copy, or move it away to start the group afresh", d.display(), crate::group::open::META_FILE);
+                }
+                // A symlink is the operator's (a group's place on a disk of
+                // its own): left for the group to be made in when it is.
+                if std::fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+                    tracing::info!("group directory {} (a symlink) holds no group yet; it is used when group {n} is made", d.display());
+                    continue;
                 }
                 tracing::warn!("removing group directory {}: its creation did not complete (no {})", d.display(), crate::group::open::META_FILE);
                 std::fs::remove_dir_all(&d).with_context(|| format!("failed to remove {}", d.display()))?;
