@@ -318,6 +318,12 @@ fn a_group_directory_may_be_a_symlink() {
     let o = cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x44 0 64k", &site.uri("vol1")]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
     assert!(std::fs::symlink_metadata(sdir.join("groups/cg1")).unwrap().file_type().is_symlink());
+    // Its disk gone (not mounted): the site does not start without it.
+    site.stop();
+    std::fs::rename(&elsewhere, tmp.path().join("other-disk/moved")).unwrap();
+    let o = std::process::Command::new(common::bin()).args(["site", "--config", site.config.to_str().unwrap()]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("groups/cg1") && e.contains("is its disk mounted"), "{e}");
 }
 
 /// Counts the threads of a process whose name starts with `prefix`.

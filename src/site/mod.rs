@@ -84,7 +84,13 @@ impl Site {
         for ent in std::fs::read_dir(&gdir)? {
             let ent = ent?;
             // A symlink to a directory is a group too: how an operator puts
-            // one group on a disk of its own.
+            // one group on a disk of its own. One that leads nowhere (its
+            // disk not mounted) stops the start: serving without the group
+            // would look like its volumes were gone.
+            if ent.file_type()?.is_symlink() && !ent.path().is_dir() {
+                let to = std::fs::read_link(ent.path()).map(|t| t.display().to_string()).unwrap_or_else(|e| format!("? ({e})"));
+                anyhow::bail!("group directory {} is a symlink to {to}, which is not a directory (is its disk mounted?)", ent.path().display());
+            }
             if ent.path().is_dir() {
                 if let Some(n) = ent.file_name().to_str() {
                     names.push(n.to_string());
