@@ -150,12 +150,18 @@ fn port_free(addr: SocketAddr) -> bool {
     TcpListener::bind(addr).is_ok()
 }
 
+/// Port `P + off + i` of `dep` on 127.0.0.1: the `i`-th site's NBD
+/// (`off` 0), API (10) or replication (20) address.
+fn site_addr(dep: &Deployment, off: u32, i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], (dep.port_base as u32 + off + i as u32) as u16))
+}
+
 /// The ports of the `i`-th site (`name`) of `dep` are free: NBD `P+i`, API
 /// `P+10+i`, replication `P+20+i` (CONTRACT.md; a primary listens on its
 /// replication port too).
 fn check_site_ports(dep: &Deployment, i: usize, name: &str) -> Result<()> {
     for (what, off) in [("NBD", 0), ("API", 10), ("replication", 20)] {
-        let a = SocketAddr::from(([127, 0, 0, 1], (dep.port_base as u32 + off + i as u32) as u16));
+        let a = site_addr(dep, off, i);
         if !port_free(a) {
             bail!("port {} ({what} of site {name}) is in use", a.port());
         }
@@ -328,6 +334,11 @@ fn start_pollers(procs: &[SiteProc]) -> Result<std::sync::mpsc::Receiver<Poll>> 
 
 /// Each site's NBD and API address and pid, as in the ready event and
 /// `endpoints.json`.
+/// What `endpoints.json` holds.
+fn endpoints_json(dep: &Deployment, procs: &[SiteProc]) -> serde_json::Value {
+    json!({"deployment": dep.id, "sites": sites_json(procs)})
+}
+
 fn sites_json(procs: &[SiteProc]) -> BTreeMap<String, serde_json::Value> {
     procs
         .iter()
@@ -387,6 +398,12 @@ impl Endpoints {
         g.pending = Some((n, bytes));
         self.slot.1.notify_all();
         n
+    }
+
+    /// `set`, then waits at most `limit` for it to be written.
+    fn write_within(&self, v: &serde_json::Value, limit: Duration) {
+        let n = self.set(v);
+        self.flush(n, limit);
     }
 
     /// Waits at most `limit` for contents `n` (or later) to be written.
@@ -524,7 +541,7 @@ fn prepare_sites(dir: &Path, dep: &Deployment, names: &[String], volumes: &[Volu
         bail!("at most 10 sites per deployment (ports P..P+9 are for NBD)");
     }
     crate::replicate::tls::create_deployment_pki(dir, &dep.id, names)?;
-    let addr = |off: u32, i: usize| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], (dep.port_base as u32 + off + i as u32) as u16)) };
+    let addr = |off: u32, i: usize| site_addr(dep, off, i);
     let mut procs = Vec::new();
     for (i, name) in names.iter().enumerate() {
         crate::util::check_name("site", name).map_err(anyhow::Error::msg)?;
@@ -676,8 +693,7 @@ pub fn run(a: UpArgs) -> Result<()> {
             let path = dir.join("endpoints.json");
             if path.exists() {
                 if let Ok(ep) = Endpoints::start(path) {
-                    let n = ep.set(&json!({"deployment": dep.id, "sites": sites_json(&procs)}));
-                    ep.flush(n, Duration::from_secs(2));
+                    ep.write_within(&endpoints_json(&dep, &procs), Duration::from_secs(2));
                 }
             }
             // Said through the outlet, behind what the sites said last
@@ -710,8 +726,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
         stop_all(procs);
         // No site runs: endpoints.json says so (pid null) before `stopped`.
         if let Some(e) = endpoints {
-            let n = e.set(&json!({"deployment": dep.id, "sites": sites_json(procs)}));
-            e.flush(n, Duration::from_secs(2));
+            e.write_within(&endpoints_json(dep, procs), Duration::from_secs(2));
         }
         out.emit(json!({"event": "stopped"}), "stopped");
         out.drain(Duration::from_secs(2));
@@ -726,7 +741,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
         }
     }
     let sites = sites_json(procs);
-    let endpoints = json!({"deployment": dep.id, "sites": sites});
+    let endpoints = endpoints_json(dep, procs);
     crate::crashsafe::write_file(&dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?.as_bytes())?;
     let endpoints = Endpoints::start(dir.join("endpoints.json"))?;
     out.emit(
@@ -747,7 +762,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
             return Ok(());
         }
         if supervise(procs, out, &mut unanswered) {
-            endpoints.set(&json!({"deployment": dep.id, "sites": sites_json(procs)}));
+            endpoints.set(&endpoints_json(dep, procs));
         }
         while let Ok(poll) = polls.try_recv() {
             let (i, p) = (poll.site, &mut procs[poll.site]);

@@ -422,10 +422,8 @@ impl Inner {
         let (refs, d) = count_maps(&self.volumes.values().collect::<Vec<_>>());
         self.distinct = d;
         self.refs = refs;
-        // Exact now: walks queued or under way are void.
-        self.weighing.walks.clear();
-        self.weighing.segs.clear();
-        self.weighing.gen += 1;
+        // Exact now.
+        self.weighing.restart();
     }
 
     /// After maps were replaced wholesale (a DR resync commit): `refs`
@@ -437,14 +435,8 @@ impl Inner {
             return self.recount_distinct();
         }
         let maps: Vec<Volume> = self.volumes.values().cloned().collect();
-        let mut refs: HashMap<u32, u64> = HashMap::new();
-        for v in &maps {
-            for (seg, n) in v.map.seg_ref_counts() {
-                *refs.entry(*seg).or_insert(0) += n;
-            }
-        }
-        self.weighing.walks.clear();
-        self.weighing.gen += 1;
+        let refs = sum_refs(&maps.iter().collect::<Vec<_>>());
+        self.weighing.restart();
         self.weighing.segs = refs.keys().map(|s| (*s, 1)).collect();
         let ask = refs.keys().copied().collect();
         self.distinct = refs.clone();
@@ -780,6 +772,13 @@ impl Weighing {
     pub fn settled(&self) -> bool {
         self.walks.is_empty() && self.segs.is_empty()
     }
+
+    /// The counts were made afresh: walks queued or under way are void.
+    fn restart(&mut self) {
+        self.walks.clear();
+        self.segs.clear();
+        self.gen += 1;
+    }
 }
 
 /// A count to take off segments `ask`, to be found by a walk of copies of
@@ -830,18 +829,25 @@ impl Walk {
 /// that no map before it holds at the same place count as distinct.
 fn count_maps(maps: &[&Volume]) -> (HashMap<u32, u64>, HashMap<u32, u64>) {
     let mut d: HashMap<u32, u64> = HashMap::new();
-    let mut refs: HashMap<u32, u64> = HashMap::new();
     for (i, v) in maps.iter().enumerate() {
-        for (seg, n) in v.map.seg_ref_counts() {
-            *refs.entry(*seg).or_insert(0) += n;
-        }
         walk_unshared(&v.map, &maps[..i], |_, e, held| {
             if !held {
                 *d.entry(e.seg).or_insert(0) += 1;
             }
         });
     }
-    (refs, d)
+    (sum_refs(maps), d)
+}
+
+/// References per segment of all of `maps` together.
+fn sum_refs(maps: &[&Volume]) -> HashMap<u32, u64> {
+    let mut refs: HashMap<u32, u64> = HashMap::new();
+    for v in maps {
+        for (seg, n) in v.map.seg_ref_counts() {
+            *refs.entry(*seg).or_insert(0) += n;
+        }
+    }
+    refs
 }
 
 /// Calls `f(block, entry, held)` for each data block of `map`, `held`
