@@ -30,6 +30,17 @@ pub const NBD_CONNECTIONS_MAX: usize = 256;
 /// has not chosen an export by then is closed (probes, half-open sockets
 /// would otherwise hold a connection slot for good).
 pub const NBD_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// How long an NBD request waits for its group's lock on a runtime worker
+/// before it goes to the blocking pool to wait there (`Group::try_write`).
+/// A writer holds the lock for an append, normally microseconds; one that
+/// holds it this long is held up (a full page cache being written back, a
+/// long snapshot operation, or a stalled disk), and the workers that every
+/// other group's requests need must not wait with it.
+pub const NBD_LOCK_WAIT_US: u64 = 1_000;
+/// How often the site looks for a runtime worker stuck in an append, and
+/// how long one must have been, before it wakes another worker to keep the
+/// sockets read (`Site::start_runtime_kicker`).
+pub const NBD_KICK_MS: u64 = 10;
 /// NBD: TCP keepalive on client connections (idle seconds before the first
 /// probe, seconds between probes, probes): a client that vanished without
 /// a FIN (a crashed hypervisor host) gives its slot back after ~2 minutes.

@@ -214,8 +214,8 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
     assert_eq!(st["groups"][0]["last_seq"], 2, "the volume's creation and the write: {st}");
 
     // More writers (each its own connection, opened before the freeze) than
-    // the site has runtime workers: one waits in the stalled append, the
-    // rest for the group's lock, and each holds a worker while it waits.
+    // the site has runtime workers: one waits in the stalled append, holding
+    // its worker, the rest for the group's lock on the blocking pool.
     let writers = std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
     let clients: Vec<_> = (0..writers).map(|_| common::nbd_client::Client::connect(&addr, "vol0").unwrap()).collect();
     cmd_ok("fsfreeze", &["--freeze", mnt.to_str().unwrap()]);
@@ -291,6 +291,88 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
     disk.site.as_mut().unwrap().stop();
     disk.site.as_mut().unwrap().spawn();
     read_back();
+}
+
+/// A group on a disk of its own that stalls holds up no other group's NBD.
+/// Before, its writers waited for its lock on the runtime's workers (and
+/// each connection's reader took the lock to check every request's range),
+/// so with as many writers as workers every export of the site stopped
+/// answering, new connections included.
+#[test]
+fn a_stalled_group_holds_up_no_other_group() {
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::Builder::new().prefix("tidemark-stall2").tempdir_in(common::test_root()).unwrap();
+    let mut disk = common::FrozenDisk::mount(tmp.path());
+    let mnt = disk.mnt.clone();
+    let sdir = tmp.path().join("site");
+    std::fs::create_dir_all(sdir.join("groups")).unwrap();
+    std::fs::create_dir(mnt.join("cg1")).unwrap();
+    std::os::unix::fs::symlink(mnt.join("cg1"), sdir.join("groups/cg1")).unwrap();
+    let mut site = Site::configure(&sdir, &[("vol0", "64M")]);
+    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"64M\"\ngroup = \"cg1\"\n";
+    std::fs::write(&site.config, cfg).unwrap();
+    site.spawn();
+    let (addr, uri0, uri1, api) = (site.addr(), site.uri("vol0"), site.uri("vol1"), site.api());
+    disk.site = Some(site);
+    // Within a limit, so that a site that stops answering fails the test
+    // instead of hanging it.
+    let site_log = sdir.join("site.log");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("timeout").arg("20").args(args).output().unwrap();
+        let log = || std::fs::read_to_string(&site_log).unwrap_or_default();
+        assert!(o.status.success(), "{args:?} (status {}): {}{}\nsite log:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), log());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    run(&["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", &uri1]);
+
+    // Twice as many writers to cg1 as the site has runtime workers, each
+    // on a connection of its own, opened before the freeze.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let clients: Vec<_> = (0..2 * workers).map(|_| common::nbd_client::Client::connect(&addr, "vol1").unwrap()).collect();
+    cmd_ok("fsfreeze", &["--freeze", mnt.to_str().unwrap()]);
+    let writers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| std::thread::spawn(move || c.write(i as u64 * MIB, &vec![0x22 + i as u8; MIB as usize], false)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(writers.iter().all(|w| !w.is_finished()), "no write to cg1 can complete on a frozen disk");
+    // A reader of cg1 waits for its lock too, and holds nothing up either.
+    let a = addr.clone();
+    let reader = std::thread::spawn(move || common::nbd_client::Client::connect(&a, "vol1")?.read(0, MIB as u32));
+
+    // cg0 answers meanwhile: a new connection (handshake, export list),
+    // writes, a flush, reads, a zeroing; before and after the stall is
+    // seen as slow (STORAGE_SLOW_MS), which sends cg1's requests straight
+    // to the blocking pool.
+    for round in 0..2u8 {
+        let t = Instant::now();
+        let p = 0x31 + round;
+        run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {p} 0 2M"), "-c", "flush", "-c", "write -z 2M 1M", &uri0]);
+        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {p} 0 2M"), "-c", "read -P 0 2M 1M", &uri0]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
+        assert!(list.contains("vol0") && list.contains("vol1"), "{list}");
+        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while cg1 stalled", t.elapsed());
+        assert!(writers.iter().all(|w| !w.is_finished()) && !reader.is_finished(), "cg1 is still frozen");
+        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
+    }
+    let st: serde_json::Value = serde_json::from_slice(&cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]).stdout).unwrap();
+    let cg1 = st["groups"].as_array().unwrap().iter().find(|g| g["name"] == "cg1").unwrap();
+    assert_eq!(cg1["storage_stall"]["operation"], "log append", "{st}");
+
+    // The disk answers again: every cg1 write is acknowledged and reads back.
+    cmd_ok("fsfreeze", &["--unfreeze", mnt.to_str().unwrap()]);
+    for w in writers {
+        w.join().unwrap().expect("the write is acknowledged once the disk answers");
+    }
+    assert!(reader.join().unwrap().is_ok(), "the cg1 read is answered once the disk answers");
+    for i in 0..2 * workers {
+        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {} {}M 1M", 0x22 + i, i), &uri1]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+    let out = run(&["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x32 0 2M", &uri0]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
 /// A group's directory may be a symlink (how an operator puts one group on

@@ -298,7 +298,7 @@ impl Group {
         // only grows, so each one encoded here is at least the last.)
         let _one = self.checkpoint_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (at, bytes, written) = {
-            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let inner = self.inner.lock();
             if let Some(e) = &inner.failed {
                 bail!("group {} is failed ({e}); not writing a checkpoint", self.name);
             }
@@ -316,7 +316,7 @@ impl Group {
             let _io = self.io.start(super::iowatch::IoOp::Checkpoint);
             crate::crashsafe::write_file(&self.dir.join(FILE_NAME), &bytes)?;
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.inner.lock();
         inner.checkpoint_pos = inner.checkpoint_pos.max(at);
         inner.log_bytes_at_checkpoint = written;
         self.stats.checkpoints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -43,7 +43,7 @@ impl Group {
                 return done(unlink_failed);
             }
             let victim = {
-                let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let inner = self.inner.lock();
                 if inner.failed.is_some() {
                     return done(unlink_failed);
                 }
@@ -68,7 +68,7 @@ impl Group {
                 // Nothing cleanable before the checkpoint: take one early if
                 // the log has moved on by a segment since, so the next round can.
                 let moved = {
-                    let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                    let inner = self.inner.lock();
                     inner.staging.is_none() && inner.log_bytes_written - inner.log_bytes_at_checkpoint >= SEGMENT_BYTES
                 };
                 if moved {
@@ -82,7 +82,7 @@ impl Group {
                 // fail, naming it); its space stays in use. The other
                 // segments are still cleaned.
                 tracing::error!("group {}: {why}; garbage collection sets the segment aside until a restart (its space stays in use)", self.name);
-                self.inner.lock().unwrap_or_else(|p| p.into_inner()).gc_skipped.insert(victim.id, why);
+                self.inner.lock().gc_skipped.insert(victim.id, why);
             }
             if let Err(e) = self.free_empty_segments(&mut stuck) {
                 unlink_failed.get_or_insert(e);
@@ -94,7 +94,7 @@ impl Group {
     /// except those in `stuck`; adds those whose unlink fails to it.
     fn free_empty_segments(&self, stuck: &mut std::collections::BTreeSet<u32>) -> Result<()> {
         let empty: Vec<u32> = {
-            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let inner = self.inner.lock();
             let limit = pos_seg(inner.checkpoint_pos);
             inner
                 .segments
@@ -111,7 +111,7 @@ impl Group {
         // Each with what goes back into the list if its unlink fails.
         type Removed = (Arc<Segment>, Option<(u64, u64)>, Option<String>);
         let removed: Vec<Removed> = {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut inner = self.inner.lock();
             let mut v = Vec::new();
             for id in empty {
                 if inner.live_refs(id) == 0 && !inner.pinned(id) {
@@ -134,7 +134,7 @@ impl Group {
                 // again (before, the file stayed until a restart).
                 failed = Some(anyhow::anyhow!("failed to remove log segment {}: {e}", s.path.display()));
                 stuck.insert(s.id);
-                let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let mut inner = self.inner.lock();
                 if let Some(q) = seqs {
                     inner.seg_seqs.insert(s.id, q);
                 }
@@ -188,7 +188,7 @@ impl Group {
                 };
                 // Which of these blocks are still live? (cheap check first)
                 let any_live = {
-                    let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                    let inner = self.inner.lock();
                     (i..i + n).any(|j| inner.holder(first_block + j as u64, expect(j)).is_some())
                 };
                 if !any_live {
@@ -202,7 +202,7 @@ impl Group {
                 for j in 0..n {
                     let blk = &data[(j as u64 * BLOCK_BYTES) as usize..((j + 1) as u64 * BLOCK_BYTES) as usize];
                     // Only a live block's checksum matters: a dead one is never read again.
-                    if crate::crc::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) && self.inner.lock().unwrap_or_else(|p| p.into_inner()).holder(first_block + (i + j) as u64, expect(i + j)).is_some() {
+                    if crate::crc::crc32c(blk) != record::crc_at(&crcs, (i + j) as usize) && self.inner.lock().holder(first_block + (i + j) as u64, expect(i + j)).is_some() {
                         return Ok(Some(format!(
                             "checksum mismatch in log segment {} at offset {} (a live block)",
                             seg.path.display(),
@@ -211,7 +211,7 @@ impl Group {
                     }
                 }
                 // Under the lock: re-check and append runs still live.
-                let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let mut inner = self.inner.lock();
                 let mut j = 0u32;
                 while j < n {
                     // Which map holds the old copy (snapshots share it with

@@ -20,7 +20,9 @@ pub mod times;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
+
+type InnerGuard<'a> = parking_lot::MutexGuard<'a, Inner>;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -31,6 +33,20 @@ use crate::log::record::{self, Header, Kind, FLAG_RELOCATED, FLAG_RESYNC, HEADER
 use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment};
 use crate::volume::map::{Entry, SEG_HOLE, SEG_ZERO};
 use crate::volume::Volume;
+
+/// How long a data-path call waits for the group lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// As long as it takes (the API, replication, maintenance, the
+    /// blocking pool).
+    Forever,
+    /// `NBD_LOCK_WAIT_US` at most, then `IoError::Busy`: a call on a
+    /// runtime worker, which must not wait behind an append stuck on a
+    /// stalled disk (ARCHITECTURE.md "A stalled disk is reported, not
+    /// silent"). `Busy` at once while a storage operation of the group has
+    /// been in progress for `STORAGE_SLOW_MS`.
+    Briefly,
+}
 
 /// Data-path errors, mapped to NBD error codes by the server.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +59,11 @@ pub enum IoError {
     ReadOnly(String),
     #[error("{0}")]
     Failed(String),
+    /// A `try_` call did not get the group lock within `NBD_LOCK_WAIT_US`
+    /// (nothing done, or for `try_zero` part of it); the caller does it
+    /// again where it may wait.
+    #[error("the group lock is busy")]
+    Busy,
     /// The log's file system is full (ENOSPC, EDQUOT): nothing was
     /// appended, the group goes on, and the same write succeeds once there
     /// is space (ARCHITECTURE.md "A full disk is waited out").
@@ -76,6 +97,9 @@ pub(crate) struct Inner {
     pub last_ident: Option<u32>,
     pub next_volume_id: u32,
     pub volumes: BTreeMap<u32, Volume>,
+    /// `volumes` as NBD sees them, for readers that must not wait for the
+    /// lock (`Catalog`).
+    pub catalog: Arc<Catalog>,
     /// Per log segment, the distinct log blocks any map points at: a block
     /// shared by several maps (a volume and its snapshots) counts once.
     /// What GC weighs (`distinct_refs`, `live_bytes`); freeing a segment
@@ -142,7 +166,11 @@ pub struct Group {
     pub name: String,
     pub id: u64,
     pub dir: PathBuf,
-    pub(crate) inner: Mutex<Inner>,
+    /// A parking_lot mutex: the NBD path waits for it with a bound
+    /// (`lock_within`), which std's mutex cannot do.
+    pub(crate) inner: parking_lot::Mutex<Inner>,
+    /// The same `Catalog` as the inner state's.
+    catalog: Arc<Catalog>,
     /// Appends that find the file system full are said once a minute.
     no_space_log: Mutex<crate::util::LogThrottle>,
     sync_lock: Mutex<()>,
@@ -185,6 +213,49 @@ pub struct Group {
     /// DR site: deletions refused since start (snapshot name, seq, time).
     pub refusals: Mutex<Vec<(String, u64, u64)>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// The group's volumes and snapshots as NBD sees them (name, id, size,
+/// writable), readable without the group lock. The NBD reader checks every
+/// request's range against it and the handshake finds and lists exports
+/// with it, so neither waits behind a writer that holds the lock (one stuck
+/// on a stalled disk holds it for as long as the stall lasts, and a reader
+/// waiting there holds a runtime worker with it). `Inner::apply` publishes
+/// it after every record that can change a map's name, size or kind (and
+/// `from_parts` once at open); the data path checks each range again under
+/// the lock, so a request racing a resize gets the lock's answer.
+#[derive(Default)]
+pub struct Catalog(parking_lot::RwLock<Vec<Listed>>);
+
+/// One map in the `Catalog`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    pub writable: bool,
+}
+
+impl Catalog {
+    pub fn publish(&self, volumes: &BTreeMap<u32, Volume>) {
+        let now: Vec<Listed> = volumes.values().map(|v| Listed { id: v.id, name: v.name.clone(), size: v.size, writable: v.writable() }).collect();
+        let mut cur = self.0.write();
+        if *cur != now {
+            *cur = now;
+        }
+    }
+
+    pub fn size(&self, id: u32) -> Option<u64> {
+        self.0.read().iter().find(|l| l.id == id).map(|l| l.size)
+    }
+
+    pub fn find(&self, name: &str) -> Option<Listed> {
+        self.0.read().iter().find(|l| l.name == name).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.read().iter().map(|l| l.name.clone()).collect()
+    }
 }
 
 #[derive(Default)]
@@ -490,6 +561,13 @@ impl Inner {
     /// Applies a record found at `at` to the in-memory state. Used for live
     /// writes, replay after a crash, and (later) by DR sites.
     pub fn apply(&mut self, h: &Header, at: LogPos, checked: &[u8], body: Option<&[u8]>) {
+        self.apply_record(h, at, checked, body);
+        if !matches!(h.kind, Kind::Write | Kind::Zero | Kind::Trim) {
+            self.catalog.publish(&self.volumes);
+        }
+    }
+
+    fn apply_record(&mut self, h: &Header, at: LogPos, checked: &[u8], body: Option<&[u8]>) {
         if h.flags & FLAG_RESYNC != 0 || h.kind == Kind::ResyncBegin {
             self.apply_resync(h, at, checked);
             return;
@@ -888,9 +966,9 @@ fn space_recovered(group: &str, since: u64) {
 }
 
 impl Group {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> InnerGuard<'_> {
         let t = std::time::Instant::now();
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         let us = t.elapsed().as_micros() as u64;
         self.stats.write_lock_wait_max_us.fetch_max(us, Ordering::Relaxed);
         g
@@ -911,11 +989,14 @@ impl Group {
     pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner) -> Result<Arc<Group>> {
         let tail = inner.tail_pos();
         let (durable_tx, _) = watch::channel((tail, false));
+        inner.catalog.publish(&inner.volumes);
+        let catalog = inner.catalog.clone();
         let g = Arc::new(Group {
+            catalog,
             name: meta.name.clone(),
             id: meta.id,
             dir,
-            inner: Mutex::new(inner),
+            inner: parking_lot::Mutex::new(inner),
             no_space_log: Mutex::new(crate::util::LogThrottle::new(std::time::Duration::from_secs(60))),
             sync_lock: Mutex::new(()),
             checkpoint_lock: Mutex::new(()),
@@ -992,8 +1073,20 @@ impl Group {
         self.maps().into_iter().find(|v| v.name == name)
     }
 
+    /// A volume's size, without waiting for the group lock (`Catalog`).
     pub fn volume_size(&self, id: u32) -> Option<u64> {
-        self.lock().volumes.get(&id).map(|v| v.size)
+        self.catalog.size(id)
+    }
+
+    /// A volume or snapshot by name, without waiting for the group lock
+    /// (`Catalog`): what the NBD handshake needs.
+    pub fn listed(&self, name: &str) -> Option<Listed> {
+        self.catalog.find(name)
+    }
+
+    /// Every volume and snapshot name, without waiting for the group lock.
+    pub fn listed_names(&self) -> Vec<String> {
+        self.catalog.names()
     }
 
     fn check_size(size: u64) -> Result<()> {
@@ -1330,8 +1423,18 @@ impl Group {
     /// Writes `data` at `offset`. Returns the log position after the record:
     /// once that position is durable, the write is.
     pub fn write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
+        self.write_as(Wait::Forever, vol, offset, data)
+    }
+
+    /// `write`, unless the group lock is not had within `NBD_LOCK_WAIT_US`:
+    /// then `IoError::Busy` and nothing is written.
+    pub fn try_write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
+        self.write_as(Wait::Briefly, vol, offset, data)
+    }
+
+    fn write_as(&self, wait: Wait, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
         if data.is_empty() {
-            let inner = self.lock();
+            let inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, offset, 0)?;
             return Ok(Appended { end: inner.tail_pos(), seq: inner.next_seq - 1 });
         }
@@ -1341,7 +1444,7 @@ impl Group {
             // Checksums outside the lock: the common case holds the lock only
             // for the append itself.
             let crcs = record::block_crcs(data);
-            let mut inner = self.lock();
+            let mut inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, offset, len)?;
             let mut h = inner.new_header(Kind::Write, vol, offset, len as u32, (crcs.len() + data.len()) as u32);
             let at = inner.append(self, &mut h, &crcs, data)?;
@@ -1353,7 +1456,7 @@ impl Group {
         let start = offset / BLOCK_BYTES * BLOCK_BYTES;
         let end = (offset + len).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
         let mut buf = vec![0u8; (end - start) as usize];
-        let mut inner = self.lock();
+        let mut inner = self.lock_as(wait)?;
         let size = Self::check_write(&inner, vol, offset, len)?;
         if end > size {
             // A volume size is always block aligned, so this cannot happen.
@@ -1378,8 +1481,19 @@ impl Group {
     /// zeros and stay allocated; otherwise they become holes. Partial blocks
     /// at the edges are written as zeros.
     pub fn zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
+        self.zero_as(Wait::Forever, vol, offset, len, keep_allocated)
+    }
+
+    /// `zero`, unless the group lock is not had within `NBD_LOCK_WAIT_US`
+    /// at one of its steps: then `IoError::Busy`, with the steps before it
+    /// done. Zeroing is idempotent, so the caller does it all again.
+    pub fn try_zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
+        self.zero_as(Wait::Briefly, vol, offset, len, keep_allocated)
+    }
+
+    fn zero_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         {
-            let inner = self.lock();
+            let inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, offset, len)?;
         }
         let end = offset + len;
@@ -1388,16 +1502,16 @@ impl Group {
         let mut at = Appended { end: self.tail_pos.load(Ordering::Acquire), seq: 0 };
         if first_full >= last_full {
             // No whole block inside: write zeros.
-            return self.write(vol, offset, &vec![0u8; len as usize]);
+            return self.write_as(wait, vol, offset, &vec![0u8; len as usize]);
         }
         if offset < first_full {
-            at = self.write(vol, offset, &vec![0u8; (first_full - offset) as usize])?;
+            at = self.write_as(wait, vol, offset, &vec![0u8; (first_full - offset) as usize])?;
         }
         // Whole blocks: one record per 2 GiB (the length field is 32 bits).
         let mut o = first_full;
         while o < last_full {
             let n = (last_full - o).min(1 << 31);
-            let mut inner = self.lock();
+            let mut inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, o, n)?;
             let kind = if keep_allocated { Kind::Zero } else { Kind::Trim };
             let mut h = inner.new_header(kind, vol, o, n as u32, 0);
@@ -1407,7 +1521,7 @@ impl Group {
             o += n;
         }
         if end > last_full {
-            at = self.write(vol, last_full, &vec![0u8; (end - last_full) as usize])?;
+            at = self.write_as(wait, vol, last_full, &vec![0u8; (end - last_full) as usize])?;
         }
         Ok(at)
     }
@@ -1415,8 +1529,18 @@ impl Group {
     /// Reads `buf.len()` bytes at `offset`. Every block read is checked
     /// against the CRC in the map; a mismatch names the file and offset.
     pub fn read(&self, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.read_as(Wait::Forever, vol, offset, buf)
+    }
+
+    /// `read`, unless the group lock is not had within `NBD_LOCK_WAIT_US`:
+    /// then `IoError::Busy`.
+    pub fn try_read(&self, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.read_as(Wait::Briefly, vol, offset, buf)
+    }
+
+    fn read_as(&self, wait: Wait, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let (entries, segs) = {
-            let inner = self.lock_read();
+            let inner = self.lock_as(wait)?;
             Self::check_range(&inner, vol, offset, buf.len() as u64)?;
             Self::lookup(&inner, vol, offset, buf.len() as u64)
         };
@@ -1431,13 +1555,12 @@ impl Group {
     pub fn answers_within(&self, limit: std::time::Duration) -> bool {
         // An append stuck for the whole limit holds the lock: no use waiting.
         if self.io.pending(iowatch::IoOp::Append).is_some_and(|p| p.seconds >= limit.as_secs_f64()) {
-            return self.inner.try_lock().is_ok();
+            return self.inner.try_lock().is_some();
         }
         let deadline = std::time::Instant::now() + limit;
         loop {
-            match self.inner.try_lock() {
-                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
-                Err(std::sync::TryLockError::WouldBlock) => {}
+            if self.inner.try_lock().is_some() {
+                return true;
             }
             if std::time::Instant::now() >= deadline {
                 return false;
@@ -1446,8 +1569,27 @@ impl Group {
         }
     }
 
-    fn lock_read(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// The group lock, waited for as `wait` says.
+    fn lock_as(&self, wait: Wait) -> Result<InnerGuard<'_>, IoError> {
+        match wait {
+            Wait::Forever => Ok(self.lock()),
+            Wait::Briefly => {
+                // Storage that has been slow this long is likely stalled:
+                // a call that would wait for it, or read from it, goes where
+                // it may wait, without taking a worker's time first.
+                if self.io.oldest().is_some_and(|p| p.slow()) {
+                    return Err(IoError::Busy);
+                }
+                let t = std::time::Instant::now();
+                let g = self.inner.try_lock_for(std::time::Duration::from_micros(crate::limits::NBD_LOCK_WAIT_US)).ok_or(IoError::Busy)?;
+                self.stats.write_lock_wait_max_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                Ok(g)
+            }
+        }
+    }
+
+    fn lock_read(&self) -> InnerGuard<'_> {
+        self.inner.lock()
     }
 
     fn read_locked(&self, inner: &Inner, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
@@ -1531,7 +1673,17 @@ impl Group {
 
     /// Allocation status of `[offset, offset+len)` as runs of (length, hole, zero).
     pub fn block_status(&self, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
-        let inner = self.lock_read();
+        self.block_status_as(Wait::Forever, vol, offset, len, max_extents)
+    }
+
+    /// `block_status`, unless the group lock is not had within
+    /// `NBD_LOCK_WAIT_US`: then `IoError::Busy`.
+    pub fn try_block_status(&self, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
+        self.block_status_as(Wait::Briefly, vol, offset, len, max_extents)
+    }
+
+    fn block_status_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
+        let inner = self.lock_as(wait)?;
         let size = Self::check_range(&inner, vol, offset, len)?;
         let v = &inner.volumes[&vol];
         let mut out: Vec<(u64, bool, bool)> = Vec::new();

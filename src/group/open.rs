@@ -116,6 +116,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         last_ident,
         next_volume_id,
         volumes: inner_volumes.drain(..).map(|v| (v.id, v)).collect(),
+        catalog: Default::default(),
         distinct: std::collections::HashMap::new(),
         refs: std::collections::HashMap::new(),
         weighing: Default::default(),

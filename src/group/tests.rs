@@ -117,7 +117,7 @@ fn last_record_identity_survives_reopen() {
     let g = Group::open(dir.path(), "cg0").unwrap();
     assert_eq!(g.last_seq_ident(), after, "from replay after a crash");
     // A version 2 checkpoint (no identity field) still loads, identity unknown.
-    let (_, mut bytes) = checkpoint::encode(&g.inner.lock().unwrap(), g.id);
+    let (_, mut bytes) = checkpoint::encode(&g.inner.lock(), g.id);
     let body_len = bytes.len() - 24 - 5;
     bytes.truncate(24 + body_len);
     bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
@@ -131,7 +131,7 @@ fn last_record_identity_survives_reopen() {
     drop(g);
     crate::crashsafe::write_file(&dir.path().join(checkpoint::FILE_NAME), &bytes).unwrap();
     let g = Group::open(dir.path(), "cg0").unwrap();
-    assert_eq!(g.inner.lock().unwrap().last_ident, None, "a version 2 checkpoint has no identity");
+    assert_eq!(g.inner.lock().last_ident, None, "a version 2 checkpoint has no identity");
     assert_eq!(g.last_seq_ident(), after, "found in the log");
     assert_eq!(g.record_ident(after.0).unwrap(), after.1);
 }
@@ -184,7 +184,7 @@ fn torn_tail_is_cut_not_fatal() {
         let vol = g.create_volume("v", 1 << 20).unwrap();
         g.write(vol, 0, &vec![1u8; 4096]).unwrap();
         g.sync_to(g.flush_target()).unwrap();
-        let inner = g.inner.lock().unwrap();
+        let inner = g.inner.lock();
         seg_path = inner.tail.path.clone();
         good_len = inner.tail_off;
         drop(inner);
@@ -221,7 +221,7 @@ fn a_checkpoint_past_the_end_of_its_log_is_refused_not_cut() {
         let vol = g.create_volume("v", 1 << 20).unwrap();
         g.write(vol, 0, &vec![1u8; 65536]).unwrap();
         g.checkpoint().unwrap();
-        seg_path = g.inner.lock().unwrap().tail.path.clone();
+        seg_path = g.inner.lock().tail.path.clone();
         std::mem::forget(g);
     }
     let short = crate::log::segment::SEGMENT_HEADER_BYTES + 64;
@@ -241,7 +241,7 @@ fn corrupted_byte_is_reported_with_file_and_offset() {
     g.write(vol, 0, &vec![9u8; 4096]).unwrap();
     g.sync_to(g.flush_target()).unwrap();
     let (path, off) = {
-        let inner = g.inner.lock().unwrap();
+        let inner = g.inner.lock();
         let e = inner.volumes[&vol].map.get(0);
         (inner.segments[&e.seg].path.clone(), e.off as u64)
     };
@@ -452,7 +452,7 @@ pub(crate) mod power_cut {
                 std::fs::copy(g.dir.join(f), to.join(f)).unwrap();
             }
         }
-        let segs: Vec<_> = g.inner.lock().unwrap().segments.values().cloned().collect();
+        let segs: Vec<_> = g.inner.lock().segments.values().cloned().collect();
         for s in segs {
             if !s.dir_synced.load(Ordering::Acquire) && rng.random_bool(0.7) {
                 continue;
@@ -662,7 +662,7 @@ fn a_checkpoint_that_makes_no_sense_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let g = Group::open(dir.path(), "cg0").unwrap();
     g.create_volume("v", 1 << 20).unwrap();
-    let (_, bytes) = super::checkpoint::encode(&g.inner.lock().unwrap(), g.id);
+    let (_, bytes) = super::checkpoint::encode(&g.inner.lock(), g.id);
     let refused = |mut b: Vec<u8>| {
         let len = (b.len() - 24) as u64;
         b[16..24].copy_from_slice(&len.to_le_bytes());
@@ -711,7 +711,7 @@ fn a_record_no_code_writes_is_an_error_naming_it_at_replay() {
         let g = Group::open(dir.path(), "cg0").unwrap();
         g.create_volume("v", 1 << 20).unwrap();
         let at = {
-            let mut inner = g.inner.lock().unwrap();
+            let mut inner = g.inner.lock();
             let id = inner.next_volume_id;
             let mut h = inner.new_header(Kind::VolumeCreate, id, u64::MAX / 4096 * 4096, 0, 1);
             inner.append(&g, &mut h, b"w", &[]).unwrap()
@@ -787,7 +787,7 @@ fn what_a_dead_process_left_unsynced_is_synced_when_the_log_is_opened() {
     assert_eq!(g.flush_target(), tail, "the unsynced write replays");
     assert_eq!(g.stats.syncs.load(Ordering::Relaxed), 1, "the open synced the log");
     assert!(g.durable_pos() >= tail);
-    let inner = g.inner.lock().unwrap();
+    let inner = g.inner.lock();
     assert!(inner.unsynced.is_empty() && !inner.dir_dirty);
     for s in inner.segments.values() {
         assert_eq!(s.synced_len.load(Ordering::Acquire), s.len(), "segment {} synced whole", s.id);
@@ -808,7 +808,7 @@ fn a_segment_missing_from_the_log_replay_needs_is_named() {
             g.write(vol, i * (24 << 20), &vec![i as u8 + 1; 24 << 20]).unwrap();
         }
         g.sync_to(g.flush_target()).unwrap();
-        assert!(g.inner.lock().unwrap().segments.len() >= 3);
+        assert!(g.inner.lock().segments.len() >= 3);
         g.abandon();
         std::mem::forget(g);
     }
@@ -845,7 +845,7 @@ fn concurrent_checkpoints_never_leave_an_older_one_on_disk() {
         });
         let bytes = std::fs::read(dir.path().join(super::checkpoint::FILE_NAME)).unwrap();
         let on_disk = super::checkpoint::decode(&bytes, g.id).unwrap().replay_pos;
-        assert_eq!(on_disk, g.inner.lock().unwrap().checkpoint_pos, "round {round}: an older checkpoint is on disk");
+        assert_eq!(on_disk, g.inner.lock().checkpoint_pos, "round {round}: an older checkpoint is on disk");
     }
 }
 
@@ -959,7 +959,7 @@ fn gc_sets_aside_a_segment_it_cannot_clean_and_cleans_the_rest() {
     // seventh record, one in each segment.
     let kept: Vec<u64> = (0..7u64).map(|k| k * 56 * mb / 4096).collect();
     let seg_of = |g: &Group, block: u64| {
-        let inner = g.inner.lock().unwrap();
+        let inner = g.inner.lock();
         let e = inner.volumes[&vol].map.get(block);
         (inner.segments[&e.seg].path.clone(), e.off as u64, e.seg)
     };
@@ -1031,7 +1031,7 @@ fn a_segment_gc_could_not_unlink_is_tried_again() {
     g.checkpoint().unwrap();
     let e = format!("{:#}", g.maintain().unwrap_err());
     assert!(e.contains("failed to remove log segment") && e.contains(&path.display().to_string()), "{e}");
-    assert!(g.inner.lock().unwrap().segments.contains_key(&1), "dropped from the list while its file stays");
+    assert!(g.inner.lock().segments.contains_key(&1), "dropped from the list while its file stays");
     // The other empty segment (the first pass filled 1 and 2; 3 holds the
     // second pass's start) was freed all the same.
     assert!(!dir.path().join(crate::log::segment::segment_file_name(2)).exists(), "segment 2 left behind");
@@ -1041,7 +1041,7 @@ fn a_segment_gc_could_not_unlink_is_tried_again() {
     std::fs::rename(&aside, &path).unwrap();
     g.maintain().unwrap();
     assert!(!path.exists(), "not tried again");
-    assert!(!g.inner.lock().unwrap().segments.contains_key(&1));
+    assert!(!g.inner.lock().segments.contains_key(&1));
 }
 
 /// Empty segments whose unlink fails are not chosen as GC victims again in
@@ -1076,7 +1076,7 @@ fn a_round_with_segments_it_cannot_unlink_ends() {
     let e = format!("{:#}", round.join().unwrap().unwrap_err());
     assert!(e.contains("failed to remove log segment"), "{e}");
     for p in &trapped {
-        assert!(g.inner.lock().unwrap().segments.contains_key(&crate::log::segment::parse_segment_file_name(p.file_name().unwrap().to_str().unwrap()).unwrap()));
+        assert!(g.inner.lock().segments.contains_key(&crate::log::segment::parse_segment_file_name(p.file_name().unwrap().to_str().unwrap()).unwrap()));
     }
 }
 
@@ -1172,4 +1172,44 @@ fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
         assert!(buf == stamp(i), "block {i} of {last} differs after the reopen");
     }
     g.close().unwrap();
+}
+
+/// The NBD path's calls (`try_*`) give up on a lock held past
+/// `NBD_LOCK_WAIT_US` with `Busy` and nothing written, so that the server
+/// can do them again where waiting holds up no runtime worker.
+#[test]
+fn nbd_calls_give_up_on_a_lock_held_too_long_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.create_volume("v", 1 << 20).unwrap();
+    g.write(vol, 0, &[0x11u8; 8192]).unwrap();
+    let seq = g.last_seq();
+    let held = g.inner.lock();
+    let t = std::time::Instant::now();
+    assert!(matches!(g.try_write(vol, 0, &[0x22u8; 4096]), Err(IoError::Busy)));
+    assert!(t.elapsed() >= std::time::Duration::from_micros(crate::limits::NBD_LOCK_WAIT_US), "it waited for the lock first");
+    assert!(matches!(g.try_write(vol, 100, &[0x22u8; 10]), Err(IoError::Busy)), "unaligned");
+    assert!(matches!(g.try_zero(vol, 0, 4096, false), Err(IoError::Busy)));
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(g.try_read(vol, 0, &mut buf), Err(IoError::Busy)));
+    assert!(matches!(g.try_block_status(vol, 0, 4096, 8), Err(IoError::Busy)));
+    drop(held);
+    assert_eq!(g.last_seq(), seq, "nothing was appended");
+    g.read(vol, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x11u8; 4096]);
+
+    // Free: the same calls go through.
+    g.try_write(vol, 4096, &[0x33u8; 4096]).unwrap();
+    g.try_read(vol, 4096, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x33u8; 4096]);
+    // A zeroing with unaligned edges (three steps, each taking the lock).
+    let at = g.try_zero(vol, 100, 3 * 4096, true).unwrap();
+    assert!(at.seq > seq);
+    let mut all = vec![0u8; 4 * 4096];
+    g.read(vol, 0, &mut all).unwrap();
+    let mut want = vec![0x11u8; 4096];
+    want.extend_from_slice(&[0x33u8; 4096]);
+    want.extend_from_slice(&[0u8; 8192]);
+    want[100..100 + 3 * 4096].fill(0);
+    assert_eq!(all, want);
 }

@@ -270,6 +270,8 @@ fn io_errno(e: &IoError) -> u32 {
         // its default) and resumes it once space is back.
         IoError::NoSpace(_) => proto::ENOSPC,
         IoError::ReadOnly(_) => proto::EPERM,
+        // Done again where it may wait (`off_worker`); never a reply.
+        IoError::Busy => proto::EIO,
     }
 }
 
@@ -297,12 +299,23 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                     data_at = 16;
                 }
                 out.resize(data_at + len as usize, 0);
-                g.read(v, offset, &mut out[data_at..])?;
-                Ok(out)
+                match g.try_read(v, offset, &mut out[data_at..]) {
+                    Err(IoError::Busy) => {
+                        let g = g.clone();
+                        off_worker(move || g.read(v, offset, &mut out[data_at..]).map(|()| out)).await
+                    }
+                    r => r.map(|()| out),
+                }
             }
             Command::Write { offset, fua, .. } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
-                let at = g.write(v, offset, &payload)?;
+                let at = match g.try_write(v, offset, &payload) {
+                    Err(IoError::Busy) => {
+                        let g = g.clone();
+                        off_worker(move || g.write(v, offset, &payload)).await?
+                    }
+                    r => r?,
+                };
                 finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
@@ -312,19 +325,25 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
             }
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua, no_hole: false } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
-                let at = g.zero(v, offset, len as u64, false)?;
+                let at = zero(g, v, offset, len as u64, false).await?;
                 finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::WriteZeroes { offset, len, fua, no_hole: true } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
-                let at = g.zero(v, offset, len as u64, true)?;
+                let at = zero(g, v, offset, len as u64, true).await?;
                 finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::BlockStatus { offset, len, req_one } => {
                 let max = if req_one { 1 } else { limits::NBD_BLOCK_STATUS_EXTENTS_MAX };
-                let ext = g.block_status(v, offset, len as u64, max)?;
+                let ext = match g.try_block_status(v, offset, len as u64, max) {
+                    Err(IoError::Busy) => {
+                        let g = g.clone();
+                        off_worker(move || g.block_status(v, offset, len as u64, max)).await?
+                    }
+                    r => r?,
+                };
                 let mut out = Vec::with_capacity(24 + ext.len() * 8);
                 proto::chunk_header(&mut out, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS, handle, 4 + 8 * ext.len() as u32);
                 out.extend_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
@@ -346,6 +365,31 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
             tracing::warn!("nbd {}: {cmd:?} failed: {e}", export.name);
             proto::error_reply(structured, io_errno(&e), handle, &e.to_string())
         }
+    }
+}
+
+/// Runs a group call that could not have the group lock soon on a runtime
+/// worker again on the blocking pool, where it may wait as long as the lock
+/// is held (ARCHITECTURE.md "A stalled disk is reported, not silent"). A
+/// hand-off to a pool thread costs tens of microseconds, so only calls that
+/// met a lock held for `NBD_LOCK_WAIT_US`, or a group whose storage is
+/// already slow, come here.
+async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T, IoError> + Send + 'static) -> Result<T, IoError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(IoError::Failed(format!("request failed on the blocking pool: {e}"))),
+    }
+}
+
+/// Zeroes a range; a call that found the lock busy at one of its steps is
+/// done again, whole, on the blocking pool (zeroing is idempotent).
+async fn zero(g: &Arc<Group>, v: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<crate::group::Appended, IoError> {
+    match g.try_zero(v, offset, len, keep_allocated) {
+        Err(IoError::Busy) => {
+            let g = g.clone();
+            off_worker(move || g.zero(v, offset, len, keep_allocated)).await
+        }
+        r => r,
     }
 }
 
