@@ -41,6 +41,9 @@ pub const NBD_LOCK_WAIT_US: u64 = 1_000;
 /// how long one must have been, before it wakes another worker to keep the
 /// sockets read (`Site::start_runtime_kicker`).
 pub const NBD_KICK_MS: u64 = 10;
+/// NBD calls of one group that wait on the blocking pool at once (the pool
+/// has 512 threads; `nbd::server::off_worker`).
+pub const NBD_POOL_CALLS_PER_GROUP: usize = 16;
 /// NBD: TCP keepalive on client connections (idle seconds before the first
 /// probe, seconds between probes, probes): a client that vanished without
 /// a FIN (a crashed hypervisor host) gives its slot back after ~2 minutes.

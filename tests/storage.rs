@@ -325,10 +325,12 @@ fn a_stalled_group_holds_up_no_other_group() {
     };
     run(&["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", &uri1]);
 
-    // Twice as many writers to cg1 as the site has runtime workers, each
-    // on a connection of its own, opened before the freeze.
+    // Far more writers to cg1 than the site has runtime workers, and more
+    // than it lets wait on the blocking pool (NBD_POOL_CALLS_PER_GROUP),
+    // each on a connection of its own, opened before the freeze.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let clients: Vec<_> = (0..2 * workers).map(|_| common::nbd_client::Client::connect(&addr, "vol1").unwrap()).collect();
+    let n = tidemark::limits::NBD_POOL_CALLS_PER_GROUP + 24;
+    let clients: Vec<_> = (0..n).map(|_| common::nbd_client::Client::connect(&addr, "vol1").unwrap()).collect();
     cmd_ok("fsfreeze", &["--freeze", mnt.to_str().unwrap()]);
     let writers: Vec<_> = clients
         .into_iter()
@@ -340,6 +342,10 @@ fn a_stalled_group_holds_up_no_other_group() {
     // A reader of cg1 waits for its lock too, and holds nothing up either.
     let a = addr.clone();
     let reader = std::thread::spawn(move || common::nbd_client::Client::connect(&a, "vol1")?.read(0, MIB as u32));
+    // So do a zeroing and a block status query (nbdinfo --map) of cg1.
+    let later = |args: &[&str]| std::process::Command::new("timeout").arg("120").args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let zeroing = later(&["qemu-io", "-f", "raw", "-c", &format!("write -z {n}M 1M"), &uri1]);
+    let mapping = later(&["nbdinfo", "--map", &uri1]);
 
     // cg0 answers meanwhile: a new connection (handshake, export list),
     // writes, a flush, reads, a zeroing; before and after the stall is
@@ -360,6 +366,10 @@ fn a_stalled_group_holds_up_no_other_group() {
     let st: serde_json::Value = serde_json::from_slice(&cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]).stdout).unwrap();
     let cg1 = st["groups"].as_array().unwrap().iter().find(|g| g["name"] == "cg1").unwrap();
     assert_eq!(cg1["storage_stall"]["operation"], "log append", "{st}");
+    // The requests waiting on cg1 hold at most NBD_POOL_CALLS_PER_GROUP of
+    // the pool's threads (tokio names workers and pool threads alike).
+    let threads = threads_named(disk.site.as_ref().unwrap().pid(), "tokio-");
+    assert!(threads <= workers + tidemark::limits::NBD_POOL_CALLS_PER_GROUP + 4, "{threads} runtime threads for {n} requests waiting on cg1");
 
     // The disk answers again: every cg1 write is acknowledged and reads back.
     cmd_ok("fsfreeze", &["--unfreeze", mnt.to_str().unwrap()]);
@@ -367,10 +377,19 @@ fn a_stalled_group_holds_up_no_other_group() {
         w.join().unwrap().expect("the write is acknowledged once the disk answers");
     }
     assert!(reader.join().unwrap().is_ok(), "the cg1 read is answered once the disk answers");
-    for i in 0..2 * workers {
-        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {} {}M 1M", 0x22 + i, i), &uri1]);
-        assert!(!out.contains("Pattern verification failed"), "{out}");
+    let z = zeroing.wait_with_output().unwrap();
+    assert!(z.status.success(), "cg1 zeroing: {z:?}");
+    let m = mapping.wait_with_output().unwrap();
+    assert!(m.status.success() && String::from_utf8_lossy(&m.stdout).contains("data"), "cg1 map: {m:?}");
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-r".into(), "-c".into(), format!("read -P 0 {n}M 1M")];
+    for i in 0..n {
+        args.extend(["-c".into(), format!("read -P {} {i}M 1M", 0x22 + i)]);
     }
+    args.push(uri1.clone());
+    let mut a: Vec<&str> = vec!["qemu-io"];
+    a.extend(args.iter().map(|s| s.as_str()));
+    let out = run(&a);
+    assert!(!out.contains("Pattern verification failed") && out.matches("read 1048576/1048576").count() == n + 1, "{out}");
     let out = run(&["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x32 0 2M", &uri0]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }

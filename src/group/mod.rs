@@ -43,8 +43,9 @@ enum Wait {
     /// `NBD_LOCK_WAIT_US` at most, then `IoError::Busy`: a call on a
     /// runtime worker, which must not wait behind an append stuck on a
     /// stalled disk (ARCHITECTURE.md "A stalled disk is reported, not
-    /// silent"). `Busy` at once while a storage operation of the group has
-    /// been in progress for `STORAGE_SLOW_MS`.
+    /// silent"). `Busy` at once while an append of the group has been in
+    /// progress for `STORAGE_SLOW_MS`, or any storage operation of it for
+    /// `STORAGE_STALL_MS`.
     Briefly,
 }
 
@@ -196,6 +197,9 @@ pub struct Group {
     pub hold_walks: AtomicBool,
     /// Held while `settle_counts` runs walks.
     settle_lock: Mutex<()>,
+    /// NBD calls of this group that may wait on the blocking pool at once
+    /// (`NBD_POOL_CALLS_PER_GROUP`; `nbd::server::off_worker`).
+    pub pool_calls: tokio::sync::Semaphore,
     /// Woken after every append (replication senders wait on it).
     pub appended: tokio::sync::Notify,
     /// Replication mode and, on the primary, the state of each DR replica.
@@ -1002,6 +1006,7 @@ impl Group {
             checkpoint_lock: Mutex::new(()),
             sync_req: Mutex::new((0, false)),
             sync_cv: Condvar::new(),
+            pool_calls: tokio::sync::Semaphore::new(crate::limits::NBD_POOL_CALLS_PER_GROUP),
             durable_tx,
             tail_pos: AtomicU64::new(tail),
             stop: AtomicBool::new(false),
@@ -1574,10 +1579,11 @@ impl Group {
         match wait {
             Wait::Forever => Ok(self.lock()),
             Wait::Briefly => {
-                // Storage that has been slow this long is likely stalled:
-                // a call that would wait for it, or read from it, goes where
-                // it may wait, without taking a worker's time first.
-                if self.io.oldest().is_some_and(|p| p.slow()) {
+                // An append this slow holds the lock for long; storage
+                // stalled this long (a log sync that has not returned) may
+                // stall reads too: a call goes where it may wait, without
+                // taking a worker's time first.
+                if self.io.pending(iowatch::IoOp::Append).is_some_and(|p| p.slow()) || self.io.oldest().is_some_and(|p| p.stalled()) {
                     return Err(IoError::Busy);
                 }
                 let t = std::time::Instant::now();

@@ -301,8 +301,8 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                 out.resize(data_at + len as usize, 0);
                 match g.try_read(v, offset, &mut out[data_at..]) {
                     Err(IoError::Busy) => {
-                        let g = g.clone();
-                        off_worker(move || g.read(v, offset, &mut out[data_at..]).map(|()| out)).await
+                        let g2 = g.clone();
+                        off_worker(g, move || g2.read(v, offset, &mut out[data_at..]).map(|()| out)).await
                     }
                     r => r.map(|()| out),
                 }
@@ -311,8 +311,8 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                 g.replication.check_writable().map_err(IoError::Failed)?;
                 let at = match g.try_write(v, offset, &payload) {
                     Err(IoError::Busy) => {
-                        let g = g.clone();
-                        off_worker(move || g.write(v, offset, &payload)).await?
+                        let g2 = g.clone();
+                        off_worker(g, move || g2.write(v, offset, &payload)).await?
                     }
                     r => r?,
                 };
@@ -339,8 +339,8 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                 let max = if req_one { 1 } else { limits::NBD_BLOCK_STATUS_EXTENTS_MAX };
                 let ext = match g.try_block_status(v, offset, len as u64, max) {
                     Err(IoError::Busy) => {
-                        let g = g.clone();
-                        off_worker(move || g.block_status(v, offset, len as u64, max)).await?
+                        let g2 = g.clone();
+                        off_worker(g, move || g2.block_status(v, offset, len as u64, max)).await?
                     }
                     r => r?,
                 };
@@ -374,7 +374,15 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
 /// hand-off to a pool thread costs tens of microseconds, so only calls that
 /// met a lock held for `NBD_LOCK_WAIT_US`, or a group whose storage is
 /// already slow, come here.
-async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T, IoError> + Send + 'static) -> Result<T, IoError> {
+///
+/// At most `NBD_POOL_CALLS_PER_GROUP` calls of one group wait there at a
+/// time; the rest wait as tasks. Each call on the pool holds a thread for
+/// as long as it waits, and without the cap the requests in flight to one
+/// stalled group (up to 128 per connection) would fill the pool (512
+/// threads), and the calls of healthy groups that met a busy lock would
+/// queue behind them.
+async fn off_worker<T: Send + 'static>(g: &Group, f: impl FnOnce() -> Result<T, IoError> + Send + 'static) -> Result<T, IoError> {
+    let _slot = g.pool_calls.acquire().await.map_err(|_| IoError::Failed("the group is closing".into()))?;
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => Err(IoError::Failed(format!("request failed on the blocking pool: {e}"))),
@@ -386,8 +394,8 @@ async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T, IoError> + 
 async fn zero(g: &Arc<Group>, v: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<crate::group::Appended, IoError> {
     match g.try_zero(v, offset, len, keep_allocated) {
         Err(IoError::Busy) => {
-            let g = g.clone();
-            off_worker(move || g.zero(v, offset, len, keep_allocated)).await
+            let g2 = g.clone();
+            off_worker(g, move || g2.zero(v, offset, len, keep_allocated)).await
         }
         r => r,
     }
