@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Interleaved A/B of two tidemark builds on the four NBD jobs (no DR site):
+# for each round, each build in turn gets a fresh one-volume site (vol0,
+# 1 GiB, data on the repo's disk) and runs bench/jobs/ seqwrite (SIZE),
+# randwrite, randread and synclat (RUNTIME seconds each) against it. One
+# line per run; at the end the mean of each figure per build and the ratio
+# of the means (NEW / OLD). Both builds run in the same minutes, which is
+# what makes them comparable on a noisy machine (bench/run.sh compares with
+# qemu-nbd instead).
+#
+#   bench/ab-nbd.sh /path/to/old/tidemark /path/to/new/tidemark
+#   ROUNDS=4 RUNTIME=8 SIZE=1g bench/ab-nbd.sh OLD NEW
+#
+# synclat is fio's p50 write completion latency plus its p50 flush latency (µs).
+set -euo pipefail
+[[ $# -eq 2 ]] || { echo "usage: bench/ab-nbd.sh OLD_BINARY NEW_BINARY" >&2; exit 2; }
+ROUNDS=${ROUNDS:-4}
+RUNTIME=${RUNTIME:-8}
+SIZE=${SIZE:-1g}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+JOBS=$REPO/bench/jobs
+WORK=$REPO/bench/out/ab-nbd
+declare -A BINS=([old]=$1 [new]=$2)
+for b in old new; do
+    [[ -x ${BINS[$b]} ]] || { echo "ab-nbd.sh: ${BINS[$b]} is not an executable" >&2; exit 2; }
+    BINS[$b]=$(realpath "${BINS[$b]}")   # the site runs in its own directory
+done
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+PID=
+cleanup() {
+    if [[ -n $PID ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
+    rm -rf "$WORK/site"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$WORK"
+RESULTS=$WORK/results.txt
+: >"$RESULTS"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for b in old new; do
+        rm -rf "$WORK/site"
+        mkdir -p "$WORK/site"
+        NPORT=$(free_port)
+        APORT=$(free_port)
+        while [[ $APORT == "$NPORT" ]]; do APORT=$(free_port); done
+        cat >"$WORK/site/site.toml" <<TOML
+name = "a"
+role = "primary"
+data_dir = "."
+nbd_listen = "127.0.0.1:$NPORT"
+api_listen = "127.0.0.1:$APORT"
+[[volume]]
+name = "vol0"
+size = "1G"
+group = "cg0"
+TOML
+        (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
+        PID=$!
+        for ((i = 0; i < 100; i++)); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break
+            kill -0 "$PID" 2>/dev/null || { echo "ab-nbd.sh: the $b site exited during start" >&2; cat "$WORK/site/site.log" >&2; exit 1; }
+            sleep 0.1
+        done
+        line="round $r $b:"
+        for job in seqwrite randwrite randread synclat; do
+            sync
+            sleep 1
+            URI=nbd://127.0.0.1:$NPORT/vol0 SIZE=$SIZE RUNTIME=$RUNTIME \
+                fio --output-format=json --output="$WORK/$job.json" "$JOBS/$job.fio" >/dev/null 2>"$WORK/$job.err" \
+                || { echo "ab-nbd.sh: fio $job against the $b build failed:" >&2; cat "$WORK/$job.err" >&2; exit 1; }
+            v=$(python3 - "$WORK/$job.json" "$job" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+k = sys.argv[2]
+if k == "seqwrite":
+    print(round(j["write"]["bw_bytes"] / 2**20))
+elif k == "randwrite":
+    print(round(j["write"]["iops"]))
+elif k == "randread":
+    print(round(j["read"]["iops"]))
+else:
+    p = "50.000000"
+    print(round((j["write"]["clat_ns"]["percentile"][p] + j["sync"]["lat_ns"]["percentile"][p]) / 1000))
+PY
+)
+            line="$line $job=$v"
+        done
+        kill -TERM "$PID"
+        wait "$PID" || true
+        PID=
+        echo "$line" | tee -a "$RESULTS"
+    done
+done
+python3 - "$RESULTS" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    parts = line.split()
+    build = parts[2].rstrip(":")
+    for kv in parts[3:]:
+        k, v = kv.split("=")
+        runs.setdefault((build, k), []).append(int(v))
+units = {"seqwrite": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "synclat": "µs p50"}
+for k, unit in units.items():
+    old, new = statistics.mean(runs[("old", k)]), statistics.mean(runs[("new", k)])
+    print(f"{k} ({unit}): mean old {old:,.0f}, new {new:,.0f}, new/old {new / old:.2f}x")
+PY
