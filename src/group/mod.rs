@@ -195,6 +195,10 @@ pub struct Group {
     /// the thread to run them had not come to it yet).
     #[cfg(test)]
     pub hold_walks: AtomicBool,
+    /// Tests: the `try_*` calls find the lock busy once this many more of
+    /// their lock waits have gone through (0: never).
+    #[cfg(test)]
+    pub busy_after: AtomicU64,
     /// Held while `settle_counts` runs walks.
     settle_lock: Mutex<()>,
     /// NBD calls of this group that may wait on the blocking pool at once
@@ -1016,6 +1020,8 @@ impl Group {
             stall_syncs: AtomicBool::new(false),
             #[cfg(test)]
             hold_walks: AtomicBool::new(false),
+            #[cfg(test)]
+            busy_after: AtomicU64::new(0),
             settle_lock: Mutex::new(()),
             appended: tokio::sync::Notify::new(),
             replication: crate::replicate::GroupReplication::new(&meta.mode),
@@ -1584,6 +1590,10 @@ impl Group {
                 // stall reads too: a call goes where it may wait, without
                 // taking a worker's time first.
                 if self.io.pending(iowatch::IoOp::Append).is_some_and(|p| p.slow()) || self.io.oldest().is_some_and(|p| p.stalled()) {
+                    return Err(IoError::Busy);
+                }
+                #[cfg(test)]
+                if self.busy_after.load(Ordering::Relaxed) > 0 && self.busy_after.fetch_sub(1, Ordering::Relaxed) == 1 {
                     return Err(IoError::Busy);
                 }
                 let t = std::time::Instant::now();

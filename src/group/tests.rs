@@ -1213,3 +1213,30 @@ fn nbd_calls_give_up_on_a_lock_held_too_long_and_change_nothing() {
     want[100..100 + 3 * 4096].fill(0);
     assert_eq!(all, want);
 }
+
+/// A zeroing that finds the lock busy part way (after its range check and
+/// its first edge write) and is then done again whole, as the NBD server
+/// does on the blocking pool, ends as one done whole, with every earlier
+/// step's records covered by the last position it returns.
+#[test]
+fn a_zeroing_given_up_part_way_and_done_again_ends_whole() {
+    for busy_at in 2..=4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Group::open(dir.path(), "cg0").unwrap();
+        let vol = g.create_volume("v", 1 << 20).unwrap();
+        g.write(vol, 0, &[0x11u8; 5 * 4096]).unwrap();
+        let before = g.last_seq();
+        // Steps: range check, head edge write, whole blocks, tail edge write.
+        g.busy_after.store(busy_at, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(g.try_zero(vol, 100, 3 * 4096, true), Err(IoError::Busy)), "busy at step {busy_at}");
+        assert_eq!(g.last_seq(), before + busy_at - 2, "steps before {busy_at} were done");
+        let at = g.zero(vol, 100, 3 * 4096, true).unwrap();
+        assert_eq!(at.seq, g.last_seq());
+        assert!(at.end >= g.flush_target(), "the last position covers every step");
+        let mut all = vec![0u8; 5 * 4096];
+        g.read(vol, 0, &mut all).unwrap();
+        let mut want = vec![0x11u8; 5 * 4096];
+        want[100..100 + 3 * 4096].fill(0);
+        assert_eq!(all, want, "busy at step {busy_at}");
+    }
+}
