@@ -168,7 +168,7 @@ pub struct Group {
     pub id: u64,
     pub dir: PathBuf,
     /// A parking_lot mutex: the NBD path waits for it with a bound
-    /// (`lock_within`), which std's mutex cannot do.
+    /// (`lock_as(Wait::Briefly)`), which std's mutex cannot do.
     pub(crate) inner: parking_lot::Mutex<Inner>,
     /// The same `Catalog` as the inner state's.
     catalog: Arc<Catalog>,
@@ -233,7 +233,7 @@ pub struct Group {
 /// `from_parts` once at open); the data path checks each range again under
 /// the lock, so a request racing a resize gets the lock's answer.
 #[derive(Default)]
-pub struct Catalog(parking_lot::RwLock<Vec<Listed>>);
+pub struct Catalog(parking_lot::RwLock<BTreeMap<u32, Listed>>);
 
 /// One map in the `Catalog`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,24 +245,32 @@ pub struct Listed {
 }
 
 impl Catalog {
+    /// What `volumes` now say, keyed by id as they are.
+    pub fn of(volumes: &BTreeMap<u32, Volume>) -> BTreeMap<u32, Listed> {
+        volumes.iter().map(|(&id, v)| (id, Listed { id, name: v.name.clone(), size: v.size, writable: v.writable() })).collect()
+    }
+
     pub fn publish(&self, volumes: &BTreeMap<u32, Volume>) {
-        let now: Vec<Listed> = volumes.values().map(|v| Listed { id: v.id, name: v.name.clone(), size: v.size, writable: v.writable() }).collect();
+        let now = Self::of(volumes);
         let mut cur = self.0.write();
         if *cur != now {
             *cur = now;
         }
     }
 
+    /// By id, as every NBD request asks (a lookup, not a scan: a group may
+    /// hold thousands of snapshots).
     pub fn size(&self, id: u32) -> Option<u64> {
-        self.0.read().iter().find(|l| l.id == id).map(|l| l.size)
+        self.0.read().get(&id).map(|l| l.size)
     }
 
+    /// By name, as the handshake asks.
     pub fn find(&self, name: &str) -> Option<Listed> {
-        self.0.read().iter().find(|l| l.name == name).cloned()
+        self.0.read().values().find(|l| l.name == name).cloned()
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.0.read().iter().map(|l| l.name.clone()).collect()
+        self.0.read().values().map(|l| l.name.clone()).collect()
     }
 }
 

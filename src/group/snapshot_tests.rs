@@ -34,8 +34,7 @@ pub(super) fn check_distinct(g: &Group, when: &str) {
 fn check_counts(g: &Group, when: &str) {
     let inner = g.lock_read();
     // What NBD reads without the lock is what the maps say.
-    let listed: Vec<Listed> = inner.volumes.values().map(|v| Listed { id: v.id, name: v.name.clone(), size: v.size, writable: v.writable() }).collect();
-    assert_eq!(*g.catalog.0.read(), listed, "{when}: the catalog differs from the maps");
+    assert_eq!(*g.catalog.0.read(), Catalog::of(&inner.volumes), "{when}: the catalog differs from the maps");
     let mut places = std::collections::HashSet::new();
     for v in inner.volumes.values() {
         v.map.for_each_mapped(|_, e| {
