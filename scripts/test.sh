@@ -15,7 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-for t in fio nbdinfo nbdcopy nbdfuse nbdsh qemu-io qemu-img mkfs.ext4 fsck.ext4 losetup mount fsfreeze openssl curl ss; do
+for t in fio nbdinfo nbdcopy nbdfuse nbdkit nbdsh qemu-io qemu-img mkfs.ext4 fsck.ext4 losetup mount fsfreeze openssl curl ss; do
   command -v "$t" >/dev/null || { echo "required tool $t is missing after install" >&2; exit 1; }
 done
 

@@ -394,6 +394,92 @@ fn a_stalled_group_holds_up_no_other_group() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
+/// A group on a disk that stalls reads (a dying drive retrying a sector)
+/// holds up no other group's NBD either, and shows the stalled read in
+/// status. Before, an NBD read ran its `pread` on a runtime worker: two
+/// readers of the stalled group held both workers of this machine, and
+/// every export of the site stopped answering until the disk did. Now a
+/// worker reads from the page cache only (`RWF_NOWAIT`), and a read that
+/// would wait for the disk goes to the blocking pool.
+#[test]
+fn a_disk_that_stalls_reads_holds_up_no_other_group() {
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::Builder::new().prefix("tidemark-readstall").tempdir_in(common::test_root()).unwrap();
+    let mut disk = common::StallingDisk::mount(tmp.path());
+    let mnt = disk.mnt.clone();
+    let sdir = tmp.path().join("site");
+    std::fs::create_dir_all(sdir.join("groups")).unwrap();
+    std::fs::create_dir(mnt.join("cg1")).unwrap();
+    std::os::unix::fs::symlink(mnt.join("cg1"), sdir.join("groups/cg1")).unwrap();
+    let mut site = Site::configure(&sdir, &[("vol0", "64M")]);
+    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"64M\"\ngroup = \"cg1\"\n";
+    std::fs::write(&site.config, cfg).unwrap();
+    site.spawn();
+    let (addr, uri0, uri1, api) = (site.addr(), site.uri("vol0"), site.uri("vol1"), site.api());
+    disk.site = Some(site);
+    let site_log = sdir.join("site.log");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("timeout").arg("20").args(args).output().unwrap();
+        let log = || std::fs::read_to_string(&site_log).unwrap_or_default();
+        assert!(o.status.success(), "{args:?} (status {}): {}{}\nsite log:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), log());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // Readers of cg1, more than the site has runtime workers, each on a
+    // connection of its own and each reading a MiB of its own.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let n = 2 * workers + 2;
+    let mut w = vec!["qemu-io".to_string(), "-f".into(), "raw".into()];
+    for i in 0..n {
+        w.extend(["-c".into(), format!("write -P {} {i}M 1M", 0x40 + i)]);
+    }
+    w.extend(["-c".into(), "flush".into(), uri1.clone()]);
+    run(&w.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let clients: Vec<_> = (0..n).map(|_| common::nbd_client::Client::connect(&addr, "vol1").unwrap()).collect();
+    let off_worker = |api: &str| -> f64 {
+        let m = String::from_utf8(cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/metrics")]).stdout).unwrap();
+        m.lines().find_map(|l| l.strip_prefix("tidemark_nbd_reads_off_worker_total{group=\"cg1\"} ")).unwrap().parse().unwrap()
+    };
+    let before = off_worker(&api);
+    disk.stall();
+    let readers: Vec<_> = clients.into_iter().enumerate().map(|(i, mut c)| std::thread::spawn(move || c.read(i as u64 * MIB, MIB as u32))).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(readers.iter().all(|r| !r.is_finished()), "no read of cg1 can complete while its disk does not answer");
+
+    // cg0 answers meanwhile: new connections, writes, a flush, reads, the
+    // export list; before and after the stalled read counts as slow.
+    for round in 0..2u8 {
+        let t = Instant::now();
+        let p = 0x31 + round;
+        run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {p} 0 2M"), "-c", "flush", &uri0]);
+        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {p} 0 2M"), &uri0]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
+        assert!(list.contains("vol0") && list.contains("vol1"), "{list}");
+        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while cg1's reads stalled", t.elapsed());
+        assert!(readers.iter().all(|r| !r.is_finished()), "cg1 still does not answer");
+        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
+    }
+    // Status names the stalled read; every cg1 read went off the workers.
+    let st: serde_json::Value = serde_json::from_slice(&cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]).stdout).unwrap();
+    let cg1 = st["groups"].as_array().unwrap().iter().find(|g| g["name"] == "cg1").unwrap();
+    assert_eq!(cg1["storage_stall"]["operation"], "log read", "{st}");
+    assert!(cg1["storage_stall"]["seconds"].as_f64().unwrap() >= 1.0, "{st}");
+    let cg0 = st["groups"].as_array().unwrap().iter().find(|g| g["name"] == "cg0").unwrap();
+    assert!(cg0["storage_stall"].is_null(), "{st}");
+    assert!(off_worker(&api) - before >= n as f64, "{n} reads, {} off the workers", off_worker(&api) - before);
+
+    // The disk answers again: every read completes with what was written.
+    disk.answer();
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r.join().unwrap().expect("the read is answered once the disk answers");
+        assert!(got.iter().all(|&b| b == 0x40 + i as u8), "read {i} came back wrong");
+    }
+    common::wait_until(10, "the read stall ends in status", || {
+        let st: serde_json::Value = serde_json::from_slice(&cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]).stdout).unwrap();
+        st["groups"].as_array().unwrap().iter().all(|g| g["storage_stall"].is_null())
+    });
+}
+
 /// A group's directory may be a symlink (how an operator puts one group on
 /// a disk of its own): the group is made in it, and found again after a
 /// restart. Before, the scan of `groups/` passed symlinks over, so after a

@@ -2,8 +2,9 @@
 //! lock (ARCHITECTURE.md "A stalled disk is reported, not silent").
 //!
 //! Every blocking operation on a group's files (an append, a log sync, a
-//! checkpoint, a save of the replication pins) marks its slot with the time
-//! it started and clears it when it returns. A disk that stops answering
+//! checkpoint, a save of the replication pins, a read of the log that may
+//! wait for the disk) marks its slot with the time it started and clears it
+//! when it returns. A disk that stops answering
 //! leaves a slot marked: the site's watchdog logs it, and `status` and
 //! `/metrics` show it, while the operation itself (and every writer queued
 //! behind it on the group's lock) waits.
@@ -14,17 +15,23 @@ use std::time::Instant;
 
 /// The storage operations a group watches, one slot each. Each is
 /// serialized by its own lock (the group lock, the sync lock, the
-/// checkpoint lock, the pins lock), so a slot has one holder at a time.
+/// checkpoint lock, the pins lock), so a slot has one holder at a time;
+/// except reads, which run side by side and share `READ_SLOTS` slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoOp {
     Append = 0,
     Sync = 1,
     Checkpoint = 2,
     Pins = 3,
+    Read = 4,
 }
 
+/// Reads watched at once. A read that finds every slot taken is not
+/// watched: the older ones it waits beside already show a stall.
+pub const READ_SLOTS: usize = 8;
+
 impl IoOp {
-    pub const ALL: [IoOp; 4] = [IoOp::Append, IoOp::Sync, IoOp::Checkpoint, IoOp::Pins];
+    pub const ALL: [IoOp; 5] = [IoOp::Append, IoOp::Sync, IoOp::Checkpoint, IoOp::Pins, IoOp::Read];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -32,6 +39,7 @@ impl IoOp {
             IoOp::Sync => "log sync",
             IoOp::Checkpoint => "checkpoint write",
             IoOp::Pins => "replication pins write",
+            IoOp::Read => "log read",
         }
     }
 }
@@ -47,18 +55,23 @@ pub fn mono_ns() -> u64 {
 pub struct IoWatch {
     /// Start (`mono_ns`) of the operation in progress in each slot; 0 when idle.
     since: [AtomicU64; 4],
+    /// The same for reads (`IoOp::Read`), one slot per read in progress.
+    reads: [AtomicU64; READ_SLOTS],
 }
 
 /// An operation in progress, for as long as it is held.
 pub struct InProgress<'a> {
-    slot: &'a AtomicU64,
+    /// None: a read that found every read slot taken.
+    slot: Option<&'a AtomicU64>,
     started: u64,
 }
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
         // Only the holder's own mark is cleared.
-        let _ = self.slot.compare_exchange(self.started, 0, Ordering::AcqRel, Ordering::Relaxed);
+        if let Some(slot) = self.slot {
+            let _ = slot.compare_exchange(self.started, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
     }
 }
 
@@ -85,15 +98,22 @@ impl Pending {
 
 impl IoWatch {
     pub fn start(&self, op: IoOp) -> InProgress<'_> {
-        let slot = &self.since[op as usize];
         let started = mono_ns();
+        if op == IoOp::Read {
+            let slot = self.reads.iter().find(|s| s.compare_exchange(0, started, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+            return InProgress { slot, started };
+        }
+        let slot = &self.since[op as usize];
         slot.store(started, Ordering::Release);
-        InProgress { slot, started }
+        InProgress { slot: Some(slot), started }
     }
 
-    /// The operation of kind `op` in progress, if any.
+    /// The operation of kind `op` in progress (the oldest, for reads), if any.
     pub fn pending(&self, op: IoOp) -> Option<Pending> {
-        let since = self.since[op as usize].load(Ordering::Acquire);
+        let since = match op {
+            IoOp::Read => self.reads.iter().map(|s| s.load(Ordering::Acquire)).filter(|&t| t != 0).min().unwrap_or(0),
+            _ => self.since[op as usize].load(Ordering::Acquire),
+        };
         (since != 0).then(|| Pending { op, since, seconds: mono_ns().saturating_sub(since) as f64 / 1e9 })
     }
 
@@ -132,6 +152,28 @@ mod tests {
         drop(first);
         assert_eq!(w.oldest().map(|p| p.op), Some(IoOp::Pins), "the later mark stays");
         drop(second);
+        assert_eq!(w.oldest(), None);
+    }
+
+    #[test]
+    fn reads_side_by_side_show_the_oldest_and_more_than_the_slots_are_let_be() {
+        let w = IoWatch::default();
+        let first = w.start(IoOp::Read);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut later: Vec<_> = (0..READ_SLOTS + 3).map(|_| w.start(IoOp::Read)).collect();
+        assert_eq!(w.pending(IoOp::Read).unwrap().since, first.started, "the oldest read");
+        assert_eq!(later.iter().filter(|g| g.slot.is_none()).count(), 4, "one slot per read while they last");
+        drop(first);
+        let p = w.pending(IoOp::Read).unwrap();
+        assert!(p.since > 0 && later.iter().any(|g| g.started == p.since), "the next oldest: {p:?}");
+        // Unwatched reads clear nothing; the watched ones clear their own.
+        later.retain(|g| g.slot.is_some());
+        assert_eq!(later.len(), READ_SLOTS - 1);
+        let fresh = w.start(IoOp::Read);
+        assert!(fresh.slot.is_some(), "a freed slot is taken again");
+        drop(later);
+        assert_eq!(w.oldest().map(|p| (p.op, p.since)), Some((IoOp::Read, fresh.started)));
+        drop(fresh);
         assert_eq!(w.oldest(), None);
     }
 }

@@ -282,6 +282,10 @@ pub struct GroupStats {
     pub syncs: AtomicU64,
     /// Longest time a writer waited for the group lock since start, in microseconds.
     pub write_lock_wait_max_us: AtomicU64,
+    /// NBD requests on a runtime worker whose log reads (a read, or an
+    /// unaligned write's edge blocks) were not all in the page cache, and
+    /// which went to the blocking pool (`Segment::read_at_nowait`).
+    pub nbd_reads_off_worker: AtomicU64,
 }
 
 const PINS_FILE: &str = "replicas.json";
@@ -1482,11 +1486,11 @@ impl Group {
             return Err(IoError::OutOfRange { offset, len, size });
         }
         if offset != start {
-            self.read_locked(&inner, vol, start, &mut buf[..BLOCK_BYTES as usize])?;
+            self.read_locked(wait, &inner, vol, start, &mut buf[..BLOCK_BYTES as usize])?;
         }
         if offset + len != end && (end - BLOCK_BYTES > start || offset == start) {
             let n = buf.len();
-            self.read_locked(&inner, vol, end - BLOCK_BYTES, &mut buf[n - BLOCK_BYTES as usize..])?;
+            self.read_locked(wait, &inner, vol, end - BLOCK_BYTES, &mut buf[n - BLOCK_BYTES as usize..])?;
         }
         buf[(offset - start) as usize..(offset - start + len) as usize].copy_from_slice(data);
         let crcs = record::block_crcs(&buf);
@@ -1563,7 +1567,7 @@ impl Group {
             Self::check_range(&inner, vol, offset, buf.len() as u64)?;
             Self::lookup(&inner, vol, offset, buf.len() as u64)
         };
-        self.read_entries(vol, offset, buf, &entries, &segs)
+        self.read_entries(wait, vol, offset, buf, &entries, &segs)
     }
 
     /// Could the group's lock be had within `limit`? Polled, and let go at
@@ -1616,9 +1620,12 @@ impl Group {
         self.inner.lock()
     }
 
-    fn read_locked(&self, inner: &Inner, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    /// A read under the lock: an unaligned write's edge blocks. With
+    /// `Wait::Briefly`, from the page cache only (`Busy` before anything
+    /// is written, as `read_entries` says).
+    fn read_locked(&self, wait: Wait, inner: &Inner, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let (entries, segs) = Self::lookup(inner, vol, offset, buf.len() as u64);
-        self.read_entries(vol, offset, buf, &entries, &segs)
+        self.read_entries(wait, vol, offset, buf, &entries, &segs)
     }
 
     fn lookup(inner: &Inner, vol: u32, offset: u64, len: u64) -> (Vec<Entry>, HashMap<u32, Arc<Segment>>) {
@@ -1639,7 +1646,11 @@ impl Group {
         (entries, segs)
     }
 
-    fn read_entries(&self, vol: u32, offset: u64, buf: &mut [u8], entries: &[Entry], segs: &HashMap<u32, Arc<Segment>>) -> Result<(), IoError> {
+    /// With `Wait::Briefly` (a runtime worker) only from the page cache:
+    /// `Busy` if any of it would wait for the disk, and the caller reads
+    /// again on the blocking pool. Reads that may wait are watched
+    /// (`IoOp::Read`), so a disk that stalls them shows in status.
+    fn read_entries(&self, wait: Wait, vol: u32, offset: u64, buf: &mut [u8], entries: &[Entry], segs: &HashMap<u32, Arc<Segment>>) -> Result<(), IoError> {
         let first = offset / BLOCK_BYTES;
         let bb = BLOCK_BYTES as usize;
         let mut block = vec![0u8; 0];
@@ -1670,7 +1681,21 @@ impl Group {
                 IoError::Failed(msg)
             })?;
             block.resize(n * bb, 0);
-            seg.read_at(&mut block, e.off as u64).map_err(|err| IoError::Failed(format!("{err:#}")))?;
+            let cached = match wait {
+                Wait::Briefly => match seg.read_at_nowait(&mut block, e.off as u64).map_err(|err| IoError::Failed(format!("{err:#}")))? {
+                    segment::NoWait::Read => true,
+                    segment::NoWait::WouldBlock => {
+                        self.stats.nbd_reads_off_worker.fetch_add(1, Ordering::Relaxed);
+                        return Err(IoError::Busy);
+                    }
+                    segment::NoWait::Unsupported => false,
+                },
+                Wait::Forever => false,
+            };
+            if !cached {
+                let _io = self.io.start(iowatch::IoOp::Read);
+                seg.read_at(&mut block, e.off as u64).map_err(|err| IoError::Failed(format!("{err:#}")))?;
+            }
             for j in 0..n {
                 let data = &block[j * bb..(j + 1) * bb];
                 let want = entries[i + j].crc;

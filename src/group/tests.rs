@@ -1240,3 +1240,60 @@ fn a_zeroing_given_up_part_way_and_done_again_ends_whole() {
         assert_eq!(all, want, "busy at step {busy_at}");
     }
 }
+
+/// An NBD read on a runtime worker (`try_read`) takes only what is in the
+/// page cache: data the disk must be read for gives `Busy`, and the read
+/// done again as on the blocking pool (`read`) reads it. So a disk that
+/// stalls reads holds up no worker. In the crate's directory, not /tmp:
+/// it needs a file system that answers `RWF_NOWAIT` (ext4 here; tmpfs on
+/// this kernel does not, and its reads never wait for a disk anyway).
+#[test]
+fn a_read_on_a_worker_never_waits_for_the_disk() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.create_volume("v", 1 << 20).unwrap();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+    g.write(vol, 4096, &data).unwrap();
+    g.sync_to(g.flush_target()).unwrap();
+    // Synced, so clean: the kernel drops them from the page cache. Each
+    // check that misses is followed by the plain call (as on the pool),
+    // which also waits out the readahead the miss started, so that the
+    // next drop finds no page still being read.
+    let uncache = || {
+        for s in g.inner.lock().segments.values() {
+            // SAFETY: a valid fd; advice only.
+            assert_eq!(unsafe { libc::posix_fadvise(s.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        }
+    };
+    let seq = g.last_seq();
+    let off_worker = || g.stats.nbd_reads_off_worker.load(Ordering::Relaxed);
+    uncache();
+    let mut buf = vec![0u8; 65536];
+    assert!(matches!(g.try_read(vol, 4096, &mut buf), Err(IoError::Busy)), "read from a disk on a worker (file system of {}: RWF_NOWAIT unsupported?)", dir.path().display());
+    assert_eq!(off_worker(), 1);
+    // A hole needs no disk.
+    let mut hole = vec![1u8; 4096];
+    g.try_read(vol, 0, &mut hole).unwrap();
+    assert_eq!(hole, vec![0u8; 4096]);
+    g.read(vol, 4096, &mut buf).unwrap();
+    assert_eq!(buf, data);
+    // Now in the page cache: on the worker.
+    let mut again = vec![0u8; 65536];
+    g.try_read(vol, 4096, &mut again).unwrap();
+    assert_eq!(again, data);
+    assert_eq!(off_worker(), 1);
+    // An unaligned write reads its edge block: not from the disk either,
+    // and it gives up before it appends anything.
+    uncache();
+    assert!(matches!(g.try_write(vol, 4096 + 100, &[0x77u8; 10]), Err(IoError::Busy)));
+    assert_eq!(g.last_seq(), seq, "nothing appended");
+    assert_eq!(off_worker(), 2);
+    g.write(vol, 4096 + 100, &[0x77u8; 10]).unwrap();
+    assert_eq!(g.last_seq(), seq + 1);
+    let mut want = data.clone();
+    want[100..110].fill(0x77);
+    g.read(vol, 4096, &mut again).unwrap();
+    assert_eq!(again, want);
+    assert!(g.io.oldest().is_none(), "no read left marked");
+}

@@ -61,6 +61,19 @@ pub struct Segment {
     /// The read-only mapping of the file while a `View` of it lives (the
     /// replication sender's batches in flight); unmapped after the last.
     map: Mutex<Weak<Mapping>>,
+    /// The file system refused `RWF_NOWAIT` reads (`read_at_nowait`).
+    no_nowait: AtomicBool,
+}
+
+/// What a read from the page cache only (`Segment::read_at_nowait`) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoWait {
+    /// Every byte was there: read.
+    Read,
+    /// Some of it is not in the page cache: reading it would wait for the disk.
+    WouldBlock,
+    /// The file system cannot tell (no `RWF_NOWAIT` for it): nothing read.
+    Unsupported,
 }
 
 /// A read-only shared mapping of a segment file, `SEGMENT_BYTES` long (the
@@ -288,6 +301,7 @@ impl Segment {
             synced_len: AtomicU64::new(0),
             dir_synced: AtomicBool::new(false),
             map: Mutex::new(Weak::new()),
+            no_nowait: AtomicBool::new(false),
         })
     }
 
@@ -330,6 +344,7 @@ impl Segment {
             synced_len: AtomicU64::new(len),
             dir_synced: AtomicBool::new(true),
             map: Mutex::new(Weak::new()),
+            no_nowait: AtomicBool::new(false),
         })
     }
 
@@ -347,6 +362,44 @@ impl Segment {
         self.file
             .read_exact_at(buf, off)
             .with_context(|| format!("failed to read {} bytes at offset {off} of log segment {}", buf.len(), self.path.display()))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `off` if they are all in the page
+    /// cache (`preadv2` with `RWF_NOWAIT`), never waiting for the disk: an
+    /// NBD read on a runtime worker reads this way, and one that would wait
+    /// is done on the blocking pool instead, so a disk that stalls reads
+    /// holds up no worker (ARCHITECTURE.md "One group's stall holds up no
+    /// other group's NBD"). A file system without `RWF_NOWAIT` (tmpfs and
+    /// FUSE on this kernel) says so once per segment, and its reads are
+    /// plain ones from then on.
+    pub fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> Result<NoWait> {
+        use std::os::fd::AsRawFd;
+        if self.no_nowait.load(Ordering::Relaxed) {
+            return Ok(NoWait::Unsupported);
+        }
+        if buf.is_empty() {
+            return Ok(NoWait::Read);
+        }
+        loop {
+            let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+            // SAFETY: one iovec over `buf`, which outlives the call.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off as libc::off_t, libc::RWF_NOWAIT) };
+            if n >= 0 {
+                // Short: the rest is not cached (or not there; the plain
+                // read that follows names that).
+                return Ok(if n as usize == buf.len() { NoWait::Read } else { NoWait::WouldBlock });
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(NoWait::WouldBlock),
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                    self.no_nowait.store(true, Ordering::Relaxed);
+                    return Ok(NoWait::Unsupported);
+                }
+                _ => return Err(anyhow::Error::new(e).context(format!("failed to read {} bytes at offset {off} of log segment {}", buf.len(), self.path.display()))),
+            }
+        }
     }
 
     /// `n` bytes at `off`, read in place through a mapping of the file

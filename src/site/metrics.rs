@@ -172,7 +172,7 @@ impl Metrics {
             let answering = ready.iter().any(|r| Arc::ptr_eq(r, g));
             let _ = writeln!(o, "tidemark_group_answering{{group=\"{}\"}} {}", g.name, answering as u8);
         }
-        let _ = writeln!(o, "# HELP tidemark_storage_pending_seconds Age of the group's oldest storage operation in progress (append, sync, checkpoint, pins), 0 if none: a stalled disk grows it.");
+        let _ = writeln!(o, "# HELP tidemark_storage_pending_seconds Age of the group's oldest storage operation in progress (append, sync, checkpoint, pins, a read that waits for the disk), 0 if none: a stalled disk grows it.");
         let _ = writeln!(o, "# TYPE tidemark_storage_pending_seconds gauge");
         for g in groups {
             let _ = writeln!(o, "tidemark_storage_pending_seconds{{group=\"{}\"}} {}", g.name, g.io.oldest().map_or(0.0, |p| p.seconds));
@@ -193,6 +193,11 @@ impl Metrics {
         for g in groups {
             let us = g.stats.write_lock_wait_max_us.load(Ordering::Relaxed);
             let _ = writeln!(o, "tidemark_group_lock_wait_max_seconds{{group=\"{}\"}} {}", g.name, us as f64 / 1e6);
+        }
+        let _ = writeln!(o, "# HELP tidemark_nbd_reads_off_worker_total NBD requests whose log reads (a read, an unaligned write's edge blocks) were not all in the page cache, done on the blocking pool so that a disk slow to read holds up no runtime worker.");
+        let _ = writeln!(o, "# TYPE tidemark_nbd_reads_off_worker_total counter");
+        for g in groups {
+            let _ = writeln!(o, "tidemark_nbd_reads_off_worker_total{{group=\"{}\"}} {}", g.name, g.stats.nbd_reads_off_worker.load(Ordering::Relaxed));
         }
         let repl: [(&str, &str, &str); 7] = [
             ("tidemark_link_sent_bytes_total", "counter", "Every byte written to the replication link."),

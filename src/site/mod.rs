@@ -269,7 +269,10 @@ impl Site {
         let spawned = std::thread::Builder::new().name("rt-kicker".into()).spawn(move || loop {
             std::thread::sleep(every);
             let Some(site) = site.upgrade() else { return };
-            let stuck = site.group_list().iter().any(|g| g.io.pending(crate::group::iowatch::IoOp::Append).is_some_and(|p| p.seconds >= every.as_secs_f64()));
+            // An append holds its worker; so does a read where the file
+            // system cannot read from the page cache only (tmpfs, FUSE).
+            use crate::group::iowatch::IoOp;
+            let stuck = site.group_list().iter().any(|g| [IoOp::Append, IoOp::Read].into_iter().any(|op| g.io.pending(op).is_some_and(|p| p.seconds >= every.as_secs_f64())));
             if stuck {
                 drop(rt.spawn(async {}));
             }

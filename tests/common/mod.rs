@@ -394,3 +394,86 @@ impl Drop for FrozenDisk {
     }
 }
 
+
+/// An ext4 whose reads can be made to stall: nbdkit serves an image over a
+/// Unix socket, nbdfuse shows it as a file, a loop device over that file
+/// holds the ext4, mounted at `dir/mnt`. `stall` stops nbdkit (SIGSTOP), so
+/// every read the page cache cannot answer waits, as on a dying drive;
+/// `answer` lets it go on. Undone on drop, even when the test panics.
+pub struct StallingDisk {
+    pub mnt: std::path::PathBuf,
+    fuse: std::path::PathBuf,
+    nbdkit: Option<std::process::Child>,
+    nbdfuse: Option<std::process::Child>,
+    loopdev: Option<String>,
+    mounted: bool,
+    pub site: Option<Site>,
+}
+
+impl StallingDisk {
+    pub fn mount(dir: &std::path::Path) -> StallingDisk {
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
+        let (mnt, fuse, sock) = (dir.join("mnt"), dir.join("fuse"), dir.join("nbd.sock"));
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::create_dir(&fuse).unwrap();
+        let mut disk = StallingDisk { mnt, fuse: fuse.clone(), nbdkit: None, nbdfuse: None, loopdev: None, mounted: false, site: None };
+        let quiet = |c: &mut std::process::Command| c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn().unwrap();
+        disk.nbdkit = Some(quiet(std::process::Command::new("nbdkit").args(["-f", "-U", sock.to_str().unwrap(), "file", img.to_str().unwrap()])));
+        wait_until(10, "nbdkit's socket", || sock.exists());
+        let file = fuse.join("disk");
+        disk.nbdfuse = Some(quiet(std::process::Command::new("nbdfuse").arg(&file).arg(format!("nbd+unix:///?socket={}", sock.display()))));
+        wait_until(10, "nbdfuse's file", || std::fs::metadata(&file).is_ok_and(|m| m.len() == 256 << 20));
+        let dev = String::from_utf8(cmd_ok("losetup", &["-f", "--show", file.to_str().unwrap()]).stdout).unwrap().trim().to_string();
+        disk.loopdev = Some(dev.clone());
+        cmd_ok("mkfs.ext4", &["-q", "-F", &dev]);
+        cmd_ok("mount", &[&dev, disk.mnt.to_str().unwrap()]);
+        disk.mounted = true;
+        disk
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.nbdkit {
+            let _ = cmd("kill", &[sig, &c.id().to_string()]);
+        }
+    }
+
+    /// Reads that miss the page cache wait from now on. The page cache is
+    /// emptied first (what is dirty is written back), so that they miss.
+    pub fn stall(&self) {
+        cmd_ok("sync", &[]);
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        self.signal("-STOP");
+    }
+
+    pub fn answer(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for StallingDisk {
+    fn drop(&mut self) {
+        self.answer();
+        drop(self.site.take());
+        let m = self.mnt.to_str().unwrap().to_string();
+        if self.mounted && !cmd("umount", &[&m]).status.success() {
+            let _ = cmd("umount", &["-l", &m]);
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = cmd("losetup", &["-d", &d]);
+        }
+        if let Some(mut c) = self.nbdfuse.take() {
+            let f = self.fuse.to_str().unwrap().to_string();
+            if !cmd("fusermount3", &["-u", &f]).status.success() {
+                let _ = cmd("fusermount3", &["-uz", &f]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut c) = self.nbdkit.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
