@@ -37,9 +37,9 @@ pub const NBD_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// long snapshot operation, or a stalled disk), and the workers that every
 /// other group's requests need must not wait with it.
 pub const NBD_LOCK_WAIT_US: u64 = 1_000;
-/// How often the site looks for a runtime worker stuck in an append, and
-/// how long one must have been, before it wakes another worker to keep the
-/// sockets read (`Site::start_runtime_kicker`).
+/// How often the site looks for a runtime worker stuck in an append (or a
+/// log read), and how long one must have been, before it wakes another
+/// worker to keep the sockets read (`Site::start_runtime_kicker`).
 pub const NBD_KICK_MS: u64 = 10;
 /// NBD calls of one group that wait on the blocking pool at once (the pool
 /// has 512 threads; `nbd::server::off_worker`).

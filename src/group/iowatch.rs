@@ -26,9 +26,14 @@ pub enum IoOp {
     Read = 4,
 }
 
-/// Reads watched at once. A read that finds every slot taken is not
-/// watched: the older ones it waits beside already show a stall.
-pub const READ_SLOTS: usize = 8;
+/// Reads watched at once: more than the NBD reads of a group that may wait
+/// on the blocking pool at once (`NBD_POOL_CALLS_PER_GROUP`), with room
+/// for the site's own readers (unaligned writes' edges, exports). A read
+/// that finds every slot taken is not watched: with this many reads in
+/// flight, a stalled disk shows in the others (an unwatched read that
+/// alone hangs on one bad sector after the rest returned is the gap).
+pub const READ_SLOTS: usize = 64;
+const _: () = assert!(READ_SLOTS >= 2 * crate::limits::NBD_POOL_CALLS_PER_GROUP);
 
 impl IoOp {
     pub const ALL: [IoOp; 5] = [IoOp::Append, IoOp::Sync, IoOp::Checkpoint, IoOp::Pins, IoOp::Read];
@@ -51,7 +56,6 @@ pub fn mono_ns() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
-#[derive(Default)]
 pub struct IoWatch {
     /// Start (`mono_ns`) of the operation in progress in each slot; 0 when idle.
     since: [AtomicU64; 4],
@@ -93,6 +97,12 @@ impl Pending {
     /// In progress for `STORAGE_STALL_MS` or longer: a stalled disk.
     pub fn stalled(&self) -> bool {
         self.seconds * 1e3 >= crate::limits::STORAGE_STALL_MS as f64
+    }
+}
+
+impl Default for IoWatch {
+    fn default() -> IoWatch {
+        IoWatch { since: Default::default(), reads: [const { AtomicU64::new(0) }; READ_SLOTS] }
     }
 }
 

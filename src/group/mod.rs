@@ -60,10 +60,11 @@ pub enum IoError {
     ReadOnly(String),
     #[error("{0}")]
     Failed(String),
-    /// A `try_` call did not get the group lock within `NBD_LOCK_WAIT_US`
+    /// A `try_` call did not get the group lock within `NBD_LOCK_WAIT_US`,
+    /// or would have read from the disk rather than the page cache
     /// (nothing done, or for `try_zero` part of it); the caller does it
     /// again where it may wait.
-    #[error("the group lock is busy")]
+    #[error("the group lock is busy or a read would wait for the disk")]
     Busy,
     /// The log's file system is full (ENOSPC, EDQUOT): nothing was
     /// appended, the group goes on, and the same write succeeds once there
@@ -1449,8 +1450,9 @@ impl Group {
         self.write_as(Wait::Forever, vol, offset, data)
     }
 
-    /// `write`, unless the group lock is not had within `NBD_LOCK_WAIT_US`:
-    /// then `IoError::Busy` and nothing is written.
+    /// `write`, unless the group lock is not had within `NBD_LOCK_WAIT_US`,
+    /// or an unaligned write's edge blocks are not in the page cache: then
+    /// `IoError::Busy` and nothing is written.
     pub fn try_write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
         self.write_as(Wait::Briefly, vol, offset, data)
     }
@@ -1508,7 +1510,8 @@ impl Group {
     }
 
     /// `zero`, unless the group lock is not had within `NBD_LOCK_WAIT_US`
-    /// at one of its steps: then `IoError::Busy`, with the steps before it
+    /// at one of its steps (or an unaligned edge's read would wait for the
+    /// disk): then `IoError::Busy`, with the steps before it
     /// done. Zeroing is idempotent, so the caller does it all again.
     pub fn try_zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         self.zero_as(Wait::Briefly, vol, offset, len, keep_allocated)
@@ -1555,8 +1558,9 @@ impl Group {
         self.read_as(Wait::Forever, vol, offset, buf)
     }
 
-    /// `read`, unless the group lock is not had within `NBD_LOCK_WAIT_US`:
-    /// then `IoError::Busy`.
+    /// `read`, unless the group lock is not had within `NBD_LOCK_WAIT_US`,
+    /// or some of the data is not in the page cache (`read_entries`): then
+    /// `IoError::Busy`.
     pub fn try_read(&self, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.read_as(Wait::Briefly, vol, offset, buf)
     }
@@ -1597,11 +1601,13 @@ impl Group {
         match wait {
             Wait::Forever => Ok(self.lock()),
             Wait::Briefly => {
-                // An append this slow holds the lock for long; storage
-                // stalled this long (a log sync that has not returned) may
-                // stall reads too: a call goes where it may wait, without
-                // taking a worker's time first.
-                if self.io.pending(iowatch::IoOp::Append).is_some_and(|p| p.slow()) || self.io.oldest().is_some_and(|p| p.stalled()) {
+                // An append this slow holds the lock for long, and so may a
+                // read this slow (an unaligned write's edge, read under
+                // it); storage stalled this long (a log sync that has not
+                // returned) may stall reads too: a call goes where it may
+                // wait, without taking a worker's time first.
+                let slow = |op| self.io.pending(op).is_some_and(|p: iowatch::Pending| p.slow());
+                if slow(iowatch::IoOp::Append) || slow(iowatch::IoOp::Read) || self.io.oldest().is_some_and(|p| p.stalled()) {
                     return Err(IoError::Busy);
                 }
                 #[cfg(test)]

@@ -1256,10 +1256,9 @@ fn a_read_on_a_worker_never_waits_for_the_disk() {
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
     g.write(vol, 4096, &data).unwrap();
     g.sync_to(g.flush_target()).unwrap();
-    // Synced, so clean: the kernel drops them from the page cache. Each
-    // check that misses is followed by the plain call (as on the pool),
-    // which also waits out the readahead the miss started, so that the
-    // next drop finds no page still being read.
+    // Synced, so clean: the kernel drops them from the page cache. (A
+    // miss with RWF_NOWAIT starts no readahead; the plain calls after each
+    // miss read what they need and are done before the next drop.)
     let uncache = || {
         for s in g.inner.lock().segments.values() {
             // SAFETY: a valid fd; advice only.

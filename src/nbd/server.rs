@@ -369,11 +369,12 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
 }
 
 /// Runs a group call that could not have the group lock soon on a runtime
-/// worker again on the blocking pool, where it may wait as long as the lock
-/// is held (ARCHITECTURE.md "A stalled disk is reported, not silent"). A
-/// hand-off to a pool thread costs tens of microseconds, so only calls that
-/// met a lock held for `NBD_LOCK_WAIT_US`, or a group whose storage is
-/// already slow, come here.
+/// worker, or would have read from the disk there, again on the blocking
+/// pool, where it may wait as long as the lock is held or the disk takes
+/// (ARCHITECTURE.md "A stalled disk is reported, not silent"). A hand-off
+/// to a pool thread costs tens of microseconds, so only calls that met a
+/// lock held for `NBD_LOCK_WAIT_US`, data not in the page cache, or a group
+/// whose storage is already slow, come here.
 ///
 /// At most `NBD_POOL_CALLS_PER_GROUP` calls of one group wait there at a
 /// time; the rest wait as tasks. Each call on the pool holds a thread for

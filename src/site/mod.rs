@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context, Result};
 
+use crate::group::iowatch::IoOp;
 use crate::group::Group;
 use crate::nbd::server::{Export, Exports};
 use config::{Role, SiteConfig};
@@ -270,8 +271,9 @@ impl Site {
             std::thread::sleep(every);
             let Some(site) = site.upgrade() else { return };
             // An append holds its worker; so does a read where the file
-            // system cannot read from the page cache only (tmpfs, FUSE).
-            use crate::group::iowatch::IoOp;
+            // system cannot read from the page cache only (FUSE). Reads
+            // waiting on the blocking pool count too: an empty spawn
+            // costs one wakeup.
             let stuck = site.group_list().iter().any(|g| [IoOp::Append, IoOp::Read].into_iter().any(|op| g.io.pending(op).is_some_and(|p| p.seconds >= every.as_secs_f64())));
             if stuck {
                 drop(rt.spawn(async {}));
@@ -334,10 +336,11 @@ impl StallLog {
         match self.warned.get_mut(group) {
             None => {
                 tracing::warn!(
-                    "group {group}: a {} in {} has not returned for {:.0} s: its storage is stalled, and writes to the group wait for it",
+                    "group {group}: a {} in {} has not returned for {:.0} s: its storage is stalled, and {} wait for it",
                     p.op.label(),
                     dir.display(),
-                    p.seconds
+                    p.seconds,
+                    if p.op == IoOp::Read { "reads of the group that miss the page cache" } else { "writes to the group" }
                 );
                 self.warned.insert(group.to_string(), (p, std::time::Instant::now()));
                 said.push("stalled");

@@ -414,13 +414,14 @@ impl StallingDisk {
     pub fn mount(dir: &std::path::Path) -> StallingDisk {
         let img = dir.join("disk.img");
         std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
-        let (mnt, fuse, sock) = (dir.join("mnt"), dir.join("fuse"), dir.join("nbd.sock"));
+        let (mnt, fuse, sock, pid) = (dir.join("mnt"), dir.join("fuse"), dir.join("nbd.sock"), dir.join("nbdkit.pid"));
         std::fs::create_dir(&mnt).unwrap();
         std::fs::create_dir(&fuse).unwrap();
         let mut disk = StallingDisk { mnt, fuse: fuse.clone(), nbdkit: None, nbdfuse: None, loopdev: None, mounted: false, site: None };
         let quiet = |c: &mut std::process::Command| c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn().unwrap();
-        disk.nbdkit = Some(quiet(std::process::Command::new("nbdkit").args(["-f", "-U", sock.to_str().unwrap(), "file", img.to_str().unwrap()])));
-        wait_until(10, "nbdkit's socket", || sock.exists());
+        disk.nbdkit = Some(quiet(std::process::Command::new("nbdkit").args(["-f", "-P", pid.to_str().unwrap(), "-U", sock.to_str().unwrap(), "file", img.to_str().unwrap()])));
+        // The pid file is written once nbdkit listens.
+        wait_until(10, "nbdkit's pid file", || pid.exists());
         let file = fuse.join("disk");
         disk.nbdfuse = Some(quiet(std::process::Command::new("nbdfuse").arg(&file).arg(format!("nbd+unix:///?socket={}", sock.display()))));
         wait_until(10, "nbdfuse's file", || std::fs::metadata(&file).is_ok_and(|m| m.len() == 256 << 20));
@@ -438,11 +439,28 @@ impl StallingDisk {
         }
     }
 
-    /// Reads that miss the page cache wait from now on. The page cache is
-    /// emptied first (what is dirty is written back), so that they miss.
+    /// Reads that miss the page cache wait from now on. This disk's pages
+    /// are dropped first (its file system synced, then every file on it
+    /// and the file under the loop device dropped from the page cache), so
+    /// that reads of what is on it miss; nothing else's cache is touched.
     pub fn stall(&self) {
-        cmd_ok("sync", &[]);
-        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        cmd_ok("sync", &["-f", self.mnt.to_str().unwrap()]);
+        fn files(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    files(&e.path(), out);
+                } else if t.is_file() {
+                    out.push(e.path());
+                }
+            }
+        }
+        let mut all = vec![self.fuse.join("disk")];
+        files(&self.mnt, &mut all);
+        for f in &all {
+            // count=0 with iflag=nocache: drop the whole file's cached pages.
+            cmd_ok("dd", &[&format!("if={}", f.display()), "iflag=nocache", "count=0", "status=none"]);
+        }
         self.signal("-STOP");
     }
 
