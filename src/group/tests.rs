@@ -1296,3 +1296,39 @@ fn a_read_on_a_worker_never_waits_for_the_disk() {
     assert_eq!(again, want);
     assert!(g.io.oldest().is_none(), "no read left marked");
 }
+
+/// NBD calls of a group whose append or log read has been in progress for
+/// `STORAGE_SLOW_MS` give up even though the lock is free, and change
+/// nothing; a slow log sync alone does not
+/// send them away. Once nothing is pending they go through again.
+#[test]
+fn nbd_calls_give_up_at_once_while_an_append_or_a_read_is_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.create_volume("v", 1 << 20).unwrap();
+    g.write(vol, 0, &[0x11u8; 4096]).unwrap();
+    let seq = g.last_seq();
+    let slow = std::time::Duration::from_millis(crate::limits::STORAGE_SLOW_MS + 50);
+    let mut buf = vec![0u8; 4096];
+    for op in [iowatch::IoOp::Append, iowatch::IoOp::Read] {
+        let pending = g.io.start(op);
+        std::thread::sleep(slow);
+        // The lock is free: Busy can only be the slow storage's.
+        assert!(matches!(g.try_write(vol, 0, &[0x22u8; 4096]), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.try_read(vol, 0, &mut buf), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.try_zero(vol, 0, 4096, false), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.try_block_status(vol, 0, 4096, 8), Err(IoError::Busy)), "{op:?}");
+        drop(pending);
+    }
+    assert_eq!(g.last_seq(), seq, "nothing was appended");
+    // A log sync this slow holds no lock a call needs: not sent away
+    // until it counts as stalled.
+    let sync = g.io.start(iowatch::IoOp::Sync);
+    std::thread::sleep(slow);
+    g.try_read(vol, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x11u8; 4096]);
+    drop(sync);
+    g.try_write(vol, 0, &[0x33u8; 4096]).unwrap();
+    g.try_read(vol, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x33u8; 4096]);
+}
