@@ -293,6 +293,30 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
     read_back();
 }
 
+/// A site in `sdir`, started, with vol0 (64 MiB) in group cg0 beside it
+/// and vol1 (64 MiB) in group cg1, whose directory is a symlink to
+/// `mnt/cg1`: a group on a disk of its own.
+fn site_with_cg1_on(mnt: &std::path::Path, sdir: &std::path::Path) -> Site {
+    std::fs::create_dir_all(sdir.join("groups")).unwrap();
+    std::fs::create_dir(mnt.join("cg1")).unwrap();
+    std::os::unix::fs::symlink(mnt.join("cg1"), sdir.join("groups/cg1")).unwrap();
+    let mut site = Site::configure(sdir, &[("vol0", "64M")]);
+    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"64M\"\ngroup = \"cg1\"\n";
+    std::fs::write(&site.config, cfg).unwrap();
+    site.spawn();
+    site
+}
+
+/// Runs `args` within 20 s, so that a site that stops answering fails the
+/// test instead of hanging it, and returns what it printed; a failure
+/// shows the site's log.
+fn run_within(site_log: &std::path::Path, args: &[&str]) -> String {
+    let o = std::process::Command::new("timeout").arg("20").args(args).output().unwrap();
+    let log = std::fs::read_to_string(site_log).unwrap_or_default();
+    assert!(o.status.success(), "{args:?} (status {}): {}{}\nsite log:\n{log}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// A group on a disk of its own that stalls holds up no other group's NBD.
 /// Before, its writers waited for its lock on the runtime's workers (and
 /// each connection's reader took the lock to check every request's range),
@@ -305,24 +329,11 @@ fn a_stalled_group_holds_up_no_other_group() {
     let mut disk = common::FrozenDisk::mount(tmp.path());
     let mnt = disk.mnt.clone();
     let sdir = tmp.path().join("site");
-    std::fs::create_dir_all(sdir.join("groups")).unwrap();
-    std::fs::create_dir(mnt.join("cg1")).unwrap();
-    std::os::unix::fs::symlink(mnt.join("cg1"), sdir.join("groups/cg1")).unwrap();
-    let mut site = Site::configure(&sdir, &[("vol0", "64M")]);
-    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"64M\"\ngroup = \"cg1\"\n";
-    std::fs::write(&site.config, cfg).unwrap();
-    site.spawn();
+    let site = site_with_cg1_on(&mnt, &sdir);
     let (addr, uri0, uri1, api) = (site.addr(), site.uri("vol0"), site.uri("vol1"), site.api());
     disk.site = Some(site);
-    // Within a limit, so that a site that stops answering fails the test
-    // instead of hanging it.
     let site_log = sdir.join("site.log");
-    let run = |args: &[&str]| {
-        let o = std::process::Command::new("timeout").arg("20").args(args).output().unwrap();
-        let log = || std::fs::read_to_string(&site_log).unwrap_or_default();
-        assert!(o.status.success(), "{args:?} (status {}): {}{}\nsite log:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), log());
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let run = |args: &[&str]| run_within(&site_log, args);
     run(&["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", &uri1]);
 
     // Far more writers to cg1 than the site has runtime workers, and more
@@ -408,22 +419,11 @@ fn a_disk_that_stalls_reads_holds_up_no_other_group() {
     let mut disk = common::StallingDisk::mount(tmp.path());
     let mnt = disk.mnt.clone();
     let sdir = tmp.path().join("site");
-    std::fs::create_dir_all(sdir.join("groups")).unwrap();
-    std::fs::create_dir(mnt.join("cg1")).unwrap();
-    std::os::unix::fs::symlink(mnt.join("cg1"), sdir.join("groups/cg1")).unwrap();
-    let mut site = Site::configure(&sdir, &[("vol0", "64M")]);
-    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"64M\"\ngroup = \"cg1\"\n";
-    std::fs::write(&site.config, cfg).unwrap();
-    site.spawn();
+    let site = site_with_cg1_on(&mnt, &sdir);
     let (addr, uri0, uri1, api) = (site.addr(), site.uri("vol0"), site.uri("vol1"), site.api());
     disk.site = Some(site);
     let site_log = sdir.join("site.log");
-    let run = |args: &[&str]| {
-        let o = std::process::Command::new("timeout").arg("20").args(args).output().unwrap();
-        let log = || std::fs::read_to_string(&site_log).unwrap_or_default();
-        assert!(o.status.success(), "{args:?} (status {}): {}{}\nsite log:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), log());
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let run = |args: &[&str]| run_within(&site_log, args);
     // Readers of cg1, more than the site has runtime workers, each on a
     // connection of its own and each reading a MiB of its own.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
