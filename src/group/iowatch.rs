@@ -127,6 +127,16 @@ impl IoWatch {
         (since != 0).then(|| Pending { op, since, seconds: mono_ns().saturating_sub(since) as f64 / 1e9 })
     }
 
+    /// Whether an NBD call on a runtime worker should go straight to the
+    /// blocking pool: an append in progress for `STORAGE_SLOW_MS` holds the
+    /// group lock for long, and so may a log read that slow (an unaligned
+    /// write's edge, read under the lock); any operation in progress for
+    /// `STORAGE_STALL_MS` (a log sync that has not returned) may stall
+    /// reads too. One look at each slot: it is asked on every NBD call.
+    pub fn holds_up_calls(&self) -> bool {
+        IoOp::ALL.iter().filter_map(|&op| self.pending(op)).any(|p| p.stalled() || (matches!(p.op, IoOp::Append | IoOp::Read) && p.slow()))
+    }
+
     /// The oldest operation still in progress, if any.
     pub fn oldest(&self) -> Option<Pending> {
         IoOp::ALL.iter().filter_map(|&op| self.pending(op)).min_by_key(|p| p.since)

@@ -1601,13 +1601,9 @@ impl Group {
         match wait {
             Wait::Forever => Ok(self.lock()),
             Wait::Briefly => {
-                // An append this slow holds the lock for long, and so may a
-                // read this slow (an unaligned write's edge, read under
-                // it); storage stalled this long (a log sync that has not
-                // returned) may stall reads too: a call goes where it may
-                // wait, without taking a worker's time first.
-                let slow = |op| self.io.pending(op).is_some_and(|p: iowatch::Pending| p.slow());
-                if slow(iowatch::IoOp::Append) || slow(iowatch::IoOp::Read) || self.io.oldest().is_some_and(|p| p.stalled()) {
+                // Slow storage: a call goes where it may wait, without
+                // taking a worker's time first.
+                if self.io.holds_up_calls() {
                     return Err(IoError::Busy);
                 }
                 #[cfg(test)]
