@@ -6,6 +6,7 @@
 pub mod nbd_client;
 pub mod proxy;
 
+use std::io::Read as _;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -121,8 +122,15 @@ impl Site {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok() {
-                return t.elapsed();
+            if let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.nbd_port)) {
+                // Ready means our site greets: not just something that
+                // accepts a connection on the port.
+                let mut magic = [0u8; 8];
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                match c.read_exact(&mut magic) {
+                    Ok(()) if &magic == b"NBDMAGIC" => return t.elapsed(),
+                    r => panic!("port {} answered but not with an NBD greeting ({r:?}, {magic:?}); site log:\n{}", self.nbd_port, self.log()),
+                }
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("site exited during start ({st}); log:\n{}", self.log());
@@ -193,6 +201,20 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test: say whether the site was still running and
+            // keep the end of its log (its directory goes with the test).
+            let state = match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(st))) => format!("had exited ({st})"),
+                Some(Ok(None)) => "was running".to_string(),
+                Some(Err(e)) => format!("unknown state ({e})"),
+                None => "not started".to_string(),
+            };
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            eprintln!("site in {} (NBD port {}) {state}; the last {} lines of its log:\n{tail}", self.dir.display(), self.nbd_port, lines.len().min(80));
+        }
         self.kill9();
     }
 }
