@@ -31,7 +31,7 @@ pub const NBD_CONNECTIONS_MAX: usize = 256;
 /// would otherwise hold a connection slot for good).
 pub const NBD_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// How long an NBD request waits for its group's lock on a runtime worker
-/// before it goes to the blocking pool to wait there (`Group::try_write`).
+/// before it goes to the blocking pool to wait there (`Group::write_as(Wait::Briefly, …)`).
 /// A writer holds the lock for an append, normally microseconds; one that
 /// holds it this long is held up (a full page cache being written back, a
 /// long snapshot operation, or a stalled disk), and the workers that every

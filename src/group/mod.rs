@@ -34,9 +34,10 @@ use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment};
 use crate::volume::map::{Entry, SEG_HOLE, SEG_ZERO};
 use crate::volume::Volume;
 
-/// How long a data-path call waits for the group lock.
+/// How long a data-path call (`read_as`, `write_as`, `zero_as`,
+/// `block_status_as`) may wait: for the group lock, and for the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Wait {
+pub enum Wait {
     /// As long as it takes (the API, replication, maintenance, the
     /// blocking pool).
     Forever,
@@ -60,10 +61,10 @@ pub enum IoError {
     ReadOnly(String),
     #[error("{0}")]
     Failed(String),
-    /// A `try_` call did not get the group lock within `NBD_LOCK_WAIT_US`,
-    /// or would have read from the disk rather than the page cache
-    /// (nothing done, or for `try_zero` part of it); the caller does it
-    /// again where it may wait.
+    /// A `Wait::Briefly` call did not get the group lock within
+    /// `NBD_LOCK_WAIT_US`, or would have read from the disk rather than the
+    /// page cache (nothing done, or for `zero_as` part of it); the caller
+    /// does it again where it may wait.
     #[error("the group lock is busy or a read would wait for the disk")]
     Busy,
     /// The log's file system is full (ENOSPC, EDQUOT): nothing was
@@ -196,7 +197,7 @@ pub struct Group {
     /// the thread to run them had not come to it yet).
     #[cfg(test)]
     pub hold_walks: AtomicBool,
-    /// Tests: the `try_*` calls find the lock busy once this many more of
+    /// Tests: `Wait::Briefly` calls find the lock busy once this many more of
     /// their lock waits have gone through (0: never).
     #[cfg(test)]
     pub busy_after: AtomicU64,
@@ -1450,14 +1451,11 @@ impl Group {
         self.write_as(Wait::Forever, vol, offset, data)
     }
 
-    /// `write`, unless the group lock is not had within `NBD_LOCK_WAIT_US`,
-    /// or an unaligned write's edge blocks are not in the page cache: then
-    /// `IoError::Busy` and nothing is written.
-    pub fn try_write(&self, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
-        self.write_as(Wait::Briefly, vol, offset, data)
-    }
-
-    fn write_as(&self, wait: Wait, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
+    /// `write`, waiting as `wait` says. With `Wait::Briefly`: unless the
+    /// group lock is had within `NBD_LOCK_WAIT_US` and an unaligned write's
+    /// edge blocks are in the page cache, `IoError::Busy` and nothing is
+    /// written.
+    pub fn write_as(&self, wait: Wait, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
         if data.is_empty() {
             let inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, offset, 0)?;
@@ -1509,15 +1507,12 @@ impl Group {
         self.zero_as(Wait::Forever, vol, offset, len, keep_allocated)
     }
 
-    /// `zero`, unless the group lock is not had within `NBD_LOCK_WAIT_US`
-    /// at one of its steps (or an unaligned edge's read would wait for the
-    /// disk): then `IoError::Busy`, with the steps before it
-    /// done. Zeroing is idempotent, so the caller does it all again.
-    pub fn try_zero(&self, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
-        self.zero_as(Wait::Briefly, vol, offset, len, keep_allocated)
-    }
-
-    fn zero_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
+    /// `zero`, waiting as `wait` says. With `Wait::Briefly`: unless the
+    /// group lock is had within `NBD_LOCK_WAIT_US` at each of its steps (and
+    /// an unaligned edge's read finds the page cache), `IoError::Busy`, with
+    /// the steps before it done. Zeroing is idempotent, so the caller does
+    /// it all again.
+    pub fn zero_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         {
             let inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, offset, len)?;
@@ -1558,14 +1553,10 @@ impl Group {
         self.read_as(Wait::Forever, vol, offset, buf)
     }
 
-    /// `read`, unless the group lock is not had within `NBD_LOCK_WAIT_US`,
-    /// or some of the data is not in the page cache (`read_entries`): then
-    /// `IoError::Busy`.
-    pub fn try_read(&self, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.read_as(Wait::Briefly, vol, offset, buf)
-    }
-
-    fn read_as(&self, wait: Wait, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    /// `read`, waiting as `wait` says. With `Wait::Briefly`: unless the
+    /// group lock is had within `NBD_LOCK_WAIT_US` and all of the data is in
+    /// the page cache (`read_entries`), `IoError::Busy`.
+    pub fn read_as(&self, wait: Wait, vol: u32, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let (entries, segs) = {
             let inner = self.lock_as(wait)?;
             Self::check_range(&inner, vol, offset, buf.len() as u64)?;
@@ -1727,13 +1718,9 @@ impl Group {
         self.block_status_as(Wait::Forever, vol, offset, len, max_extents)
     }
 
-    /// `block_status`, unless the group lock is not had within
-    /// `NBD_LOCK_WAIT_US`: then `IoError::Busy`.
-    pub fn try_block_status(&self, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
-        self.block_status_as(Wait::Briefly, vol, offset, len, max_extents)
-    }
-
-    fn block_status_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
+    /// `block_status`, waiting as `wait` says. With `Wait::Briefly`: unless
+    /// the group lock is had within `NBD_LOCK_WAIT_US`, `IoError::Busy`.
+    pub fn block_status_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, bool, bool)>, IoError> {
         let inner = self.lock_as(wait)?;
         let size = Self::check_range(&inner, vol, offset, len)?;
         let v = &inner.volumes[&vol];

@@ -1174,7 +1174,7 @@ fn a_full_file_system_fails_appends_with_no_space_and_they_resume_after() {
     g.close().unwrap();
 }
 
-/// The NBD path's calls (`try_*`) give up on a lock held past
+/// The NBD path's calls (`*_as(Wait::Briefly, …)`) give up on a lock held past
 /// `NBD_LOCK_WAIT_US` with `Busy` and nothing written, so that the server
 /// can do them again where waiting holds up no runtime worker.
 #[test]
@@ -1186,24 +1186,24 @@ fn nbd_calls_give_up_on_a_lock_held_too_long_and_change_nothing() {
     let seq = g.last_seq();
     let held = g.inner.lock();
     let t = std::time::Instant::now();
-    assert!(matches!(g.try_write(vol, 0, &[0x22u8; 4096]), Err(IoError::Busy)));
+    assert!(matches!(g.write_as(Wait::Briefly, vol, 0, &[0x22u8; 4096]), Err(IoError::Busy)));
     assert!(t.elapsed() >= std::time::Duration::from_micros(crate::limits::NBD_LOCK_WAIT_US), "it waited for the lock first");
-    assert!(matches!(g.try_write(vol, 100, &[0x22u8; 10]), Err(IoError::Busy)), "unaligned");
-    assert!(matches!(g.try_zero(vol, 0, 4096, false), Err(IoError::Busy)));
+    assert!(matches!(g.write_as(Wait::Briefly, vol, 100, &[0x22u8; 10]), Err(IoError::Busy)), "unaligned");
+    assert!(matches!(g.zero_as(Wait::Briefly, vol, 0, 4096, false), Err(IoError::Busy)));
     let mut buf = vec![0u8; 4096];
-    assert!(matches!(g.try_read(vol, 0, &mut buf), Err(IoError::Busy)));
-    assert!(matches!(g.try_block_status(vol, 0, 4096, 8), Err(IoError::Busy)));
+    assert!(matches!(g.read_as(Wait::Briefly, vol, 0, &mut buf), Err(IoError::Busy)));
+    assert!(matches!(g.block_status_as(Wait::Briefly, vol, 0, 4096, 8), Err(IoError::Busy)));
     drop(held);
     assert_eq!(g.last_seq(), seq, "nothing was appended");
     g.read(vol, 0, &mut buf).unwrap();
     assert_eq!(buf, vec![0x11u8; 4096]);
 
     // Free: the same calls go through.
-    g.try_write(vol, 4096, &[0x33u8; 4096]).unwrap();
-    g.try_read(vol, 4096, &mut buf).unwrap();
+    g.write_as(Wait::Briefly, vol, 4096, &[0x33u8; 4096]).unwrap();
+    g.read_as(Wait::Briefly, vol, 4096, &mut buf).unwrap();
     assert_eq!(buf, vec![0x33u8; 4096]);
     // A zeroing with unaligned edges (three steps, each taking the lock).
-    let at = g.try_zero(vol, 100, 3 * 4096, true).unwrap();
+    let at = g.zero_as(Wait::Briefly, vol, 100, 3 * 4096, true).unwrap();
     assert!(at.seq > seq);
     let mut all = vec![0u8; 4 * 4096];
     g.read(vol, 0, &mut all).unwrap();
@@ -1228,7 +1228,7 @@ fn a_zeroing_given_up_part_way_and_done_again_ends_whole() {
         let before = g.last_seq();
         // Steps: range check, head edge write, whole blocks, tail edge write.
         g.busy_after.store(busy_at, std::sync::atomic::Ordering::Relaxed);
-        assert!(matches!(g.try_zero(vol, 100, 3 * 4096, true), Err(IoError::Busy)), "busy at step {busy_at}");
+        assert!(matches!(g.zero_as(Wait::Briefly, vol, 100, 3 * 4096, true), Err(IoError::Busy)), "busy at step {busy_at}");
         assert_eq!(g.last_seq(), before + busy_at - 2, "steps before {busy_at} were done");
         let at = g.zero(vol, 100, 3 * 4096, true).unwrap();
         assert_eq!(at.seq, g.last_seq());
@@ -1241,7 +1241,7 @@ fn a_zeroing_given_up_part_way_and_done_again_ends_whole() {
     }
 }
 
-/// An NBD read on a runtime worker (`try_read`) takes only what is in the
+/// An NBD read on a runtime worker (`read_as(Wait::Briefly, …)`) takes only what is in the
 /// page cache: data the disk must be read for gives `Busy`, and the read
 /// done again as on the blocking pool (`read`) reads it. So a disk that
 /// stalls reads holds up no worker. In the crate's directory, not /tmp:
@@ -1269,23 +1269,23 @@ fn a_read_on_a_worker_never_waits_for_the_disk() {
     let off_worker = || g.stats.nbd_reads_off_worker.load(Ordering::Relaxed);
     uncache();
     let mut buf = vec![0u8; 65536];
-    assert!(matches!(g.try_read(vol, 4096, &mut buf), Err(IoError::Busy)), "read from a disk on a worker (file system of {}: RWF_NOWAIT unsupported?)", dir.path().display());
+    assert!(matches!(g.read_as(Wait::Briefly, vol, 4096, &mut buf), Err(IoError::Busy)), "read from a disk on a worker (file system of {}: RWF_NOWAIT unsupported?)", dir.path().display());
     assert_eq!(off_worker(), 1);
     // A hole needs no disk.
     let mut hole = vec![1u8; 4096];
-    g.try_read(vol, 0, &mut hole).unwrap();
+    g.read_as(Wait::Briefly, vol, 0, &mut hole).unwrap();
     assert_eq!(hole, vec![0u8; 4096]);
     g.read(vol, 4096, &mut buf).unwrap();
     assert_eq!(buf, data);
     // Now in the page cache: on the worker.
     let mut again = vec![0u8; 65536];
-    g.try_read(vol, 4096, &mut again).unwrap();
+    g.read_as(Wait::Briefly, vol, 4096, &mut again).unwrap();
     assert_eq!(again, data);
     assert_eq!(off_worker(), 1);
     // An unaligned write reads its edge block: not from the disk either,
     // and it gives up before it appends anything.
     uncache();
-    assert!(matches!(g.try_write(vol, 4096 + 100, &[0x77u8; 10]), Err(IoError::Busy)));
+    assert!(matches!(g.write_as(Wait::Briefly, vol, 4096 + 100, &[0x77u8; 10]), Err(IoError::Busy)));
     assert_eq!(g.last_seq(), seq, "nothing appended");
     assert_eq!(off_worker(), 2);
     g.write(vol, 4096 + 100, &[0x77u8; 10]).unwrap();
@@ -1314,10 +1314,10 @@ fn nbd_calls_give_up_at_once_while_an_append_or_a_read_is_slow() {
         let pending = g.io.start(op);
         std::thread::sleep(slow);
         // The lock is free: Busy can only be the slow storage's.
-        assert!(matches!(g.try_write(vol, 0, &[0x22u8; 4096]), Err(IoError::Busy)), "{op:?}");
-        assert!(matches!(g.try_read(vol, 0, &mut buf), Err(IoError::Busy)), "{op:?}");
-        assert!(matches!(g.try_zero(vol, 0, 4096, false), Err(IoError::Busy)), "{op:?}");
-        assert!(matches!(g.try_block_status(vol, 0, 4096, 8), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.write_as(Wait::Briefly, vol, 0, &[0x22u8; 4096]), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.read_as(Wait::Briefly, vol, 0, &mut buf), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.zero_as(Wait::Briefly, vol, 0, 4096, false), Err(IoError::Busy)), "{op:?}");
+        assert!(matches!(g.block_status_as(Wait::Briefly, vol, 0, 4096, 8), Err(IoError::Busy)), "{op:?}");
         drop(pending);
     }
     assert_eq!(g.last_seq(), seq, "nothing was appended");
@@ -1325,10 +1325,10 @@ fn nbd_calls_give_up_at_once_while_an_append_or_a_read_is_slow() {
     // until it counts as stalled.
     let sync = g.io.start(iowatch::IoOp::Sync);
     std::thread::sleep(slow);
-    g.try_read(vol, 0, &mut buf).unwrap();
+    g.read_as(Wait::Briefly, vol, 0, &mut buf).unwrap();
     assert_eq!(buf, vec![0x11u8; 4096]);
     drop(sync);
-    g.try_write(vol, 0, &[0x33u8; 4096]).unwrap();
-    g.try_read(vol, 0, &mut buf).unwrap();
+    g.write_as(Wait::Briefly, vol, 0, &[0x33u8; 4096]).unwrap();
+    g.read_as(Wait::Briefly, vol, 0, &mut buf).unwrap();
     assert_eq!(buf, vec![0x33u8; 4096]);
 }

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::proto::{self, Command, ExportLookup, Handshake, Next};
-use crate::group::{Group, IoError};
+use crate::group::{Group, IoError, Wait};
 use crate::limits;
 use crate::site::metrics::{Metrics, OpCounters};
 
@@ -299,23 +299,11 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
                     data_at = 16;
                 }
                 out.resize(data_at + len as usize, 0);
-                match g.try_read(v, offset, &mut out[data_at..]) {
-                    Err(IoError::Busy) => {
-                        let g2 = g.clone();
-                        off_worker(g, move || g2.read(v, offset, &mut out[data_at..]).map(|()| out)).await
-                    }
-                    r => r.map(|()| out),
-                }
+                without_waiting(g, out, move |g, wait, out| g.read_as(wait, v, offset, &mut out[data_at..])).await.map(|(out, ())| out)
             }
             Command::Write { offset, fua, .. } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
-                let at = match g.try_write(v, offset, &payload) {
-                    Err(IoError::Busy) => {
-                        let g2 = g.clone();
-                        off_worker(g, move || g2.write(v, offset, &payload)).await?
-                    }
-                    r => r?,
-                };
+                let (_, at) = without_waiting(g, payload, move |g, wait, data| g.write_as(wait, v, offset, data)).await?;
                 finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
@@ -325,25 +313,19 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
             }
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua, no_hole: false } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
-                let at = zero(g, v, offset, len as u64, false).await?;
+                let (_, at) = without_waiting(g, (), move |g, wait, _| g.zero_as(wait, v, offset, len as u64, false)).await?;
                 finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::WriteZeroes { offset, len, fua, no_hole: true } => {
                 g.replication.check_writable().map_err(IoError::Failed)?;
-                let at = zero(g, v, offset, len as u64, true).await?;
+                let (_, at) = without_waiting(g, (), move |g, wait, _| g.zero_as(wait, v, offset, len as u64, true)).await?;
                 finish_write(g, at, fua, sync_waiters).await?;
                 Ok(ok_reply(handle))
             }
             Command::BlockStatus { offset, len, req_one } => {
                 let max = if req_one { 1 } else { limits::NBD_BLOCK_STATUS_EXTENTS_MAX };
-                let ext = match g.try_block_status(v, offset, len as u64, max) {
-                    Err(IoError::Busy) => {
-                        let g2 = g.clone();
-                        off_worker(g, move || g2.block_status(v, offset, len as u64, max)).await?
-                    }
-                    r => r?,
-                };
+                let (_, ext) = without_waiting(g, (), move |g, wait, _| g.block_status_as(wait, v, offset, len as u64, max)).await?;
                 let mut out = Vec::with_capacity(24 + ext.len() * 8);
                 proto::chunk_header(&mut out, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS, handle, 4 + 8 * ext.len() as u32);
                 out.extend_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
@@ -390,15 +372,25 @@ async fn off_worker<T: Send + 'static>(g: &Group, f: impl FnOnce() -> Result<T, 
     }
 }
 
-/// Zeroes a range; a call that found the lock busy at one of its steps is
-/// done again, whole, on the blocking pool (zeroing is idempotent).
-async fn zero(g: &Arc<Group>, v: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<crate::group::Appended, IoError> {
-    match g.try_zero(v, offset, len, keep_allocated) {
+/// Makes a group call (`call(group, wait, data)`) on this runtime worker
+/// with `Wait::Briefly`; if that gives `Busy` (the lock was held, a read
+/// would have waited for the disk), makes it again, whole, on the blocking
+/// pool with `Wait::Forever`. A zeroing that gave `Busy` after some of its
+/// steps is done again whole, which is harmless (zeroing is idempotent).
+/// `data` (a read's reply buffer, a write's payload) goes to the pool with
+/// the call and comes back with its result.
+async fn without_waiting<D, T, F>(g: &Arc<Group>, mut data: D, call: F) -> Result<(D, T), IoError>
+where
+    D: Send + 'static,
+    T: Send + 'static,
+    F: Fn(&Group, Wait, &mut D) -> Result<T, IoError> + Send + 'static,
+{
+    match call(g, Wait::Briefly, &mut data) {
         Err(IoError::Busy) => {
             let g2 = g.clone();
-            off_worker(g, move || g2.zero(v, offset, len, keep_allocated)).await
+            off_worker(g, move || call(&g2, Wait::Forever, &mut data).map(|t| (data, t))).await
         }
-        r => r,
+        r => r.map(|t| (data, t)),
     }
 }
 
