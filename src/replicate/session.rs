@@ -864,7 +864,12 @@ impl Receiver {
                 d.primary = peer.clone();
                 d.connected = true;
                 d.last_error = None;
-                d.mode = hello.mode.clone();
+                // What the primary said, as this site takes it: a name it
+                // does not know is shown as such, cut short, not verbatim.
+                d.mode = match mode {
+                    Some(m) => m.as_str().into(),
+                    None => format!("unknown ({:?}; taken as sync)", hello.mode.chars().take(32).collect::<String>()),
+                };
             });
             let f = frame::encode(frame::HELLO_REPLY, epoch, &serde_json::to_vec(&reply)?, false);
             self.conn = Some(Accepted { group, region, gen, frames: 0, epoch, mode });
@@ -1340,6 +1345,29 @@ mod tests {
             }
         }
         g.abandon();
+    }
+
+    /// A DR shows the primary's mode as it takes it: a name it does not
+    /// know (a newer primary's, or nonsense) as unknown, cut short, and
+    /// taken as sync; not the string as sent.
+    #[test]
+    fn a_dr_shows_a_mode_it_does_not_know_as_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Group::open_or_create(&dir.path().join("d"), "cg0", &Create { id: Some(7), mode: "async".into() }).unwrap();
+        let host = Arc::new(crate::replicate::dsim::DrHost { group: std::sync::Mutex::new(d.clone()), dr: crate::replicate::receive::DrState::default() });
+        let long = "warp".repeat(100);
+        for (sent, shown, taken) in [("periodic", "periodic".to_string(), Mode::Periodic), (long.as_str(), format!("unknown ({:?}; taken as sync)", "warp".repeat(8)), Mode::Sync)] {
+            let mut r = Receiver::new(host.clone(), "a".into());
+            let hello = Hello { site: "a".into(), group: "cg0".into(), group_id: 7, epoch: d.epoch(), last_seq: d.last_seq(), mode: sent.into() };
+            let mut dec = frame::Decoder::default();
+            dec.push(&frame::encode(frame::HELLO, d.epoch(), &serde_json::to_vec(&hello).unwrap(), false));
+            let (h, body) = dec.next_frame().unwrap().unwrap();
+            assert!(matches!(r.on_frame(&h, &body).unwrap(), Some(RecvAction::Send(_))), "{sent}: no HELLO_REPLY");
+            let mode = host.dr.groups.lock().unwrap()["cg0"].mode.clone();
+            assert_eq!(mode, shown);
+            assert_eq!(r.mode(), taken);
+        }
+        d.abandon();
     }
 
     #[test]
