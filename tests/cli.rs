@@ -631,6 +631,30 @@ fn site_runs_with_a_bare_config_file_name() {
     assert!(st.success(), "site exited with {st} on SIGTERM; log:\n{}", s.log());
 }
 
+/// A site whose API listens off loopback says at start that the API is
+/// plain HTTP (a token sent to it crosses the network in clear); one on
+/// loopback says nothing of the kind.
+#[test]
+fn a_site_warns_that_an_api_off_loopback_is_plain_http() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let mut s = common::Site::configure(tmp.path(), &[("vol0", "16M")]);
+    s.spawn();
+    s.stop();
+    assert!(!s.log().contains("plain HTTP"), "warned on loopback:\n{}", s.log());
+    let cfg = std::fs::read_to_string(&s.config).unwrap();
+    let off = cfg.replace(&format!("api_listen = \"127.0.0.1:{}\"", s.api_port), &format!("api_listen = \"0.0.0.0:{}\"", s.api_port));
+    assert_ne!(cfg, off, "no api_listen line to change in:\n{cfg}");
+    std::fs::write(&s.config, off).unwrap();
+    s.spawn();
+    let warned = |log: &str| log.lines().any(|l| l.contains("WARN") && l.contains(&format!("0.0.0.0:{}", s.api_port)) && l.contains("plain HTTP"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !warned(&s.log()) {
+        assert!(Instant::now() < deadline, "no warning that the API is plain HTTP off loopback; log:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.stop();
+}
+
 /// A site process that is alive and does not answer (here: stopped with
 /// SIGSTOP) is a `site-unresponsive` event of `up --json`, and one that
 /// answers again a `site-responsive` event; it is not restarted meanwhile.

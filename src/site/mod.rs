@@ -404,6 +404,14 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
+        if !site.cfg.api_listen.ip().to_canonical().is_loopback() {
+            // The API is plain HTTP (ARCHITECTURE.md "Each site has its own
+            // admin credentials (R25)").
+            tracing::warn!(
+                "the API listens on {}, which is not loopback, in plain HTTP: the admin token of a change sent to it, and every status, cross the network in clear; use a loopback address and a tunnel (ssh -L) to reach it from elsewhere",
+                site.cfg.api_listen
+            );
+        }
         // Replication: a DR site listens; a primary sends to every peer
         // (and refuses any that sends to it).
         let repl_task = repl_listener.map(|(l, server)| tokio::spawn(crate::replicate::receive::serve(l, server, site.clone())));
