@@ -632,24 +632,27 @@ fn site_runs_with_a_bare_config_file_name() {
 }
 
 /// A site whose API listens off loopback says at start that the API is
-/// plain HTTP (a token sent to it crosses the network in clear); one on
-/// loopback says nothing of the kind.
+/// plain HTTP (a token sent to it crosses the network in clear), and one
+/// whose NBD does, that NBD has no authentication; one on loopback says
+/// nothing of the kind.
 #[test]
-fn a_site_warns_that_an_api_off_loopback_is_plain_http() {
+fn a_site_warns_that_an_api_or_nbd_off_loopback_is_open() {
     let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
     let mut s = common::Site::configure(tmp.path(), &[("vol0", "16M")]);
     s.spawn();
     s.stop();
-    assert!(!s.log().contains("plain HTTP"), "warned on loopback:\n{}", s.log());
+    assert!(!s.log().contains("plain HTTP") && !s.log().contains("no authentication"), "warned on loopback:\n{}", s.log());
     let cfg = std::fs::read_to_string(&s.config).unwrap();
-    let off = cfg.replace(&format!("api_listen = \"127.0.0.1:{}\"", s.api_port), &format!("api_listen = \"0.0.0.0:{}\"", s.api_port));
-    assert_ne!(cfg, off, "no api_listen line to change in:\n{cfg}");
+    let off = cfg
+        .replace(&format!("api_listen = \"127.0.0.1:{}\"", s.api_port), &format!("api_listen = \"0.0.0.0:{}\"", s.api_port))
+        .replace(&format!("nbd_listen = \"127.0.0.1:{}\"", s.nbd_port), &format!("nbd_listen = \"0.0.0.0:{}\"", s.nbd_port));
+    assert_eq!(off.matches("0.0.0.0:").count(), 2, "no api_listen or nbd_listen line to change in:\n{cfg}");
     std::fs::write(&s.config, off).unwrap();
     s.spawn();
-    let warned = |log: &str| log.lines().any(|l| l.contains("WARN") && l.contains(&format!("0.0.0.0:{}", s.api_port)) && l.contains("plain HTTP"));
+    let warned = |log: &str, port: u16, what: &str| log.lines().any(|l| l.contains("WARN") && l.contains(&format!("0.0.0.0:{port}")) && l.contains(what));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !warned(&s.log()) {
-        assert!(Instant::now() < deadline, "no warning that the API is plain HTTP off loopback; log:\n{}", s.log());
+    while !(warned(&s.log(), s.api_port, "plain HTTP") && warned(&s.log(), s.nbd_port, "no authentication")) {
+        assert!(Instant::now() < deadline, "no warnings that the API and NBD are open off loopback; log:\n{}", s.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     s.stop();

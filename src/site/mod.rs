@@ -404,6 +404,12 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
         tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
+        if !site.cfg.nbd_listen.ip().to_canonical().is_loopback() {
+            tracing::warn!(
+                "NBD listens on {}, which is not loopback: NBD here has no authentication and no encryption, so whoever can reach that address can read and write every export; keep it on a network only the volumes' clients reach",
+                site.cfg.nbd_listen
+            );
+        }
         if !site.cfg.api_listen.ip().to_canonical().is_loopback() {
             // The API is plain HTTP (ARCHITECTURE.md "Each site has its own
             // admin credentials (R25)").
