@@ -297,11 +297,20 @@ fn a_stalled_disk_is_reported_while_the_write_waits() {
 /// and vol1 (64 MiB) in group cg1, whose directory is a symlink to
 /// `mnt/cg1`: a group on a disk of its own.
 fn site_with_cg1_on(mnt: &std::path::Path, sdir: &std::path::Path) -> Site {
+    site_with_groups_on(mnt, sdir, 1)
+}
+
+/// A site with vol0 in cg0 on the test root, and vol1..=volN in groups
+/// cg1..=cgN (64 MiB each), whose directories are on `mnt`.
+fn site_with_groups_on(mnt: &std::path::Path, sdir: &std::path::Path, n: usize) -> Site {
     std::fs::create_dir_all(sdir.join("groups")).unwrap();
-    std::fs::create_dir(mnt.join("cg1")).unwrap();
-    std::os::unix::fs::symlink(mnt.join("cg1"), sdir.join("groups/cg1")).unwrap();
     let mut site = Site::configure(sdir, &[("vol0", "64M")]);
-    let cfg = std::fs::read_to_string(&site.config).unwrap() + "[[volume]]\nname = \"vol1\"\nsize = \"64M\"\ngroup = \"cg1\"\n";
+    let mut cfg = std::fs::read_to_string(&site.config).unwrap();
+    for i in 1..=n {
+        std::fs::create_dir(mnt.join(format!("cg{i}"))).unwrap();
+        std::os::unix::fs::symlink(mnt.join(format!("cg{i}")), sdir.join(format!("groups/cg{i}"))).unwrap();
+        cfg += &format!("[[volume]]\nname = \"vol{i}\"\nsize = \"64M\"\ngroup = \"cg{i}\"\n");
+    }
     std::fs::write(&site.config, cfg).unwrap();
     site.spawn();
     site
@@ -403,6 +412,75 @@ fn a_stalled_group_holds_up_no_other_group() {
     assert!(!out.contains("Pattern verification failed") && out.matches("read 1048576/1048576").count() == n + 1, "{out}");
     let out = run(&["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x32 0 2M", &uri0]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// As many groups stalling at once as the site has runtime workers (a SAN
+/// path failover stalls every LUN behind it) hold up no other group's NBD.
+/// Each stalled group's first append is on a worker before the stall can
+/// be seen, and a blocking `pwrite` holds its worker until the disk
+/// answers: before, that took every worker, and every export of the site
+/// stopped answering. Now all workers but one at most are inside an append
+/// (`group::WORKER_APPENDS`); an append that would take the last one goes
+/// to the blocking pool.
+#[test]
+fn as_many_stalled_groups_as_workers_hold_up_no_other_group() {
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::Builder::new().prefix("tidemark-stalln").tempdir_in(common::test_root()).unwrap();
+    let mut disk = common::FrozenDisk::mount(tmp.path());
+    let mnt = disk.mnt.clone();
+    let sdir = tmp.path().join("site");
+    // The site's runtime has this many workers (site::run).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+    let site = site_with_groups_on(&mnt, &sdir, workers);
+    let (addr, uri0, api) = (site.addr(), site.uri("vol0"), site.api());
+    disk.site = Some(site);
+    let site_log = sdir.join("site.log");
+    let run = |args: &[&str]| run_within(&site_log, args);
+
+    // Three writers to each stalled group, on connections opened before
+    // the freeze: one in the append, the others behind its lock.
+    let clients: Vec<_> = (1..=workers).flat_map(|g| (0..3u64).map(move |i| (g, i))).map(|(g, i)| (g, i, common::nbd_client::Client::connect(&addr, &format!("vol{g}")).unwrap())).collect();
+    cmd_ok("fsfreeze", &["--freeze", mnt.to_str().unwrap()]);
+    let writers: Vec<_> = clients
+        .into_iter()
+        .map(|(g, i, mut c)| (g, i, std::thread::spawn(move || c.write(i * MIB, &vec![((0x40 + 4 * g as u64 + i) % 256) as u8; MIB as usize], false))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(writers.iter().all(|w| !w.2.is_finished()), "no write can complete on a frozen disk");
+
+    for round in 0..2u8 {
+        let t = Instant::now();
+        let p = 0x31 + round;
+        run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {p} 0 2M"), "-c", "flush", "-c", "write -z 2M 1M", &uri0]);
+        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {p} 0 2M"), "-c", "read -P 0 2M 1M", &uri0]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
+        assert!((0..=workers).all(|g| list.contains(&format!("vol{g}"))), "{list}");
+        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while {workers} groups stalled", t.elapsed());
+        assert!(writers.iter().all(|w| !w.2.is_finished()), "the stalled groups are still frozen");
+        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
+    }
+    // Some stalled group's first append found the gate full and went to
+    // the pool.
+    let m = String::from_utf8(cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/metrics")]).stdout).unwrap();
+    let off: u64 = m.lines().filter_map(|l| l.strip_prefix("tidemark_nbd_appends_off_worker_total{group=\"cg")).filter(|l| !l.starts_with("0\"")).map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap()).sum();
+    assert!(off >= 1, "no append of a stalled group was sent off the workers:\n{m}");
+
+    // The disk answers again: every write is acknowledged and reads back.
+    cmd_ok("fsfreeze", &["--unfreeze", mnt.to_str().unwrap()]);
+    for (g, i, w) in writers {
+        w.join().unwrap().unwrap_or_else(|e| panic!("write {i} to cg{g} not acknowledged after the thaw: {e}"));
+    }
+    for g in 1..=workers {
+        let mut args: Vec<String> = vec!["qemu-io".into(), "-f".into(), "raw".into(), "-r".into()];
+        for i in 0..3u64 {
+            args.extend(["-c".into(), format!("read -P {} {i}M 1M", (0x40 + 4 * g as u64 + i) % 256)]);
+        }
+        args.push(format!("nbd://{addr}/vol{g}"));
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let out = run(&a);
+        assert!(!out.contains("Pattern verification failed") && out.matches("read 1048576/1048576").count() == 3, "vol{g}: {out}");
+    }
 }
 
 /// A group on a disk that stalls reads (a dying drive retrying a sector)

@@ -19,7 +19,7 @@ pub mod times;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 type InnerGuard<'a> = parking_lot::MutexGuard<'a, Inner>;
@@ -48,6 +48,60 @@ pub enum Wait {
     /// progress for `STORAGE_SLOW_MS`, or any storage operation of it for
     /// `STORAGE_STALL_MS`.
     Briefly,
+}
+
+/// How many runtime workers may be inside an append at once, site-wide.
+/// An append is a blocking `pwrite`, and one to a disk that stalls holds
+/// its worker until the disk answers; the first append of each stalled
+/// group is on a worker before the stall can be seen. Without a bound, as
+/// many groups stalling together as the site has workers stopped every
+/// export. With it, a worker is always left for the healthy groups: an
+/// append that would take the last one goes to the blocking pool instead
+/// (`Busy`, nothing done), as any call does that would wait. Appends hold
+/// their group's lock, so one group never has more than one worker in an
+/// append, and a site with one busy group never meets the bound.
+pub struct AppendGate {
+    max: AtomicUsize,
+    inside: AtomicUsize,
+}
+
+/// The site's gate; unbounded until the site sets it
+/// (`AppendGate::set_max`, from the number of runtime workers).
+pub static WORKER_APPENDS: AppendGate = AppendGate::new();
+
+impl AppendGate {
+    pub const fn new() -> AppendGate {
+        AppendGate { max: AtomicUsize::new(usize::MAX), inside: AtomicUsize::new(0) }
+    }
+
+    pub fn set_max(&self, n: usize) {
+        self.max.store(n, Ordering::Relaxed);
+    }
+
+    /// A place for one append on a worker, or `Busy` if the bound is
+    /// reached (the caller does the call again on the blocking pool).
+    pub fn enter(&self) -> Result<AppendPlace<'_>, IoError> {
+        if self.inside.fetch_add(1, Ordering::AcqRel) >= self.max.load(Ordering::Relaxed) {
+            self.inside.fetch_sub(1, Ordering::AcqRel);
+            return Err(IoError::Busy);
+        }
+        Ok(AppendPlace(self))
+    }
+}
+
+impl Default for AppendGate {
+    fn default() -> AppendGate {
+        AppendGate::new()
+    }
+}
+
+/// One worker inside an append; leaves the gate when dropped.
+pub struct AppendPlace<'a>(&'a AppendGate);
+
+impl Drop for AppendPlace<'_> {
+    fn drop(&mut self) {
+        self.0.inside.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Data-path errors, mapped to NBD error codes by the server.
@@ -288,6 +342,10 @@ pub struct GroupStats {
     /// unaligned write's edge blocks) were not all in the page cache, and
     /// which went to the blocking pool (`Segment::read_at_nowait`).
     pub nbd_reads_off_worker: AtomicU64,
+    /// NBD writes and zeroings on a runtime worker that found every worker
+    /// but one inside an append (`WORKER_APPENDS`), and which went to the
+    /// blocking pool.
+    pub nbd_appends_off_worker: AtomicU64,
 }
 
 const PINS_FILE: &str = "replicas.json";
@@ -1469,6 +1527,7 @@ impl Group {
             let crcs = record::block_crcs(data);
             let mut inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, offset, len)?;
+            let _place = self.worker_append(wait)?;
             let mut h = inner.new_header(Kind::Write, vol, offset, len as u32, (crcs.len() + data.len()) as u32);
             let at = inner.append(self, &mut h, &crcs, data)?;
             inner.apply(&h, at, &crcs, None);
@@ -1494,6 +1553,7 @@ impl Group {
         }
         buf[(offset - start) as usize..(offset - start + len) as usize].copy_from_slice(data);
         let crcs = record::block_crcs(&buf);
+        let _place = self.worker_append(wait)?;
         let mut h = inner.new_header(Kind::Write, vol, start, buf.len() as u32, (crcs.len() + buf.len()) as u32);
         let at = inner.append(self, &mut h, &crcs, &buf)?;
         inner.apply(&h, at, &crcs, None);
@@ -1535,6 +1595,7 @@ impl Group {
             let mut inner = self.lock_as(wait)?;
             Self::check_write(&inner, vol, o, n)?;
             let kind = if keep_allocated { Kind::Zero } else { Kind::Trim };
+            let _place = self.worker_append(wait)?;
             let mut h = inner.new_header(kind, vol, o, n as u32, 0);
             let p = inner.append(self, &mut h, &[], &[])?;
             inner.apply(&h, p, &[], Some(&[]));
@@ -1584,6 +1645,22 @@ impl Group {
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// For an append with `Wait::Briefly` (on a runtime worker): a place
+    /// in `WORKER_APPENDS`, or `Busy` when every worker but one is already
+    /// inside an append. Counted in `nbd_appends_off_worker`.
+    fn worker_append(&self, wait: Wait) -> Result<Option<AppendPlace<'static>>, IoError> {
+        match wait {
+            Wait::Forever => Ok(None),
+            Wait::Briefly => match WORKER_APPENDS.enter() {
+                Ok(p) => Ok(Some(p)),
+                Err(e) => {
+                    self.stats.nbd_appends_off_worker.fetch_add(1, Ordering::Relaxed);
+                    Err(e)
+                }
+            },
         }
     }
 

@@ -1332,3 +1332,23 @@ fn nbd_calls_give_up_at_once_while_an_append_or_a_read_is_slow() {
     g.read_as(Wait::Briefly, vol, 0, &mut buf).unwrap();
     assert_eq!(buf, vec![0x33u8; 4096]);
 }
+
+/// The worker append gate lets `max` appends in at once and sends the next
+/// away (`Busy`) until one leaves. (The site's gate, `WORKER_APPENDS`, is
+/// left alone here: other tests of this process append through it.)
+#[test]
+fn the_worker_append_gate_keeps_a_worker_out_of_appends() {
+    let gate = AppendGate::new();
+    let unbounded: Vec<_> = (0..100).map(|_| gate.enter().unwrap()).collect();
+    drop(unbounded);
+    gate.set_max(1);
+    let first = gate.enter().unwrap();
+    assert!(matches!(gate.enter(), Err(IoError::Busy)), "a second worker into an append");
+    assert!(matches!(gate.enter(), Err(IoError::Busy)), "a refusal leaves no place taken");
+    drop(first);
+    let again = gate.enter().unwrap();
+    drop(again);
+    gate.set_max(2);
+    let (_a, _b) = (gate.enter().unwrap(), gate.enter().unwrap());
+    assert!(matches!(gate.enter(), Err(IoError::Busy)));
+}

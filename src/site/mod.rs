@@ -370,7 +370,12 @@ impl Exports for Site {
 
 /// Runs a site until SIGINT/SIGTERM.
 pub fn run(cfg: SiteConfig) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // At least two workers, and never all of them inside an append: one
+    // is always left for the groups whose disks answer
+    // (`group::WORKER_APPENDS`).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+    crate::group::WORKER_APPENDS.set_max(workers - 1);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
     let api_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("api").enable_all().build()?;
     let site = Site::open(cfg)?;
     site.start_storage_watchdog();
