@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Interleaved A/B of two tidemark builds writing two consistency groups at
+# once: one site with vol0 in cg0 and vol1 in cg1 (1 GiB each, data on the
+# repo's disk), and the same fio job run on both exports side by side. One
+# line per run: the two jobs' IOPS added up (for seqwrite, 1 MiB writes, so
+# also MiB/s), and how many NBD appends went to the blocking pool because
+# every runtime worker but one was inside an append
+# (tidemark_nbd_appends_off_worker_total; ARCHITECTURE.md "Never every
+# worker inside an append"). A site with one busy group never meets that
+# gate; this is where it costs, if anywhere.
+#
+#   bench/ab-two-groups.sh /path/to/old/tidemark /path/to/new/tidemark
+#   ROUNDS=3 RUNTIME=8 JOB=randwrite bench/ab-two-groups.sh OLD NEW
+#   JOB=seqwrite bench/ab-two-groups.sh OLD NEW
+set -euo pipefail
+[[ $# -eq 2 ]] || { echo "usage: bench/ab-two-groups.sh OLD_BINARY NEW_BINARY" >&2; exit 2; }
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-8}
+JOB=${JOB:-randwrite}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=$REPO/bench/out/ab-two-groups
+declare -A BINS=([old]=$1 [new]=$2)
+for b in old new; do
+    [[ -x ${BINS[$b]} ]] || { echo "ab-two-groups.sh: ${BINS[$b]} is not an executable" >&2; exit 2; }
+    BINS[$b]=$(realpath "${BINS[$b]}")
+done
+[[ -f $REPO/bench/jobs/$JOB.fio ]] || { echo "ab-two-groups.sh: no job bench/jobs/$JOB.fio" >&2; exit 2; }
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+PID=
+cleanup() {
+    if [[ -n $PID ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
+    rm -rf "$WORK/site"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$WORK"
+declare -A SUM=([old]=0 [new]=0)
+for ((r = 1; r <= ROUNDS; r++)); do
+    for b in old new; do
+        rm -rf "$WORK/site"
+        mkdir -p "$WORK/site"
+        NPORT=$(free_port)
+        APORT=$(free_port)
+        while [[ $APORT == "$NPORT" ]]; do APORT=$(free_port); done
+        cat >"$WORK/site/site.toml" <<TOML
+name = "a"
+role = "primary"
+data_dir = "."
+nbd_listen = "127.0.0.1:$NPORT"
+api_listen = "127.0.0.1:$APORT"
+[[volume]]
+name = "vol0"
+size = "1G"
+group = "cg0"
+[[volume]]
+name = "vol1"
+size = "1G"
+group = "cg1"
+TOML
+        (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
+        PID=$!
+        for ((i = 0; i < 100; i++)); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break
+            kill -0 "$PID" 2>/dev/null || { echo "ab-two-groups.sh: the $b site exited during start" >&2; cat "$WORK/site/site.log" >&2; exit 1; }
+            sleep 0.1
+        done
+        sync
+        sleep 1
+        F=()
+        for v in 0 1; do
+            (URI=nbd://127.0.0.1:$NPORT/vol$v SIZE=1g RUNTIME=$RUNTIME fio --output-format=json "$REPO/bench/jobs/$JOB.fio" | grep -v '^fio: ' >"$WORK/fio$v.json") &
+            F+=($!)
+        done
+        wait "${F[@]}"
+        iops=$(python3 -c 'import json, sys; print(sum(round(json.load(open(f))["jobs"][0]["write"]["iops"]) for f in sys.argv[1:]))' "$WORK/fio0.json" "$WORK/fio1.json")
+        off=$(curl -s "http://127.0.0.1:$APORT/metrics" | awk '/^tidemark_nbd_appends_off_worker_total/ {s += $2} END {print s + 0}')
+        echo "round $r $b: $JOB IOPS (both groups) $iops, appends off worker $off"
+        SUM[$b]=$((SUM[$b] + iops))
+        kill -TERM "$PID"
+        wait "$PID" || true
+        PID=
+    done
+done
+echo "$JOB IOPS (both groups): mean old $((SUM[old] / ROUNDS)), new $((SUM[new] / ROUNDS)), new/old $(python3 -c "print(f'{${SUM[new]}/max(${SUM[old]},1):.2f}')")x"
