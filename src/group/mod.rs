@@ -57,7 +57,8 @@ pub enum Wait {
 /// many groups stalling together as the site has workers stopped every
 /// export. With it, a worker is always left for the healthy groups: an
 /// append that would take the last one goes to the blocking pool instead
-/// (`Busy`, nothing done), as any call does that would wait. Appends hold
+/// (`Busy` before its append; a zeroing keeps the steps it had done, and
+/// is done again whole), as any call does that would wait. Appends hold
 /// their group's lock, so one group never has more than one worker in an
 /// append, and a site with one busy group never meets the bound.
 pub struct AppendGate {
@@ -1510,9 +1511,9 @@ impl Group {
     }
 
     /// `write`, waiting as `wait` says. With `Wait::Briefly`: unless the
-    /// group lock is had within `NBD_LOCK_WAIT_US` and an unaligned write's
-    /// edge blocks are in the page cache, `IoError::Busy` and nothing is
-    /// written.
+    /// group lock is had within `NBD_LOCK_WAIT_US`, an unaligned write's
+    /// edge blocks are in the page cache, and a worker may append
+    /// (`WORKER_APPENDS`), `IoError::Busy` and nothing is written.
     pub fn write_as(&self, wait: Wait, vol: u32, offset: u64, data: &[u8]) -> Result<Appended, IoError> {
         if data.is_empty() {
             let inner = self.lock_as(wait)?;
@@ -1569,8 +1570,9 @@ impl Group {
 
     /// `zero`, waiting as `wait` says. With `Wait::Briefly`: unless the
     /// group lock is had within `NBD_LOCK_WAIT_US` at each of its steps (and
-    /// an unaligned edge's read finds the page cache), `IoError::Busy`, with
-    /// the steps before it done. Zeroing is idempotent, so the caller does
+    /// an unaligned edge's read finds the page cache, and a worker may
+    /// append: `WORKER_APPENDS`), `IoError::Busy`, with the steps before it
+    /// done. Zeroing is idempotent, so the caller does
     /// it all again.
     pub fn zero_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         {

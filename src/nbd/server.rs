@@ -355,8 +355,9 @@ async fn execute(export: &Export, cmd: Command, handle: u64, payload: Vec<u8>, s
 /// pool, where it may wait as long as the lock is held or the disk takes
 /// (ARCHITECTURE.md "A stalled disk is reported, not silent"). A hand-off
 /// to a pool thread costs tens of microseconds, so only calls that met a
-/// lock held for `NBD_LOCK_WAIT_US`, data not in the page cache, or a group
-/// whose storage is already slow, come here.
+/// lock held for `NBD_LOCK_WAIT_US`, data not in the page cache, a group
+/// whose storage is already slow, or (writes, zeroings and trims) every
+/// worker but one inside an append (`group::WORKER_APPENDS`), come here.
 ///
 /// At most `NBD_POOL_CALLS_PER_GROUP` calls of one group wait there at a
 /// time; the rest wait as tasks. Each call on the pool holds a thread for
@@ -374,7 +375,8 @@ async fn off_worker<T: Send + 'static>(g: &Group, f: impl FnOnce() -> Result<T, 
 
 /// Makes a group call (`call(group, wait, data)`) on this runtime worker
 /// with `Wait::Briefly`; if that gives `Busy` (the lock was held, a read
-/// would have waited for the disk), makes it again, whole, on the blocking
+/// would have waited for the disk, the group's storage is slow, or an
+/// append would have taken the last worker free of one), makes it again, whole, on the blocking
 /// pool with `Wait::Forever`. A zeroing that gave `Busy` after some of its
 /// steps is done again whole, which is harmless (zeroing is idempotent).
 /// `data` (a read's reply buffer, a write's payload) goes to the pool with
