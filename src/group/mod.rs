@@ -343,7 +343,7 @@ pub struct GroupStats {
     /// unaligned write's edge blocks) were not all in the page cache, and
     /// which went to the blocking pool (`Segment::read_at_nowait`).
     pub nbd_reads_off_worker: AtomicU64,
-    /// NBD writes and zeroings on a runtime worker that found every worker
+    /// NBD writes, zeroings and trims on a runtime worker that found every worker
     /// but one inside an append (`WORKER_APPENDS`), and which went to the
     /// blocking pool.
     pub nbd_appends_off_worker: AtomicU64,
@@ -1572,8 +1572,7 @@ impl Group {
     /// group lock is had within `NBD_LOCK_WAIT_US` at each of its steps (and
     /// an unaligned edge's read finds the page cache, and a worker may
     /// append: `WORKER_APPENDS`), `IoError::Busy`, with the steps before it
-    /// done. Zeroing is idempotent, so the caller does
-    /// it all again.
+    /// done. Zeroing is idempotent, so the caller does it all again.
     pub fn zero_as(&self, wait: Wait, vol: u32, offset: u64, len: u64, keep_allocated: bool) -> Result<Appended, IoError> {
         {
             let inner = self.lock_as(wait)?;

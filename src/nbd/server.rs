@@ -376,8 +376,8 @@ async fn off_worker<T: Send + 'static>(g: &Group, f: impl FnOnce() -> Result<T, 
 /// Makes a group call (`call(group, wait, data)`) on this runtime worker
 /// with `Wait::Briefly`; if that gives `Busy` (the lock was held, a read
 /// would have waited for the disk, the group's storage is slow, or an
-/// append would have taken the last worker free of one), makes it again, whole, on the blocking
-/// pool with `Wait::Forever`. A zeroing that gave `Busy` after some of its
+/// append would have taken the last worker not inside one), makes it
+/// again, whole, on the blocking pool with `Wait::Forever`. A zeroing that gave `Busy` after some of its
 /// steps is done again whole, which is harmless (zeroing is idempotent).
 /// `data` (a read's reply buffer, a write's payload) goes to the pool with
 /// the call and comes back with its result.

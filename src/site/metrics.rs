@@ -199,7 +199,7 @@ impl Metrics {
         for g in groups {
             let _ = writeln!(o, "tidemark_nbd_reads_off_worker_total{{group=\"{}\"}} {}", g.name, g.stats.nbd_reads_off_worker.load(Ordering::Relaxed));
         }
-        let _ = writeln!(o, "# HELP tidemark_nbd_appends_off_worker_total NBD writes and zeroings that found every runtime worker but one inside an append, done on the blocking pool so that disks stalling in several groups at once cannot hold every worker.");
+        let _ = writeln!(o, "# HELP tidemark_nbd_appends_off_worker_total NBD writes, zeroings and trims that found every runtime worker but one inside an append, done on the blocking pool so that disks stalling in several groups at once cannot hold every worker.");
         let _ = writeln!(o, "# TYPE tidemark_nbd_appends_off_worker_total counter");
         for g in groups {
             let _ = writeln!(o, "tidemark_nbd_appends_off_worker_total{{group=\"{}\"}} {}", g.name, g.stats.nbd_appends_off_worker.load(Ordering::Relaxed));
