@@ -326,6 +326,36 @@ fn run_within(site_log: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// While other groups are stalled: twice, `STORAGE_SLOW_MS` apart (before
+/// and after the stall counts as slow), cg0 takes new qemu-io connections
+/// to vol0, writes, flushes (with `zero`, also zeroes) and reads back, and
+/// nbdinfo lists vol0..=vol`last`, each round within 10 s; `stuck` (what
+/// still waits on the stalled groups) must still hold after each round.
+fn cg0_answers_meanwhile(run: &dyn Fn(&[&str]) -> String, addr: &str, last: usize, zero: bool, stalled: &str, stuck: &dyn Fn() -> bool) {
+    let uri0 = format!("nbd://{addr}/vol0");
+    for round in 0..2u8 {
+        let t = Instant::now();
+        let p = 0x31 + round;
+        let (write, read) = (format!("write -P {p} 0 2M"), format!("read -P {p} 0 2M"));
+        let mut w = vec!["qemu-io", "-f", "raw", "-c", &write, "-c", "flush"];
+        let mut r = vec!["qemu-io", "-f", "raw", "-r", "-c", &read];
+        if zero {
+            w.extend(["-c", "write -z 2M 1M"]);
+            r.extend(["-c", "read -P 0 2M 1M"]);
+        }
+        w.push(&uri0);
+        r.push(&uri0);
+        run(&w);
+        let out = run(&r);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
+        assert!((0..=last).all(|g| list.contains(&format!("vol{g}"))), "{list}");
+        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while {stalled}", t.elapsed());
+        assert!(stuck(), "what waits on the stalled groups ({stalled}) was answered before the disk answered");
+        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
+    }
+}
+
 /// A group on a disk of its own that stalls holds up no other group's NBD.
 /// Before, its writers waited for its lock on the runtime's workers (and
 /// each connection's reader took the lock to check every request's range),
@@ -371,18 +401,7 @@ fn a_stalled_group_holds_up_no_other_group() {
     // writes, a flush, reads, a zeroing; before and after the stall is
     // seen as slow (STORAGE_SLOW_MS), which sends cg1's requests straight
     // to the blocking pool.
-    for round in 0..2u8 {
-        let t = Instant::now();
-        let p = 0x31 + round;
-        run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {p} 0 2M"), "-c", "flush", "-c", "write -z 2M 1M", &uri0]);
-        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {p} 0 2M"), "-c", "read -P 0 2M 1M", &uri0]);
-        assert!(!out.contains("Pattern verification failed"), "{out}");
-        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
-        assert!(list.contains("vol0") && list.contains("vol1"), "{list}");
-        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while cg1 stalled", t.elapsed());
-        assert!(writers.iter().all(|w| !w.is_finished()) && !reader.is_finished(), "cg1 is still frozen");
-        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
-    }
+    cg0_answers_meanwhile(&run, &addr, 1, true, "cg1 stalled", &|| writers.iter().all(|w| !w.is_finished()) && !reader.is_finished());
     let st: serde_json::Value = serde_json::from_slice(&cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]).stdout).unwrap();
     let cg1 = st["groups"].as_array().unwrap().iter().find(|g| g["name"] == "cg1").unwrap();
     assert_eq!(cg1["storage_stall"]["operation"], "log append", "{st}");
@@ -432,7 +451,7 @@ fn as_many_stalled_groups_as_workers_hold_up_no_other_group() {
     // The site's runtime has this many workers (site::run).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
     let site = site_with_groups_on(&mnt, &sdir, workers);
-    let (addr, uri0, api) = (site.addr(), site.uri("vol0"), site.api());
+    let (addr, api) = (site.addr(), site.api());
     disk.site = Some(site);
     let site_log = sdir.join("site.log");
     let run = |args: &[&str]| run_within(&site_log, args);
@@ -448,18 +467,7 @@ fn as_many_stalled_groups_as_workers_hold_up_no_other_group() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(writers.iter().all(|w| !w.2.is_finished()), "no write can complete on a frozen disk");
 
-    for round in 0..2u8 {
-        let t = Instant::now();
-        let p = 0x31 + round;
-        run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {p} 0 2M"), "-c", "flush", "-c", "write -z 2M 1M", &uri0]);
-        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {p} 0 2M"), "-c", "read -P 0 2M 1M", &uri0]);
-        assert!(!out.contains("Pattern verification failed"), "{out}");
-        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
-        assert!((0..=workers).all(|g| list.contains(&format!("vol{g}"))), "{list}");
-        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while {workers} groups stalled", t.elapsed());
-        assert!(writers.iter().all(|w| !w.2.is_finished()), "the stalled groups are still frozen");
-        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
-    }
+    cg0_answers_meanwhile(&run, &addr, workers, true, &format!("{workers} groups stalled"), &|| writers.iter().all(|w| !w.2.is_finished()));
     // Some stalled group's first append found the gate full and went to
     // the pool.
     let m = String::from_utf8(cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/metrics")]).stdout).unwrap();
@@ -498,7 +506,7 @@ fn a_disk_that_stalls_reads_holds_up_no_other_group() {
     let mnt = disk.mnt.clone();
     let sdir = tmp.path().join("site");
     let site = site_with_cg1_on(&mnt, &sdir);
-    let (addr, uri0, uri1, api) = (site.addr(), site.uri("vol0"), site.uri("vol1"), site.api());
+    let (addr, uri1, api) = (site.addr(), site.uri("vol1"), site.api());
     disk.site = Some(site);
     let site_log = sdir.join("site.log");
     let run = |args: &[&str]| run_within(&site_log, args);
@@ -526,18 +534,7 @@ fn a_disk_that_stalls_reads_holds_up_no_other_group() {
 
     // cg0 answers meanwhile: new connections, writes, a flush, reads, the
     // export list; before and after the stalled read counts as slow.
-    for round in 0..2u8 {
-        let t = Instant::now();
-        let p = 0x31 + round;
-        run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {p} 0 2M"), "-c", "flush", &uri0]);
-        let out = run(&["qemu-io", "-f", "raw", "-r", "-c", &format!("read -P {p} 0 2M"), &uri0]);
-        assert!(!out.contains("Pattern verification failed"), "{out}");
-        let list = run(&["nbdinfo", "--list", &format!("nbd://{addr}")]);
-        assert!(list.contains("vol0") && list.contains("vol1"), "{list}");
-        assert!(t.elapsed() < Duration::from_secs(10), "cg0 took {:?} to answer while cg1's reads stalled", t.elapsed());
-        assert!(readers.iter().all(|r| !r.is_finished()), "cg1 still does not answer");
-        std::thread::sleep(Duration::from_millis(tidemark::limits::STORAGE_SLOW_MS));
-    }
+    cg0_answers_meanwhile(&run, &addr, 1, false, "cg1's reads stalled", &|| readers.iter().all(|r| !r.is_finished()));
     // Status names the stalled read; every cg1 read went off the workers.
     let st: serde_json::Value = serde_json::from_slice(&cmd_ok("curl", &["-sf", "-m", "6", &format!("{api}/status")]).stdout).unwrap();
     let cg1 = st["groups"].as_array().unwrap().iter().find(|g| g["name"] == "cg1").unwrap();
