@@ -703,6 +703,66 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A DR whose disk fills during a dirty-region resync (a 160 MiB tmpfs
+/// under its groups, a resync of 256 MiB):
+/// - it refuses its primary until there is room for the whole resync, and
+///   says how much: its status and the primary's `last_error` name it, and
+///   the link stays quiet meanwhile (not attempt after attempt, each
+///   filling the disk again);
+/// - it gives back what the failed attempt staged, and goes on showing its
+///   last consistent state;
+/// - once its file system is grown to that, the resync completes and the
+///   copies are the same.
+///
+/// Before, the site took the stream again as soon as one record fit, and
+/// the failed attempt's records stayed until a later attempt's commit.
+#[test]
+fn a_dr_that_fills_during_a_resync_asks_for_room_for_all_of_it() {
+    let mut d = common::Deployment::init(&["a", "b"], &[("vol0", "512MiB")], "async");
+    d.sites[0].edit_config(|c| c.replace("replication_log_cap = \"64GiB\"", "replication_log_cap = \"64MiB\""));
+    let b_groups = d.sites[1].dir.join("groups");
+    let b_disk = SmallDisk::mount(&b_groups, "160m");
+    d.start_all();
+    let (a, b) = (d.sites[0].uri("vol0"), d.sites[1].uri("vol0"));
+    let replica = |d: &common::Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
+    let caught_up = |d: &common::Deployment| {
+        let r = replica(d);
+        r["state"] == "replicating" && r["lag_writes"] == 0
+    };
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 8M", "-c", "flush", &a]);
+    common::wait_until(30, "b caught up", || caught_up(&d));
+    d.sites[1].stop();
+    cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x62 8M 256M", "-c", "flush", &a]);
+    common::wait_until(60, "dirty-region mode for b", || replica(&d)["dirty_tracking"] == true);
+    d.sites[1].spawn();
+    let needed = || d.sites[1].status()["groups"][0]["out_of_space"]["needed_bytes"].as_u64().unwrap_or(0);
+    common::wait_until(60, "b out of space during the resync", || needed() >= 256 << 20);
+    let oos = d.sites[1].status()["groups"][0]["out_of_space"].clone();
+    assert!(oos["error"].as_str().is_some_and(|e| e.contains("the resync in progress may need up to")), "{oos}");
+    let mib = needed().div_ceil(1 << 20);
+    common::wait_until(30, "the primary told how much", || replica(&d)["last_error"].as_str().is_some_and(|e| e.contains(&format!("once {mib} MiB are free"))));
+    assert!(d.sites[1].status()["groups"][0]["failed"].is_null(), "b's group failed");
+    // What the attempt staged is given back (its full segments: 64 MiB
+    // at least of the ~150 staged) ...
+    let held = || common::disk_usage(&b_groups);
+    common::wait_until(30, "the failed attempt's space given back", || held() < 110 << 20);
+    // ... and b shows what it showed before the resync began.
+    let o = cmd_ok("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x61 0 8M", "-c", "read -P 0 8M 256M", &b]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"), "b shows a state it never had");
+    // Refused until there is room for the whole resync: nothing is sent.
+    let sent = || replica(&d)["link_sent_bytes"].as_u64().unwrap();
+    let before = sent();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(sent() - before < 1 << 20, "the primary sent {} bytes while b had no room for the resync", sent() - before);
+    assert!(!caught_up(&d));
+    b_disk.grow("640m");
+    common::wait_until(120, "b caught up after its disk grew", || caught_up(&d));
+    assert!(d.sites[1].status()["groups"][0]["out_of_space"].is_null());
+    let sa = common::sha256_of(&cmd_ok("nbdcopy", &[&a, "-"]).stdout);
+    let sb = common::sha256_of(&cmd_ok("nbdcopy", &[&b, "-"]).stdout);
+    assert_eq!(sa, sb, "b differs from a");
+}
+
 /// A full disk is waited out, at the DR and at the primary, with the
 /// reason shown and nothing lost:
 /// - the DR's log fills (a 48 MiB tmpfs under its groups): its group does

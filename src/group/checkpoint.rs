@@ -297,8 +297,8 @@ impl Group {
         // segments GC freed on the strength of the newer one. (The log
         // only grows, so each one encoded here is at least the last.)
         let _one = self.checkpoint_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, bytes, written) = {
-            let inner = self.inner.lock();
+        let (at, bytes, written, asked) = {
+            let mut inner = self.inner.lock();
             if let Some(e) = &inner.failed {
                 bail!("group {} is failed ({e}); not writing a checkpoint", self.name);
             }
@@ -308,13 +308,20 @@ impl Group {
                 return Ok(());
             }
             let (at, bytes) = encode(&inner, self.id);
-            (at, bytes, inner.log_bytes_written)
+            // Answered by this one (asked again below if it fails).
+            let asked = std::mem::take(&mut inner.checkpoint_asked);
+            (at, bytes, inner.log_bytes_written, asked)
         };
-        // The checkpoint may only describe durable records.
-        self.sync_to(at)?;
-        {
+        // The checkpoint may only describe durable records: synced first.
+        let written_ok = self.sync_to(at).and_then(|()| {
             let _io = self.io.start(super::iowatch::IoOp::Checkpoint);
-            crate::crashsafe::write_file(&self.dir.join(FILE_NAME), &bytes)?;
+            crate::crashsafe::write_file(&self.dir.join(FILE_NAME), &bytes)
+        });
+        if let Err(e) = written_ok {
+            if asked {
+                self.inner.lock().checkpoint_asked = true;
+            }
+            return Err(e);
         }
         let mut inner = self.inner.lock();
         inner.checkpoint_pos = inner.checkpoint_pos.max(at);

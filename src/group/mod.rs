@@ -211,6 +211,14 @@ pub(crate) struct Inner {
     pub protected: std::collections::BTreeSet<u32>,
     /// DR site: blocks of a resync in progress, visible only at its commit.
     pub staging: Option<BTreeMap<(u32, u64), Entry>>,
+    /// DR site: the bytes the resync in progress may need in all, as its
+    /// primary said in RESYNC_BEGIN (0 from a primary that does not say),
+    /// and the bytes of its records appended so far.
+    pub staging_need: u64,
+    pub staging_bytes: u64,
+    /// A checkpoint is wanted at the next maintenance round: the records
+    /// of an abandoned resync become garbage GC can free only behind one.
+    pub checkpoint_asked: bool,
     /// Segments GC found it cannot clean (a live block unreadable or failing
     /// its checksum), with the reason: not chosen again until a restart, and
     /// shown in status. Freed like any other once nothing in them is live.
@@ -272,6 +280,12 @@ pub struct Group {
     /// from an older connection (still draining after a reconnect) are
     /// refused, so a stale resync record can never land after a newer one.
     pub receiver_gen: AtomicU64,
+    /// DR site: generation of the last replication connection that ended
+    /// (0: none since the last maintenance round). While it is still the
+    /// newest, a resync it left unfinished can never be committed (a new
+    /// connection's resync starts with RESYNC_BEGIN): maintenance drops
+    /// its staging (`drop_abandoned_resync`).
+    pub receiver_ended: AtomicU64,
     pins_lock: Mutex<()>,
     /// DR site: refuse the primary's deletion of snapshots (R25).
     pub protect_snapshots: AtomicBool,
@@ -737,9 +751,12 @@ impl Inner {
     fn apply_resync(&mut self, h: &Header, at: LogPos, checked: &[u8]) {
         if h.kind == Kind::ResyncBegin {
             self.staging = Some(BTreeMap::new());
+            self.staging_need = h.offset;
+            self.staging_bytes = h.total_len();
             return;
         }
         let Some(st) = self.staging.as_mut() else { return };
+        self.staging_bytes += h.total_len();
         let first = h.offset / BLOCK_BYTES;
         match h.kind {
             Kind::Write => {
@@ -862,6 +879,53 @@ impl Inner {
     fn fail(&mut self, msg: String) -> IoError {
         self.failed = Some(msg.clone());
         IoError::Failed(msg)
+    }
+
+    /// Drops the staging of a resync that can never be committed (its
+    /// connection ended, or the site restarted during it) and asks for a
+    /// checkpoint, behind which GC frees its records. Before, they stayed
+    /// until the next attempt's commit: a DR that filled up during a resync
+    /// kept the failed attempt's records while the next one staged anew.
+    fn abandon_staging(&mut self, group: &str, why: &str) {
+        if self.staging.take().is_none() {
+            return;
+        }
+        tracing::info!(
+            event = "resync-abandoned",
+            "group {group}: a resync attempt {why} before its commit; its {} MiB of staged records are garbage now (the primary's next attempt starts afresh, and this site goes on showing its last consistent state)",
+            self.staging_bytes.div_ceil(1 << 20)
+        );
+        self.staging_bytes = 0;
+        self.staging_need = 0;
+        self.checkpoint_asked = true;
+    }
+
+    /// After a replicated record found the file system full: if it is part
+    /// of a resync, the site needs room for the whole of it, as the primary
+    /// estimated at RESYNC_BEGIN, not just for this record. Until that much
+    /// is free the site refuses its primary (`receive::has_room`), and the
+    /// reason says how much: taking the stream again as soon as one record
+    /// fits would have the primary begin the resync again and fill the disk
+    /// again, over and over, each time sending what was staged for nothing.
+    /// (The records already staged are given back when the attempt is
+    /// dropped: `abandon_staging`.)
+    /// Returns the reason to give, if it says more than the error.
+    fn resync_needs_room(&mut self, h: &Header) -> Option<String> {
+        let need = match h.kind {
+            Kind::ResyncBegin => h.offset,
+            _ if self.staging.is_some() => self.staging_need,
+            _ => 0,
+        };
+        let staged = if h.kind == Kind::ResyncBegin { 0 } else { self.staging_bytes };
+        let o = self.out_of_space.as_mut().filter(|o| need > o.2)?;
+        o.2 = need;
+        o.1 = format!(
+            "{}; the resync in progress may need up to {} MiB in all ({} MiB of it were staged: that space is given back once the attempt is dropped)",
+            o.1,
+            need.div_ceil(1 << 20),
+            staged.div_ceil(1 << 20)
+        );
+        Some(o.1.clone())
     }
 
     /// Records that an append found the file system full, says so (once
@@ -1100,6 +1164,7 @@ impl Group {
             replication: crate::replicate::GroupReplication::new(&meta.mode),
             log_cap: AtomicU64::new(crate::limits::REPL_LOG_CAP_BYTES_DEFAULT),
             receiver_gen: AtomicU64::new(0),
+            receiver_ended: AtomicU64::new(0),
             pins_lock: Mutex::new(()),
             protect_snapshots: AtomicBool::new(false),
             refusals: Mutex::new(Vec::new()),
@@ -1445,6 +1510,18 @@ impl Group {
         h.verify(&hdr, checked).map_err(|e| format!("record seq {}: {e}", h.seq))?;
         let body = &raw[HEADER_BYTES..];
         snapshot::check_body(&h, body)?;
+        if h.kind == Kind::ResyncBegin && h.offset > 0 {
+            self.warn_if_resync_may_not_fit(h.offset);
+        }
+        // Resync data leaves room for the checkpoint that gives it back
+        // should the attempt fail (statvfs off the lock; this connection is
+        // the only one appending).
+        let room = if h.flags & FLAG_RESYNC != 0 {
+            let reserve = self.resync_reserve();
+            crate::util::free_bytes(&self.dir).ok().map(|free| (free, reserve))
+        } else {
+            None
+        };
         if h.kind == Kind::Write {
             let payload = &raw[HEADER_BYTES + checked.len()..];
             for (i, b) in payload.chunks(BLOCK_BYTES as usize).enumerate() {
@@ -1470,7 +1547,25 @@ impl Group {
             Kind::VolumeDelete | Kind::ResyncCommit => self.protect_before(&mut inner, &h, body)?,
             _ => Vec::new(),
         };
-        let at = inner.append_bytes(self, &h, &[raw]).map_err(|e| e.to_string())?;
+        if let Some((free, reserve)) = room.filter(|&(free, reserve)| inner.staging.is_some() && free < raw.len() as u64 + reserve) {
+            let msg = format!(
+                "no space left for resync data: {} KiB free, and {} KiB are kept for the checkpoint that gives back a failed resync's space",
+                free >> 10,
+                reserve >> 10
+            );
+            let _ = inner.no_space(self, msg.clone(), raw.len() as u64 + reserve);
+            return Err(inner.resync_needs_room(&h).unwrap_or(msg));
+        }
+        let at = match inner.append_bytes(self, &h, &[raw]) {
+            Ok(at) => at,
+            Err(e) => {
+                let said = match e {
+                    IoError::NoSpace(_) => inner.resync_needs_room(&h),
+                    _ => None,
+                };
+                return Err(said.unwrap_or_else(|| e.to_string()));
+            }
+        };
         inner.apply(&h, at, checked, Some(body));
         let end = inner.tail_pos();
         drop(inner);
@@ -2064,6 +2159,51 @@ impl Group {
         }
     }
 
+    /// DR site: the room a resync's data leaves free, so that when the
+    /// attempt fills the disk, the checkpoint behind which GC gives back its
+    /// records can still be written: the size of the last checkpoint (the
+    /// maps it holds do not change while a resync stages) and a MiB.
+    fn resync_reserve(&self) -> u64 {
+        std::fs::metadata(self.dir.join(checkpoint::FILE_NAME)).map_or(0, |m| m.len()) + (1 << 20)
+    }
+
+    /// DR site: says up front that a resync the primary begins may need
+    /// more than the log's file system has free (`need`: the primary's
+    /// estimate, an upper bound). It is not refused for that: trimmed or
+    /// zeroed blocks in the dirty set carry no data, so it may fit. If it
+    /// does not, the append that fails says how much to free
+    /// (`resync_needs_room`).
+    fn warn_if_resync_may_not_fit(&self, need: u64) {
+        if let Ok(free) = crate::util::free_bytes(&self.dir) {
+            if free < need {
+                tracing::warn!(
+                    event = "resync-may-not-fit",
+                    "group {}: the primary begins a resync that may need up to {} MiB here, and {} MiB are free; if the disk fills, the resync stops and the primary is refused until {} MiB are free (this site goes on showing its last consistent state)",
+                    self.name,
+                    need.div_ceil(1 << 20),
+                    free >> 20,
+                    need.div_ceil(1 << 20)
+                );
+            }
+        }
+    }
+
+    /// DR site: a resync left unfinished by the replication connection
+    /// that ended last is dropped, if no newer connection has come since
+    /// (that one's resync, if any, begins afresh with RESYNC_BEGIN; the
+    /// generation is bumped before its first append, which takes this
+    /// lock, so a staging it began is never dropped here).
+    fn drop_abandoned_resync(&self) {
+        let ended = self.receiver_ended.swap(0, Ordering::AcqRel);
+        if ended == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        if self.receiver_gen.load(Ordering::Acquire) == ended {
+            inner.abandon_staging(&self.name, "ended with its connection");
+        }
+    }
+
     /// Weighs the blocks of dropped maps that `forget_map` left for later
     /// (on the caller's thread, without the lock), so that GC's counts are
     /// exact again. Called by every operation that drops a map, after it
@@ -2093,13 +2233,14 @@ impl Group {
     /// must not stop GC from freeing the segments that are already free.
     pub(crate) fn maintain(self: &Arc<Self>) -> Result<()> {
         self.settle_counts();
+        self.drop_abandoned_resync();
         let mut failed: Vec<String> = Vec::new();
         if let Err(e) = self.enforce_log_cap() {
             failed.push(format!("log cap: {e:#}"));
         }
         let due = {
             let inner = self.lock_read();
-            inner.failed.is_none() && inner.log_bytes_written - inner.log_bytes_at_checkpoint >= crate::limits::CHECKPOINT_INTERVAL_BYTES
+            inner.failed.is_none() && (inner.checkpoint_asked || inner.log_bytes_written - inner.log_bytes_at_checkpoint >= crate::limits::CHECKPOINT_INTERVAL_BYTES)
         };
         if due {
             if let Err(e) = self.checkpoint() {

@@ -137,6 +137,9 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         dirty: BTreeMap::new(),
         dirty_pending: BTreeMap::new(),
         staging: None,
+        staging_need: 0,
+        staging_bytes: 0,
+        checkpoint_asked: false,
         gc_skipped: BTreeMap::new(),
         times: Default::default(),
     };
@@ -252,6 +255,10 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         seg.file.sync_all()?;
         seg.len.store(off, std::sync::atomic::Ordering::Release);
     }
+
+    // A resync the site stopped in can never be committed: the primary
+    // begins afresh at the next connection. Its records become garbage.
+    inner.abandon_staging(name, "was in progress when the site stopped");
 
     // A consistency check: every block must point into a segment that
     // exists and inside its length.

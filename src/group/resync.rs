@@ -642,10 +642,35 @@ impl Group {
         Ok(data_bytes)
     }
 
-    /// A RESYNC control record (begin, or commit at `seq` with the volume
-    /// table, naming the identity of this primary's record at `seq`).
-    pub fn resync_control(&self, kind: Kind, seq: u64, ident: Option<u32>, table: &[CommitEntry]) -> Vec<u8> {
-        let body = if kind == Kind::ResyncCommit { serde_json::to_vec(table).unwrap_or_default() } else { Vec::new() };
+    /// The log bytes a resync of `peer` may take at the DR, at most: every
+    /// dirty block as data (a header and a checksum each, as if none ran
+    /// on into the next), and never more blocks than the group holds data
+    /// in (a block several maps share goes once, and trimmed or zeroed
+    /// blocks carry no data, so a full resync of a sparse volume is bounded
+    /// by what it holds). Writes during the resync may add to it. Sent in
+    /// RESYNC_BEGIN, so that a DR whose disk fills knows how much to ask
+    /// for (`Inner::resync_needs_room`).
+    pub fn resync_need(&self, peer: &str) -> u64 {
+        let inner = self.lock_read();
+        let dirty = inner.dirty.get(peer).map(|d| d.dirty_blocks()).unwrap_or(0);
+        let blocks = dirty.min(inner.live_bytes() / BLOCK_BYTES);
+        blocks.saturating_mul(BLOCK_BYTES + 4 + HEADER_BYTES as u64)
+    }
+
+    /// RESYNC_BEGIN, saying in its offset field the bytes the resync may
+    /// need at the DR (`resync_need`; a DR before session 22 ignores it).
+    pub fn resync_begin(&self, need: u64) -> Vec<u8> {
+        self.resync_control(Kind::ResyncBegin, 0, need, &[])
+    }
+
+    /// RESYNC_COMMIT at `seq` with the volume table, naming the identity
+    /// of this primary's record at `seq`.
+    pub fn resync_commit(&self, seq: u64, ident: Option<u32>, table: &[CommitEntry]) -> Vec<u8> {
+        let body = serde_json::to_vec(table).unwrap_or_default();
+        self.resync_control(Kind::ResyncCommit, seq, record::commit_offset(ident), &body)
+    }
+
+    fn resync_control(&self, kind: Kind, seq: u64, offset: u64, body: &[u8]) -> Vec<u8> {
         let mut h = Header {
             kind,
             flags: 0,
@@ -654,14 +679,14 @@ impl Group {
             timestamp_ns: crate::util::now_ns(),
             volume: 0,
             length: 0,
-            offset: if kind == Kind::ResyncCommit { record::commit_offset(ident) } else { 0 },
+            offset,
             body_len: body.len() as u32,
             crc: 0,
         };
         let mut raw = [0u8; HEADER_BYTES];
-        h.encode(&body, &mut raw);
+        h.encode(body, &mut raw);
         let mut out = raw.to_vec();
-        out.extend_from_slice(&body);
+        out.extend_from_slice(body);
         out
     }
 

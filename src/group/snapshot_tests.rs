@@ -549,8 +549,14 @@ fn checkpoint_keeps_regions_shared() {
 /// A record as a primary ships it: header (epoch 1, offset 0), the
 /// checked body (block CRCs, or an operation's description), then `rest`.
 fn raw_record(kind: crate::log::record::Kind, flags: u16, seq: u64, volume: u32, length: u32, checked: &[u8], rest: &[u8]) -> Vec<u8> {
+    raw_record_at(kind, flags, seq, volume, 0, length, checked, rest)
+}
+
+/// `raw_record` with its offset field.
+#[allow(clippy::too_many_arguments)]
+fn raw_record_at(kind: crate::log::record::Kind, flags: u16, seq: u64, volume: u32, offset: u64, length: u32, checked: &[u8], rest: &[u8]) -> Vec<u8> {
     use crate::log::record::{Header, HEADER_BYTES};
-    let mut h = Header { kind, flags, epoch: 1, seq, timestamp_ns: 1, volume, length, offset: 0, body_len: (checked.len() + rest.len()) as u32, crc: 0 };
+    let mut h = Header { kind, flags, epoch: 1, seq, timestamp_ns: 1, volume, length, offset, body_len: (checked.len() + rest.len()) as u32, crc: 0 };
     let mut hdr = [0u8; HEADER_BYTES];
     h.encode(checked, &mut hdr);
     let mut out = hdr.to_vec();
@@ -692,6 +698,96 @@ fn a_refusal_is_reported_when_the_deleting_record_is_sent_again() {
     let refused: Vec<String> = g.refusals.lock().unwrap().iter().map(|r| r.0.clone()).collect();
     assert_eq!(refused, vec!["v@s".to_string()], "the refusal is reported with the record that made it");
     assert!(g.volume("v@s").is_some_and(|s| s.retained), "s is retained");
+    g.close().unwrap();
+}
+
+/// A DR whose disk fills during a resync (a real tmpfs of 200 MiB):
+/// - the append that fails asks for room for the whole resync (the
+///   primary's estimate in RESYNC_BEGIN), not for that one record, so the
+///   site takes the stream again only once the resync can fit;
+/// - when its connection ends the attempt's staging is dropped, and GC
+///   gives back its records behind a checkpoint, while the site still shows
+///   its last consistent state (before, they stayed until the next
+///   attempt's commit, which then needed room for both);
+/// - an older connection's end never drops a newer one's staging;
+/// - a staging replayed at a restart is dropped too, and an attempt after
+///   all this commits as usual.
+#[test]
+fn a_resync_that_fills_the_disk_asks_for_all_it_needs_and_gives_back_what_it_staged() {
+    use crate::log::record::{self, Kind, FLAG_RESYNC};
+    let m = super::tests::Tmpfs::mount("200m");
+    let free = || crate::util::free_bytes(&m.path).unwrap();
+    let g = Group::open(&m.path, "cg0").unwrap();
+    let v = g.create_volume("v", 1 << 30).unwrap();
+    g.write(v, 0, &[7u8; 1 << 20]).unwrap();
+    let shows_old = |g: &Group| {
+        let mut buf = vec![0u8; 1 << 20];
+        g.read(v, 0, &mut buf).unwrap();
+        buf.iter().all(|b| *b == 7)
+    };
+    let connect = |g: &Group| g.receiver_gen.fetch_add(1, Ordering::AcqRel) + 1;
+    let begin = |need: u64| raw_record_at(Kind::ResyncBegin, 0, 0, 0, need, 0, &[], &[]);
+    let data = vec![9u8; 64 * 4096];
+    let crcs = record::block_crcs(&data);
+    let staged = |off: u64| raw_record_at(Kind::Write, FLAG_RESYNC, 0, v, off, data.len() as u32, &crcs, &data);
+
+    let need: u64 = 300 << 20;
+    let gen = connect(&g);
+    g.append_replicated(&begin(need), gen).unwrap();
+    let mut off = 0;
+    let e = loop {
+        match g.append_replicated(&staged(off), gen) {
+            Ok(_) => off += data.len() as u64,
+            Err(e) => break e,
+        }
+    };
+    assert!(e.to_lowercase().contains("no space left") && e.contains("may need up to 300 MiB in all"), "{e}");
+    assert!(off > 150 << 20, "staged only {off} bytes");
+    let (_, why, needed) = g.out_of_space().expect("out of space");
+    assert_eq!(needed, need, "{why}");
+    assert!(shows_old(&g));
+    let full = free();
+
+    // A newer connection came before the old one ended: its staging stays.
+    let newer = connect(&g);
+    g.receiver_ended.store(gen, Ordering::Release);
+    g.maintain().unwrap();
+    assert!(g.lock_read().staging.is_some(), "an older connection's end dropped a newer one's staging");
+    // It ends too: the staging goes, and GC gives the space back.
+    g.receiver_ended.store(newer, Ordering::Release);
+    g.maintain().unwrap();
+    g.maintain().unwrap();
+    assert!(g.lock_read().staging.is_none(), "the abandoned staging is still there");
+    assert!(free() >= full + (100 << 20), "given back: {} MiB, free before {} MiB", (free() - full) >> 20, full >> 20);
+    assert!(shows_old(&g));
+    // Not yet room for the whole resync: still refused (`has_room`) ...
+    assert!(g.out_of_space().is_some(), "out of space cleared with {} MiB free", free() >> 20);
+    // ... until there is.
+    m.resize("600m");
+    assert!(g.out_of_space().is_none(), "out of space with {} MiB free", free() >> 20);
+
+    // An attempt the site stops in is dropped when it opens again.
+    let gen = connect(&g);
+    g.append_replicated(&begin(1 << 20), gen).unwrap();
+    g.append_replicated(&staged(0), gen).unwrap();
+    g.close().unwrap();
+    drop(g);
+    let g = Group::open(&m.path, "cg0").unwrap();
+    assert!(g.lock_read().staging.is_none(), "a replayed staging was kept");
+    assert!(g.lock_read().checkpoint_asked);
+    assert!(shows_old(&g));
+    let gen = connect(&g);
+    let table = vec![resync::CommitEntry { id: v, name: "v".into(), size: 1 << 30, snap: None, base: None }];
+    let commit = |g: &Group| raw_record_at(Kind::ResyncCommit, 0, g.last_seq() + 5, 0, 0, 0, &serde_json::to_vec(&table).unwrap(), &[]);
+    let e = g.append_replicated(&commit(&g), gen).unwrap_err();
+    assert!(e.contains("without a resync in progress"), "{e}");
+    // The next attempt commits as usual.
+    g.append_replicated(&begin(1 << 20), gen).unwrap();
+    g.append_replicated(&staged(0), gen).unwrap();
+    g.append_replicated(&commit(&g), gen).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    g.read(v, 0, &mut buf).unwrap();
+    assert!(buf == data, "the committed resync is not shown");
     g.close().unwrap();
 }
 

@@ -85,7 +85,9 @@ pub enum Kind {
     /// `protect_snapshots` refused the primary's deletion of snapshot
     /// `volume`; the next delete of it from the stream keeps it.
     Protect = 15,
-    /// Start of a dirty-region resync: the DR site starts a fresh staging map.
+    /// Start of a dirty-region resync: the DR site starts a fresh staging
+    /// map. `offset`: the log bytes the resync may need at most (the
+    /// primary's estimate; 0 from a primary before session 22).
     ResyncBegin = 20,
     /// End of a resync: the staged blocks and the volume table (body, JSON)
     /// become the DR's state at once, as of sequence number `seq`.

@@ -557,9 +557,9 @@ impl Sender {
         let (g, peer) = (&self.group, &self.cfg.peer);
         let Some(attempt) = rs.attempt else {
             tracing::info!(event = "dr-resyncing", "replication of {} to {peer}: resync of {} dirty blocks", g.name, g.dirty_blocks(peer));
-            let begin = g.resync_control(Kind::ResyncBegin, 0, None, &[]);
-            self.frames_sent += 1;
             rs.attempt = Some(g.begin_attempt(peer));
+            let begin = g.resync_begin(g.resync_need(peer));
+            self.frames_sent += 1;
             return Ok(Action::Send(Out::Bytes(frame::encode(frame::RECORDS, self.epoch, &begin, self.cfg.lz4))));
         };
         if rs.commit.is_some() {
@@ -576,7 +576,7 @@ impl Sender {
                     // Written meanwhile: take those blocks too.
                     continue;
                 };
-                let commit = g.resync_control(Kind::ResyncCommit, seq, ident, &table);
+                let commit = g.resync_commit(seq, ident, &table);
                 self.frames_sent += 1;
                 rs.commit = Some((seq, self.frames_sent));
                 return Ok(Action::Send(Out::Bytes(frame::encode(frame::RECORDS, self.epoch, &commit, self.cfg.lz4))));
@@ -946,6 +946,9 @@ impl Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         if let Some(c) = &self.conn {
+            // A resync this connection left unfinished is dropped by the
+            // group's maintenance, unless a newer connection came meanwhile.
+            c.group.receiver_ended.store(c.gen, std::sync::atomic::Ordering::Release);
             self.host.dr().update(&c.group.name, |d| d.connected = false);
             tracing::info!(event = "primary-disconnected", "replication: {} disconnected from group {}", self.peer, c.group.name);
         }

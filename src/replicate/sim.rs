@@ -462,9 +462,17 @@ fn a_hung_log_sync_at_the_dr_ends_the_link_and_refuses_new_ones() {
         }
         other => panic!("the primary's sender did not end with the DR's reason: {other:?}"),
     }
-    // A new HELLO is refused while the sync hangs, naming it.
-    std::thread::sleep(link_timeout.saturating_sub(stalled_at.elapsed()));
-    let e = format!("{:#}", receive::answers_hello(d0).unwrap_err());
+    // A new HELLO is refused while the sync hangs, naming it: once the
+    // sync has been in progress for the wait (polled, not slept for: on a
+    // loaded machine the sync that hangs may start well after the stall).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match receive::answers_hello(d0) {
+            Err(e) => break format!("{e:#}"),
+            Ok(()) => assert!(Instant::now() < deadline, "a HELLO is still answered 10 s after the sync hung"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(e.contains("group cg0 does not answer (a log sync has been in progress for") && e.contains("its storage is slow"), "{e}");
 
     d0.stall_syncs.store(false, std::sync::atomic::Ordering::Release);
