@@ -27,6 +27,7 @@ RUNTIME=${RUNTIME:-8}
 SIZE=${SIZE:-1g}
 JOBLIST=${JOBLIST:-seqwrite randwrite randread synclat}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 JOBS=$REPO/bench/jobs
 WORK=$REPO/bench/out/ab-nbd
 declare -A BINS=([old]=$1 [new]=$2)
@@ -34,12 +35,9 @@ for b in old new; do
     [[ -x ${BINS[$b]} ]] || { echo "ab-nbd.sh: ${BINS[$b]} is not an executable" >&2; exit 2; }
     BINS[$b]=$(realpath "${BINS[$b]}")   # the site runs in its own directory
 done
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 PID=
 cleanup() {
-    if [[ -n $PID ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
+    stop_pid "$PID" site || true
     rm -rf "$WORK/site"
 }
 trap cleanup EXIT
@@ -51,27 +49,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for b in old new; do
         rm -rf "$WORK/site"
         mkdir -p "$WORK/site"
-        NPORT=$(free_port)
-        APORT=$(free_port)
-        while [[ $APORT == "$NPORT" ]]; do APORT=$(free_port); done
-        cat >"$WORK/site/site.toml" <<TOML
-name = "a"
-role = "primary"
-data_dir = "."
-nbd_listen = "127.0.0.1:$NPORT"
-api_listen = "127.0.0.1:$APORT"
-[[volume]]
-name = "vol0"
-size = "1G"
-group = "cg0"
-TOML
+        read -r NPORT APORT < <(free_ports 2)
+        solo_site_toml "$WORK/site/site.toml" "$NPORT" "$APORT" 1G vol0:cg0
         (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
         PID=$!
-        for ((i = 0; i < 100; i++)); do
-            (exec 3<>"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break
-            kill -0 "$PID" 2>/dev/null || { echo "ab-nbd.sh: the $b site exited during start" >&2; cat "$WORK/site/site.log" >&2; exit 1; }
-            sleep 0.1
-        done
+        wait_port "$NPORT" "$PID" "the $b site" || { cat "$WORK/site/site.log" >&2; exit 1; }
         line="round $r $b:"
         for job in $JOBLIST; do
             sync
@@ -109,8 +91,7 @@ PY
 )
             line="$line $job=$v"
         done
-        kill -TERM "$PID"
-        wait "$PID" || true
+        stop_pid "$PID" "the $b site" || true
         PID=
         echo "$line" | tee -a "$RESULTS"
     done

@@ -18,6 +18,7 @@ ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-8}
 JOB=${JOB:-randwrite}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 WORK=$REPO/bench/out/ab-two-groups
 declare -A BINS=([old]=$1 [new]=$2)
 for b in old new; do
@@ -25,12 +26,9 @@ for b in old new; do
     BINS[$b]=$(realpath "${BINS[$b]}")
 done
 [[ -f $REPO/bench/jobs/$JOB.fio ]] || { echo "ab-two-groups.sh: no job bench/jobs/$JOB.fio" >&2; exit 2; }
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 PID=
 cleanup() {
-    if [[ -n $PID ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
+    stop_pid "$PID" site || true
     rm -rf "$WORK/site"
 }
 trap cleanup EXIT
@@ -41,31 +39,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for b in old new; do
         rm -rf "$WORK/site"
         mkdir -p "$WORK/site"
-        NPORT=$(free_port)
-        APORT=$(free_port)
-        while [[ $APORT == "$NPORT" ]]; do APORT=$(free_port); done
-        cat >"$WORK/site/site.toml" <<TOML
-name = "a"
-role = "primary"
-data_dir = "."
-nbd_listen = "127.0.0.1:$NPORT"
-api_listen = "127.0.0.1:$APORT"
-[[volume]]
-name = "vol0"
-size = "1G"
-group = "cg0"
-[[volume]]
-name = "vol1"
-size = "1G"
-group = "cg1"
-TOML
+        read -r NPORT APORT < <(free_ports 2)
+        solo_site_toml "$WORK/site/site.toml" "$NPORT" "$APORT" 1G vol0:cg0 vol1:cg1
         (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
         PID=$!
-        for ((i = 0; i < 100; i++)); do
-            (exec 3<>"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break
-            kill -0 "$PID" 2>/dev/null || { echo "ab-two-groups.sh: the $b site exited during start" >&2; cat "$WORK/site/site.log" >&2; exit 1; }
-            sleep 0.1
-        done
+        wait_port "$NPORT" "$PID" "the $b site" || { cat "$WORK/site/site.log" >&2; exit 1; }
         sync
         sleep 1
         F=()
@@ -78,8 +56,7 @@ TOML
         off=$(curl -s "http://127.0.0.1:$APORT/metrics" | awk '/^tidemark_nbd_appends_off_worker_total/ {s += $2} END {print s + 0}')
         echo "round $r $b: $JOB IOPS (both groups) $iops, appends off worker $off"
         SUM[$b]=$((SUM[$b] + iops))
-        kill -TERM "$PID"
-        wait "$PID" || true
+        stop_pid "$PID" "the $b site" || true
         PID=
     done
 done

@@ -35,6 +35,7 @@ VOL_SIZE=1G
 LAG_TIMEOUT=${LAG_TIMEOUT:-300}   # seconds to wait for the DR to catch up
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 BENCH=$REPO/bench
 OUT=$BENCH/out
 RES=$OUT/replication
@@ -108,15 +109,8 @@ echo "== port bases: qemu ${BASES[0]}, solo ${BASES[1]}, async ${BASES[2]}, asyn
 QPID= ; APID= ; BPID= ; SAMPLER= ; RUNDIR= ; RUNSHM=
 STOP_FAILS=0
 
-stop_pid() { # pid name -> waits for a clean exit after SIGTERM
-    local pid=$1 name=$2 st=0
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid"
-    wait "$pid" || st=$?
-    if [[ $st -ne 0 ]]; then
-        echo "run-replication.sh: $name exited with $st on SIGTERM" >&2
-        STOP_FAILS=$((STOP_FAILS + 1))
-    fi
+stop_counted() { # pid name: stop_pid, counting unclean exits for the report
+    stop_pid "$1" "$2" || STOP_FAILS=$((STOP_FAILS + 1))
 }
 
 save_logs() { # tag
@@ -131,9 +125,9 @@ save_logs() { # tag
 
 stop_all() { # tag
     if [[ -n $SAMPLER ]]; then kill -TERM "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=; fi
-    stop_pid "$QPID" qemu-nbd; QPID=
-    stop_pid "$APID" "tidemark primary ($1)"; APID=     # primary first, then the DR
-    stop_pid "$BPID" "tidemark DR ($1)"; BPID=
+    stop_counted "$QPID" qemu-nbd; QPID=
+    stop_counted "$APID" "tidemark primary ($1)"; APID=     # primary first, then the DR
+    stop_counted "$BPID" "tidemark DR ($1)"; BPID=
     save_logs "$1"
     [[ -n $RUNDIR ]] && rm -rf "$RUNDIR"
     [[ -n $RUNSHM ]] && rm -rf "$RUNSHM"
@@ -150,16 +144,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_port() { # port pid name
-    local i
-    for ((i = 0; i < 600; i++)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        kill -0 "$2" 2>/dev/null || { echo "run-replication.sh: $3 exited during start" >&2; return 1; }
-        sleep 0.1
-    done
-    echo "run-replication.sh: $3 did not listen on $1" >&2; return 1
-}
 
 log_tail() {
     local f
@@ -206,17 +190,7 @@ start_cfg() { # cfg tag
         URI=nbd://127.0.0.1:$P/vol0; API= ;;
     solo)
         mkdir -p "$RUNDIR/site"
-        cat >"$RUNDIR/site/site.toml" <<EOF
-name = "a"
-role = "primary"
-data_dir = "."
-nbd_listen = "127.0.0.1:$P"
-api_listen = "127.0.0.1:$((P + 10))"
-[[volume]]
-name = "vol0"
-size = "$VOL_SIZE"
-group = "cg0"
-EOF
+        solo_site_toml "$RUNDIR/site/site.toml" "$P" "$((P + 10))" "$VOL_SIZE" vol0:cg0
         "$BIN" site --config "$RUNDIR/site/site.toml" >"$RUNDIR/site/site.log" 2>&1 &
         APID=$!
         wait_port "$P" "$APID" "tidemark ($tag)" || { log_tail; return 1; }

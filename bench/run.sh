@@ -20,6 +20,7 @@ VOL_SIZE=1G            # both targets: a 1 GiB raw image / a 1 GiB volume
 JOBS=(seqwrite randwrite randread synclat)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 BENCH=$REPO/bench
 OUT=$BENCH/out
 WORK=$OUT/work
@@ -46,9 +47,6 @@ fi
 FS=$(df -T "$WORK" | awk 'NR==2 {print $2 " on " $1}')
 echo "== work dir $WORK ($FS)"
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 QPORT=${QPORT:-$(free_port)}
 TPORT=${TPORT:-$(free_port)}
 APORT=${APORT:-$(free_port)}
@@ -59,29 +57,14 @@ QPID= ; TPID=
 cleanup() {
     local rc=$?
     set +e
-    if [[ -n $QPID ]] && kill -0 "$QPID" 2>/dev/null; then
-        kill -TERM "$QPID"; wait "$QPID" 2>/dev/null
-    fi
-    if [[ -n $TPID ]] && kill -0 "$TPID" 2>/dev/null; then
-        kill -TERM "$TPID"; wait "$TPID"; local st=$?
-        [[ $st -ne 0 ]] && echo "run.sh: tidemark site exited with $st on SIGTERM" >&2
-    fi
+    stop_pid "$QPID" qemu-nbd
+    stop_pid "$TPID" "tidemark site"
     [[ -f $WORK/site/site.log ]] && cp "$WORK/site/site.log" "$OUT/site.log"
     rm -rf "$WORK"
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_port() { # port pid name
-    local i
-    for ((i = 0; i < 600; i++)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        kill -0 "$2" 2>/dev/null || { echo "run.sh: $3 exited during start" >&2; return 1; }
-        sleep 0.1
-    done
-    echo "run.sh: $3 did not listen on $1" >&2; return 1
-}
 
 site_log_tail() {
     echo "---- tidemark site log (tail) ----" >&2
@@ -94,17 +77,7 @@ qemu-nbd -f raw -x vol0 -t -b 127.0.0.1 -p "$QPORT" "$WORK/qemu/base.img" \
     >"$WORK/qemu/qemu-nbd.log" 2>&1 &
 QPID=$!
 
-cat >"$WORK/site/site.toml" <<EOF
-name = "a"
-role = "primary"
-data_dir = "."
-nbd_listen = "127.0.0.1:$TPORT"
-api_listen = "127.0.0.1:$APORT"
-[[volume]]
-name = "vol0"
-size = "$VOL_SIZE"
-group = "cg0"
-EOF
+solo_site_toml "$WORK/site/site.toml" "$TPORT" "$APORT" "$VOL_SIZE" vol0:cg0
 "$BIN" site --config "$WORK/site/site.toml" >"$WORK/site/site.log" 2>&1 &
 TPID=$!
 
