@@ -280,11 +280,12 @@ pub struct Group {
     /// from an older connection (still draining after a reconnect) are
     /// refused, so a stale resync record can never land after a newer one.
     pub receiver_gen: AtomicU64,
-    /// DR site: generation of the last replication connection that ended
-    /// (0: none since the last maintenance round). While it is still the
-    /// newest, a resync it left unfinished can never be committed (a new
-    /// connection's resync starts with RESYNC_BEGIN): maintenance drops
-    /// its staging (`drop_abandoned_resync`).
+    /// DR site: the newest generation of the replication connections that
+    /// ended since the last maintenance round (0: none). If it is still the
+    /// newest of all, a resync it left unfinished can never be committed (a
+    /// new connection's resync starts with RESYNC_BEGIN): maintenance drops
+    /// its staging (`drop_abandoned_resync`). The newest, not the last to
+    /// end: an older connection may see its end after a newer one's.
     pub receiver_ended: AtomicU64,
     pins_lock: Mutex<()>,
     /// DR site: refuse the primary's deletion of snapshots (R25).
@@ -860,8 +861,13 @@ impl Inner {
             tracing::error!("{msg}");
             return Err(self.fail(msg));
         }
-        if let Some((since, _, _)) = self.out_of_space.take() {
-            space_recovered(&group.name, since);
+        // The append that failed, or another like it, went in. Not a GC
+        // relocation or a DR's local Protect record (flagged RELOCATED):
+        // one of those fitting says nothing of a write, or of a resync.
+        if h.flags & FLAG_RELOCATED == 0 {
+            if let Some((since, _, _)) = self.out_of_space.take() {
+                space_recovered(&group.name, since);
+            }
         }
         self.tail_off += total;
         self.log_bytes_written += total;
@@ -910,17 +916,22 @@ impl Inner {
     /// (The records already staged are given back when the attempt is
     /// dropped: `abandon_staging`.)
     /// Returns the reason to give, if it says more than the error.
-    fn resync_needs_room(&mut self, h: &Header) -> Option<String> {
+    fn resync_needs_room(&mut self, h: &Header, reserve: u64) -> Option<String> {
         let need = match h.kind {
             Kind::ResyncBegin => h.offset,
             _ if self.staging.is_some() => self.staging_need,
             _ => 0,
         };
+        if need == 0 {
+            return None;
+        }
+        // With the room resync data leaves for a checkpoint.
+        let need = need.saturating_add(reserve);
         let staged = if h.kind == Kind::ResyncBegin { 0 } else { self.staging_bytes };
         let o = self.out_of_space.as_mut().filter(|o| need > o.2)?;
         o.2 = need;
         o.1 = format!(
-            "{}; the resync in progress may need up to {} MiB in all ({} MiB of it were staged: that space is given back once the attempt is dropped)",
+            "{}; the resync in progress may need up to {} MiB in all ({} MiB of it were staged: GC gives back what it can of that once the attempt is dropped)",
             o.1,
             need.div_ceil(1 << 20),
             staged.div_ceil(1 << 20)
@@ -930,9 +941,15 @@ impl Inner {
 
     /// Records that an append found the file system full, says so (once
     /// a minute while it lasts), and returns the error for the caller.
+    /// Within one spell the larger need stands, with its reason: a DR that
+    /// needs room for a whole resync still does after a GC relocation of a
+    /// few blocks fails too.
     fn no_space(&mut self, group: &Group, msg: String, needed: u64) -> IoError {
-        let since = self.out_of_space.as_ref().map_or_else(crate::util::now_ns, |o| o.0);
-        self.out_of_space = Some((since, msg.clone(), needed));
+        match &mut self.out_of_space {
+            Some(o) if o.2 > needed => {}
+            Some(o) => (o.1, o.2) = (msg.clone(), needed),
+            None => self.out_of_space = Some((crate::util::now_ns(), msg.clone(), needed)),
+        }
         if let Some(n) = group.no_space_log.lock().unwrap_or_else(|p| p.into_inner()).admit() {
             tracing::warn!(event = "out-of-space", "group {}: {msg}; nothing was appended, writes fail with ENOSPC until there is space{}", group.name, crate::util::unlogged_note(n));
         }
@@ -1516,12 +1533,9 @@ impl Group {
         // Resync data leaves room for the checkpoint that gives it back
         // should the attempt fail (statvfs off the lock; this connection is
         // the only one appending).
-        let room = if h.flags & FLAG_RESYNC != 0 {
-            let reserve = self.resync_reserve();
-            crate::util::free_bytes(&self.dir).ok().map(|free| (free, reserve))
-        } else {
-            None
-        };
+        let resync = h.flags & FLAG_RESYNC != 0 || matches!(h.kind, Kind::ResyncBegin | Kind::ResyncCommit);
+        let reserve = if resync { self.resync_reserve() } else { 0 };
+        let room = if h.flags & FLAG_RESYNC != 0 { crate::util::free_bytes(&self.dir).ok() } else { None };
         if h.kind == Kind::Write {
             let payload = &raw[HEADER_BYTES + checked.len()..];
             for (i, b) in payload.chunks(BLOCK_BYTES as usize).enumerate() {
@@ -1547,20 +1561,20 @@ impl Group {
             Kind::VolumeDelete | Kind::ResyncCommit => self.protect_before(&mut inner, &h, body)?,
             _ => Vec::new(),
         };
-        if let Some((free, reserve)) = room.filter(|&(free, reserve)| inner.staging.is_some() && free < raw.len() as u64 + reserve) {
+        if let Some(free) = room.filter(|&free| inner.staging.is_some() && free < raw.len() as u64 + reserve) {
             let msg = format!(
                 "no space left for resync data: {} KiB free, and {} KiB are kept for the checkpoint that gives back a failed resync's space",
                 free >> 10,
                 reserve >> 10
             );
             let _ = inner.no_space(self, msg.clone(), raw.len() as u64 + reserve);
-            return Err(inner.resync_needs_room(&h).unwrap_or(msg));
+            return Err(inner.resync_needs_room(&h, reserve).unwrap_or(msg));
         }
         let at = match inner.append_bytes(self, &h, &[raw]) {
             Ok(at) => at,
             Err(e) => {
                 let said = match e {
-                    IoError::NoSpace(_) => inner.resync_needs_room(&h),
+                    IoError::NoSpace(_) => inner.resync_needs_room(&h, reserve),
                     _ => None,
                 };
                 return Err(said.unwrap_or_else(|| e.to_string()));
@@ -2188,19 +2202,30 @@ impl Group {
         }
     }
 
-    /// DR site: a resync left unfinished by the replication connection
-    /// that ended last is dropped, if no newer connection has come since
-    /// (that one's resync, if any, begins afresh with RESYNC_BEGIN; the
-    /// generation is bumped before its first append, which takes this
-    /// lock, so a staging it began is never dropped here).
+    /// DR site: a resync left unfinished by the newest replication
+    /// connection, which has ended, is dropped (`receiver_ended`).
     fn drop_abandoned_resync(&self) {
         let ended = self.receiver_ended.swap(0, Ordering::AcqRel);
-        if ended == 0 {
-            return;
+        if ended != 0 {
+            self.drop_dead_resync(ended, "ended with its connection");
         }
+    }
+
+    /// DR site: drops the staging if connection `gen` is still the newest.
+    /// Called when that connection has ended, or has just begun (before
+    /// its first record): either way no connection can commit the staging,
+    /// since an older connection's records are refused and a new one's
+    /// resync begins afresh with RESYNC_BEGIN. (The generation is bumped
+    /// before a connection's first append, which takes this lock, so a
+    /// staging a newer connection began is never dropped here.) Dropping at
+    /// a new connection too covers a staging whose own connection's end
+    /// came after a newer one's, and a new connection that streams
+    /// instead of resyncing, which would otherwise keep a dead staging,
+    /// and with it every checkpoint away, for as long as it lasts.
+    pub fn drop_dead_resync(&self, gen: u64, why: &str) {
         let mut inner = self.lock();
-        if self.receiver_gen.load(Ordering::Acquire) == ended {
-            inner.abandon_staging(&self.name, "ended with its connection");
+        if self.receiver_gen.load(Ordering::Acquire) == gen {
+            inner.abandon_staging(&self.name, why);
         }
     }
 

@@ -850,6 +850,8 @@ impl Receiver {
             let region = self.host.dr().region(&group)?;
             // This connection supersedes any older one still draining.
             let gen = group.receiver_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+            // A resync an older connection left can never be committed now.
+            group.drop_dead_resync(gen, "was left by an earlier connection");
             // Make what we hold durable, then say where to resume. The seq
             // is read first: the tail read after it covers it, even if a
             // superseded connection's append lands in between.
@@ -948,7 +950,7 @@ impl Drop for Receiver {
         if let Some(c) = &self.conn {
             // A resync this connection left unfinished is dropped by the
             // group's maintenance, unless a newer connection came meanwhile.
-            c.group.receiver_ended.store(c.gen, std::sync::atomic::Ordering::Release);
+            c.group.receiver_ended.fetch_max(c.gen, std::sync::atomic::Ordering::AcqRel);
             self.host.dr().update(&c.group.name, |d| d.connected = false);
             tracing::info!(event = "primary-disconnected", "replication: {} disconnected from group {}", self.peer, c.group.name);
         }
