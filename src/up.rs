@@ -753,7 +753,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
     // state changes seen at the primary, storage stalls everywhere.
     let mut seen = ReplicaSeen::default();
     let mut refusals_seen: BTreeMap<(String, String), usize> = BTreeMap::new();
-    let mut stalls_seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut stalls_seen: BTreeSet<(String, String, &'static str)> = BTreeSet::new();
     let mut unanswered: BTreeMap<String, Unanswered> = BTreeMap::new();
     let polls = start_pollers(procs)?;
     loop {
@@ -844,29 +844,43 @@ fn responsiveness_event(site: &str, answer: Result<(), String>, st: &mut Unanswe
     }
 }
 
-/// `storage-stalled` when a site's status first shows a group's storage
-/// stalled (`storage_stall.stalled`), `storage-recovered` when it no longer
-/// does.
-fn storage_events(site: &str, status: &serde_json::Value, seen: &mut BTreeSet<(String, String)>) -> Vec<serde_json::Value> {
+/// Per site and group, each once when it starts and once when it ends:
+/// - `storage-stalled` when a site's status first shows a group's storage
+///   stalled (`storage_stall.stalled`), `storage-recovered` when it no
+///   longer does;
+/// - `out-of-space` when it first shows the group's log file system full
+///   (`out_of_space`: the error and the bytes needed, at a DR in the middle
+///   of a resync the whole resync's), `space-recovered` when it no longer
+///   does.
+fn storage_events(site: &str, status: &serde_json::Value, seen: &mut BTreeSet<(String, String, &'static str)>) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let mut now = BTreeSet::new();
     for g in status["groups"].as_array().into_iter().flatten() {
         let group = g["name"].as_str().unwrap_or("?").to_string();
-        let stall = &g["storage_stall"];
-        if stall["stalled"] == true {
-            let key = (site.to_string(), group.clone());
+        let (stall, full) = (&g["storage_stall"], &g["out_of_space"]);
+        let started = [
+            ("storage-stalled", (stall["stalled"] == true).then(|| json!({"operation": stall["operation"], "seconds": stall["seconds"]}))),
+            ("out-of-space", full.is_object().then(|| json!({"error": full["error"], "needed_bytes": full["needed_bytes"]}))),
+        ];
+        for (kind, what) in started {
+            let Some(mut ev) = what else { continue };
+            let key = (site.to_string(), group.clone(), kind);
             if !seen.contains(&key) {
-                out.push(json!({"event": "storage-stalled", "site": site, "group": group, "operation": stall["operation"], "seconds": stall["seconds"]}));
+                ev["event"] = kind.into();
+                ev["site"] = site.into();
+                ev["group"] = group.clone().into();
+                out.push(ev);
             }
             now.insert(key);
         }
     }
-    for (s, group) in seen.iter().filter(|(s, _)| s == site) {
-        if !now.contains(&(s.clone(), group.clone())) {
-            out.push(json!({"event": "storage-recovered", "site": site, "group": group}));
+    for (s, group, kind) in seen.iter().filter(|k| k.0 == site) {
+        if !now.contains(&(s.clone(), group.clone(), *kind)) {
+            let ended = if *kind == "storage-stalled" { "storage-recovered" } else { "space-recovered" };
+            out.push(json!({"event": ended, "site": site, "group": group}));
         }
     }
-    seen.retain(|(s, _)| s != site);
+    seen.retain(|k| k.0 != site);
     seen.extend(now);
     out
 }
@@ -1026,6 +1040,27 @@ mod tests {
         assert_eq!((ev.len(), ev[0]["event"].as_str()), (1, Some("storage-recovered")));
         assert!(super::storage_events("a", &st(false), &mut seen).is_empty());
         assert!(super::storage_events("b", &st(true), &mut seen).is_empty(), "b is still stalled");
+    }
+
+    /// A full log file system is one event when it starts (with the bytes
+    /// needed) and one when it ends, apart from a stall of the same group.
+    #[test]
+    fn out_of_space_becomes_one_event_each_way() {
+        let full = |needed: u64| json!({"groups": [{"name": "cg0", "storage_stall": null, "out_of_space": {"seconds": 1.0, "error": "No space left on device", "needed_bytes": needed}}]});
+        let mut seen = std::collections::BTreeSet::new();
+        let ev = super::storage_events("b", &full(4096), &mut seen);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0]["event"].as_str(), ev[0]["site"].as_str(), ev[0]["group"].as_str()), (Some("out-of-space"), Some("b"), Some("cg0")));
+        assert_eq!((ev[0]["needed_bytes"].as_u64(), ev[0]["error"].as_str()), (Some(4096), Some("No space left on device")));
+        assert!(super::storage_events("b", &full(300 << 20), &mut seen).is_empty(), "once");
+        let mut both = full(4096);
+        both["groups"][0]["storage_stall"] = json!({"operation": "log append", "seconds": 12.0, "stalled": true});
+        let ev = super::storage_events("b", &both, &mut seen);
+        assert_eq!((ev.len(), ev[0]["event"].as_str()), (1, Some("storage-stalled")));
+        let ev = super::storage_events("b", &json!({"groups": [{"name": "cg0", "storage_stall": null, "out_of_space": null}]}), &mut seen);
+        let mut names: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["space-recovered", "storage-recovered"]);
     }
 
     /// A DR site's refusal list only grows: each refusal becomes one event, once.

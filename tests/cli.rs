@@ -698,6 +698,37 @@ fn up_reports_a_site_that_stops_answering() {
     assert!(pid_alive(pid));
 }
 
+/// A full disk under a running deployment (`up`'s whole directory on a
+/// 48 MiB tmpfs, a 64 MiB write at the primary): `up --json` prints
+/// `out-of-space` for the primary's group, with the error and the bytes
+/// needed, and `space-recovered` once the file system is grown.
+#[test]
+fn up_reports_a_full_disk_and_its_recovery() {
+    let tmp = tempfile::Builder::new().prefix("tidemark-upfull").tempdir_in(common::test_root()).unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    cmd_ok("mount", &["-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt.to_str().unwrap()]);
+    // Dropped after `u` (declared before it): `up` and its sites stop first.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = cmd("umount", &["-l", self.0.to_str().unwrap()]);
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let port = free_port_block();
+    let u = up(&mnt.join("d"), port, &["--volume", "vol0=128MiB"]);
+    let a = format!("nbd://127.0.0.1:{port}/vol0");
+    let o = cmd("qemu-io", &["-f", "raw", "-c", "write -P 0x5c 0 64M", "-c", "flush", &a]);
+    let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains("No space left on device"), "the write did not fail with ENOSPC: {said}");
+    let ev = u.wait_site_event("out-of-space", "a", 30);
+    assert_eq!(ev["group"].as_str(), Some("cg0"), "{ev}");
+    assert!(ev["error"].as_str().is_some_and(|e| e.contains("No space left")) && ev["needed_bytes"].as_u64().is_some_and(|n| n > 0), "{ev}");
+    cmd_ok("mount", &["-o", "remount,size=512m", mnt.to_str().unwrap()]);
+    u.wait_site_event("space-recovered", "a", 30);
+}
+
 /// A disk that stops answering under a running deployment (`up`'s whole
 /// directory on an ext4 frozen with `fsfreeze`, a write in flight at the
 /// primary): `up --json` prints `storage-stalled` for the primary's group
