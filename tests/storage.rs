@@ -734,11 +734,16 @@ fn a_dr_that_fills_during_a_resync_asks_for_room_for_all_of_it() {
     d.sites[1].stop();
     cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x62 8M 256M", "-c", "flush", &a]);
     common::wait_until(60, "dirty-region mode for b", || replica(&d)["dirty_tracking"] == true);
+    // The primary says what the resync may take at b, before b is back.
+    let estimate = replica(&d)["resync_need_bytes"].as_u64().unwrap();
+    assert!((256 << 20..300 << 20).contains(&estimate), "resync_need_bytes {estimate}");
     d.sites[1].spawn();
     let needed = || d.sites[1].status()["groups"][0]["out_of_space"]["needed_bytes"].as_u64().unwrap_or(0);
     common::wait_until(60, "b out of space during the resync", || needed() >= 256 << 20);
     let oos = d.sites[1].status()["groups"][0]["out_of_space"].clone();
     assert!(oos["error"].as_str().is_some_and(|e| e.contains("the resync in progress may need up to")), "{oos}");
+    // b asks for that, and the room it keeps for a checkpoint.
+    assert!(needed() > estimate && needed() < estimate + (4 << 20), "b needs {}, the primary estimated {estimate}", needed());
     let mib = needed().div_ceil(1 << 20);
     common::wait_until(30, "the primary told how much", || replica(&d)["last_error"].as_str().is_some_and(|e| e.contains(&format!("once {mib} MiB are free"))));
     assert!(d.sites[1].status()["groups"][0]["failed"].is_null(), "b's group failed");

@@ -234,6 +234,8 @@ fn group_status(site: &Site, g: &crate::group::Group) -> (Value, u64) {
                 "link_sent_bytes": r.sent_bytes_total, "link_data_bytes": r.data_bytes_total, "last_error": r.last_error,
                 "dirty_bytes": g.dirty_blocks(&r.site) * crate::limits::BLOCK_BYTES,
                 "dirty_tracking": g.in_dirty_mode(&r.site),
+                // What its resync may take at the DR, at most (RESYNC_BEGIN's estimate).
+                "resync_need_bytes": if g.in_dirty_mode(&r.site) { g.resync_need(&r.site) } else { 0 },
                 "sender_nice": r.sender_nice,
                 "diverged_resyncs": r.diverged_resyncs,
                 "sessions": r.sessions, "last_lost": r.last_lost,
