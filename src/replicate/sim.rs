@@ -268,7 +268,18 @@ fn schedule(seed: u64) -> Result<(), String> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("did not converge: DR seq {} shows writes 1..{k:?}, primary seq {} has {writes} writes", d.last_seq(), p.last_seq()));
+            // What the link was doing: the session may have ended (one
+            // session only here, no reconnect), and why.
+            let r = p.replication.replicas().first().cloned();
+            let (state, error, lost) = r.map(|r| (r.state, r.last_error, r.last_lost)).unwrap_or_default();
+            let ended = _live.tasks.iter().filter(|t| t.is_finished()).count();
+            return Err(format!(
+                "did not converge: DR seq {} shows writes 1..{k:?}, primary seq {} has {writes} writes; primary in dirty mode for b: {}; replica state {state:?}, last error {error:?}, last lost {lost:?}; DR staging: {}; link tasks ended: {ended} of 2",
+                d.last_seq(),
+                p.last_seq(),
+                p.in_dirty_mode("b"),
+                d.inner.lock().staging.is_some()
+            ));
         }
         rt.block_on(async { tokio::time::sleep(Duration::from_millis(2)).await });
     }
