@@ -620,11 +620,6 @@ fn a_dr_site_whose_disk_stalls_refuses_new_links_with_the_reason() {
         (s.pid(), s.addr())
     };
     let addr = d.sites[0].addr();
-    let caught_up = |d: &common::Deployment| {
-        let st = d.sites[0].status();
-        let r = &st["groups"][0]["replicas"][0];
-        r["state"] == "replicating" && r["lag_writes"] == 0
-    };
     let mut c = common::nbd_client::Client::connect(&addr, "vol0").unwrap();
     c.write(0, &vec![0x11; 1 << 20], false).unwrap();
     common::wait_until(20, "the DR site caught up", || caught_up(&d));
@@ -703,6 +698,17 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The primary's (site 0) view of its one DR site.
+fn replica(d: &common::Deployment) -> serde_json::Value {
+    d.sites[0].status()["groups"][0]["replicas"][0].clone()
+}
+
+/// Its one DR site holds everything it wrote.
+fn caught_up(d: &common::Deployment) -> bool {
+    let r = replica(d);
+    r["state"] == "replicating" && r["lag_writes"] == 0
+}
+
 /// A DR whose disk fills during a dirty-region resync (a 160 MiB tmpfs
 /// under its groups, a resync of 256 MiB):
 /// - it refuses its primary until there is room for the whole resync, and
@@ -724,11 +730,6 @@ fn a_dr_that_fills_during_a_resync_asks_for_room_for_all_of_it() {
     let b_disk = SmallDisk::mount(&b_groups, "160m");
     d.start_all();
     let (a, b) = (d.sites[0].uri("vol0"), d.sites[1].uri("vol0"));
-    let replica = |d: &common::Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
-    let caught_up = |d: &common::Deployment| {
-        let r = replica(d);
-        r["state"] == "replicating" && r["lag_writes"] == 0
-    };
     cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 8M", "-c", "flush", &a]);
     common::wait_until(30, "b caught up", || caught_up(&d));
     d.sites[1].stop();
@@ -786,11 +787,6 @@ fn a_full_disk_is_waited_out_at_the_dr_and_at_the_primary() {
     let b_disk = SmallDisk::mount(&d.sites[1].dir.join("groups"), "48m");
     d.start_all();
     let (a, b) = (d.sites[0].uri("vol0"), d.sites[1].uri("vol0"));
-    let replica = |d: &common::Deployment| d.sites[0].status()["groups"][0]["replicas"][0].clone();
-    let caught_up = |d: &common::Deployment| {
-        let r = replica(d);
-        r["state"] == "replicating" && r["lag_writes"] == 0
-    };
     cmd_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 96M", "-c", "flush", &a]);
     // The DR is out of space, says so, and refuses the primary with why.
     common::wait_until(30, "b out of space", || d.sites[1].status()["groups"][0]["out_of_space"]["error"].as_str().is_some_and(|e| e.contains("No space left on device")));
