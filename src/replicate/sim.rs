@@ -95,6 +95,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CutAfter<S> {
 
 struct Link {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// How the sender's and the receiver's sessions ended, if they did.
+    ended: Arc<Mutex<Vec<String>>>,
 }
 
 impl Link {
@@ -113,13 +115,17 @@ fn connect(rt: &tokio::runtime::Runtime, p: &Arc<Group>, host: &Arc<DrHost>, cut
     let pg = p.clone();
     let h: Arc<dyn Host> = host.clone();
     let _g = rt.enter();
+    let ended: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (e1, e2) = (ended.clone(), ended.clone());
     let t1 = tokio::spawn(async move {
-        let _ = send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await;
+        let r = send::run(&pg, &peer, &st, a, &mut super::priority::Priority::of_this_thread(0, "sender")).await;
+        e1.lock().unwrap().push(format!("sender: {:?}", r.map_err(|e| format!("{e:#}"))));
     });
     let t2 = tokio::spawn(async move {
-        let _ = receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, Duration::from_secs(2)).await;
+        let r = receive::receive(b, h, "a".into(), receive::Intake::BlockingPool, Duration::from_secs(2)).await;
+        e2.lock().unwrap().push(format!("receiver: {:?}", r.map_err(|e| format!("{e:#}"))));
     });
-    Link { tasks: vec![t1, t2] }
+    Link { tasks: vec![t1, t2], ended }
 }
 
 fn schedule(seed: u64) -> Result<(), String> {
@@ -272,9 +278,9 @@ fn schedule(seed: u64) -> Result<(), String> {
             // session only here, no reconnect), and why.
             let r = p.replication.replicas().first().cloned();
             let (state, error, lost) = r.map(|r| (r.state, r.last_error, r.last_lost)).unwrap_or_default();
-            let ended = _live.tasks.iter().filter(|t| t.is_finished()).count();
+            let ended = _live.ended.lock().unwrap().join("; ");
             return Err(format!(
-                "did not converge: DR seq {} shows writes 1..{k:?}, primary seq {} has {writes} writes; primary in dirty mode for b: {}; replica state {state:?}, last error {error:?}, last lost {lost:?}; DR staging: {}; link tasks ended: {ended} of 2",
+                "did not converge: DR seq {} shows writes 1..{k:?}, primary seq {} has {writes} writes; primary in dirty mode for b: {}; replica state {state:?}, last error {error:?}, last lost {lost:?}; DR staging: {}; the link's sessions ended: [{ended}]",
                 d.last_seq(),
                 p.last_seq(),
                 p.in_dirty_mode("b"),
