@@ -209,13 +209,8 @@ pub(crate) struct Inner {
     /// DR site: snapshots whose next deletion from the stream is refused
     /// (`Protect` records, see `snapshot.rs`).
     pub protected: std::collections::BTreeSet<u32>,
-    /// DR site: blocks of a resync in progress, visible only at its commit.
-    pub staging: Option<BTreeMap<(u32, u64), Entry>>,
-    /// DR site: the bytes the resync in progress may need in all, as its
-    /// primary said in RESYNC_BEGIN (0 from a primary that does not say),
-    /// and the bytes of its records appended so far.
-    pub staging_need: u64,
-    pub staging_bytes: u64,
+    /// DR site: the resync in progress, visible only at its commit.
+    pub staging: Option<Staging>,
     /// A checkpoint is wanted at the next maintenance round: the records
     /// of an abandoned resync become garbage GC can free only behind one.
     pub checkpoint_asked: bool,
@@ -226,6 +221,18 @@ pub(crate) struct Inner {
     /// When recent records were written (sampled): the age of the oldest
     /// write a DR site lacks.
     pub times: times::SeqTimes,
+}
+
+/// DR site: a resync in progress (from its RESYNC_BEGIN to its commit).
+#[derive(Default)]
+pub struct Staging {
+    /// Its blocks, per (map, block).
+    pub blocks: BTreeMap<(u32, u64), Entry>,
+    /// The bytes it may need in all, as the primary said in RESYNC_BEGIN
+    /// (0 from a primary that does not say).
+    pub need: u64,
+    /// The bytes of its records appended so far.
+    pub bytes: u64,
 }
 
 pub struct Group {
@@ -751,13 +758,12 @@ impl Inner {
     /// Resync records go to the staging map, never to what the DR shows.
     fn apply_resync(&mut self, h: &Header, at: LogPos, checked: &[u8]) {
         if h.kind == Kind::ResyncBegin {
-            self.staging = Some(BTreeMap::new());
-            self.staging_need = h.offset;
-            self.staging_bytes = h.total_len();
+            self.staging = Some(Staging { blocks: BTreeMap::new(), need: h.offset, bytes: h.total_len() });
             return;
         }
-        let Some(st) = self.staging.as_mut() else { return };
-        self.staging_bytes += h.total_len();
+        let Some(staging) = self.staging.as_mut() else { return };
+        staging.bytes += h.total_len();
+        let st = &mut staging.blocks;
         let first = h.offset / BLOCK_BYTES;
         match h.kind {
             Kind::Write => {
@@ -893,16 +899,12 @@ impl Inner {
     /// until the next attempt's commit: a DR that filled up during a resync
     /// kept the failed attempt's records while the next one staged anew.
     fn abandon_staging(&mut self, group: &str, why: &str) {
-        if self.staging.take().is_none() {
-            return;
-        }
+        let Some(staging) = self.staging.take() else { return };
         tracing::info!(
             event = "resync-abandoned",
             "group {group}: a resync attempt {why} before its commit; its {} MiB of staged records are garbage now (the primary's next attempt starts afresh, and this site goes on showing its last consistent state)",
-            self.staging_bytes.div_ceil(1 << 20)
+            staging.bytes.div_ceil(1 << 20)
         );
-        self.staging_bytes = 0;
-        self.staging_need = 0;
         self.checkpoint_asked = true;
     }
 
@@ -917,17 +919,16 @@ impl Inner {
     /// dropped: `abandon_staging`.)
     /// Returns the reason to give, if it says more than the error.
     fn resync_needs_room(&mut self, h: &Header, reserve: u64) -> Option<String> {
-        let need = match h.kind {
-            Kind::ResyncBegin => h.offset,
-            _ if self.staging.is_some() => self.staging_need,
-            _ => 0,
+        let (need, staged) = match (h.kind, &self.staging) {
+            (Kind::ResyncBegin, _) => (h.offset, 0),
+            (_, Some(s)) => (s.need, s.bytes),
+            _ => (0, 0),
         };
         if need == 0 {
             return None;
         }
         // With the room resync data leaves for a checkpoint.
         let need = need.saturating_add(reserve);
-        let staged = if h.kind == Kind::ResyncBegin { 0 } else { self.staging_bytes };
         let o = self.out_of_space.as_mut().filter(|o| need > o.2)?;
         o.2 = need;
         o.1 = format!(

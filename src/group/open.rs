@@ -137,8 +137,6 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         dirty: BTreeMap::new(),
         dirty_pending: BTreeMap::new(),
         staging: None,
-        staging_need: 0,
-        staging_bytes: 0,
         checkpoint_asked: false,
         gc_skipped: BTreeMap::new(),
         times: Default::default(),

@@ -220,7 +220,7 @@ impl Inner {
         // Only maps the primary's table lists take staged blocks: a snapshot
         // this site retained (protect_snapshots) keeps its own content, even
         // if the attempt staged blocks for it before the primary deleted it.
-        for ((vol, block), e) in self.staging.take().unwrap_or_default() {
+        for ((vol, block), e) in self.staging.take().unwrap_or_default().blocks {
             // Counted by the recount below, not block by block.
             if let Some(v) = self.volumes.get_mut(&vol).filter(|v| keep.contains(&vol) && v.covers(block)) {
                 v.map.set(block, e);
