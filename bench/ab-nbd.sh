@@ -30,30 +30,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$REPO/bench/lib.sh"
 JOBS=$REPO/bench/jobs
 WORK=$REPO/bench/out/ab-nbd
-declare -A BINS=([old]=$1 [new]=$2)
-for b in old new; do
-    [[ -x ${BINS[$b]} ]] || { echo "ab-nbd.sh: ${BINS[$b]} is not an executable" >&2; exit 2; }
-    BINS[$b]=$(realpath "${BINS[$b]}")   # the site runs in its own directory
-done
-PID=
-cleanup() {
-    stop_pid "$PID" site || true
-    rm -rf "$WORK/site"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-mkdir -p "$WORK"
+ab_begin "$1" "$2"
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
 for ((r = 1; r <= ROUNDS; r++)); do
     for b in old new; do
-        rm -rf "$WORK/site"
-        mkdir -p "$WORK/site"
-        read -r NPORT APORT < <(free_ports 2)
-        solo_site_toml "$WORK/site/site.toml" "$NPORT" "$APORT" 1G vol0:cg0
-        (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
-        PID=$!
-        wait_port "$NPORT" "$PID" "the $b site" || { cat "$WORK/site/site.log" >&2; exit 1; }
+        ab_site "$b" vol0:cg0
         line="round $r $b:"
         for job in $JOBLIST; do
             sync

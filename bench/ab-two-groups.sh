@@ -20,30 +20,12 @@ JOB=${JOB:-randwrite}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$REPO/bench/lib.sh"
 WORK=$REPO/bench/out/ab-two-groups
-declare -A BINS=([old]=$1 [new]=$2)
-for b in old new; do
-    [[ -x ${BINS[$b]} ]] || { echo "ab-two-groups.sh: ${BINS[$b]} is not an executable" >&2; exit 2; }
-    BINS[$b]=$(realpath "${BINS[$b]}")
-done
 [[ -f $REPO/bench/jobs/$JOB.fio ]] || { echo "ab-two-groups.sh: no job bench/jobs/$JOB.fio" >&2; exit 2; }
-PID=
-cleanup() {
-    stop_pid "$PID" site || true
-    rm -rf "$WORK/site"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-mkdir -p "$WORK"
+ab_begin "$1" "$2"
 declare -A SUM=([old]=0 [new]=0)
 for ((r = 1; r <= ROUNDS; r++)); do
     for b in old new; do
-        rm -rf "$WORK/site"
-        mkdir -p "$WORK/site"
-        read -r NPORT APORT < <(free_ports 2)
-        solo_site_toml "$WORK/site/site.toml" "$NPORT" "$APORT" 1G vol0:cg0 vol1:cg1
-        (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
-        PID=$!
-        wait_port "$NPORT" "$PID" "the $b site" || { cat "$WORK/site/site.log" >&2; exit 1; }
+        ab_site "$b" vol0:cg0 vol1:cg1
         sync
         sleep 1
         F=()

@@ -59,3 +59,35 @@ stop_pid() {
         return 1
     fi
 }
+
+# For the A/B scripts. ab_begin OLD NEW: BINS[old] and BINS[new], each
+# checked to be an executable and made absolute (the site runs in its own
+# directory); the site of the run in progress ($PID) stopped and
+# $WORK/site removed on exit; $WORK made.
+ab_begin() {
+    declare -gA BINS=([old]=$1 [new]=$2)
+    local b
+    for b in old new; do
+        [[ -x ${BINS[$b]} ]] || { echo "$BENCH_NAME: ${BINS[$b]} is not an executable" >&2; exit 2; }
+        BINS[$b]=$(realpath "${BINS[$b]}")
+    done
+    PID=
+    trap 'stop_pid "$PID" site || true; rm -rf "$WORK/site"' EXIT
+    trap 'exit 130' INT TERM
+    mkdir -p "$WORK"
+}
+
+# ab_site BUILD VOLUME:GROUP...: a fresh one-site deployment in $WORK/site
+# (volumes of 1G) run by BINS[BUILD]; sets NPORT, APORT and PID once it
+# listens, or exits with its log.
+ab_site() {
+    local b=$1
+    shift
+    rm -rf "$WORK/site"
+    mkdir -p "$WORK/site"
+    read -r NPORT APORT < <(free_ports 2)
+    solo_site_toml "$WORK/site/site.toml" "$NPORT" "$APORT" 1G "$@"
+    (cd "$WORK/site" && exec "${BINS[$b]}" site --config site.toml >site.log 2>&1) &
+    PID=$!
+    wait_port "$NPORT" "$PID" "the $b site" || { cat "$WORK/site/site.log" >&2; exit 1; }
+}
