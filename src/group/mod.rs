@@ -533,7 +533,14 @@ impl Inner {
     /// exactly against the maps as they are then.
     pub(super) fn forget_map(&mut self, vol: u32) {
         let Some(v) = self.volumes.get(&vol) else { return };
-        let mine: Vec<(u32, u64)> = v.map.seg_ref_counts().iter().map(|(s, n)| (*s, *n)).collect();
+        let map = v.map.clone();
+        self.forget(vol, map);
+    }
+
+    /// `forget_map` for `map`, which map `vol` held and holds no more (all
+    /// of it, or the part a shrink cut off).
+    fn forget(&mut self, vol: u32, map: crate::volume::map::BlockMap) {
+        let mine: Vec<(u32, u64)> = map.seg_ref_counts().iter().map(|(s, n)| (*s, *n)).collect();
         let mut gone: HashMap<u32, u64> = HashMap::new();
         let mut ask = std::collections::HashSet::new();
         for &(seg, n) in &mine {
@@ -548,7 +555,7 @@ impl Inner {
             // Only a map that points into a segment asked about can hold a
             // block there.
             let others: Vec<Volume> = self.volumes.values().filter(|w| w.id != vol && ask.iter().any(|s| w.map.seg_refs(*s) > 0)).cloned().collect();
-            let w = Walk { what: Weigh::Dropped { map: v.map.clone(), others }, ask, gen: self.weighing.gen };
+            let w = Walk { what: Weigh::Dropped { map, others }, ask, gen: self.weighing.gen };
             if self.weighing.inline {
                 // Replay at open: nobody waits for the lock, and queued
                 // walks would keep a copy of every map per drop.
@@ -728,20 +735,14 @@ impl Inner {
             Kind::VolumeResize => {
                 let new_blocks = h.offset.div_ceil(BLOCK_BYTES);
                 // Blocks past a smaller end are dropped: each stops
-                // counting unless another map holds it.
-                let mut dropped = Vec::new();
-                if let Some(v) = self.volumes.get(&h.volume) {
-                    v.map.for_each_mapped_from(new_blocks, |b, e| dropped.push((b, e)));
-                }
+                // counting unless another map holds it. They go as one
+                // cut-off map, weighed as a dropped map is (off the lock
+                // where blocks are shared), not block by block here.
                 if let Some(v) = self.volumes.get_mut(&h.volume) {
+                    let cut = v.map.split_off(new_blocks);
                     v.map.resize(new_blocks);
                     v.size = h.offset;
-                }
-                let alone = self.volumes.len() == 1;
-                for (b, e) in dropped {
-                    if e.is_data() {
-                        self.drop_ref(h.volume, b, e, alone);
-                    }
+                    self.forget(h.volume, cut);
                 }
             }
             Kind::VolumeDelete => self.apply_delete(h),
@@ -1295,6 +1296,8 @@ impl Group {
             inner.apply(&h, at, &[], Some(&[]));
             at
         };
+        // A shrink's cut-off blocks in shared segments, off the lock.
+        self.settle_counts();
         self.sync_to(at + 1)
     }
 

@@ -119,28 +119,85 @@ impl BlockMap {
     }
 
     /// Grows or shrinks the map to cover `blocks` blocks. Entries past the new
-    /// end are dropped; `on_drop` sees each so live counts stay exact. Cost is
-    /// proportional to the mapped entries dropped, not to the size change.
-    pub fn resize_with(&mut self, blocks: u64, mut on_drop: impl FnMut(Entry)) {
-        let old_blocks = self.blocks();
-        if blocks < old_blocks {
-            let mut doomed = Vec::new();
-            self.for_each_mapped_from(blocks, |b, _| doomed.push(b));
-            for b in doomed {
-                let old = self.set(b, Entry::HOLE);
-                if !old.is_hole() {
-                    on_drop(old);
-                }
-            }
+    /// end are dropped (`split_off`).
+    pub fn resize(&mut self, blocks: u64) {
+        if blocks < self.blocks() {
+            drop(self.split_off(blocks));
+        } else {
+            self.set_blocks(blocks);
         }
+    }
+
+    fn set_blocks(&mut self, blocks: u64) {
         self.chunks = blocks.div_ceil(CHUNK_BLOCKS as u64) as usize;
         let groups = self.chunks.div_ceil(GROUP_CHUNKS);
         self.groups.resize(groups, None);
         self.groups.shrink_to_fit();
     }
 
-    pub fn resize(&mut self, blocks: u64) {
-        self.resize_with(blocks, |_| {});
+    /// Shrinks the map to `blocks` blocks and returns what was cut off: a
+    /// map of the old size holding exactly the entries at or past `blocks`,
+    /// with their counts. Whole regions past the new end move to it as they
+    /// are (still shared with any map that shares them), so the cost is a
+    /// count of the moved entries plus the entries of one region, and no
+    /// list of them: a shrink that drops a TiB neither copies nor
+    /// allocates per block. Nothing to cut (`blocks` at or past the end)
+    /// gives an empty map and leaves this one as it is.
+    pub fn split_off(&mut self, blocks: u64) -> BlockMap {
+        let mut tail = BlockMap { groups: vec![None; self.groups.len()], chunks: self.chunks, mapped: 0, seg_refs: HashMap::new() };
+        if blocks >= self.blocks() {
+            return tail;
+        }
+        let whole = blocks.div_ceil(REGION_BLOCKS) as usize;
+        for r in whole..self.groups.len() {
+            tail.groups[r] = self.groups[r].take();
+        }
+        tail.count_all();
+        self.mapped -= tail.mapped;
+        for (&seg, &n) in &tail.seg_refs {
+            Self::unref(&mut self.seg_refs, seg, n);
+        }
+        // The region the new end falls in: its entries past the end, one
+        // by one (at most one region's).
+        let mut moved = Vec::new();
+        self.for_each_mapped_in(blocks, whole as u64 * REGION_BLOCKS, |b, e| moved.push((b, e)));
+        for (b, e) in moved {
+            self.set(b, Entry::HOLE);
+            tail.set(b, e);
+        }
+        self.set_blocks(blocks);
+        tail
+    }
+
+    /// Sets `mapped` and `seg_refs` from the entries (runs of one segment
+    /// counted as one addition).
+    fn count_all(&mut self) {
+        let (mut mapped, mut refs) = (0u64, HashMap::new());
+        let (mut seg, mut run) = (SEG_HOLE, 0u64);
+        let mut add = |e: &Entry| {
+            mapped += 1;
+            if e.seg != seg {
+                if run > 0 && seg != SEG_ZERO {
+                    *refs.entry(seg).or_insert(0) += run;
+                }
+                (seg, run) = (e.seg, 0);
+            }
+            run += 1;
+        };
+        for g in self.groups.iter().flatten() {
+            for chunk in g.iter() {
+                match chunk {
+                    Chunk::Empty => {}
+                    Chunk::Dense(d) => d.iter().filter(|e| !e.is_hole()).for_each(&mut add),
+                    Chunk::Sparse(v) => v.iter().for_each(|s| add(&s.e)),
+                }
+            }
+        }
+        if run > 0 && seg != SEG_ZERO {
+            *refs.entry(seg).or_insert(0) += run;
+        }
+        self.mapped = mapped;
+        self.seg_refs = refs;
     }
 
     pub fn get(&self, block: u64) -> Entry {
@@ -420,9 +477,68 @@ mod tests {
         assert_eq!(seen, m.mapped());
         // Shrink drops entries past the end.
         let mut dropped = 0;
-        m.resize_with(100, |_| dropped += 1);
+        m.clone().split_off(100).for_each_mapped(|_, _| dropped += 1);
         assert_eq!(dropped, model[100..].iter().filter(|e| !e.is_hole()).count());
+        m.resize(100);
         assert_eq!(m.mapped(), model[..100].iter().filter(|e| !e.is_hole()).count() as u64);
+    }
+
+    /// Counts as `set` keeps them, from the entries.
+    fn recount(m: &BlockMap) -> (u64, HashMap<u32, u64>) {
+        let (mut n, mut refs) = (0, HashMap::new());
+        m.for_each_mapped(|_, e| {
+            n += 1;
+            if e.is_data() {
+                *refs.entry(e.seg).or_insert(0u64) += 1;
+            }
+        });
+        (n, refs)
+    }
+
+    /// A shrink cuts off exactly the entries past the new end, with their
+    /// counts, whether the end falls on a region's edge, inside a region or
+    /// inside a chunk, and leaves a copy that shared the regions as it was.
+    #[test]
+    fn split_off_matches_a_flat_model() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let blocks = 3 * REGION_BLOCKS + REGION_BLOCKS / 2;
+        for cut in [0, 1, 63, 64, 100, REGION_BLOCKS, REGION_BLOCKS + 7, 2 * REGION_BLOCKS + 4096, 3 * REGION_BLOCKS, blocks - 1, blocks, blocks + 64] {
+            let mut m = BlockMap::new(blocks);
+            let mut model = vec![Entry::HOLE; blocks as usize];
+            for step in 0..20_000u32 {
+                let b = rng.random_range(0..blocks);
+                let e = if step % 5 == 0 { Entry::ZERO } else { data(step) };
+                m.set(b, e);
+                model[b as usize] = e;
+            }
+            // A snapshot of it, then writes that copy some regions.
+            let snap = m.clone();
+            let snap_model = model.clone();
+            for step in 0..2_000u32 {
+                let b = rng.random_range(0..blocks);
+                let e = if step % 3 == 0 { Entry::HOLE } else { data(step + 1_000_000) };
+                m.set(b, e);
+                model[b as usize] = e;
+            }
+            let tail = m.split_off(cut);
+            let end = cut.min(blocks);
+            assert_eq!(m.blocks(), if cut >= blocks { blocks } else { cut.div_ceil(CHUNK_BLOCKS as u64) * CHUNK_BLOCKS as u64 }, "cut {cut}");
+            for b in 0..blocks {
+                let want = model[b as usize];
+                let (head, cut_off) = if b < end { (want, Entry::HOLE) } else { (Entry::HOLE, want) };
+                assert_eq!(m.get(b), head, "cut {cut}: block {b} of the shrunk map");
+                assert_eq!(tail.get(b), cut_off, "cut {cut}: block {b} of what was cut off");
+                assert_eq!(snap.get(b), snap_model[b as usize], "cut {cut}: block {b} of the snapshot");
+            }
+            for (name, map) in [("shrunk map", &m), ("cut off", &tail), ("snapshot", &snap)] {
+                let (n, refs) = recount(map);
+                assert_eq!(map.mapped(), n, "cut {cut}: {name}'s mapped count");
+                assert_eq!(map.seg_ref_counts(), &refs, "cut {cut}: {name}'s segment references");
+            }
+            // Grown again, the cut-off space reads as holes.
+            m.resize(blocks);
+            assert!((end..blocks).all(|b| m.get(b).is_hole()), "cut {cut}: grown space is not all holes");
+        }
     }
 
     /// Memory budget: at most 32 bytes per mapped 4 KiB block, for a fully
