@@ -27,6 +27,10 @@ pub struct Cli {
     /// user than the site's; reads need none.
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Seconds to wait for the site's answer before failing (default 30
+    /// for status and lists, 120 for changes).
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -80,6 +84,7 @@ pub enum SnapshotCmd {
     /// Snapshot VOL (a volume, or VOL@SNAP for a snapshot of a snapshot) as SNAP.
     Create {
         volume: String,
+        #[arg(value_parser = parse_snapshot_name)]
         snapshot: String,
         /// Writable snapshot (its writes replicate to its DR twins).
         #[arg(long)]
@@ -110,10 +115,11 @@ pub enum GroupCmd {
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
     Create {
+        #[arg(value_parser = parse_volume_name)]
         name: String,
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
-        #[arg(long)]
+        #[arg(long, value_parser = parse_group_name)]
         group: Option<String>,
     },
     List,
@@ -141,6 +147,32 @@ fn parse_api_url(s: &str) -> Result<String, String> {
 fn parse_site_name(s: &str) -> Result<String, String> {
     crate::util::check_name("site", s)?;
     Ok(s.to_string())
+}
+
+/// A name for a new volume, group or snapshot (a usage error, exit 2, if
+/// the site would refuse it).
+fn parse_volume_name(s: &str) -> Result<String, String> {
+    crate::util::check_name("volume", s)?;
+    Ok(s.to_string())
+}
+
+fn parse_group_name(s: &str) -> Result<String, String> {
+    crate::util::check_name("group", s)?;
+    Ok(s.to_string())
+}
+
+fn parse_snapshot_name(s: &str) -> Result<String, String> {
+    crate::util::check_name("snapshot", s)?;
+    Ok(s.to_string())
+}
+
+/// `--timeout SECONDS`: more than 0, at most a day.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("timeout {s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("timeout {s:?} must be more than 0 and at most 86400 seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// A volume size (a usage error, exit 2, if it cannot be one).
@@ -184,6 +216,7 @@ fn human_size(n: u64) -> String {
 struct Api {
     base: String,
     token: Option<String>,
+    timeout: Option<std::time::Duration>,
 }
 
 impl Api {
@@ -195,11 +228,11 @@ impl Api {
                 Some(crate::site::admin::parse_token(&raw).with_context(|| format!("{} is not a tidemark admin token", f.display()))?)
             }
         };
-        Ok(Api { base: api_url(cli)?, token })
+        Ok(Api { base: api_url(cli)?, token, timeout: cli.timeout })
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-        crate::client::call_as(&self.base, self.token.as_deref(), method, path, body)
+        crate::client::call_as(&self.base, self.token.as_deref(), method, path, body, self.timeout)
     }
 }
 

@@ -12,8 +12,16 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// How long a command waits for each read of its answer.
-const COMMAND_LIMIT: Duration = Duration::from_secs(120);
+/// How long a change (anything but GET) waits for each read of its answer:
+/// a change may wait for its record to be durable, at every sync DR site.
+pub const CHANGE_LIMIT: Duration = Duration::from_secs(120);
+/// How long a query (GET) waits: a site answers one from memory, so a site
+/// that has not answered in this long is stuck, and an operator asking
+/// for its status must hear that rather than wait with it.
+pub const QUERY_LIMIT: Duration = Duration::from_secs(30);
+/// How long a connection may take to open (a host that drops packets
+/// would otherwise take the kernel's SYN retries, about two minutes).
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Sends `method path` to `base` (`http://host:port`) with an optional
 /// JSON body, each read waiting at most `limit` (the CLI's commands may
@@ -27,9 +35,18 @@ pub fn request_within(base: &str, method: &str, path: &str, body: Option<&serde_
 pub fn request_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<Response> {
     let hostport = base.strip_prefix("http://").with_context(|| format!("API URL {base:?} must start with http://"))?;
     let hostport = hostport.trim_end_matches('/');
-    let mut s = TcpStream::connect(hostport).with_context(|| format!("failed to connect to the API at {base}"))?;
+    let mut s = connect(hostport, limit.min(CONNECT_LIMIT)).with_context(|| format!("failed to connect to the API at {base}"))?;
     s.set_read_timeout(Some(limit))?;
     s.set_write_timeout(Some(limit))?;
+    // A read or write past the limit fails with EAGAIN ("Resource
+    // temporarily unavailable"), which says nothing of what happened.
+    let late = |e: std::io::Error, what: &str| -> anyhow::Error {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            anyhow::anyhow!("the API at {base} accepted the connection but did not {what} within {} s: the site is stuck or overloaded", limit.as_secs_f64())
+        } else {
+            anyhow::Error::new(e).context(format!("failed to {what} from {base}"))
+        }
+    };
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: application/json\r\n");
     if let Some(t) = token {
@@ -44,10 +61,25 @@ pub fn request_as(base: &str, token: Option<&str>, method: &str, path: &str, bod
     }
     req.push_str("\r\n");
     req.push_str(&payload);
-    s.write_all(req.as_bytes())?;
+    s.write_all(req.as_bytes()).map_err(|e| late(e, "take the request"))?;
     let mut raw = Vec::new();
-    s.take(64 * 1024 * 1024).read_to_end(&mut raw).with_context(|| format!("failed to read the API response from {base}"))?;
+    s.take(64 * 1024 * 1024).read_to_end(&mut raw).map_err(|e| late(e, "answer"))?;
     parse(&raw).with_context(|| format!("bad HTTP response from {base}"))
+}
+
+/// Connects to `hostport` (each address it names in turn), each attempt
+/// bounded by `limit`.
+fn connect(hostport: &str, limit: Duration) -> Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for a in hostport.to_socket_addrs().with_context(|| format!("cannot resolve {hostport:?}"))? {
+        match TcpStream::connect_timeout(&a, limit) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => last = Some(anyhow::anyhow!("{a} did not answer within {} s", limit.as_secs_f64())),
+            Err(e) => last = Some(anyhow::Error::new(e).context(a.to_string())),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{hostport:?} names no address")))
 }
 
 fn parse(raw: &[u8]) -> Result<Response> {
@@ -96,12 +128,14 @@ fn parse(raw: &[u8]) -> Result<Response> {
 /// Sends a request and returns the JSON body, turning an API error into an
 /// error carrying the API's own message.
 pub fn call(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
-    call_as(base, None, method, path, body)
+    call_as(base, None, method, path, body, None)
 }
 
-/// `call` with the admin token `token`, if any.
-pub fn call_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<serde_json::Value> {
-    json_of(request_as(base, token, method, path, body, COMMAND_LIMIT)?)
+/// `call` with the admin token `token`, if any, waiting `limit` (or, if
+/// none is given, `QUERY_LIMIT` for a GET and `CHANGE_LIMIT` otherwise).
+pub fn call_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Option<Duration>) -> Result<serde_json::Value> {
+    let limit = limit.unwrap_or(if method == "GET" { QUERY_LIMIT } else { CHANGE_LIMIT });
+    json_of(request_as(base, token, method, path, body, limit)?)
 }
 
 /// `call` with `request_within`'s limit.
@@ -120,6 +154,21 @@ fn json_of(r: Response) -> Result<serde_json::Value> {
 
 #[cfg(test)]
 mod tests {
+    /// A site that takes the connection and never answers (stopped, or
+    /// stuck) is an error within the limit that says so, not a wait
+    /// without end nor "Resource temporarily unavailable".
+    #[test]
+    fn a_site_that_never_answers_is_an_error_that_says_so() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        let t = std::time::Instant::now();
+        let e = super::call_as(&base, None, "GET", "/status", None, Some(std::time::Duration::from_millis(300))).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("accepted the connection but did not answer within 0.3 s"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t.elapsed());
+        drop(l);
+    }
+
     #[test]
     fn parses_plain_and_chunked() {
         let r = super::parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();

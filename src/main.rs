@@ -7,7 +7,10 @@ use tidemark::cli::{Cli, Cmd};
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal: a site's log file (`up`
+    // pipes its stderr there) and a journal get plain text.
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
 /// Keeps freed I/O buffers (NBD payloads up to 32 MiB, replication frames up
@@ -22,6 +25,26 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         // ... and up to 256 MiB of free memory stays there.
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+/// `up` starts its sites through a descriptor of its own executable
+/// (`/proc/self/fd/N`), so the kernel names them `N`; `pgrep tidemark`,
+/// `pidof` and `ps -C` would miss them. The process takes the name of its
+/// argv[0] instead (which `up` sets to the executable's path), as any
+/// process started by path has.
+fn name_process() {
+    let Some(arg0) = std::env::args_os().next() else { return };
+    let base = std::path::Path::new(&arg0).file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+    // The kernel keeps 15 bytes and a NUL.
+    let mut name: Vec<u8> = base.into_iter().filter(|&b| b != 0).take(15).collect();
+    if name.is_empty() {
+        return;
+    }
+    name.push(0);
+    // SAFETY: a NUL-terminated buffer that outlives the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
     }
 }
 
@@ -51,6 +74,7 @@ fn usage_problem(text: &str) -> String {
 
 fn main() -> ExitCode {
     tune_allocator();
+    name_process();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -92,6 +92,12 @@ impl Output {
         self.events.send(if self.json { format!("{v}\n") } else { format!("{human}\n") });
     }
 
+    /// An event whose human form is `human_event`'s.
+    fn emit_event(&self, v: serde_json::Value) {
+        let human = human_event(&v);
+        self.emit(v, &human);
+    }
+
     /// An `error` event about `site`.
     fn error(&self, site: &str, e: &str) {
         self.emit(json!({"event": "error", "site": site, "error": e}), &format!("site {site}: {e}"));
@@ -501,7 +507,11 @@ fn wait_serving(p: &mut SiteProc, signals: &Signals) -> Result<Option<&'static s
     }
 }
 
-fn stop_all(procs: &mut [SiteProc]) {
+/// SIGTERM to every site, then SIGKILL to any still running after
+/// `SITE_STOP_TIMEOUT_MS`, each said as a `site-killed` event (a site
+/// that had to be killed did not close cleanly: its last writes are safe
+/// in its log, but its close (sync, checkpoint) did not run).
+fn stop_all(procs: &mut [SiteProc], out: &Output) {
     for p in procs.iter_mut() {
         if let Some(c) = &p.child {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -517,6 +527,8 @@ fn stop_all(procs: &mut [SiteProc]) {
                     _ => {
                         let _ = c.kill();
                         let _ = c.wait();
+                        let why = format!("did not stop within {} s of SIGTERM (stuck, or stopped with SIGSTOP); killed with SIGKILL", limits::SITE_STOP_TIMEOUT_MS / 1000);
+                        out.emit(json!({"event": "site-killed", "site": p.name, "error": why}), &format!("site {}: {why}", p.name));
                         break;
                     }
                 }
@@ -688,7 +700,7 @@ pub fn run(a: UpArgs) -> Result<()> {
     match run_sites(&dir, &dep, &mut procs, &signals, &out) {
         Ok(()) => Ok(()),
         Err(e) => {
-            stop_all(&mut procs);
+            stop_all(&mut procs, &out);
             // No site runs: endpoints.json (if a run wrote it) names no pid.
             let path = dir.join("endpoints.json");
             if path.exists() {
@@ -723,7 +735,7 @@ impl std::error::Error for AlreadySaid {}
 fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Signals, out: &Output) -> Result<()> {
     let stopped = |sig: &str, procs: &mut [SiteProc], endpoints: Option<&Endpoints>| {
         out.emit(json!({"event": "stopping", "signal": sig}), &format!("{sig}: stopping all sites"));
-        stop_all(procs);
+        stop_all(procs, out);
         // No site runs: endpoints.json says so (pid null) before `stopped`.
         if let Some(e) = endpoints {
             e.write_within(&endpoints_json(dep, procs), Duration::from_secs(2));
@@ -744,10 +756,13 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
     let endpoints = endpoints_json(dep, procs);
     crate::crashsafe::write_file(&dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?.as_bytes())?;
     let endpoints = Endpoints::start(dir.join("endpoints.json"))?;
-    out.emit(
-        json!({"event": "ready", "sites": sites}),
-        &format!("ready: site a serves nbd://{}/vol0 (API http://{}); data in {}", procs[0].nbd, procs[0].api, dir.display()),
-    );
+    let mut ready = format!("ready: site {} (primary) serves nbd://{} (API http://{})", procs[0].name, procs[0].nbd, procs[0].api);
+    for p in &procs[1..] {
+        ready.push_str(&format!(", DR site {} nbd://{} read-only (API http://{})", p.name, p.nbd, p.api));
+    }
+    // `./x` joined to the working directory reads `/wd/./x`.
+    ready.push_str(&format!("; data in {}", dir.components().collect::<PathBuf>().display()));
+    out.emit(json!({"event": "ready", "sites": sites}), &ready);
 
     // Supervise, and report what the sites' status says: replication
     // state changes seen at the primary, storage stalls everywhere.
@@ -780,7 +795,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
             let p = &*p;
             let state = unanswered.entry(p.name.clone()).or_default();
             if let Some(ev) = responsiveness_event(&p.name, poll.answer.as_ref().map(|_| ()).map_err(|e| e.clone()), state) {
-                out.emit(ev.clone(), &format!("{}", ev));
+                out.emit_event(ev);
             }
             let Ok(st) = poll.answer else { continue };
             let mut events = if i == 0 {
@@ -791,7 +806,7 @@ fn run_sites(dir: &Path, dep: &Deployment, procs: &mut [SiteProc], signals: &Sig
             };
             events.extend(storage_events(&p.name, &st, &mut stalls_seen));
             for ev in events {
-                out.emit(ev.clone(), &format!("{}", ev));
+                out.emit_event(ev);
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -898,6 +913,25 @@ struct ReplicaSeen {
 /// Events for replica state changes between two status snapshots of the
 /// primary, and for a sync group degrading to async and back.
 ///
+/// One line for a person, for `up` without `--json`: `dr-lost: error
+/// connection closed, group cg0, site b`: the event's name, then its
+/// fields by name (null ones left out, strings unquoted).
+fn human_event(ev: &serde_json::Value) -> String {
+    let name = ev["event"].as_str().unwrap_or("event");
+    let fields: Vec<String> = ev
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| k.as_str() != "event" && !v.is_null())
+        .map(|(k, v)| format!("{} {}", k.replace('_', " "), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+        .collect();
+    if fields.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}: {}", fields.join(", "))
+    }
+}
+
 /// A link lost and made again between two polls (a DR site killed and
 /// restarted at once) leaves the state as it was; the replica's
 /// `sessions` count says it happened, and it is reported as it would have
@@ -983,6 +1017,14 @@ mod tests {
     /// A DR site restarted between two polls is reported lost and
     /// connected again (its state alone reads the same before and after);
     /// a sync group's degradation comes and goes as events.
+    /// Without `--json`, events are lines for a person, not JSON.
+    #[test]
+    fn events_read_as_lines_without_json() {
+        let ev = serde_json::json!({"event": "dr-lost", "group": "cg0", "site": "b", "error": "connection closed", "applied_seq": 12, "state": null});
+        assert_eq!(super::human_event(&ev), "dr-lost: applied seq 12, error connection closed, group cg0, site b");
+        assert_eq!(super::human_event(&serde_json::json!({"event": "stopped"})), "stopped");
+    }
+
     #[test]
     fn replica_events_see_what_happened_between_polls() {
         let st = |state: &str, sessions: u64, degraded: bool| {

@@ -566,6 +566,34 @@ fn bad_input_gets_one_line_errors() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(args[1]) && e.trim().lines().count() == 1, "{args:?}: {e}");
     }
+    // A name a site would refuse, and a bad --timeout, are usage errors
+    // too (not exit 1 from the site, after a group was made for it).
+    for (args, want) in [
+        (&["volume", "create", "a@b", "--size", "4M"][..], "a@b"),
+        (&["volume", "create", "v", "--size", "4M", "--group", "../g"], "../g"),
+        (&["snapshot", "create", "vol0", "s/1"], "s/1"),
+        (&["--timeout", "0", "status"], "timeout \"0\""),
+        (&["--timeout", "soon", "status"], "soon"),
+    ] {
+        let o = tidemark(&[&["--api", "http://127.0.0.1:9"][..], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want) && e.trim().lines().count() == 1, "{args:?}: {e}");
+    }
+    // A site that takes the connection and never answers (stopped, stuck):
+    // exit 1 within --timeout, saying so (before: a wait of two minutes
+    // per read, then "Resource temporarily unavailable").
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = format!("http://{}", mute.local_addr().unwrap());
+    for args in [&["status"][..], &["volume", "create", "v", "--size", "4M"]] {
+        let t0 = Instant::now();
+        let o = tidemark(&[&["--api", api.as_str(), "--timeout", "0.5"][..], args].concat());
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("did not answer within 0.5 s") && e.contains("stuck") && e.trim().lines().count() == 1, "{args:?}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{args:?} took {:?}", t0.elapsed());
+    }
+    drop(mute);
     // A missing argument is named.
     let o = tidemark(&["--dir", t.join("v").to_str().unwrap(), "volume", "create", "x"]);
     assert_eq!(o.status.code(), Some(2));
@@ -696,6 +724,50 @@ fn up_reports_a_site_that_stops_answering() {
     let events = u.wait_event("\"site-responsive\"", 30);
     assert!(!events.iter().any(|l| l.contains("site-restarted") || l.contains("site-exited")), "{events:?}");
     assert!(pid_alive(pid));
+}
+
+/// A stop of `up` that finds a site that cannot stop (SIGSTOP) kills it
+/// after 30 s and says so (`site-killed`), instead of a `stopped` that
+/// reads as clean. And every site is named `tidemark` (not after the
+/// descriptor `up` starts it through), so `pgrep -x tidemark` finds it.
+#[test]
+fn up_says_which_site_it_had_to_kill_at_a_stop() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let mut u = up(&dir, free_port_block(), &["--volume", "vol0=16MiB"]);
+    for s in ["a", "b"] {
+        let pid = u.ready["sites"][s]["pid"].as_u64().unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm.trim(), "tidemark", "site {s}'s process name");
+    }
+    let pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGTERM) };
+    let killed = u.wait_site_event("site-killed", "b", 45);
+    assert!(killed["error"].as_str().unwrap().contains("did not stop within 30 s of SIGTERM"), "{killed}");
+    u.wait_event("\"stopped\"", 10);
+    let st = u.child.wait().unwrap();
+    assert!(st.success(), "up exited with {st}");
+    assert!(!pid_alive(pid), "b was left running");
+}
+
+/// A DR site that stops tells its primary why, and closes its link with
+/// TLS close_notify: the primary's `dr-lost` says "site b is stopping"
+/// (before: "peer closed connection without sending TLS close_notify",
+/// as for a link that broke).
+#[test]
+fn a_dr_site_that_stops_tells_its_primary_why() {
+    let tmp = tempfile::tempdir_in(common::test_root()).unwrap();
+    let dir = tmp.path().join("dep");
+    let mut u = up(&dir, free_port_block(), &["--volume", "vol0=16MiB"]);
+    u.wait_event("\"dr-caught-up\"", 30);
+    let pid = u.ready["sites"]["b"]["pid"].as_u64().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let lost = u.wait_site_event("dr-lost", "b", 30);
+    assert_eq!(lost["error"], "b reported: site b is stopping", "{lost}");
+    // `up` restarts b (its events may come before or after dr-lost).
+    u.wait_event("\"dr-caught-up\"", 30);
+    sigterm_and_wait(&mut u);
 }
 
 /// A full disk under a running deployment (`up`'s whole directory on a

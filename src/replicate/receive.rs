@@ -97,7 +97,37 @@ pub trait Host: Send + Sync + 'static {
     fn is_primary(&self) -> bool {
         false
     }
+    /// Turns true when this site stops: a connection then tells its
+    /// primary so and closes with TLS close_notify.
+    fn stopping(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
+
+/// Until `stop` turns true (never, without one).
+async fn until_stopped(stop: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match stop {
+        Some(rx) => {
+            if rx.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Why a connection ended when its site stopped (logged as news, not as
+/// a fault).
+#[derive(Debug)]
+pub struct SiteStopping(pub String);
+
+impl std::fmt::Display for SiteStopping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "site {} is stopping", self.0)
+    }
+}
+
+impl std::error::Error for SiteStopping {}
 
 impl Host for Site {
     fn site_name(&self) -> String {
@@ -120,6 +150,9 @@ impl Host for Site {
     }
     fn dr(&self) -> &DrState {
         &self.dr
+    }
+    fn stopping(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.stop_signal())
     }
     fn link_timeout(&self) -> Option<Duration> {
         Some(Duration::from_millis(self.cfg.link_timeout_ms))
@@ -224,8 +257,8 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, site: 
     let ctx = Accepting {
         acceptor: tokio_rustls::TlsAcceptor::from(tls),
         refusals: Refusals::new(site.metrics.clone()),
+        live: site.receivers_live.clone(),
         site,
-        live: Arc::new(AtomicUsize::new(0)),
         handshaking: Arc::new(AtomicUsize::new(0)),
         preauth: PreAuth::new(handshakes_max),
     };
@@ -381,7 +414,7 @@ fn handshake_thread(sock: TcpStream, addr: std::net::SocketAddr, mut slot: PreAu
             if let Err(e) = receive(tls, host, peer, Intake::OwnThread { nice }, link_timeout).await {
                 // A primary that stops or loses the link just hangs up.
                 let hangup = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof));
-                if hangup {
+                if hangup || e.downcast_ref::<SiteStopping>().is_some() {
                     tracing::info!("replication: connection from {addr} closed: {e:#}");
                 } else {
                     // The same reason at every reconnect (a group out of
@@ -794,9 +827,14 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 _ = tick.tick() => on_tick!(),
             }
         }
+        // TLS close_notify: the primary can tell this end (a stop, or a
+        // farewell that said why) from a link that broke. Bounded: a
+        // primary that reads nothing does not hold it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
         anyhow::Ok(())
     });
 
+    let mut stop = site.stopping();
     let mut spare = Vec::new();
     // Set when acknowledgements could not be queued for `link_timeout`: the
     // writer is stuck, so no farewell is queued and it is not waited for.
@@ -809,10 +847,17 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
         last_byte.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let read = frame::read_frame_into(&mut rd, std::mem::take(&mut spare));
         tokio::pin!(read);
+        let mut stopped = false;
         let got = loop {
             tokio::select! {
                 // Bytes that are there count before the clock does.
                 biased;
+                // First: a primary that never stops sending must not keep
+                // a stopping site from saying goodbye.
+                _ = until_stopped(&mut stop) => {
+                    stopped = true;
+                    break None;
+                }
                 r = &mut read => break Some(r),
                 _ = tokio::time::sleep_until((heard() + link_timeout).into()) => {
                     if heard().elapsed() >= link_timeout {
@@ -821,6 +866,9 @@ pub async fn receive<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 's
                 }
             }
         };
+        if stopped {
+            break Err(SiteStopping(site.site_name()).into());
+        }
         let Some(got) = got else {
             break Err(anyhow!(
                 "no byte from {peer} for {:.1} s (link_timeout {link_timeout:?}): the link is silent (blackholed, or the primary stalled); closing it",

@@ -379,6 +379,8 @@ async fn create_volume(State(site): State<Arc<Site>>, body: Result<Json<CreateVo
     primary_only(&site)?;
     let size = size_of(&req.size)?;
     let group = req.group.unwrap_or_else(|| "cg0".into());
+    // Before the group is made: a refused name must leave no new group.
+    crate::util::check_name("volume", &req.name).map_err(bad)?;
     let name = req.name.clone();
     let s = site.clone();
     off_thread(move || {

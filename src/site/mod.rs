@@ -37,6 +37,9 @@ pub struct Site {
     stop: tokio::sync::watch::Sender<bool>,
     /// Sender threads still running.
     senders_running: Arc<std::sync::atomic::AtomicUsize>,
+    /// Authenticated replication connections this site takes records on
+    /// (each a thread): at a stop they say goodbye too.
+    pub(crate) receivers_live: Arc<std::sync::atomic::AtomicUsize>,
     /// Each group's last complete status entry and epoch: what status
     /// shows (marked stale) while the group does not answer.
     pub status_cache: std::sync::Mutex<BTreeMap<String, (serde_json::Value, u64)>>,
@@ -75,6 +78,7 @@ impl Site {
             client_tls: Default::default(),
             stop: tokio::sync::watch::channel(false).0,
             senders_running: Default::default(),
+            receivers_live: Default::default(),
             status_cache: Default::default(),
             creating: Default::default(),
             _lock: lock,
@@ -293,6 +297,11 @@ impl Site {
         self.group_list().into_iter().find_map(|g| g.volume(name).map(|v| (g, v)))
     }
 
+    /// Turns true when the site stops.
+    pub(crate) fn stop_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
     pub fn read_only(&self) -> bool {
         self.cfg.role != Role::Primary
     }
@@ -453,11 +462,13 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         anyhow::Ok(())
     });
     let s = site.clone();
-    // Senders say goodbye (close_notify) first; two seconds at most (a
-    // sender thread at nice 10 on a busy machine may take a moment).
+    // Senders and receivers say goodbye (a receiver tells its primary
+    // why, then both close_notify) first; two seconds at most (a thread
+    // at nice 10 on a busy machine may take a moment).
     s.stop.send_replace(true);
     let t = std::time::Instant::now();
-    while s.senders_running.load(std::sync::atomic::Ordering::Acquire) > 0 && t.elapsed() < std::time::Duration::from_secs(2) {
+    let running = || s.senders_running.load(std::sync::atomic::Ordering::Acquire) + s.receivers_live.load(std::sync::atomic::Ordering::Acquire);
+    while running() > 0 && t.elapsed() < std::time::Duration::from_secs(2) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     // Closing syncs and checkpoints; do it outside the runtime.
