@@ -212,6 +212,22 @@ fn human_size(n: u64) -> String {
     format!("{f}{}", U[i])
 }
 
+/// `name` as one URL path segment or query value: every byte but the
+/// unreserved ones percent-encoded. Sent raw, `vol0?x=1` reached the
+/// site as volume `vol0` (and `volume delete` deleted it), and a space
+/// or CRLF broke the request line.
+fn seg(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A site's API, with the admin token to send, if one was given.
 struct Api {
     base: String,
@@ -311,7 +327,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Volume(VolumeCmd::Resize { name, size }) => {
-            let v = api.call("POST", &format!("/volumes/{name}/resize"), Some(&json!({"size": size})))?;
+            let v = api.call("POST", &format!("/volumes/{}/resize", seg(name)), Some(&json!({"size": size})))?;
             if !cli.json {
                 println!("resized volume {name} to {}", human_size(*size));
                 return Ok(());
@@ -319,7 +335,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Volume(VolumeCmd::Delete { name }) => {
-            let v = api.call("DELETE", &format!("/volumes/{name}"), None)?;
+            let v = api.call("DELETE", &format!("/volumes/{}", seg(name)), None)?;
             if !cli.json {
                 println!("deleted volume {name}");
                 return Ok(());
@@ -327,7 +343,7 @@ pub fn run_admin(cli: &Cli) -> Result<()> {
             v
         }
         Cmd::Group(GroupCmd::Set { name, mode }) => {
-            let v = api.call("POST", &format!("/groups/{name}"), Some(&json!({"mode": mode})))?;
+            let v = api.call("POST", &format!("/groups/{}", seg(name)), Some(&json!({"mode": mode})))?;
             if !cli.json {
                 println!("group {name}: mode {}", v["mode"].as_str().unwrap_or("?"));
                 return Ok(());
@@ -354,7 +370,7 @@ fn run_snapshot(api: &Api, c: &SnapshotCmd, json_out: bool) -> Result<Option<Val
         }
         SnapshotCmd::List { volume } => {
             let path = match volume {
-                Some(vol) => format!("/snapshots?volume={}", vol.replace('@', "%40")),
+                Some(vol) => format!("/snapshots?volume={}", seg(vol)),
                 None => "/snapshots".into(),
             };
             let v = api.call("GET", &path, None)?;
@@ -387,7 +403,7 @@ fn run_snapshot(api: &Api, c: &SnapshotCmd, json_out: bool) -> Result<Option<Val
             (v, format!("snapshot {snap_b} now equals {snap_a}"))
         }
         SnapshotCmd::Delete { volume, snapshot } => {
-            let v = api.call("DELETE", &format!("/snapshots/{volume}/{snapshot}"), None)?;
+            let v = api.call("DELETE", &format!("/snapshots/{}/{}", seg(volume), seg(snapshot)), None)?;
             (v, format!("deleted snapshot {snapshot} of {volume}"))
         }
     };

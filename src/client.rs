@@ -89,13 +89,24 @@ fn parse(raw: &[u8]) -> Result<Response> {
     let status_line = lines.next().unwrap_or_default();
     let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("bad status line {status_line:?}"))?;
     let mut chunked = false;
+    let mut length: Option<usize> = None;
     for l in lines {
         let l = l.to_ascii_lowercase();
         if l.starts_with("transfer-encoding:") && l.contains("chunked") {
             chunked = true;
         }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            length = Some(v.trim().parse().with_context(|| format!("bad Content-Length {:?}", v.trim()))?);
+        }
     }
     let mut body = raw[end + 4..].to_vec();
+    if let Some(n) = length.filter(|_| !chunked) {
+        // A connection that ended early is not the whole answer.
+        if body.len() < n {
+            bail!("the answer was cut short: {} of the {n} bytes its Content-Length announced", body.len());
+        }
+        body.truncate(n);
+    }
     if chunked {
         let mut out = Vec::new();
         let mut rest = &body[..];
@@ -135,21 +146,35 @@ pub fn call(base: &str, method: &str, path: &str, body: Option<&serde_json::Valu
 /// none is given, `QUERY_LIMIT` for a GET and `CHANGE_LIMIT` otherwise).
 pub fn call_as(base: &str, token: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Option<Duration>) -> Result<serde_json::Value> {
     let limit = limit.unwrap_or(if method == "GET" { QUERY_LIMIT } else { CHANGE_LIMIT });
-    json_of(request_as(base, token, method, path, body, limit)?)
+    json_of(request_as(base, token, method, path, body, limit)?, base, method, path)
 }
 
 /// `call` with `request_within`'s limit.
 pub fn call_within(base: &str, method: &str, path: &str, body: Option<&serde_json::Value>, limit: Duration) -> Result<serde_json::Value> {
-    json_of(request_within(base, method, path, body, limit)?)
+    json_of(request_within(base, method, path, body, limit)?, base, method, path)
 }
 
-fn json_of(r: Response) -> Result<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&r.body).into_owned()));
+/// The JSON of a success; for a failure, the site's own `error` message,
+/// or (from something that is not a site's API) what it answered, to
+/// which request. A success that is not JSON is not taken for one.
+fn json_of(r: Response, base: &str, method: &str, path: &str) -> Result<serde_json::Value> {
+    let v: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
+    let text = || {
+        let t = String::from_utf8_lossy(&r.body);
+        let t = t.trim();
+        if t.is_empty() {
+            "an empty body".to_string()
+        } else {
+            format!("{:?}", t.chars().take(200).collect::<String>())
+        }
+    };
     if r.status >= 400 {
-        let msg = v.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());
-        bail!("{msg}");
+        if let Some(msg) = v.as_ref().and_then(|v| v.get("error")).and_then(|e| e.as_str()).filter(|m| !m.is_empty()) {
+            bail!("{msg}");
+        }
+        bail!("{base} answered {method} {path} with HTTP {} and {}", r.status, text());
     }
-    Ok(v)
+    v.with_context(|| format!("{base} answered {method} {path} with HTTP {} and {}, not JSON: is that a tidemark site's API?", r.status, text()))
 }
 
 #[cfg(test)]
@@ -167,6 +192,22 @@ mod tests {
         assert!(e.contains("accepted the connection but did not answer within 0.3 s"), "{e}");
         assert!(t.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t.elapsed());
         drop(l);
+    }
+
+    /// Whatever answers on the API port, a success must be a site's
+    /// (JSON, whole) and a failure says what was asked and answered.
+    #[test]
+    fn answers_that_are_not_a_sites_are_errors() {
+        let r = |raw: &[u8]| super::parse(raw).and_then(|r| super::json_of(r, "http://h:1", "POST", "/volumes"));
+        let e = format!("{:#}", r(b"HTTP/1.1 200 OK\r\n\r\nhello").unwrap_err());
+        assert!(e.contains("HTTP 200") && e.contains("\"hello\"") && e.contains("not JSON"), "{e}");
+        let e = format!("{:#}", r(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"a\":1}").unwrap_err());
+        assert!(e.contains("cut short: 7 of the 100 bytes"), "{e}");
+        let e = format!("{:#}", r(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").unwrap_err());
+        assert_eq!(e, "http://h:1 answered POST /volumes with HTTP 404 and an empty body");
+        let e = format!("{:#}", r(b"HTTP/1.1 409 Conflict\r\n\r\n{\"error\":\"volume v already exists\"}").unwrap_err());
+        assert_eq!(e, "volume v already exists");
+        assert_eq!(r(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}").unwrap()["a"], 1);
     }
 
     #[test]

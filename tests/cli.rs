@@ -156,6 +156,17 @@ fn up_serves_admin_commands_and_resumes() {
     assert_eq!(s["groups"][0]["volumes"][0]["size"], 256u64 << 20);
     assert!(s["groups"][0]["last_seq"].as_u64().unwrap() >= 2);
     assert_eq!(s["groups"][0]["replicas"][0]["site"], "b");
+    // A name with URL syntax in it names nothing (before, `vol0?x=1`
+    // reached the site as `vol0`, and the volume was deleted).
+    for args in [&["volume", "delete", "vol0?x=1"][..], &["volume", "delete", "vol0#x"], &["volume", "resize", "vol0?x", "--size", "512M"], &["volume", "delete", ""], &["group", "set", "cg0 x", "--mode", "sync"]] {
+        let o = tidemark(&[&["--dir", d][..], args].concat());
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.trim().lines().count() == 1 && (e.contains("does not exist") || e.contains("HTTP 404")), "{args:?}: {e}");
+    }
+    let o = tidemark(&["--dir", d, "--json", "status"]);
+    let s1: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s1["groups"][0]["volumes"][0]["size"], 256u64 << 20, "{s1}");
     // The DR site reports itself as secondary with its applied_seq.
     let o = tidemark(&["--dir", d, "--site", "b", "--json", "status"]);
     let sb: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
