@@ -107,7 +107,9 @@ pub enum GroupCmd {
     /// Change a group's settings online (e.g. `--mode sync`).
     Set {
         name: String,
-        #[arg(long, value_parser = ["async", "sync", "periodic"])]
+        /// The replication mode (required: a `group set` that sets
+        /// nothing is a usage error).
+        #[arg(long, required = true, value_parser = ["async", "sync", "periodic"])]
         mode: Option<String>,
     },
 }

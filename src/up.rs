@@ -608,9 +608,47 @@ pub fn init(dir: &Path, sites: &[String], port_base: Option<u16>, mode: Option<S
     if sites.is_empty() {
         bail!("--sites needs at least one site name");
     }
+    // The names before anything is written: a refused init leaves no
+    // deployment file for the next one to take its port base from.
+    let mut given = BTreeSet::new();
+    for n in sites {
+        crate::util::check_name("site", n).map_err(anyhow::Error::msg)?;
+        if !given.insert(n.as_str()) {
+            bail!("site {n} is listed twice (--sites)");
+        }
+    }
     let existing = check_dir(dir)?;
     let dep = match existing {
-        Some(d) => d,
+        Some(d) => {
+            // Another port base or other sites would be ignored, or make a
+            // site no other one knows: refused, as `up` refuses them.
+            if let Some(p) = port_base.filter(|p| *p != d.port_base) {
+                bail!("{} holds a deployment on port base {}, not {p}", dir.display(), d.port_base);
+            }
+            let mut have: Vec<String> = Vec::new();
+            for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+                let e = e?;
+                if e.path().join("site.toml").is_file() {
+                    have.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            have.sort();
+            let mut want: Vec<String> = sites.to_vec();
+            want.sort();
+            if sites.len() as u32 - 1 != d.dr_sites || (!have.is_empty() && have != want) {
+                bail!(
+                    "{} holds a deployment of {} ({} DR sites), not of sites {}: make a new deployment in another directory",
+                    dir.display(),
+                    if have.is_empty() { "other sites".to_string() } else { format!("sites {}", have.join(",")) },
+                    d.dr_sites,
+                    sites.join(",")
+                );
+            }
+            if let Some(m) = mode.as_ref().filter(|m| **m != d.mode) {
+                eprintln!("tidemark: note: --mode {m} not applied: {} holds a deployment already, whose groups keep their mode (change it online: tidemark group set GROUP --mode {m})", dir.display());
+            }
+            d
+        }
         None => {
             let d = Deployment {
                 id: format!("{:016x}", crate::util::now_ns() ^ ((std::process::id() as u64) << 32)),

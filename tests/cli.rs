@@ -162,7 +162,24 @@ fn up_serves_admin_commands_and_resumes() {
         let o = tidemark(&[&["--dir", d][..], args].concat());
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(e.trim().lines().count() == 1 && (e.contains("does not exist") || e.contains("HTTP 404")), "{args:?}: {e}");
+        assert!(e.trim().lines().count() == 1 && (e.contains("does not exist") || e.contains("no API path")), "{args:?}: {e}");
+    }
+    // Every error answer of the API is JSON with an `error`, the router's
+    // own too (they were empty or plain text).
+    let api = format!("http://127.0.0.1:{}", port + 10);
+    for (args, code, want) in [
+        (vec!["-X", "GET", "/nosuch"], "404", "no API path /nosuch"),
+        (vec!["-X", "DELETE", "/status"], "405", "/status does not take DELETE"),
+        (vec!["-X", "POST", "-H", "content-type: application/json", "-d", "{}", "/groups/cg0"], "400", "nothing to change"),
+    ] {
+        let (path, opts) = args.split_last().unwrap();
+        let url = format!("{api}{path}");
+        let o = cmd("curl", &[&["-s", "-w", "\n%{http_code}"][..], opts, &[url.as_str()]].concat());
+        let out = String::from_utf8_lossy(&o.stdout);
+        let (body, got) = out.rsplit_once('\n').unwrap();
+        assert_eq!(got, code, "{args:?}: {out}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {body}"));
+        assert!(v["error"].as_str().unwrap_or_default().contains(want), "{args:?}: {v}");
     }
     let o = tidemark(&["--dir", d, "--json", "status"]);
     let s1: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -634,6 +651,33 @@ fn bad_input_gets_one_line_errors() {
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("site.toml") && e.contains("mdoe"), "{e}");
+    // init: bad site lists write nothing; an existing deployment is not
+    // silently given other sites or another port base.
+    let idir = t.join("init");
+    let i = idir.to_str().unwrap();
+    for (sites, want) in [("a,a", "site a is listed twice"), (",,", "site name \"\"")] {
+        let o = tidemark(&["init", i, "--sites", sites, "--port-base", "30000"]);
+        assert_eq!(o.status.code(), Some(1), "{sites}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want) && e.trim().lines().count() == 1, "{sites}: {e}");
+        assert!(!idir.join("deployment.json").exists(), "{sites}: a refused init wrote the deployment");
+    }
+    let o = tidemark(&["init", i, "--sites", "a,b", "--port-base", "30100"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read_to_string(idir.join("a/site.toml")).unwrap().contains("30100"), "the port base of a refused init was taken");
+    for (args, want) in [
+        (&["--sites", "a,b", "--port-base", "30200"][..], "on port base 30100, not 30200"),
+        (&["--sites", "x,y"], "of sites a,b (1 DR sites), not of sites x,y"),
+        (&["--sites", "a,b,c"], "not of sites a,b,c"),
+    ] {
+        let o = tidemark(&[&["init", i][..], args].concat());
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want) && e.trim().lines().count() == 1, "{args:?}: {e}");
+    }
+    assert!(!idir.join("x").exists() && !idir.join("c").exists(), "a refused init made a site");
+    let o = tidemark(&["init", i, "--sites", "a,b"]);
+    assert!(o.status.success(), "init again with the same sites: {}", String::from_utf8_lossy(&o.stderr));
     // Admin command without a deployment.
     let o = tidemark(&["--dir", t.join("none").to_str().unwrap(), "status"]);
     assert_eq!(o.status.code(), Some(1));

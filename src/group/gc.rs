@@ -239,6 +239,7 @@ impl Group {
                         offset: (first_block + (i + j) as u64) * BLOCK_BYTES,
                         body_len: (run_crcs.len() + payload.len()) as u32,
                         crc: 0,
+                        durable: 0,
                     };
                     let at = inner.append(self, &mut rh, run_crcs, payload).map_err(|e| anyhow::anyhow!("{e}"))?;
                     inner.apply(&rh, at, run_crcs, None);

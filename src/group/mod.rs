@@ -798,6 +798,8 @@ impl Inner {
     /// log that may have a hole cannot take further writes.
     pub fn append(&mut self, group: &Group, h: &mut Header, checked: &[u8], payload: &[u8]) -> Result<LogPos, IoError> {
         let mut raw = [0u8; HEADER_BYTES];
+        // This site's own record: it says how far this log is durable.
+        h.durable = group.durable_pos();
         h.encode(checked, &mut raw);
         let r = self.append_bytes(group, h, &[&raw, checked, payload]);
         // A record that was not written gives its sequence number back
@@ -970,6 +972,7 @@ impl Inner {
             offset,
             body_len,
             crc: 0,
+            durable: 0,
         };
         // Saturating: at u64::MAX the record is refused by `append_bytes`.
         self.next_seq = self.next_seq.saturating_add(1);
@@ -1140,7 +1143,7 @@ impl Group {
 
     /// Opens (or creates, with a new id and async mode) the group stored in `dir`.
     pub fn open(dir: &Path, name: &str) -> Result<Arc<Group>> {
-        open::open(dir, name, &open::Create { id: None, mode: "async".into() })
+        open::open(dir, name, &open::Create { id: None, mode: "async".into(), written_here: true })
     }
 
     /// Opens the group in `dir`, creating it as described if it does not exist.

@@ -9,13 +9,13 @@
 //! operator can still inspect them).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
 use super::{checkpoint, Group, GroupMeta, Inner};
-use crate::log::segment::{self, pos, pos_off, pos_seg, Segment, SEGMENT_HEADER_BYTES};
+use crate::log::segment::{self, pos, pos_off, pos_seg, LogPos, Segment, SEGMENT_HEADER_BYTES};
 
 pub(crate) const META_FILE: &str = "group.json";
 
@@ -25,6 +25,11 @@ pub(crate) const META_FILE: &str = "group.json";
 pub struct Create {
     pub id: Option<u64>,
     pub mode: String,
+    /// This site appends its own records to this log (a primary): the
+    /// durability marks in them (`Header::durable`) are this log's, and
+    /// damage they prove was durable stops the open. At a DR site the
+    /// records carry their primary's marks, which say nothing of this log.
+    pub written_here: bool,
 }
 
 fn load_or_create_meta(dir: &Path, name: &str, create: &Create) -> Result<GroupMeta> {
@@ -232,7 +237,41 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     }
     inner.weighing.inline = false;
     if let Some((id, off, reason)) = cut {
-        tracing::warn!("log of group {name}: cutting torn tail of {} at offset {off}: {reason}", segments[&id].path.display());
+        let path = segments[&id].path.clone();
+        // What lies past the damage: nothing, or the rest of a write torn
+        // by a crash, or intact records. Intact records whose durability
+        // marks lie past the damage prove it had been made durable (and
+        // so acknowledged writes may be in and after it): not a torn
+        // write, and not cut without the operator's word.
+        let after = intact_records_after(&segments, id, off)?;
+        let damage = pos(id, off as u32);
+        let marker = dir.join(format!("accept-cut-{}-{off}", segment::segment_file_name(id)));
+        if create.written_here && after.durable_max > damage {
+            if !marker.exists() {
+                bail!(
+                    "group {name}: log segment {} is damaged at offset {off} ({reason}), and {} intact records follow it (seq {} to {}), appended after this site had made the damaged bytes durable: this is damage, not a write torn by a crash, and cutting the log there would lose acknowledged writes. The group is not opened. Restore the segment from a copy, or fail over to a DR site; to cut the log at the damage anyway (what follows it is kept in {}), create the file {} and start the site again",
+                    path.display(),
+                    after.count,
+                    after.first_seq,
+                    after.last_seq,
+                    dir.join("discarded").display(),
+                    marker.display()
+                );
+            }
+            tracing::error!("log of group {name}: cutting {} at offset {off}, damaged ({reason}), as {} asks: {} intact records after it (seq {} to {}) are dropped", path.display(), marker.display(), after.count, after.first_seq, after.last_seq);
+        } else if after.count > 0 {
+            tracing::error!(
+                "log of group {name}: cutting {} at offset {off} ({reason}); {} intact records follow it (seq {} to {}), none saying the damaged bytes were durable (a power loss that kept later writes of a torn one?); they are dropped and kept in {}",
+                path.display(),
+                after.count,
+                after.first_seq,
+                after.last_seq,
+                dir.join("discarded").display()
+            );
+        } else {
+            tracing::warn!("log of group {name}: cutting torn tail of {} at offset {off}: {reason}", path.display());
+        }
+        keep_cut_bytes(dir, &segments[&id], off);
         // The later segments go first: a crash between the two steps then
         // leaves a torn tail to cut again, never a short segment followed
         // by later ones.
@@ -252,6 +291,10 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         seg.file.set_len(off).with_context(|| format!("failed to truncate {}", seg.path.display()))?;
         seg.file.sync_all()?;
         seg.len.store(off, std::sync::atomic::Ordering::Release);
+        // Said once: the cut is made, the next open finds no damage.
+        if marker.exists() {
+            std::fs::remove_file(&marker).with_context(|| format!("failed to remove {}", marker.display()))?;
+        }
     }
 
     // A resync the site stopped in can never be committed: the primary
@@ -360,6 +403,85 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         g.save_pins()?;
     }
     Ok(g)
+}
+
+/// Intact records found past a damaged place in the log.
+#[derive(Debug, Default)]
+struct After {
+    count: u64,
+    first_seq: u64,
+    last_seq: u64,
+    /// The furthest durability mark among them (`Header::durable`).
+    durable_max: LogPos,
+}
+
+/// The intact records (header and checked body verify) in segment `id`
+/// past offset `off`, and in every later segment: searched for at every
+/// byte, since the damaged record's length cannot be trusted.
+fn intact_records_after(segments: &BTreeMap<u32, Arc<Segment>>, id: u32, off: u64) -> Result<After> {
+    use crate::log::record::{Header, HEADER_BYTES, RECORD_MAGIC};
+    let mut a = After::default();
+    for (&sid, seg) in segments.range(id..) {
+        let from = if sid == id { off + 1 } else { SEGMENT_HEADER_BYTES };
+        let len = seg.file.metadata()?.len();
+        if from >= len {
+            continue;
+        }
+        let mut bytes = vec![0u8; (len - from) as usize];
+        seg.read_at(&mut bytes, from)?;
+        let magic = RECORD_MAGIC.to_le_bytes();
+        let mut p = 0usize;
+        while p + HEADER_BYTES <= bytes.len() {
+            if bytes[p..p + 4] != magic {
+                p += 1;
+                continue;
+            }
+            let raw: &[u8; HEADER_BYTES] = bytes[p..p + HEADER_BYTES].try_into().expect("header length");
+            let intact = Header::decode(raw).ok().filter(|h| {
+                let end = p as u64 + h.total_len();
+                end <= bytes.len() as u64 && h.verify(raw, &bytes[p + HEADER_BYTES..p + HEADER_BYTES + h.checked_body_len()]).is_ok()
+            });
+            match intact {
+                Some(h) => {
+                    if a.count == 0 {
+                        a.first_seq = h.seq;
+                    }
+                    a.count += 1;
+                    a.last_seq = h.seq;
+                    a.durable_max = a.durable_max.max(h.durable);
+                    p += h.total_len() as usize;
+                }
+                None => p += 1,
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// Copies what a cut drops of segment `seg` (from `off` to its end) to
+/// `discarded/<segment>.cut-at-<off>`, so that the bytes are there to
+/// look at or recover from. A copy that fails (a full disk) is said and
+/// does not stop the open.
+fn keep_cut_bytes(dir: &Path, seg: &Segment, off: u64) {
+    let keep = || -> Result<Option<PathBuf>> {
+        let len = seg.file.metadata()?.len();
+        if off >= len {
+            return Ok(None);
+        }
+        let mut bytes = vec![0u8; (len - off) as usize];
+        seg.read_at(&mut bytes, off)?;
+        let dd = dir.join("discarded");
+        std::fs::create_dir_all(&dd)?;
+        let to = dd.join(format!("{}.cut-at-{off}", segment::segment_file_name(seg.id)));
+        crate::crashsafe::write_file(&to, &bytes)?;
+        crate::crashsafe::fsync_dir(dir)?;
+        Ok(Some(to))
+    };
+    match keep() {
+        Ok(Some(to)) => tracing::warn!("the {} bytes cut from {} at offset {off} are kept in {}", seg.file.metadata().map(|m| m.len().saturating_sub(off)).unwrap_or(0), seg.path.display(), to.display()),
+        Ok(None) => {}
+        Err(e) => tracing::error!("the bytes cut from {} at offset {off} could not be kept: {e:#}", seg.path.display()),
+    }
 }
 
 /// The length of the first record of `seg`, if its header is there and

@@ -629,6 +629,7 @@ impl Group {
                     offset: if kind == Kind::MapCopy { k - 3 } else { offset },
                     body_len: (crcs.len() + payload.len() + body.len()) as u32,
                     crc: 0,
+                    durable: 0,
                 };
                 let mut raw = [0u8; HEADER_BYTES];
                 let checked = if kind == Kind::MapCopy { &body } else { &crcs };
@@ -682,6 +683,7 @@ impl Group {
             offset,
             body_len: body.len() as u32,
             crc: 0,
+            durable: 0,
         };
         let mut raw = [0u8; HEADER_BYTES];
         h.encode(body, &mut raw);
@@ -768,7 +770,7 @@ mod tests {
         use crate::group::{open::Create, Group};
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
-        let g = Group::open_or_create(&dir.path().join("p"), "cg0", &Create { id: Some(7), mode: "async".into() }).unwrap();
+        let g = Group::open_or_create(&dir.path().join("p"), "cg0", &Create { id: Some(7), mode: "async".into(), written_here: true }).unwrap();
         let v = g.create_volume("v", 1 << 20).unwrap();
         g.replication.add_replica("b");
         for b in 0..3u64 {

@@ -63,7 +63,21 @@ pub(crate) fn check_body(h: &Header, body: &[u8]) -> Result<(), String> {
     match h.kind {
         Kind::VolumeCreate | Kind::VolumeResize | Kind::SnapCreate if h.volume == u32::MAX => out_of_bounds(format!("map id {} is out of range", h.volume)),
         Kind::VolumeCreate | Kind::VolumeResize if !size_ok(h.offset) => out_of_bounds(format!("size {} is not whole blocks of at most {VOLUME_BYTES_MAX} bytes", h.offset)),
-        Kind::SnapCreate => serde_json::from_slice::<CreateBody>(body).map(|_| ()).map_err(|e| bad("snapshot description", e)),
+        // What `create_volume` and `create_snapshot` allow, and no more: a
+        // name that is a path (`../../x`), not UTF-8, or empty would be an
+        // export and a status entry at every DR site.
+        Kind::VolumeCreate if h.offset == 0 => out_of_bounds("a volume of size 0".into()),
+        Kind::VolumeCreate => match std::str::from_utf8(body) {
+            Ok(name) => crate::util::check_name("volume", name).or_else(&out_of_bounds),
+            Err(_) => out_of_bounds(format!("volume name {:?} is not UTF-8", String::from_utf8_lossy(body))),
+        },
+        Kind::SnapCreate => {
+            let b = serde_json::from_slice::<CreateBody>(body).map_err(|e| bad("snapshot description", e))?;
+            match b.name.split_once('@') {
+                Some((root, snap)) => crate::util::check_name("volume", root).and_then(|_| crate::util::check_name("snapshot", snap)).or_else(&out_of_bounds),
+                None => out_of_bounds(format!("snapshot name {:?} is not VOLUME@SNAPSHOT", b.name)),
+            }
+        }
         // Resync records cover at most a batch each (`take_dirty`); the DR
         // stages them block by block.
         Kind::Write | Kind::Zero | Kind::Trim if h.flags & FLAG_RESYNC != 0 && h.length as u64 > RESYNC_BATCH_BLOCKS * BLOCK_BYTES => {
@@ -77,17 +91,27 @@ pub(crate) fn check_body(h: &Header, body: &[u8]) -> Result<(), String> {
             Ok(())
         }
         Kind::ResyncCommit => {
-            let table: Vec<(u32, u64)> = match serde_json::from_slice::<Vec<CommitEntry>>(body) {
-                Ok(t) => t.into_iter().map(|t| (t.id, t.size)).collect(),
-                Err(_) => serde_json::from_slice::<Vec<(u32, String, u64)>>(body).map_err(|e| bad("map table", e))?.into_iter().map(|(id, _, size)| (id, size)).collect(),
+            let table: Vec<(u32, String, u64)> = match serde_json::from_slice::<Vec<CommitEntry>>(body) {
+                Ok(t) => t.into_iter().map(|t| (t.id, t.name, t.size)).collect(),
+                Err(_) => serde_json::from_slice::<Vec<(u32, String, u64)>>(body).map_err(|e| bad("map table", e))?,
             };
             if table.len() > MAPS_PER_GROUP_MAX {
                 return out_of_bounds(format!("a map table of {} maps, more than {MAPS_PER_GROUP_MAX}", table.len()));
             }
-            match table.iter().find(|(id, size)| *id == u32::MAX || !size_ok(*size)) {
-                Some((id, size)) => out_of_bounds(format!("map {id} of size {size} in the table: the id is out of range or the size is not whole blocks of at most {VOLUME_BYTES_MAX} bytes")),
-                None => Ok(()),
+            if let Some((id, size)) = table.iter().map(|(id, _, size)| (id, size)).find(|(id, size)| **id == u32::MAX || !size_ok(**size)) {
+                return out_of_bounds(format!("map {id} of size {size} in the table: the id is out of range or the size is not whole blocks of at most {VOLUME_BYTES_MAX} bytes"));
             }
+            // A volume `NAME` or a snapshot `VOLUME@SNAPSHOT`, as made here.
+            for (id, name, _) in &table {
+                let (root, snap) = match name.split_once('@') {
+                    Some((r, s)) => (r, Some(s)),
+                    None => (name.as_str(), None),
+                };
+                if let Err(e) = crate::util::check_name("volume", root).and_then(|_| snap.map_or(Ok(()), |s| crate::util::check_name("snapshot", s))) {
+                    return out_of_bounds(format!("map {id} in the table: {e}"));
+                }
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -108,6 +132,7 @@ impl Inner {
             offset: 0,
             body_len: 0,
             crc: 0,
+            durable: 0,
         }
     }
 

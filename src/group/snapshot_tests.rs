@@ -556,7 +556,7 @@ fn raw_record(kind: crate::log::record::Kind, flags: u16, seq: u64, volume: u32,
 #[allow(clippy::too_many_arguments)]
 fn raw_record_at(kind: crate::log::record::Kind, flags: u16, seq: u64, volume: u32, offset: u64, length: u32, checked: &[u8], rest: &[u8]) -> Vec<u8> {
     use crate::log::record::{Header, HEADER_BYTES};
-    let mut h = Header { kind, flags, epoch: 1, seq, timestamp_ns: 1, volume, length, offset, body_len: (checked.len() + rest.len()) as u32, crc: 0 };
+    let mut h = Header { kind, flags, epoch: 1, seq, timestamp_ns: 1, volume, length, offset, body_len: (checked.len() + rest.len()) as u32, crc: 0, durable: 0 };
     let mut hdr = [0u8; HEADER_BYTES];
     h.encode(checked, &mut hdr);
     let mut out = hdr.to_vec();
@@ -824,7 +824,7 @@ fn a_resync_that_fills_the_disk_asks_for_all_it_needs_and_gives_back_what_it_sta
 fn records_a_site_would_act_on_are_bounded() {
     use crate::limits::{RESYNC_BATCH_BLOCKS, VOLUME_BYTES_MAX};
     use crate::log::record::FLAG_RESYNC;
-    let h = |kind: Kind, flags: u16, volume: u32, length: u32, offset: u64| Header { kind, flags, epoch: 1, seq: 9, timestamp_ns: 0, volume, length, offset, body_len: 0, crc: 0 };
+    let h = |kind: Kind, flags: u16, volume: u32, length: u32, offset: u64| Header { kind, flags, epoch: 1, seq: 9, timestamp_ns: 0, volume, length, offset, body_len: 0, crc: 0, durable: 0 };
     let refused = |h: Header, body: &[u8], why: &str| {
         let e = snapshot::check_body(&h, body).expect_err(why);
         assert!(e.contains("record seq 9"), "{why}: {e}");
@@ -838,6 +838,16 @@ fn records_a_site_would_act_on_are_bounded() {
     refused(h(Kind::VolumeResize, 0, 3, 0, 4097), b"", "a size not in whole blocks");
     refused(h(Kind::VolumeCreate, 0, u32::MAX, 0, 4096), b"vol1", "an id with no next");
     refused(h(Kind::SnapCreate, 0, u32::MAX, 0, 1), br#"{"name":"v@s","writable":false}"#, "a snapshot id with no next");
+    // Names and sizes `create_volume` and `create_snapshot` would refuse.
+    refused(h(Kind::VolumeCreate, 0, 3, 0, 0), b"vol1", "a volume of size 0");
+    refused(h(Kind::VolumeCreate, 0, 3, 0, 4096), b"../../x", "a volume named like a path");
+    refused(h(Kind::VolumeCreate, 0, 3, 0, 4096), b"", "a volume with no name");
+    refused(h(Kind::VolumeCreate, 0, 3, 0, 4096), b"v\xff", "a volume name that is not UTF-8");
+    refused(h(Kind::SnapCreate, 0, 4, 0, 3), br#"{"name":"../../evil","writable":false}"#, "a snapshot name without @");
+    refused(h(Kind::SnapCreate, 0, 4, 0, 3), br#"{"name":"v@a/b","writable":false}"#, "a snapshot name with a slash");
+    ok(h(Kind::SnapCreate, 0, 4, 0, 3), br#"{"name":"vol1@s-1.x","writable":true}"#);
+    refused(h(Kind::ResyncCommit, 0, 0, 0, 0), br#"[{"id":1,"name":"../x","size":4096}]"#, "a table naming a map like a path");
+    ok(h(Kind::ResyncCommit, 0, 0, 0, 0), br#"[{"id":1,"name":"vol0","size":4096},{"id":2,"name":"vol0@s1","size":4096}]"#);
 
     let batch = (RESYNC_BATCH_BLOCKS * BLOCK_BYTES) as u32;
     ok(h(Kind::Trim, FLAG_RESYNC, 3, batch, 0), b"");

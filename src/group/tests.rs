@@ -206,6 +206,82 @@ fn torn_tail_is_cut_not_fatal() {
     g.write(vol, 8192, &vec![3u8; 4096]).unwrap();
 }
 
+/// Writes blocks 0..4 of a fresh group in `dir`, each its own record
+/// (block i holds byte i + 1), syncing after those in `sync_after`, and
+/// leaves the group as a crash would. Returns the segment's path and
+/// where record 2 (block 1) starts.
+fn four_records(dir: &Path, sync_after: &[usize]) -> (std::path::PathBuf, u64) {
+    let g = Group::open(dir, "cg0").unwrap();
+    let vol = g.create_volume("v", 1 << 20).unwrap();
+    let mut second = 0;
+    for i in 0..4usize {
+        if i == 1 {
+            second = g.inner.lock().tail_off;
+        }
+        g.write(vol, i as u64 * 4096, &vec![i as u8 + 1; 4096]).unwrap();
+        if sync_after.contains(&i) {
+            g.sync_to(g.flush_target()).unwrap();
+        }
+    }
+    let path = g.inner.lock().tail.path.clone();
+    std::mem::forget(g);
+    (path, second)
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+}
+
+/// One flipped byte in a record that was durable, with records after it
+/// that say so (their durability marks lie past it): the open refuses,
+/// naming the file, the offset, what follows and how to go on, and
+/// changes nothing (before, it cut the log there as a torn tail: that
+/// write and the two after it, all acknowledged, gone, a WARN the only
+/// trace). The operator's
+/// marker file cuts it, keeping the cut bytes in discarded/.
+#[test]
+fn damage_to_durable_records_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, second) = four_records(dir.path(), &[0, 1, 2, 3]);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    flip_byte(&seg, second + 64 + 4 + 100);
+    let e = format!("{:#}", Group::open(dir.path(), "cg0").err().expect("a damaged durable record was cut"));
+    assert!(e.contains(&format!("damaged at offset {second}")) && e.contains("2 intact records follow it (seq 4 to 5)") && e.contains("acknowledged writes"), "{e}");
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "the refused open changed the segment");
+    let marker = e.split("create the file ").nth(1).and_then(|r| r.split(" and start").next()).expect("no marker file named");
+    std::fs::write(marker, b"").unwrap();
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.volume("v").unwrap().id;
+    let mut buf = vec![0u8; 4 * 4096];
+    g.read(vol, 0, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 1) && buf[4096..].iter().all(|&b| b == 0), "not cut at record 2");
+    assert!(!Path::new(marker).exists(), "the marker outlived its cut");
+    let kept = dir.path().join("discarded").join(format!("{}.cut-at-{second}", seg.file_name().unwrap().to_str().unwrap()));
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), len - second, "the cut bytes are not kept whole");
+}
+
+/// The same damage where no later record says it was durable (the
+/// records after the last sync: what a power loss can tear while keeping
+/// later writes) is cut as before, and the cut bytes are kept.
+#[test]
+fn damage_past_the_last_durability_mark_is_cut_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, second) = four_records(dir.path(), &[0]);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    flip_byte(&seg, second + 64 + 4 + 100);
+    let g = Group::open(dir.path(), "cg0").unwrap();
+    let vol = g.volume("v").unwrap().id;
+    let mut buf = vec![0u8; 4 * 4096];
+    g.read(vol, 0, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 1) && buf[4096..].iter().all(|&b| b == 0), "not cut at record 2");
+    let kept = dir.path().join("discarded").join(format!("{}.cut-at-{second}", seg.file_name().unwrap().to_str().unwrap()));
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), len - second);
+}
+
 /// A checkpoint whose replay position lies past the end of its segment
 /// (the segment truncated, or a checkpoint and a log restored from
 /// different backups) does not belong to this log: the open fails naming

@@ -472,6 +472,9 @@ pub fn validate(req: &Request, size: u64, read_only: bool, block_status: bool) -
             }
             Ok(Command::BlockStatus { offset, len, req_one: req.flags & CMD_FLAG_REQ_ONE != 0 })
         }
+        // Nothing to do (every read is from the log), but the range is
+        // checked as a read's: past the end is an error, not a success.
+        CMD_CACHE if !end_ok => Err((EINVAL, format!("cache {offset}+{len} past the end of the export ({size} bytes)"))),
         CMD_CACHE => Ok(Command::Cache),
         _ => Ok(Command::Disconnect),
     }

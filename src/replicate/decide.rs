@@ -189,7 +189,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn rec(seq: u64, kind: Kind, flags: u16) -> Header {
-        Header { kind, flags, epoch: 2, seq, timestamp_ns: 0, volume: 1, length: 4096, offset: 0, body_len: 0, crc: 0 }
+        Header { kind, flags, epoch: 2, seq, timestamp_ns: 0, volume: 1, length: 4096, offset: 0, body_len: 0, crc: 0, durable: 0 }
     }
 
     /// A seeded model: the primary's stream is resent from random points

@@ -243,14 +243,14 @@ struct World {
 }
 
 fn create(mode: &str) -> Create {
-    Create { id: Some(GROUP_ID), mode: mode.into() }
+    Create { id: Some(GROUP_ID), mode: mode.into(), written_here: false }
 }
 
 impl World {
     fn new(seed: u64, print: bool) -> Result<World, String> {
         crate::util::set_sim_clock(Some(WALL0));
         let dir = tempfile::Builder::new().prefix("tidemark-dsim").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).map_err(|e| e.to_string())?;
-        let p = Group::open_or_create(&dir.path().join("p"), "cg0", &create("async")).map_err(|e| e.to_string())?;
+        let p = Group::open_or_create(&dir.path().join("p"), "cg0", &Create { written_here: true, ..create("async") }).map_err(|e| e.to_string())?;
         p.create_volume("v", BLOCKS * 4096).map_err(|e| e.to_string())?;
         p.replication.add_replica("b");
         let d = Group::open_or_create(&dir.path().join("d0"), "cg0", &create("async")).map_err(|e| e.to_string())?;

@@ -971,7 +971,7 @@ mod tests {
     }
 
     fn primary(dir: &std::path::Path, mode: &str) -> Arc<Group> {
-        let g = Group::open_or_create(&dir.join("p"), "cg0", &Create { id: Some(7), mode: mode.into() }).unwrap();
+        let g = Group::open_or_create(&dir.join("p"), "cg0", &Create { id: Some(7), mode: mode.into(), written_here: true }).unwrap();
         g.create_volume("v", 1 << 20).unwrap();
         g.replication.add_replica("b");
         g
@@ -1358,7 +1358,7 @@ mod tests {
     #[test]
     fn a_dr_shows_a_mode_it_does_not_know_as_unknown() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Group::open_or_create(&dir.path().join("d"), "cg0", &Create { id: Some(7), mode: "async".into() }).unwrap();
+        let d = Group::open_or_create(&dir.path().join("d"), "cg0", &Create { id: Some(7), mode: "async".into(), written_here: false }).unwrap();
         let host = Arc::new(crate::replicate::dsim::DrHost { group: std::sync::Mutex::new(d.clone()), dr: crate::replicate::receive::DrState::default() });
         let long = "warp".repeat(100);
         for (sent, shown, taken) in [("periodic", "periodic".to_string(), Mode::Periodic), (long.as_str(), format!("unknown ({:?}; taken as sync)", "warp".repeat(8)), Mode::Sync)] {

@@ -136,7 +136,7 @@ fn schedule(seed: u64) -> Result<(), String> {
     let mut p = Group::open(&p_dir, "cg0").map_err(|e| e.to_string())?;
     let vol = p.create_volume("v", BLOCKS * 4096).map_err(|e| e.to_string())?;
     p.replication.add_replica("b");
-    let create = Create { id: Some(p.id), mode: "async".into() };
+    let create = Create { id: Some(p.id), mode: "async".into(), written_here: false };
     let d0 = Group::open_or_create(&dir.path().join("d0"), "cg0", &create).map_err(|e| e.to_string())?;
     let host = Arc::new(DrHost { group: Mutex::new(d0), dr: DrState::default() });
     let mut link: Option<Link> = None;
@@ -391,7 +391,7 @@ impl DrPair {
         let p = Group::open(&dir.path().join("p"), "cg0").unwrap();
         let vol = p.create_volume("v", BLOCKS * 4096).unwrap();
         p.replication.add_replica("b");
-        let d0 = Group::open_or_create(&dir.path().join("d0"), "cg0", &Create { id: Some(p.id), mode: "async".into() }).unwrap();
+        let d0 = Group::open_or_create(&dir.path().join("d0"), "cg0", &Create { id: Some(p.id), mode: "async".into(), written_here: false }).unwrap();
         let host = Arc::new(DrHost { group: Mutex::new(d0.clone()), dr: DrState::default() });
         DrPair { rt, _dir: dir, p, d0, vol, host, primary_timeout, heartbeat, dr_timeout }
     }

@@ -46,6 +46,38 @@ fn failed(e: anyhow::Error) -> ApiError {
     ApiError(code, msg)
 }
 
+/// A JSON body the handler could not take: too large is 413, naming the
+/// limit (axum says "length limit exceeded" and 400), the rest as axum
+/// words them.
+fn rejected(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE || e.body_text().contains("length limit exceeded") {
+        return ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than the {} bytes the API takes", crate::limits::API_BODY_BYTES_MAX));
+    }
+    bad(e.body_text())
+}
+
+/// Every error answer is `{"error": "..."}`: the router's own (no such
+/// path, a method the path does not take, a path that is not UTF-8) came
+/// as empty or plain-text bodies, which a client shows as nothing.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let body = axum::body::to_bytes(res.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let msg = match (status, text.is_empty()) {
+        (StatusCode::NOT_FOUND, true) => format!("no API path {path}"),
+        (StatusCode::METHOD_NOT_ALLOWED, true) => format!("{path} does not take {method}"),
+        (_, true) => format!("HTTP {status} for {method} {path}"),
+        (_, false) => text,
+    };
+    ApiError(status, msg).into_response()
+}
+
 pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow::Result<()> {
     let refused = site.metrics.api_connections_refused.clone();
     let app = Router::new()
@@ -60,8 +92,10 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
         .route("/snapshots/refresh", post(refresh_snapshot))
         .route("/snapshots/sync", post(sync_snapshots))
         .route("/snapshots/{volume}/{snapshot}", axum::routing::delete(delete_snapshot))
+        .fallback(|uri: axum::http::Uri| async move { ApiError(StatusCode::NOT_FOUND, format!("no API path {}", uri.path())) })
         .layer(axum::middleware::from_fn_with_state(site.clone(), admitted))
         .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(site);
     let listener = super::apiconn::ApiListener::new(listener, crate::limits::API_CONNECTIONS_MAX, std::time::Duration::from_millis(crate::limits::API_IDLE_TIMEOUT_MS), refused);
     axum::serve(listener, app.into_make_service_with_connect_info::<Conn>()).await?;
@@ -375,7 +409,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
 }
 
 async fn create_volume(State(site): State<Arc<Site>>, body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let Json(req) = body.map_err(rejected)?;
     primary_only(&site)?;
     let size = size_of(&req.size)?;
     let group = req.group.unwrap_or_else(|| "cg0".into());
@@ -406,7 +440,7 @@ async fn resize_volume(
     Path(name): Path<String>,
     body: Result<Json<Resize>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let Json(req) = body.map_err(rejected)?;
     primary_only(&site)?;
     let size = size_of(&req.size)?;
     let n = name.clone();
@@ -440,9 +474,13 @@ async fn set_group(
     Path(name): Path<String>,
     body: Result<Json<GroupSettings>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let Json(req) = body.map_err(rejected)?;
     primary_only(&site)?;
     let g = site.groups.read().unwrap().get(&name).cloned().ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("group {name} does not exist")))?;
+    // A request that sets nothing is a mistake, not a success.
+    if req.mode.is_none() {
+        return Err(bad("nothing to change: give a setting (mode)"));
+    }
     if let Some(m) = req.mode {
         let mode = crate::replicate::Mode::parse(&m).map_err(bad)?;
         let g2 = g.clone();
@@ -499,7 +537,7 @@ struct CreateSnapshot {
 }
 
 async fn create_snapshot(State(site): State<Arc<Site>>, body: Result<Json<CreateSnapshot>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let Json(req) = body.map_err(rejected)?;
     primary_only(&site)?;
     let full = crate::group::Group::snapshot_name(&req.volume, &req.name);
     off_thread(move || {
@@ -525,7 +563,7 @@ async fn vol_snap_op(
     done: &'static str,
     op: fn(&crate::group::Group, &str, &str) -> anyhow::Result<u64>,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let Json(req) = body.map_err(rejected)?;
     primary_only(&site)?;
     let seq = off_thread(move || {
         let g = group_of(&site, &req.volume)?;
@@ -569,7 +607,7 @@ fn resolve_snapshot(site: &Site, name: &str) -> Result<String, ApiError> {
 }
 
 async fn sync_snapshots(State(site): State<Arc<Site>>, body: Result<Json<SyncSnapshots>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, ApiError> {
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let Json(req) = body.map_err(rejected)?;
     primary_only(&site)?;
     let (from, to, seq) = off_thread(move || {
         let from = resolve_snapshot(&site, &req.from)?;

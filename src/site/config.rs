@@ -174,7 +174,8 @@ fn default_periodic_s() -> u64 {
 impl SiteConfig {
     /// Reads and checks a config file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<SiteConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("failed to read site config {}", path.display()))?;
+        let raw = std::fs::read(path).with_context(|| format!("failed to read site config {}", path.display()))?;
+        let text = String::from_utf8(raw).map_err(|e| anyhow::anyhow!("site config {} is not UTF-8 text (byte {} is not)", path.display(), e.utf8_error().valid_up_to()))?;
         let mut cfg: SiteConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("site config {}: {e}", path.display()))?;
         cfg.validate().with_context(|| format!("site config {}", path.display()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -219,10 +220,17 @@ impl SiteConfig {
         if !(0..=19).contains(&self.receiver_nice) {
             bail!("receiver_nice {} is not in 0..=19", self.receiver_nice);
         }
+        if self.sync_timeout_ms == 0 || self.sync_timeout_ms > 86_400_000 {
+            bail!("sync_timeout_ms {} is not between 1 and a day (86400000)", self.sync_timeout_ms);
+        }
+        let mut peers = std::collections::BTreeSet::new();
         for p in &self.peers {
             crate::util::check_name("peer", &p.name).map_err(anyhow::Error::msg)?;
             if p.name == self.name {
                 bail!("peer {} is this site itself", p.name);
+            }
+            if !peers.insert(p.name.as_str()) {
+                bail!("peer {} is listed twice ([[peer]])", p.name);
             }
         }
         let mut names = std::collections::BTreeSet::new();
@@ -271,6 +279,16 @@ mod tests {
         std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nsender_nice = 20\n").unwrap();
         let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
         assert!(e.contains("site.toml") && e.contains("sender_nice 20 is not in 0..=19"), "{e}");
+        std::fs::write(&p, b"name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\xff\"\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("site.toml") && e.contains("not UTF-8") && e.contains("byte 80"), "{e}");
+        std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nsync_timeout_ms = 0\n").unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("sync_timeout_ms 0"), "{e}");
+        let peer = "[[peer]]\nname = \"b\"\nrepl = \"127.0.0.1:3\"\n";
+        std::fs::write(&p, format!("name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n{peer}{peer}")).unwrap();
+        let e = format!("{:#}", SiteConfig::load(&p).unwrap_err());
+        assert!(e.contains("peer b is listed twice"), "{e}");
         std::fs::write(&p, "name = \"a\"\nrole = \"primary\"\nnbd_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nsender_nice = 0\n").unwrap();
         assert_eq!(SiteConfig::load(&p).unwrap().sender_nice, 0);
         assert_eq!(SiteConfig::load(&p).unwrap().receiver_nice, crate::limits::RECEIVER_NICE_DEFAULT);

@@ -84,7 +84,7 @@ impl Site {
             _lock: lock,
         });
         let gdir = site.groups_dir();
-        std::fs::create_dir_all(&gdir)?;
+        std::fs::create_dir_all(&gdir).with_context(|| format!("cannot make the groups directory {}", gdir.display()))?;
         let mut names: Vec<String> = Vec::new();
         for ent in std::fs::read_dir(&gdir)? {
             let ent = ent?;
@@ -124,7 +124,10 @@ impl Site {
                 std::fs::remove_dir_all(&d).with_context(|| format!("failed to remove {}", d.display()))?;
                 continue;
             }
-            let g = Group::open(&d, &n).with_context(|| format!("failed to open group {n}"))?;
+            // A DR site's log holds its primary's records, whose durability
+            // marks say nothing of this log (`Create::written_here`).
+            let own = crate::group::open::Create { id: None, mode: "async".into(), written_here: !site.read_only() };
+            let g = Group::open_or_create(&d, &n, &own).with_context(|| format!("failed to open group {n}"))?;
             site.configure_group(&g);
             site.groups.write().unwrap().insert(n, g);
         }
@@ -148,7 +151,7 @@ impl Site {
 
     pub fn group_or_create(&self, name: &str) -> Result<Arc<Group>> {
         crate::util::check_name("group", name).map_err(anyhow::Error::msg)?;
-        let (g, new) = self.open_group(name, crate::group::open::Create { id: None, mode: self.cfg.mode.clone() })?;
+        let (g, new) = self.open_group(name, crate::group::open::Create { id: None, mode: self.cfg.mode.clone(), written_here: true })?;
         if new {
             self.start_senders(&g);
         }
@@ -158,7 +161,7 @@ impl Site {
     /// The local copy of a group a primary replicates to this DR site,
     /// created with the primary's group id if it does not exist yet.
     pub fn group_for_replication(&self, name: &str, id: u64, mode: &str) -> Result<Arc<Group>> {
-        Ok(self.open_group(name, crate::group::open::Create { id: Some(id), mode: mode.to_string() })?.0)
+        Ok(self.open_group(name, crate::group::open::Create { id: Some(id), mode: mode.to_string(), written_here: false })?.0)
     }
 
     /// The group `name`, and whether this call opened it: opened or
@@ -417,7 +420,15 @@ pub fn run(cfg: SiteConfig) -> Result<()> {
         let nbd = tokio::net::TcpListener::bind(site.cfg.nbd_listen)
             .await
             .with_context(|| format!("failed to listen for NBD on {}", site.cfg.nbd_listen))?;
-        tracing::info!("site {} ({:?}) serving NBD on {} and the API on {}", site.cfg.name, site.cfg.role, site.cfg.nbd_listen, site.cfg.api_listen);
+        // The bound addresses: a configured port 0 is the kernel's choice.
+        let shown = |a: std::io::Result<std::net::SocketAddr>, cfg: std::net::SocketAddr| a.map(|a| a.to_string()).unwrap_or_else(|_| cfg.to_string());
+        tracing::info!(
+            "site {} ({:?}) serving NBD on {} and the API on {}",
+            site.cfg.name,
+            site.cfg.role,
+            shown(nbd.local_addr(), site.cfg.nbd_listen),
+            shown(api.local_addr(), site.cfg.api_listen)
+        );
         if !site.cfg.nbd_listen.ip().to_canonical().is_loopback() {
             tracing::warn!(
                 "NBD listens on {}, which is not loopback: NBD here has no authentication and no encryption, so whoever can reach that address can read and write every export; keep it on a network only the volumes' clients reach",

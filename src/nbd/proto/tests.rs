@@ -148,6 +148,9 @@ fn request_validation_follows_the_spec() {
     assert_eq!(validate(&req(CMD_BLOCK_STATUS, 0, 0, 4096), 8192, false, false).unwrap_err().0, EINVAL);
     assert!(validate(&req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 4096), 8192, false, true).is_ok());
     assert!(validate(&req(CMD_WRITE, CMD_FLAG_FUA, 511, 513), 8192, false, false).is_ok());
+    // CACHE: a read's range rules (it succeeded past the end before).
+    assert_eq!(validate(&req(CMD_CACHE, 0, 0, 8192), 8192, false, false), Ok(Command::Cache));
+    assert_eq!(validate(&req(CMD_CACHE, 0, 1 << 40, 4096), 8192, false, false).unwrap_err().0, EINVAL);
 }
 
 #[test]
