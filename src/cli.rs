@@ -200,7 +200,9 @@ pub fn api_url(cli: &Cli) -> Result<String> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {} (is `tidemark up` running with --dir {}?)", path.display(), dir.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let site = cli.site.clone().unwrap_or_else(|| "a".into());
-    v["sites"][&site]["api"].as_str().map(str::to_string).with_context(|| format!("{} has no site {site}", path.display()))
+    let api = v["sites"][&site]["api"].as_str().map(str::to_string).with_context(|| format!("{} has no site {site}", path.display()))?;
+    // Checked as --api is: what the file says is used as a URL next.
+    parse_api_url(&api).map_err(|e| anyhow::anyhow!("{}: site {site}: {e}", path.display()))
 }
 
 fn human_size(n: u64) -> String {

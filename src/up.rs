@@ -149,6 +149,8 @@ fn check_deployment(d: &Deployment) -> Result<()> {
     if d.port_base as u32 + 30 > u16::MAX as u32 {
         bail!("port base {} leaves no room for the site ports (needs P..P+30)", d.port_base);
     }
+    // Else each site config written from it fails, one by one.
+    crate::replicate::Mode::parse(&d.mode).map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

@@ -652,6 +652,30 @@ fn running_out_of_file_descriptors_is_waited_out() {
     works(&site);
 }
 
+/// A volume deleted while a client is connected to it: the next request
+/// gets ESHUTDOWN saying so and the connection ends (before, the export
+/// read as 0 bytes long: EINVAL "past the end" for reads, ENOSPC for
+/// writes, and FLUSH still succeeded). An unknown export asked for is
+/// logged with the client's address.
+#[test]
+fn a_deleted_volume_ends_its_connections() {
+    let site = Site::start(&[("vol0", "64MiB"), ("v1", "16MiB")]);
+    let mut c = Client::connect(&site.addr(), "v1").unwrap();
+    c.s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    c.write(0, &[7u8; 4096], true).unwrap();
+    cmd_ok(common::bin().to_str().unwrap(), &["--api", &site.api(), "volume", "delete", "v1"]);
+    let h = c.raw_request(0, 0, 0, 4096, &[]).unwrap();
+    let (rh, err) = c.reply().unwrap();
+    assert_eq!((rh, err), (h, 108), "a read of the deleted volume: expected ESHUTDOWN");
+    let mut rest = Vec::new();
+    let _ = c.s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the connection went on after the deletion: {} more bytes", rest.len());
+    common::wait_until(10, "the deletion logged", || site.log().contains("v1 was deleted; the export is gone"));
+    assert!(Client::connect(&site.addr(), "v1").is_err(), "v1 is still exported");
+    common::wait_until(10, "the refused export logged", || site.log().contains("option 7 refused: unknown export \"v1\""));
+    works(&site);
+}
+
 #[test]
 fn read_only_and_unknown_export_errors() {
     let site = Site::start(&[("vol0", "1GiB")]);

@@ -28,7 +28,11 @@ use crate::volume::Volume;
 
 const MAGIC: &[u8; 8] = b"TMCKPT01";
 /// 2: snapshot metadata and shared regions. 3: the last record's identity.
-const VERSION: u32 = 3;
+/// 4: where this log's durability marks are trusted from (`marks_from`);
+/// also what keeps an earlier build, which reads the marks in records as
+/// damage and would cut the log at the first, from opening the group at
+/// all ("unsupported version 4").
+const VERSION: u32 = 4;
 pub const FILE_NAME: &str = "checkpoint";
 
 pub struct Checkpoint {
@@ -39,6 +43,11 @@ pub struct Checkpoint {
     pub next_volume_id: u32,
     pub volumes: Vec<Volume>,
     pub seg_seqs: std::collections::BTreeMap<u32, (u64, u64)>,
+    pub version: u32,
+    /// The log position from which records carry this log's own
+    /// durability marks (`Inner::marks_from`); `None` before version 4,
+    /// and at a DR site.
+    pub marks_from: Option<LogPos>,
 }
 
 /// Serialises the state of `inner` (called with the group lock held; cost is
@@ -90,6 +99,7 @@ pub(crate) fn encode(inner: &Inner, group_id: u64) -> (LogPos, Vec<u8>) {
         }
         None => body.push(0),
     }
+    body.extend_from_slice(&inner.marks_from.unwrap_or(u64::MAX).to_le_bytes());
     let mut out = Vec::with_capacity(body.len() + 24);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -162,7 +172,7 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
         bail!("bad magic");
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != VERSION && version != 2 {
+    if !(2..=VERSION).contains(&version) {
         bail!("unsupported version {version}");
     }
     let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
@@ -267,10 +277,11 @@ pub fn decode(bytes: &[u8], group_id: u64) -> Result<Checkpoint> {
     } else {
         None
     };
+    let marks_from = if version >= 4 { Some(c.u64("durability marks start")?).filter(|m| *m != u64::MAX) } else { None };
     if c.at != body.len() {
         bail!("{} trailing bytes", body.len() - c.at);
     }
-    Ok(Checkpoint { replay_pos, next_seq, last_ident, epoch, next_volume_id, volumes, seg_seqs })
+    Ok(Checkpoint { replay_pos, next_seq, last_ident, epoch, next_volume_id, volumes, seg_seqs, version, marks_from })
 }
 
 pub fn load(dir: &Path, group_id: u64) -> Result<Option<Checkpoint>> {

@@ -221,6 +221,10 @@ pub(crate) struct Inner {
     /// When recent records were written (sampled): the age of the oldest
     /// write a DR site lacks.
     pub times: times::SeqTimes,
+    /// From this log position on, the durability marks in records are
+    /// this log's own (a primary's, since it last became one); `None` at
+    /// a DR site, whose records carry its primary's. Kept in checkpoints.
+    pub marks_from: Option<LogPos>,
 }
 
 /// DR site: a resync in progress (from its RESYNC_BEGIN to its commit).
@@ -1153,9 +1157,12 @@ impl Group {
 
     /// The group over an opened log, with its sync and maintenance threads
     /// started (an error if the system has no thread left to give).
-    pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner) -> Result<Arc<Group>> {
+    /// `durable`: how far the log is known durable (the open's replay
+    /// start: what the process before left may be in the page cache only),
+    /// set before any thread can append with it as its mark.
+    pub(crate) fn from_parts(meta: &GroupMeta, dir: PathBuf, inner: Inner, durable: LogPos) -> Result<Arc<Group>> {
         let tail = inner.tail_pos();
-        let (durable_tx, _) = watch::channel((tail, false));
+        let (durable_tx, _) = watch::channel((durable.min(tail), false));
         inner.catalog.publish(&inner.volumes);
         let catalog = inner.catalog.clone();
         let g = Arc::new(Group {

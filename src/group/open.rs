@@ -96,6 +96,10 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         }
     }
 
+    // Whose durability marks the records carry (see `Create::written_here`).
+    let ckpt_version = ckpt.as_ref().map(|c| c.version);
+    let loaded_marks = ckpt.as_ref().and_then(|c| c.marks_from);
+    let trust_marks = if create.written_here { loaded_marks } else { None };
     let (replay_from, mut inner_volumes, next_seq, last_ident, epoch, next_volume_id, seg_seqs) = match ckpt {
         Some(c) => (c.replay_pos, c.volumes, c.next_seq, c.last_ident, c.epoch, c.next_volume_id, c.seg_seqs),
         None => (0, Vec::new(), 1, None, meta.epoch, 1, BTreeMap::new()),
@@ -145,6 +149,7 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         checkpoint_asked: false,
         gc_skipped: BTreeMap::new(),
         times: Default::default(),
+        marks_from: None,
     };
     inner.recount_distinct();
 
@@ -243,13 +248,13 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
         // marks lie past the damage prove it had been made durable (and
         // so acknowledged writes may be in and after it): not a torn
         // write, and not cut without the operator's word.
-        let after = intact_records_after(&segments, id, off)?;
+        let after = intact_records_after(&segments, id, off, trust_marks)?;
         let damage = pos(id, off as u32);
         let marker = dir.join(format!("accept-cut-{}-{off}", segment::segment_file_name(id)));
-        if create.written_here && after.durable_max > damage {
+        if after.durable_max > damage {
             if !marker.exists() {
                 bail!(
-                    "group {name}: log segment {} is damaged at offset {off} ({reason}), and {} intact records follow it (seq {} to {}), appended after this site had made the damaged bytes durable: this is damage, not a write torn by a crash, and cutting the log there would lose acknowledged writes. The group is not opened. Restore the segment from a copy, or fail over to a DR site; to cut the log at the damage anyway (what follows it is kept in {}), create the file {} and start the site again",
+                    "group {name}: log segment {} is damaged at offset {off} ({reason}), and {} intact records follow it (seq {} to {}), appended after this site had made the damaged bytes durable: this is damage, not a write torn by a crash, and cutting the log there would lose acknowledged writes. The group is not opened (and the site does not start). Restore the segment from a copy, or fail over to a DR site; to cut the log at the damage anyway (what follows it is kept in {}), create the file {} and start the site again",
                     path.display(),
                     after.count,
                     after.first_seq,
@@ -386,9 +391,26 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
             (peer.clone(), if pin > 1 { pin.min(cap) } else { 0 })
         })
         .collect();
-    let g = Group::from_parts(&meta, dir.to_path_buf(), inner)?;
-    g.durable_tx.send_modify(|v| v.0 = v.0.min(replay_from));
+    let g = Group::from_parts(&meta, dir.to_path_buf(), inner, replay_from)?;
     g.sync_to(g.flush_target()).with_context(|| format!("group {name}: failed to make the replayed log durable"))?;
+    // The marks are trusted from where this site began to write the log
+    // itself: kept while it stays a primary; from here on at the first
+    // open as one (the records before are a DR's, marked by its primary);
+    // never at a DR. A change, and a checkpoint from before marks, is
+    // written out now (version 4, which earlier builds refuse to open).
+    let marks = if create.written_here { loaded_marks.or(Some(g.flush_target())) } else { None };
+    g.lock().marks_from = marks;
+    if ckpt_version.is_none_or(|v| v < 4) || marks != loaded_marks {
+        g.checkpoint().with_context(|| format!("group {name}: failed to write the checkpoint that records where durability marks start"))?;
+    }
+    // A marker the cut above did not use (the damage gone: the segment
+    // restored) must not authorise a cut at that place later.
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with("accept-cut-")) {
+            tracing::warn!("group {name}: removing {}: the log has no damage there now", e.path().display());
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     for (peer, seq) in held {
         g.replication.seed_acked(&peer, seq);
     }
@@ -417,42 +439,75 @@ struct After {
 
 /// The intact records (header and checked body verify) in segment `id`
 /// past offset `off`, and in every later segment: searched for at every
-/// byte, since the damaged record's length cannot be trusted.
-fn intact_records_after(segments: &BTreeMap<u32, Arc<Segment>>, id: u32, off: u64) -> Result<After> {
+/// byte, since the damaged record's length cannot be trusted (unless its
+/// header and block checksums verify and only its data is damaged: then
+/// the search starts after it, and guest data in it is never read as
+/// records). A mark counts (`durable_max`) only from a record at or past
+/// `trust` whose mark lies between `trust` and the record itself: a mark
+/// is where the log was durable when the record was appended, never past
+/// it, so one that is not is not this log's (a forged record in guest
+/// data, a DR's primary's). Bounded: at most `SEGMENT_BYTES` read per
+/// segment and `2 * SEGMENT_BYTES` checksummed in all; past that the
+/// search stops, and what it found so far decides.
+fn intact_records_after(segments: &BTreeMap<u32, Arc<Segment>>, id: u32, off: u64, trust: Option<LogPos>) -> Result<After> {
     use crate::log::record::{Header, HEADER_BYTES, RECORD_MAGIC};
     let mut a = After::default();
+    let mut budget = 2 * crate::limits::SEGMENT_BYTES;
     for (&sid, seg) in segments.range(id..) {
-        let from = if sid == id { off + 1 } else { SEGMENT_HEADER_BYTES };
-        let len = seg.file.metadata()?.len();
-        if from >= len {
+        let start = if sid == id { off } else { SEGMENT_HEADER_BYTES };
+        let len = seg.file.metadata()?.len().min(start + crate::limits::SEGMENT_BYTES);
+        if start >= len {
             continue;
         }
-        let mut bytes = vec![0u8; (len - from) as usize];
-        seg.read_at(&mut bytes, from)?;
+        let mut bytes = vec![0u8; (len - start) as usize];
+        seg.read_at(&mut bytes, start)?;
         let magic = RECORD_MAGIC.to_le_bytes();
+        // The damaged record itself: skipped whole if its header stands.
         let mut p = 0usize;
+        if sid == id {
+            p = 1;
+            if let Some(raw) = bytes.get(..HEADER_BYTES).map(|b| <&[u8; HEADER_BYTES]>::try_from(b).expect("header length")) {
+                if let Ok(h) = Header::decode(raw) {
+                    let checked_end = HEADER_BYTES + h.checked_body_len();
+                    if (h.total_len() as usize) <= bytes.len() && h.verify(raw, &bytes[HEADER_BYTES..checked_end]).is_ok() {
+                        p = h.total_len() as usize;
+                    }
+                }
+            }
+        }
         while p + HEADER_BYTES <= bytes.len() {
             if bytes[p..p + 4] != magic {
                 p += 1;
                 continue;
             }
             let raw: &[u8; HEADER_BYTES] = bytes[p..p + HEADER_BYTES].try_into().expect("header length");
-            let intact = Header::decode(raw).ok().filter(|h| {
-                let end = p as u64 + h.total_len();
-                end <= bytes.len() as u64 && h.verify(raw, &bytes[p + HEADER_BYTES..p + HEADER_BYTES + h.checked_body_len()]).is_ok()
-            });
-            match intact {
-                Some(h) => {
-                    if a.count == 0 {
-                        a.first_seq = h.seq;
-                    }
-                    a.count += 1;
-                    a.last_seq = h.seq;
-                    a.durable_max = a.durable_max.max(h.durable);
-                    p += h.total_len() as usize;
-                }
-                None => p += 1,
+            let Ok(h) = Header::decode(raw) else {
+                p += 1;
+                continue;
+            };
+            let at = pos(sid, (start + p as u64) as u32);
+            let end = p as u64 + h.total_len();
+            if end > bytes.len() as u64 {
+                p += 1;
+                continue;
             }
+            if budget < h.checked_body_len() as u64 {
+                break;
+            }
+            budget -= h.checked_body_len() as u64;
+            if h.verify(raw, &bytes[p + HEADER_BYTES..p + HEADER_BYTES + h.checked_body_len()]).is_err() {
+                p += 1;
+                continue;
+            }
+            if a.count == 0 {
+                a.first_seq = h.seq;
+            }
+            a.count += 1;
+            a.last_seq = h.seq;
+            if trust.is_some_and(|t| at >= t && h.durable >= t && h.durable <= at) {
+                a.durable_max = a.durable_max.max(h.durable);
+            }
+            p = end as usize;
         }
     }
     Ok(a)
@@ -468,11 +523,18 @@ fn keep_cut_bytes(dir: &Path, seg: &Segment, off: u64) {
         if off >= len {
             return Ok(None);
         }
-        let mut bytes = vec![0u8; (len - off) as usize];
+        // A segment is never longer than SEGMENT_BYTES; a file that is
+        // (not ours) is kept up to that.
+        let mut bytes = vec![0u8; (len - off).min(crate::limits::SEGMENT_BYTES) as usize];
         seg.read_at(&mut bytes, off)?;
         let dd = dir.join("discarded");
         std::fs::create_dir_all(&dd)?;
-        let to = dd.join(format!("{}.cut-at-{off}", segment::segment_file_name(seg.id)));
+        // A cut at the same place before (positions are reused after a
+        // cut) keeps its copy.
+        let mut to = dd.join(format!("{}.cut-at-{off}", segment::segment_file_name(seg.id)));
+        if to.exists() {
+            to = dd.join(format!("{}.cut-at-{off}.{}", segment::segment_file_name(seg.id), crate::util::now_ns()));
+        }
         crate::crashsafe::write_file(&to, &bytes)?;
         crate::crashsafe::fsync_dir(dir)?;
         Ok(Some(to))

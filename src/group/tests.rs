@@ -116,9 +116,10 @@ fn last_record_identity_survives_reopen() {
     std::mem::forget(g);
     let g = Group::open(dir.path(), "cg0").unwrap();
     assert_eq!(g.last_seq_ident(), after, "from replay after a crash");
-    // A version 2 checkpoint (no identity field) still loads, identity unknown.
+    // A version 2 checkpoint (no identity field, no marks start) still
+    // loads, identity unknown.
     let (_, mut bytes) = checkpoint::encode(&g.inner.lock(), g.id);
-    let body_len = bytes.len() - 24 - 5;
+    let body_len = bytes.len() - 24 - 5 - 8;
     bytes.truncate(24 + body_len);
     bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
     bytes[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
@@ -262,6 +263,51 @@ fn damage_to_durable_records_is_refused_not_cut() {
     assert!(!Path::new(marker).exists(), "the marker outlived its cut");
     let kept = dir.path().join("discarded").join(format!("{}.cut-at-{second}", seg.file_name().unwrap().to_str().unwrap()));
     assert_eq!(std::fs::metadata(&kept).unwrap().len(), len - second, "the cut bytes are not kept whole");
+}
+
+/// A log written while the site was a DR (its records carry another
+/// log's marks, here this one's from when it was not trusted) is cut at
+/// damage at its first open as a primary, not refused; from then on its
+/// own marks count. And an open as a DR never trusts them.
+#[test]
+fn marks_are_trusted_only_where_this_site_wrote_them() {
+    use super::open::Create;
+    let dir = tempfile::tempdir().unwrap();
+    let as_dr = Create { id: Some(9), mode: "async".into(), written_here: false };
+    let as_primary = Create { id: Some(9), mode: "async".into(), written_here: true };
+    let write_four = |create: &Create, first: u64| -> (std::path::PathBuf, u64) {
+        let g = Group::open_or_create(dir.path(), "cg0", create).unwrap();
+        let vol = match g.volume("v") {
+            Some(v) => v.id,
+            None => g.create_volume("v", 1 << 20).unwrap(),
+        };
+        let mut second = 0;
+        for i in 0..4u64 {
+            if i == 1 {
+                second = g.inner.lock().tail_off;
+            }
+            g.write(vol, (first + i) * 4096, &vec![(first + i) as u8 + 1; 4096]).unwrap();
+            g.sync_to(g.flush_target()).unwrap();
+        }
+        let path = g.inner.lock().tail.path.clone();
+        std::mem::forget(g);
+        (path, second)
+    };
+    // Written as a DR: damage there is cut, as a DR and at the promotion.
+    let (seg, second) = write_four(&as_dr, 0);
+    flip_byte(&seg, second + 64 + 4 + 100);
+    let g = Group::open_or_create(dir.path(), "cg0", &as_primary).expect("records marked before this site was a primary were trusted");
+    assert_eq!(g.inner.lock().tail_off, second, "not cut at the damage");
+    std::mem::forget(g);
+    // Written as a primary since: its own marks count.
+    let (seg, second) = write_four(&as_primary, 8);
+    flip_byte(&seg, second + 64 + 4 + 100);
+    let e = format!("{:#}", Group::open_or_create(dir.path(), "cg0", &as_primary).err().expect("damage this site's own marks prove durable was cut"));
+    assert!(e.contains(&format!("damaged at offset {second}")), "{e}");
+    // Opened as a DR (demoted), the same log is cut: a DR trusts no mark.
+    let g = Group::open_or_create(dir.path(), "cg0", &as_dr).expect("a DR refused its log on marks it does not trust");
+    assert_eq!(g.inner.lock().tail_off, second);
+    assert_eq!(g.inner.lock().marks_from, None);
 }
 
 /// The same damage where no later record says it was durable (the

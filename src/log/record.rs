@@ -6,8 +6,12 @@
 //!  0 magic u32 "TMRC"   4 version u8   5 kind u8   6 flags u16
 //!  8 epoch u64         16 seq u64     24 timestamp_ns u64
 //! 32 volume u32        36 length u32  40 offset u64
-//! 48 body_len u32      52 crc32c u32  56 reserved u64 (zero)
+//! 48 body_len u32      52 crc32c u32  56 durable u64
 //! ```
+//!
+//! `durable` (0 in records from before it existed) is where the writing
+//! site's log was durable when the record was appended: see
+//! `Header::durable` and ARCHITECTURE.md "Torn tails".
 //!
 //! For `Write` the body is one CRC32C per 4 KiB block followed by the payload
 //! (`length` bytes, block aligned): a reader can check any single block without

@@ -65,7 +65,7 @@ pub async fn serve(listener: TcpListener, exports: Arc<dyn Exports>, metrics: Ar
             if let Err(e) = crate::util::set_keepalive(&sock, limits::NBD_KEEPALIVE) {
                 tracing::debug!("nbd: {peer}: cannot set TCP keepalive: {e}");
             }
-            match connection(sock, exports, metrics).await {
+            match connection(sock, peer, exports, metrics).await {
                 Ok(()) => tracing::debug!("nbd: {peer} disconnected"),
                 // A client hanging up mid-handshake (nbdinfo --size, probes) is routine.
                 Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof) => {
@@ -77,12 +77,12 @@ pub async fn serve(listener: TcpListener, exports: Arc<dyn Exports>, metrics: Ar
     }
 }
 
-async fn connection(sock: TcpStream, exports: Arc<dyn Exports>, metrics: Arc<Metrics>) -> Result<()> {
+async fn connection(sock: TcpStream, peer: std::net::SocketAddr, exports: Arc<dyn Exports>, metrics: Arc<Metrics>) -> Result<()> {
     let (rd, wr) = sock.into_split();
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
     let limit = std::time::Duration::from_millis(limits::NBD_HANDSHAKE_TIMEOUT_MS);
-    let chosen = match tokio::time::timeout(limit, handshake(&mut rd, &mut wr, &*exports)).await {
+    let chosen = match tokio::time::timeout(limit, handshake(&mut rd, &mut wr, &*exports, peer)).await {
         Ok(r) => r?,
         Err(_) => anyhow::bail!("no export chosen within {} ms of connecting; closed", limits::NBD_HANDSHAKE_TIMEOUT_MS),
     };
@@ -98,6 +98,7 @@ async fn handshake(
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
     wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
     exports: &dyn Exports,
+    peer: std::net::SocketAddr,
 ) -> Result<Option<proto::ExportInfo2>> {
 
     // Greeting.
@@ -139,6 +140,11 @@ async fn handshake(
         let (replies, next) = proto::handle_option(&mut hs, &Lookup(exports), option, &data);
         let mut out = Vec::new();
         for r in &replies {
+            // A refused option (an unknown export, most often: a client
+            // configured with the wrong name) is said, with who asked.
+            if r.kind & 0x8000_0000 != 0 {
+                tracing::info!("nbd: {peer}: option {option} refused: {}", String::from_utf8_lossy(&r.data));
+            }
             r.encode(&mut out);
         }
         if let Next::Transmit(t) = &next {
@@ -151,7 +157,7 @@ async fn handshake(
         match next {
             Next::Continue => {}
             Next::Close(reason) => {
-                tracing::info!("nbd: handshake ended: {reason}");
+                tracing::info!("nbd: {peer}: handshake ended: {reason}");
                 return Ok(None);
             }
             Next::Transmit(t) => return Ok(Some(t)),
@@ -203,7 +209,14 @@ async fn transmission(
             }
             let req = proto::parse_request(&hdr).map_err(anyhow::Error::msg)?;
             let started = Instant::now();
-            let size = export.group.volume_size(export.volume).unwrap_or(0);
+            // Deleted under the connection: said as such (it read as an
+            // export of 0 bytes: "past the end" for every read, ENOSPC for
+            // every write), and the connection ends.
+            let Some(size) = export.group.volume_size(export.volume) else {
+                let reason = format!("{} was deleted; the export is gone", export.name);
+                tx.send((proto::error_reply(structured, proto::ESHUTDOWN, req.handle, &reason), None)).await?;
+                anyhow::bail!(reason);
+            };
             let checked = proto::validate(&req, size, export.read_only, block_status);
             // A WRITE's payload is on the wire whatever we think of it.
             let mut payload = Vec::new();
