@@ -401,7 +401,12 @@ pub(super) fn open(dir: &Path, name: &str, create: &Create) -> Result<Arc<Group>
     let marks = if create.written_here { loaded_marks.or(Some(g.flush_target())) } else { None };
     g.lock().marks_from = marks;
     if ckpt_version.is_none_or(|v| v < 4) || marks != loaded_marks {
-        g.checkpoint().with_context(|| format!("group {name}: failed to write the checkpoint that records where durability marks start"))?;
+        // Not fatal (a full disk is waited out, not a reason to stay
+        // down): until a checkpoint is written, the next open trusts the
+        // marks from where the last one says, or none.
+        if let Err(e) = g.checkpoint() {
+            tracing::warn!("group {name}: the checkpoint that records where durability marks start was not written (the next one will): {e:#}");
+        }
     }
     // A marker the cut above did not use (the damage gone: the segment
     // restored) must not authorise a cut at that place later.

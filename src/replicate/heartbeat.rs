@@ -110,15 +110,24 @@ impl Region {
             crate::crashsafe::fsync_dir(dir)?;
         }
         let mut latest = Heartbeat::default();
+        let mut valid = 0;
         for i in 0..2 {
             let mut b = [0u8; SLOT as usize];
             if file.read_exact_at(&mut b, i * SLOT).is_ok() {
                 if let Some(h) = decode(&b) {
+                    valid += 1;
                     if h.gen >= latest.gen {
                         latest = h;
                     }
                 }
             }
+        }
+        // One torn slot is what a crash leaves (the other holds the last
+        // heartbeat); none valid in a file with bytes is damage: said,
+        // not passed over as a region that never had a heartbeat.
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if existed && len > 0 && valid == 0 {
+            tracing::warn!("heartbeat region {}: neither slot is valid ({len} bytes): the last heartbeat from the primary is unknown until the next arrives", path.display());
         }
         let state = State { latest, written: latest.gen, durable: latest.gen, ..State::default() };
         let shared = std::sync::Arc::new(Shared {
