@@ -17,7 +17,7 @@ pub struct Cli {
     #[arg(long, global = true, conflicts_with = "dir", value_parser = parse_api_url)]
     pub api: Option<String>,
     /// Site to talk to (default: the primary, `a`).
-    #[arg(long, global = true, value_parser = parse_site_name)]
+    #[arg(long, global = true, value_parser = name_of("site"))]
     pub site: Option<String>,
     /// Machine-readable output.
     #[arg(long, global = true)]
@@ -84,7 +84,7 @@ pub enum SnapshotCmd {
     /// Snapshot VOL (a volume, or VOL@SNAP for a snapshot of a snapshot) as SNAP.
     Create {
         volume: String,
-        #[arg(value_parser = parse_snapshot_name)]
+        #[arg(value_parser = name_of("snapshot"))]
         snapshot: String,
         /// Writable snapshot (its writes replicate to its DR twins).
         #[arg(long)]
@@ -117,11 +117,11 @@ pub enum GroupCmd {
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
     Create {
-        #[arg(value_parser = parse_volume_name)]
+        #[arg(value_parser = name_of("volume"))]
         name: String,
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
-        #[arg(long, value_parser = parse_group_name)]
+        #[arg(long, value_parser = name_of("group"))]
         group: Option<String>,
     },
     List,
@@ -145,27 +145,11 @@ fn parse_api_url(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// A site name as `up` and `init` make them.
-fn parse_site_name(s: &str) -> Result<String, String> {
-    crate::util::check_name("site", s)?;
-    Ok(s.to_string())
-}
-
-/// A name for a new volume, group or snapshot (a usage error, exit 2, if
-/// the site would refuse it).
-fn parse_volume_name(s: &str) -> Result<String, String> {
-    crate::util::check_name("volume", s)?;
-    Ok(s.to_string())
-}
-
-fn parse_group_name(s: &str) -> Result<String, String> {
-    crate::util::check_name("group", s)?;
-    Ok(s.to_string())
-}
-
-fn parse_snapshot_name(s: &str) -> Result<String, String> {
-    crate::util::check_name("snapshot", s)?;
-    Ok(s.to_string())
+/// A name of `kind` (site, volume, group, snapshot) as the sites check
+/// it (`util::check_name`): one the site would refuse is a usage error
+/// (exit 2), found before any site is asked.
+fn name_of(kind: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s| crate::util::check_name(kind, s).map(|()| s.to_string())
 }
 
 /// `--timeout SECONDS`: more than 0, at most a day.

@@ -92,7 +92,6 @@ pub async fn serve(listener: tokio::net::TcpListener, site: Arc<Site>) -> anyhow
         .route("/snapshots/refresh", post(refresh_snapshot))
         .route("/snapshots/sync", post(sync_snapshots))
         .route("/snapshots/{volume}/{snapshot}", axum::routing::delete(delete_snapshot))
-        .fallback(|uri: axum::http::Uri| async move { ApiError(StatusCode::NOT_FOUND, format!("no API path {}", uri.path())) })
         .layer(axum::middleware::from_fn_with_state(site.clone(), admitted))
         .layer(DefaultBodyLimit::max(crate::limits::API_BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn(json_errors))
